@@ -1,0 +1,123 @@
+// The op interface the model and optimizers are written against. The CPU backend is the fp32
+// reference implementation; the CUDA backend implements the same ops in bf16 with fp32 masters.
+//
+// Conventions, shared by every op:
+// - Tensors are dense and row-major. Token ids are i32; statistics (rstd, lse, losses) are f32;
+//   activations are in activation_dtype(); parameters, gradients and optimizer state are f32.
+// - Activation gradients are overwritten (dx = ...); parameter gradients are accumulated
+//   (dW += ...), so micro-batches add up without extra passes. Where an op differs it says so.
+// - Row-wise and elementwise ops (rmsnorm, rope, relu2, residual_mix) may run in place: out may
+//   alias x in the forward and dx may alias dout in the backward.
+// - Shapes are checked by the backend and a mismatch throws lmtrain::Error naming the op.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace lmtrain {
+
+// Owning memory from one backend. Move-only; freed by the deleter the backend supplied.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(void* ptr, size_t bytes, std::function<void(void*)> release)
+      : ptr_(ptr, std::move(release)), bytes_(bytes) {}
+
+  void* data() const { return ptr_.get(); }
+  size_t bytes() const { return bytes_; }
+  // A view of `shape` elements of `dtype` starting `offset_bytes` into the buffer.
+  Tensor tensor(Shape shape, DType dtype, size_t offset_bytes = 0) const;
+
+ private:
+  std::unique_ptr<void, std::function<void(void*)>> ptr_;
+  size_t bytes_ = 0;
+};
+
+struct AdamWHyper {
+  float lr, beta1, beta2, eps, weight_decay;
+  int step;  // 1-based, for bias correction
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DType activation_dtype() const = 0;
+
+  // ---- memory ----
+  virtual Buffer allocate(size_t bytes) = 0;
+  virtual void upload(Tensor dst, const void* host) = 0;    // dst.bytes() from host
+  virtual void download(void* host, Tensor src) = 0;        // src.bytes() to host
+  virtual void synchronize() {}
+
+  // ---- elementwise utilities ----
+  virtual void fill(Tensor x, float value) = 0;
+  virtual void copy(Tensor dst, Tensor src) = 0;             // same numel; converts dtype
+  virtual void add(Tensor y, Tensor x, float alpha = 1.f) = 0;  // y += alpha * x
+  virtual void scale(Tensor x, float alpha) = 0;             // x *= alpha
+  virtual double sum_squares(Tensor x) = 0;                  // sum of x^2, in double
+
+  // ---- matmul: out = alpha * op(a) @ op(b) (+ out when accumulate) ----
+  // Rank 2: a (M,K) [or (K,M) with trans_a], b (K,N) [or (N,K) with trans_b], out (M,N).
+  // Rank 3: the same, batched over the leading dimension of all three.
+  virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
+                      bool accumulate, float alpha = 1.f) = 0;
+
+  // ---- embedding: out (N,C) = table[tokens]; dtable[tokens] += dout ----
+  virtual void embedding_forward(Tensor out, Tensor table, Tensor tokens) = 0;
+  virtual void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) = 0;
+
+  // ---- RMSNorm without weight over the last dimension; rstd (rows) f32 is saved ----
+  virtual void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) = 0;
+  virtual void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) = 0;
+
+  // ---- rotary embedding, half-split, in place on x (B,T,H,D) ----
+  // cos/sin are (T_max, D/2) f32 tables; position of row t is pos0 + t.
+  virtual void rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) = 0;
+  virtual void rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) = 0;
+
+  // ---- causal attention with a sliding window, GQA ----
+  // q (B,Tq,H,D), k/v (B,Tk,Hkv,D), out (B,Tq,H,D), lse (B,H,Tq) f32. Query t sits at absolute
+  // position q_offset + t and sees keys j with pos - window <= j <= pos. Scale 1/sqrt(D).
+  virtual void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
+                                 int q_offset) = 0;
+  // dq, dk, dv overwritten (Tq == Tk, q_offset 0: training only).
+  virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
+                                  Tensor v, Tensor out, Tensor lse, int window) = 0;
+
+  // ---- ReLU squared ----
+  virtual void relu2_forward(Tensor out, Tensor x) = 0;
+  virtual void relu2_backward(Tensor dx, Tensor dout, Tensor x) = 0;
+
+  // ---- residual mix: out = resid[layer] * x + x0l[layer] * x0 ----
+  // Backward: dx = resid[layer] * dout (dx may alias dout); dx0 += x0l[layer] * dout;
+  // dresid[layer] += sum(dout * x); dx0l[layer] += sum(dout * x0).
+  virtual void residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
+                                    int layer) = 0;
+  virtual void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
+                                     Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
+                                     int layer) = 0;
+
+  // ---- value-embedding gate: v (N,Hkv*D) += gate * ve, gate = 2*sigmoid(xn[:, :G] @ gate_w^T) ----
+  // xn (N,C), gate_w (Hkv,G), ve (N,Hkv*D), gate (N,Hkv) f32 saved for backward.
+  // Backward: dxn[:, :G] += ...; dgate_w += ...; dve = gate * dv (overwritten).
+  virtual void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) = 0;
+  virtual void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
+                                   Tensor gate_w, Tensor ve, Tensor gate) = 0;
+
+  // ---- softcapped cross-entropy over the first `vocab` columns of logits (N,Vp) ----
+  // losses (N) f32 gets -log softmax(cap*tanh(z/cap))[target], 0 where target == -1.
+  // When grad_scale != 0, logits are overwritten with d(grad_scale * sum(losses))/dz
+  // (padded columns and ignored rows get 0).
+  virtual void softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab,
+                                     float softcap, float grad_scale) = 0;
+
+  // ---- optimizers (f32 param, grad and state) ----
+  // AdamW with decoupled weight decay and bias correction, as torch.optim.AdamW.
+  virtual void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) = 0;
+};
+
+}  // namespace lmtrain

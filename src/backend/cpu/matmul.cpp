@@ -1,0 +1,38 @@
+// out = alpha * op(a) @ op(b) (+ out), straight onto row-major cblas_sgemm. A batched (rank 3)
+// matmul is a loop of plain ones: OpenBLAS already uses every core inside each call.
+#include <cblas.h>
+
+#include "backend/cpu/cpu_backend.h"
+
+namespace lmtrain {
+
+void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
+                        bool accumulate, float alpha) {
+  check(out.dtype == DType::f32 && a.dtype == DType::f32 && b.dtype == DType::f32,
+        "matmul: out, a and b must be f32 on the cpu backend, got {}, {}, {}",
+        dtype_name(out.dtype), dtype_name(a.dtype), dtype_name(b.dtype));
+  int rank = out.shape.rank;
+  check((rank == 2 || rank == 3) && a.shape.rank == rank && b.shape.rank == rank,
+        "matmul: out {}, a {} and b {} must all be rank 2 or all rank 3", out.shape.str(),
+        a.shape.str(), b.shape.str());
+  int64_t batch = rank == 3 ? out.dim(0) : 1;
+  int64_t M = trans_a ? a.dim(-1) : a.dim(-2);
+  int64_t K = trans_a ? a.dim(-2) : a.dim(-1);
+  int64_t N = trans_b ? b.dim(-2) : b.dim(-1);
+  int64_t Kb = trans_b ? b.dim(-1) : b.dim(-2);
+  check(K == Kb && out.dim(-2) == M && out.dim(-1) == N &&
+            (rank == 2 || (a.dim(0) == batch && b.dim(0) == batch)),
+        "matmul: a {}{} times b {}{} does not give out {}", a.shape.str(), trans_a ? "^T" : "",
+        b.shape.str(), trans_b ? "^T" : "", out.shape.str());
+
+  // Leading dimensions are the stored row lengths, whatever the transposition.
+  int64_t lda = a.dim(-1), ldb = b.dim(-1);
+  for (int64_t i = 0; i < batch; ++i) {
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha,
+                a.f32() + i * M * K, int(lda), b.f32() + i * K * N, int(ldb),
+                accumulate ? 1.f : 0.f, out.f32() + i * M * N, int(N));
+  }
+}
+
+}  // namespace lmtrain

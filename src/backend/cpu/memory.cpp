@@ -1,0 +1,91 @@
+// Host memory and the elementwise utilities. On the CPU every float tensor is f32, so the only
+// dtype conversion `copy` has to support is none at all.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+
+namespace lmtrain {
+
+namespace {
+
+void check_f32(const char* op, const char* name, Tensor t) {
+  check(t.dtype == DType::f32, "{}: {} must be f32 on the cpu backend, got {}", op, name,
+        dtype_name(t.dtype));
+}
+
+}  // namespace
+
+// 64-byte alignment keeps rows cache-line aligned for the vectorised loops and OpenBLAS.
+Buffer CpuBackend::allocate(size_t bytes) {
+  constexpr size_t kAlign = 64;
+  size_t padded = (bytes + kAlign - 1) / kAlign * kAlign;  // aligned_alloc needs a multiple
+  void* ptr = std::aligned_alloc(kAlign, padded == 0 ? kAlign : padded);
+  check(ptr != nullptr, "allocate: out of host memory for {} bytes", bytes);
+  return Buffer(ptr, bytes, [](void* p) { std::free(p); });
+}
+
+void CpuBackend::upload(Tensor dst, const void* host) { std::memcpy(dst.data, host, dst.bytes()); }
+
+void CpuBackend::download(void* host, Tensor src) { std::memcpy(host, src.data, src.bytes()); }
+
+void CpuBackend::fill(Tensor x, float value) {
+  check_f32("fill", "x", x);
+  float* p = x.f32();
+  int64_t n = x.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) p[i] = value;
+}
+
+void CpuBackend::copy(Tensor dst, Tensor src) {
+  check(dst.numel() == src.numel(), "copy: dst {} and src {} differ in element count",
+        dst.shape.str(), src.shape.str());
+  check(dst.dtype == src.dtype && dst.dtype != DType::bf16,
+        "copy: the cpu backend copies f32 to f32 or i32 to i32, not {} to {}",
+        dtype_name(src.dtype), dtype_name(dst.dtype));
+  std::memmove(dst.data, src.data, dst.bytes());
+}
+
+void CpuBackend::add(Tensor y, Tensor x, float alpha) {
+  check_f32("add", "y", y);
+  check_f32("add", "x", x);
+  check(y.numel() == x.numel(), "add: y {} and x {} differ in element count", y.shape.str(),
+        x.shape.str());
+  float* py = y.f32();
+  const float* px = x.f32();
+  int64_t n = y.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) py[i] += alpha * px[i];
+}
+
+void CpuBackend::scale(Tensor x, float alpha) {
+  check_f32("scale", "x", x);
+  float* p = x.f32();
+  int64_t n = x.numel();
+#pragma omp parallel for
+  for (int64_t i = 0; i < n; ++i) p[i] *= alpha;
+}
+
+// Partial sums over fixed-size chunks, added in chunk order: the result is the same for any
+// thread count, which bit-exact training resume depends on (this feeds gradient clipping).
+double CpuBackend::sum_squares(Tensor x) {
+  check_f32("sum_squares", "x", x);
+  constexpr int64_t kChunk = 1 << 14;
+  const float* p = x.f32();
+  int64_t n = x.numel();
+  int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks, 0.0);
+#pragma omp parallel for
+  for (int64_t c = 0; c < chunks; ++c) {
+    double s = 0.0;
+    for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) s += double(p[i]) * p[i];
+    partial[c] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,13 @@
+// GPU discovery for backend selection and MFU. Compiled only when the CUDA toolkit is present.
+#pragma once
+
+#include <string>
+
+namespace lmtrain::cuda {
+
+int device_count();
+std::string device_name(int device);
+// Dense bf16 peak FLOP/s for a device name (H100 and H200: 989e12); 0 when unknown.
+double dense_bf16_peak_flops(const std::string& name);
+
+}  // namespace lmtrain::cuda

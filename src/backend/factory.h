@@ -1,0 +1,17 @@
+// Chooses the backend named by run.backend.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+
+namespace lmtrain {
+
+// "cpu", "cuda" or "auto" (CUDA when this build has it and a GPU is present, else CPU).
+std::unique_ptr<Backend> make_backend(const std::string& name);
+
+// Dense bf16 peak FLOP/s of the device a backend runs on, for MFU; 0 when unknown (CPU).
+double peak_flops(const Backend& backend);
+
+}  // namespace lmtrain

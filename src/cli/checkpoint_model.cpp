@@ -1,0 +1,24 @@
+#include <filesystem>
+
+#include "backend/factory.h"
+#include "cli/commands.h"
+#include "train/checkpoint.h"
+
+namespace lmtrain {
+
+CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend, int batch) {
+  const std::string dir = resolve_checkpoint(path);
+  const auto meta = read_checkpoint_meta(dir);
+  CheckpointModel m;
+  m.config = parse_config(meta["config"], dir + "/meta.json");
+  m.backend = make_backend(backend.empty() ? m.config.run.backend : backend);
+  m.tokenizer = std::make_unique<Tokenizer>(
+      Tokenizer::load((std::filesystem::path(dir) / "tokenizer.json").string()));
+  const int vocab = m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();
+  const GptShape shape = GptShape::from(m.config.model, vocab);
+  m.model = std::make_unique<Gpt>(*m.backend, shape, batch > 0 ? batch : m.config.batch.device_batch);
+  load_model_weights(dir, *m.model);
+  return m;
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,78 @@
+#include "config/schema.h"
+
+#include <algorithm>
+
+namespace lmtrain::config {
+
+std::string closest_key(const std::string& key, const std::vector<std::string>& candidates) {
+  auto distance = [](const std::string& a, const std::string& b) {
+    std::vector<size_t> row(b.size() + 1);
+    for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+    for (size_t i = 1; i <= a.size(); ++i) {
+      size_t diagonal = row[0];
+      row[0] = i;
+      for (size_t j = 1; j <= b.size(); ++j) {
+        size_t up = row[j];
+        row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1])});
+        diagonal = up;
+      }
+    }
+    return row[b.size()];
+  };
+  std::string best;
+  size_t best_distance = SIZE_MAX;
+  for (const auto& c : candidates) {
+    size_t d = distance(key, c);
+    if (d < best_distance) best_distance = d, best = c;
+  }
+  return best;
+}
+
+std::string describe(const json& value) {
+  if (value.is_string()) return "the string " + value.dump();
+  if (value.is_boolean()) return "the boolean " + value.dump();
+  if (value.is_number_integer()) return "the integer " + value.dump();
+  if (value.is_number()) return "the number " + value.dump();
+  if (value.is_array()) return "an array";
+  if (value.is_object()) return "an object";
+  return "null";
+}
+
+void Reader::expect(bool ok, const std::string& path, const char* what, const json& value) const {
+  if (!ok) fail("{}: {}: expected {}, got {}", source_, path, what, describe(value));
+}
+
+void Reader::reject_unknown() const {
+  for (const auto& [key, value] : object_.items()) {
+    if (std::find(seen_.begin(), seen_.end(), key) != seen_.end()) continue;
+    std::string where = path_.empty() ? key : path_ + "." + key;
+    std::string hint = closest_key(key, seen_);
+    fail("{}: unknown key '{}'{}", source_, where,
+         hint.empty() ? "" : fmt::format(" (did you mean '{}'?)", hint));
+  }
+}
+
+void apply_override(json& document, const std::string& assignment) {
+  auto eq = assignment.find('=');
+  check(eq != std::string::npos && eq > 0, "--set {}: expected key.path=value", assignment);
+  std::string path = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;
+
+  json* node = &document;
+  size_t start = 0;
+  while (true) {
+    size_t dot = path.find('.', start);
+    std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    check(!part.empty(), "--set {}: empty key in path", assignment);
+    if (!node->is_object()) *node = json::object();
+    if (dot == std::string::npos) {
+      (*node)[part] = value;
+      return;
+    }
+    node = &(*node)[part];
+    start = dot + 1;
+  }
+}
+
+}  // namespace lmtrain::config

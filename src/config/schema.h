@@ -1,0 +1,140 @@
+// A small reflection scheme for config structs: each struct lists its fields once, in a
+// `visit` member, and reading JSON, writing JSON, unknown-key detection and the reference
+// documentation all follow from that one list.
+//
+//   struct Batch {
+//     int device_batch = 32;
+//     template <class V> void visit(V& v) { v("device_batch", device_batch, "sequences per micro-step"); }
+//   };
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/error.h"
+
+namespace lmtrain::config {
+
+using nlohmann::json;
+
+template <class T>
+struct is_vector : std::false_type {};
+template <class T>
+struct is_vector<std::vector<T>> : std::true_type {};
+
+// The closest of `candidates` to `key` by edit distance, for "did you mean" hints.
+std::string closest_key(const std::string& key, const std::vector<std::string>& candidates);
+
+// Human-readable type of a JSON value for error messages ("a string", "an integer", ...).
+std::string describe(const json& value);
+
+// Reads fields from a JSON object; every key of the object must be visited.
+class Reader {
+ public:
+  Reader(const json& object, std::string path, std::string source)
+      : object_(object), path_(std::move(path)), source_(std::move(source)) {}
+
+  template <class T>
+  void operator()(const char* key, T& field, const char* /*doc*/) {
+    seen_.push_back(key);
+    auto it = object_.find(key);
+    if (it == object_.end()) return;  // keep the default
+    read(*it, field, qualified(key));
+  }
+
+  // Call after visiting: an unknown key is an error naming it and the closest valid key.
+  void reject_unknown() const;
+
+  template <class T>
+  void read(const json& value, T& field, const std::string& path) const {
+    if constexpr (std::is_same_v<T, bool>) {
+      expect(value.is_boolean(), path, "true or false", value);
+      field = value.get<bool>();
+    } else if constexpr (std::is_integral_v<T>) {
+      expect(value.is_number_integer(), path, "an integer", value);
+      field = value.get<T>();
+    } else if constexpr (std::is_floating_point_v<T>) {
+      expect(value.is_number(), path, "a number", value);
+      field = value.get<T>();
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      expect(value.is_string(), path, "a string", value);
+      field = value.get<std::string>();
+    } else if constexpr (is_vector<T>::value) {
+      expect(value.is_array(), path, "an array", value);
+      field.clear();
+      for (size_t i = 0; i < value.size(); ++i) {
+        read(value[i], field.emplace_back(), path + "[" + std::to_string(i) + "]");
+      }
+    } else {
+      expect(value.is_object(), path, "an object", value);
+      Reader nested(value, path, source_);
+      field.visit(nested);
+      nested.reject_unknown();
+    }
+  }
+
+ private:
+  std::string qualified(const char* key) const { return path_.empty() ? key : path_ + "." + key; }
+  void expect(bool ok, const std::string& path, const char* what, const json& value) const;
+
+  const json& object_;
+  std::string path_, source_;
+  std::vector<std::string> seen_;
+};
+
+// Writes every field, defaults included: the resolved config.
+class Writer {
+ public:
+  json out = json::object();
+
+  template <class T>
+  void operator()(const char* key, const T& field, const char* /*doc*/) {
+    out[key] = write(field);
+  }
+
+  template <class T>
+  static json write(const T& field) {
+    if constexpr (std::is_arithmetic_v<T> || std::is_same_v<T, std::string>) {
+      return field;
+    } else if constexpr (is_vector<T>::value) {
+      json array = json::array();
+      for (const auto& x : field) array.push_back(write(x));
+      return array;
+    } else {
+      Writer nested;
+      const_cast<T&>(field).visit(nested);
+      return nested.out;
+    }
+  }
+};
+
+// Collects (key path, default value, doc) rows for the configuration reference.
+class Documenter {
+ public:
+  struct Row {
+    std::string key, value, doc;
+  };
+  std::vector<Row> rows;
+  std::string prefix;
+
+  template <class T>
+  void operator()(const char* key, T& field, const char* doc) {
+    std::string path = prefix.empty() ? key : prefix + "." + key;
+    if constexpr (std::is_arithmetic_v<T> || std::is_same_v<T, std::string> || is_vector<T>::value) {
+      rows.push_back({path, Writer::write(field).dump(), doc});
+    } else {
+      Documenter nested{{}, path};
+      field.visit(nested);
+      rows.insert(rows.end(), nested.rows.begin(), nested.rows.end());
+    }
+  }
+};
+
+// Sets `dotted.key=value` in a JSON document. The value is parsed as JSON when it is valid JSON
+// (numbers, true/false, arrays) and taken as a string otherwise.
+void apply_override(json& document, const std::string& assignment);
+
+}  // namespace lmtrain::config

@@ -1,0 +1,74 @@
+// A non-owning view of a dense, row-major array on some device. Owning memory is a Buffer.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "core/error.h"
+
+namespace lmtrain {
+
+enum class DType : uint8_t { f32, bf16, i32 };
+
+inline size_t dtype_size(DType t) { return t == DType::bf16 ? 2 : 4; }
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "f32";
+    case DType::bf16: return "bf16";
+    case DType::i32: return "i32";
+  }
+  return "?";
+}
+
+constexpr int kMaxRank = 4;
+
+struct Shape {
+  std::array<int64_t, kMaxRank> dims{};
+  int rank = 0;
+
+  Shape() = default;
+  Shape(std::initializer_list<int64_t> d) {
+    check(d.size() <= kMaxRank, "tensor rank {} exceeds {}", d.size(), kMaxRank);
+    for (int64_t x : d) dims[rank++] = x;
+  }
+  int64_t operator[](int i) const { return dims[i < 0 ? rank + i : i]; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= dims[i];
+    return n;
+  }
+  bool operator==(const Shape& o) const {
+    if (rank != o.rank) return false;
+    for (int i = 0; i < rank; ++i)
+      if (dims[i] != o.dims[i]) return false;
+    return true;
+  }
+  std::string str() const;
+};
+
+struct Tensor {
+  void* data = nullptr;
+  Shape shape;
+  DType dtype = DType::f32;
+
+  int64_t numel() const { return shape.numel(); }
+  size_t bytes() const { return size_t(numel()) * dtype_size(dtype); }
+  int64_t dim(int i) const { return shape[i]; }
+  // Rows when viewed as a matrix whose last dimension is the row length.
+  int64_t rows() const { return numel() / shape[-1]; }
+
+  float* f32() const { return static_cast<float*>(data); }
+  int32_t* i32() const { return static_cast<int32_t*>(data); }
+
+  // The same memory under another shape with the same element count.
+  Tensor view(Shape s) const;
+  // Element range [begin, begin + n) of the flattened tensor, as a 1-D view.
+  Tensor slice(int64_t begin, int64_t n) const;
+  // Sub-tensor i along the first dimension.
+  Tensor operator[](int64_t i) const;
+};
+
+}  // namespace lmtrain

@@ -1,0 +1,131 @@
+#include "data/shard.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+
+namespace lmtrain {
+
+static_assert(std::endian::native == std::endian::little,
+              "shards are little endian, read in place");
+
+namespace {
+
+constexpr size_t kHeaderBytes = kShardHeaderInts * sizeof(int32_t);
+
+// Closes a file descriptor on scope exit; the mapping outlives it.
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+TokenShard::TokenShard(std::string path) : path_(std::move(path)) {
+  Fd file{::open(path_.c_str(), O_RDONLY)};
+  check(file.fd >= 0, "{}: cannot open shard: {}", path_, std::strerror(errno));
+  struct stat st {};
+  check(::fstat(file.fd, &st) == 0, "{}: cannot stat shard: {}", path_, std::strerror(errno));
+  const auto bytes = static_cast<size_t>(st.st_size);
+  check(bytes >= kHeaderBytes, "{}: not a token shard: {} bytes is shorter than the {}-byte header",
+        path_, bytes, kHeaderBytes);
+
+  void* map = ::mmap(nullptr, bytes, PROT_READ, MAP_PRIVATE, file.fd, 0);
+  check(map != MAP_FAILED, "{}: cannot mmap shard: {}", path_, std::strerror(errno));
+  map_ = std::unique_ptr<void, Unmap>(map, Unmap{bytes});
+  std::array<int32_t, 3> header{};
+  std::memcpy(header.data(), map, sizeof(header));
+  const auto [magic, version, count] = header;
+
+  auto reject = [&](const std::string& message) {
+    throw Error(fmt::format("{}: {}", path_, message));
+  };
+  if (magic != kShardMagic)
+    reject(fmt::format("not a token shard: magic {}, expected {}", magic, kShardMagic));
+  if (version != 1 && version != 2)
+    reject(fmt::format("unknown shard version {}, expected 1 (uint16 tokens) or 2 (uint32 tokens)",
+                       version));
+  if (count < 0) reject(fmt::format("corrupt shard: negative token count {}", count));
+  const size_t width = version == 1 ? 2 : 4;
+  const size_t expected = static_cast<size_t>(count) * width;
+  const size_t held = bytes - kHeaderBytes;
+  if (held != expected)
+    reject(fmt::format(
+        "{} shard: header says {} tokens ({} bytes) but file holds {} bytes after the header",
+        held < expected ? "truncated" : "oversized", count, expected, held));
+  version_ = version;
+  count_ = static_cast<size_t>(count);
+  tokens_ = static_cast<const char*>(map) + kHeaderBytes;
+}
+
+void TokenShard::Unmap::operator()(void* p) const { ::munmap(p, bytes); }
+
+void TokenShard::copy(size_t begin, std::span<int32_t> out) const {
+  check(begin + out.size() <= count_, "{}: reading tokens [{}, {}) past the end ({} tokens)", path_,
+        begin, begin + out.size(), count_);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<int32_t>(token(begin + i));
+}
+
+void write_shard(const std::string& path, std::span<const uint32_t> tokens) {
+  check(tokens.size() <= static_cast<size_t>(INT32_MAX), "{}: {} tokens do not fit one shard", path,
+        tokens.size());
+  const bool narrow =
+      std::all_of(tokens.begin(), tokens.end(), [](uint32_t t) { return t <= UINT16_MAX; });
+  std::array<int32_t, kShardHeaderInts> header{};
+  header[0] = kShardMagic;
+  header[1] = narrow ? 1 : 2;
+  header[2] = static_cast<int32_t>(tokens.size());
+
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  check(out.good(), "{}: cannot create shard", path);
+  out.write(reinterpret_cast<const char*>(header.data()), sizeof(header));
+  if (narrow) {
+    std::vector<uint16_t> small(tokens.begin(), tokens.end());
+    out.write(reinterpret_cast<const char*>(small.data()),
+              static_cast<std::streamsize>(small.size() * 2));
+  } else {
+    out.write(reinterpret_cast<const char*>(tokens.data()),
+              static_cast<std::streamsize>(tokens.size_bytes()));
+  }
+  check(out.good(), "{}: write failed", path);
+}
+
+std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split) {
+  namespace fs = std::filesystem;
+  const fs::path path(path_or_dir);
+  if (fs::is_regular_file(path)) return {path.string()};
+
+  // A directory selects <split>_*.bin inside it; anything else is a prefix of file names.
+  const bool is_dir = fs::is_directory(path);
+  const fs::path dir =
+      is_dir ? path : (path.has_parent_path() ? path.parent_path() : fs::path("."));
+  const std::string prefix = is_dir ? split + "_" : path.filename().string();
+  std::vector<std::string> found;
+  if (fs::is_directory(dir)) {
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (entry.is_regular_file() && name.starts_with(prefix) && name.ends_with(".bin"))
+        found.push_back(entry.path().string());
+    }
+  }
+  std::sort(found.begin(), found.end());
+  if (found.empty()) {
+    if (is_dir) fail("{}: no {}_*.bin shards in this directory", path_or_dir, split);
+    fail("{}: no such shard file, directory or shard prefix", path_or_dir);
+  }
+  return found;
+}
+
+}  // namespace lmtrain

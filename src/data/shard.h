@@ -1,0 +1,54 @@
+// Token shards in llm.c's layout: a 256 x int32 little-endian header (magic, version, token
+// count, zeros), then the tokens as uint16 (version 1) or uint32 (version 2). docs/FORMATS.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace lmtrain {
+
+inline constexpr int32_t kShardMagic = 20240520;
+inline constexpr size_t kShardHeaderInts = 256;
+
+// A read-only, memory-mapped shard. The constructor validates the header against the file size,
+// so a TokenShard that exists is well formed.
+class TokenShard {
+ public:
+  explicit TokenShard(std::string path);
+
+  const std::string& path() const { return path_; }
+  size_t size() const { return count_; }
+  int version() const { return version_; }
+  uint32_t token(size_t i) const {
+    return version_ == 1 ? static_cast<const uint16_t*>(tokens_)[i]
+                         : static_cast<const uint32_t*>(tokens_)[i];
+  }
+  // Copies tokens [begin, begin + out.size()) into out.
+  void copy(size_t begin, std::span<int32_t> out) const;
+
+ private:
+  struct Unmap {
+    size_t bytes;
+    void operator()(void* p) const;
+  };
+
+  std::string path_;
+  std::unique_ptr<void, Unmap> map_{nullptr, Unmap{0}};
+  const void* tokens_ = nullptr;
+  size_t count_ = 0;
+  int version_ = 0;
+};
+
+// Writes tokens as a shard: version 1 (uint16) if every token fits, else version 2 (uint32).
+void write_shard(const std::string& path, std::span<const uint32_t> tokens);
+
+// Resolves a shard argument to a sorted list of files: one file; a directory (its
+// `<split>_*.bin` files); or a path prefix such as data/tiny/train_ (files starting with it,
+// ending in .bin). Throws when nothing matches.
+std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split);
+
+}  // namespace lmtrain

@@ -1,0 +1,27 @@
+// lmtrain: trains GPT language models end to end. Errors reach here as exceptions and are
+// printed as one line; the exit code is non-zero.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include "cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"lmtrain: train, evaluate and sample GPT language models"};
+  app.require_subcommand(1);
+  lmtrain::Action action;
+  lmtrain::add_train_command(app, action);
+  lmtrain::add_eval_command(app, action);
+  lmtrain::add_sample_command(app, action);
+  lmtrain::add_info_command(app, action);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return action();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,42 @@
+// Autoregressive generation with a KV cache: the prompt is run once, then one token at a time,
+// each step attending to the cached keys and values of all earlier positions.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "core/rng.h"
+#include "model/gpt.h"
+
+namespace lmtrain {
+
+struct SampleOptions {
+  int max_tokens = 64;
+  double temperature = 0.8;  // 0: greedy
+  int top_k = 50;            // 0: all tokens
+  uint64_t seed = 42;
+};
+
+class Generator {
+ public:
+  explicit Generator(const Gpt& model);
+  // Continues `prompt` (non-empty) by up to max_tokens tokens, stopping early at `stop_token`
+  // (when >= 0) or at the model's sequence length. Returns only the new tokens.
+  std::vector<int32_t> generate(std::span<const int32_t> prompt, const SampleOptions& options,
+                                int32_t stop_token = -1);
+
+ private:
+  // Runs tokens at positions [pos, pos + n) and leaves the last position's logits in logits_.
+  void run(std::span<const int32_t> tokens, int pos);
+  int32_t pick(Rng& rng, const SampleOptions& options);
+
+  const Gpt& model_;
+  Backend& backend_;
+  const GptShape& shape_;
+  Buffer memory_;
+  std::vector<Tensor> k_cache_, v_cache_;  // per layer (1, T, Hkv, D)
+  Tensor tokens_, x0_, x_, x_mix_, xn_, rstd_, q_, rstd_q_, k_, rstd_k_, v_, ve_, gate_, y_, lse_,
+      hidden_, logits_;
+};
+
+}  // namespace lmtrain

@@ -1,0 +1,105 @@
+#include "model/gpt_shape.h"
+
+#include <algorithm>
+
+namespace lmtrain {
+
+GptShape GptShape::from(const ModelConfig& c, int vocab) {
+  check(vocab >= 2, "model.vocab_size: expected at least 2 tokens, got {}", vocab);
+  GptShape s;
+  s.depth = c.depth;
+  s.head_dim = c.head_dim;
+  s.width = (c.depth * c.aspect_ratio + c.head_dim - 1) / c.head_dim * c.head_dim;
+  s.n_head = s.width / c.head_dim;
+  s.n_kv_head = c.n_kv_head == 0 ? s.n_head : c.n_kv_head;
+  check(s.n_head % s.n_kv_head == 0, "model.n_kv_head: {} does not divide n_head = {}",
+        s.n_kv_head, s.n_head);
+  check(s.width >= kValueGateChannels, "model: width {} is below the {} value-gate channels",
+        s.width, kValueGateChannels);
+  s.seq_len = c.sequence_len;
+  s.vocab = vocab;
+  s.padded_vocab = (vocab + 63) / 64 * 64;
+  s.softcap = c.softcap;
+  s.rope_base = c.rope_base;
+  for (int i = 0; i < s.depth; ++i) {
+    char kind = c.window_pattern[i % c.window_pattern.size()];
+    bool long_window = kind == 'L' || i == s.depth - 1;
+    s.windows.push_back(long_window ? s.seq_len : s.seq_len / 2);
+    s.value_embed.push_back(i % 2 == (s.depth - 1) % 2);
+  }
+  return s;
+}
+
+double GptShape::flops_per_token() const {
+  ParamTable table(*this);
+  ParamCounts n = count_params(table);
+  double flops = 6.0 * double(n.transformer_matrices + n.lm_head);
+  for (int w : windows) flops += 12.0 * n_head * head_dim * std::min(w, seq_len);
+  return flops;
+}
+
+const char* group_name(ParamGroup group) {
+  switch (group) {
+    case ParamGroup::embedding: return "embedding";
+    case ParamGroup::value_embeds: return "value_embeds";
+    case ParamGroup::unembedding: return "unembedding";
+    case ParamGroup::resid: return "resid";
+    case ParamGroup::x0: return "x0";
+    case ParamGroup::matrix: return "matrix";
+  }
+  return "?";
+}
+
+ParamTable::ParamTable(const GptShape& s) {
+  auto add = [&](std::string name, Shape shape, ParamGroup group) {
+    specs.push_back({std::move(name), shape, group, total});
+    total += shape.numel();
+  };
+  const int64_t C = s.width;
+  add("transformer.wte.weight", {s.padded_vocab, C}, ParamGroup::embedding);
+  for (int i = 0; i < s.depth; ++i) {
+    std::string p = "transformer.h." + std::to_string(i) + ".";
+    add(p + "attn.c_q.weight", {s.q_dim(), C}, ParamGroup::matrix);
+    add(p + "attn.c_k.weight", {s.kv_dim(), C}, ParamGroup::matrix);
+    add(p + "attn.c_v.weight", {s.kv_dim(), C}, ParamGroup::matrix);
+    add(p + "attn.c_proj.weight", {C, s.q_dim()}, ParamGroup::matrix);
+    if (s.value_embed[i]) add(p + "attn.ve_gate.weight", {s.n_kv_head, kValueGateChannels}, ParamGroup::matrix);
+    add(p + "mlp.c_fc.weight", {4 * C, C}, ParamGroup::matrix);
+    add(p + "mlp.c_proj.weight", {C, 4 * C}, ParamGroup::matrix);
+  }
+  for (int i = 0; i < s.depth; ++i) {
+    if (s.value_embed[i]) {
+      add("value_embeds." + std::to_string(i) + ".weight", {s.padded_vocab, s.kv_dim()},
+          ParamGroup::value_embeds);
+    }
+  }
+  add("resid_lambdas", {s.depth}, ParamGroup::resid);
+  add("x0_lambdas", {s.depth}, ParamGroup::x0);
+  add("lm_head.weight", {s.padded_vocab, C}, ParamGroup::unembedding);
+}
+
+const ParamSpec& ParamTable::find(const std::string& name) const {
+  for (const auto& spec : specs)
+    if (spec.name == name) return spec;
+  fail("no parameter named '{}' in this model", name);
+}
+
+size_t ParamTable::count(ParamGroup group) const {
+  size_t n = 0;
+  for (const auto& spec : specs)
+    if (spec.group == group) n += spec.shape.numel();
+  return n;
+}
+
+ParamCounts count_params(const ParamTable& t) {
+  ParamCounts n{};
+  n.wte = t.count(ParamGroup::embedding);
+  n.value_embeds = t.count(ParamGroup::value_embeds);
+  n.lm_head = t.count(ParamGroup::unembedding);
+  n.transformer_matrices = t.count(ParamGroup::matrix);
+  n.scalars = t.count(ParamGroup::resid) + t.count(ParamGroup::x0);
+  n.total = t.total;
+  return n;
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,45 @@
+#include "train/evaluate.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "data/loader.h"
+
+namespace lmtrain {
+
+EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,
+                    int64_t max_tokens, int rank, int world) {
+  const int B = model.batch(), T = model.shape().seq_len;
+  const int64_t batch_tokens = int64_t(B) * T;
+  // Windows the shards hold for this rank without wrapping around to their start.
+  int64_t available = 0;
+  for (const auto& path : shards) available += (int64_t(TokenShard(path).size()) - 1) / batch_tokens;
+  available /= world;
+  check(available >= 1, "{}: validation data too small for one batch of {} x {} tokens per rank",
+        shards.front(), B, T);
+  const int64_t batches = std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
+
+  TokenLoader loader({shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false});
+  std::vector<int32_t> inputs(batch_tokens), targets(batch_tokens);
+  std::vector<float> losses(batch_tokens);
+  double nats = 0, nats_of_text = 0, bytes = 0;
+  EvalResult result;
+  for (int64_t i = 0; i < batches; ++i) {
+    loader.next_batch(inputs, targets);
+    Gpt::Loss loss = model.forward(inputs, targets, /*need_grad=*/false);
+    nats += loss.sum;
+    result.tokens += loss.count;
+    model.backend().download(losses.data(), model.token_losses());
+    for (int64_t j = 0; j < batch_tokens; ++j) {
+      int n = targets[j] < 0 ? 0 : tokenizer.token_byte_length(targets[j]);
+      if (n == 0) continue;
+      nats_of_text += losses[j];
+      bytes += n;
+    }
+  }
+  result.loss = nats / double(std::max<int64_t>(result.tokens, 1));
+  result.bpb = bytes > 0 ? nats_of_text / (std::log(2.0) * bytes) : 0.0;
+  return result;
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,51 @@
+#include "train/plan.h"
+
+#include <cmath>
+
+namespace lmtrain {
+
+TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, bool require_horizon) {
+  TrainingPlan p;
+  p.tokens_per_micro_step = int64_t(c.batch.device_batch) * shape.seq_len * world;
+  p.batch_tokens = c.batch.total_batch_tokens == -1 ? p.tokens_per_micro_step
+                                                      : c.batch.total_batch_tokens;
+  check(p.batch_tokens % p.tokens_per_micro_step == 0,
+        "batch.total_batch_tokens: {} is not a multiple of device_batch {} x sequence_len {} x "
+        "ranks {} = {}",
+        p.batch_tokens, c.batch.device_batch, shape.seq_len, world, p.tokens_per_micro_step);
+  p.grad_accum = int(p.batch_tokens / p.tokens_per_micro_step);
+  p.flops_per_token = shape.flops_per_token();
+  p.scaling_params = count_params(ParamTable(shape)).scaling();
+
+  const auto& s = c.schedule;
+  if (s.num_iterations > 0) {
+    p.num_iterations = s.num_iterations;
+  } else if (s.target_flops > 0) {
+    p.num_iterations = int(std::nearbyint(s.target_flops / (p.flops_per_token * p.batch_tokens)));
+  } else if (s.target_param_data_ratio > 0) {
+    p.num_iterations =
+        int(std::nearbyint(s.target_param_data_ratio * double(p.scaling_params) / p.batch_tokens));
+  } else if (require_horizon) {
+    fail("schedule: set one of num_iterations, target_flops or target_param_data_ratio");
+  }
+  if (require_horizon) {
+    check(p.num_iterations >= 1, "schedule: the horizon comes to {} steps; raise the budget",
+          p.num_iterations);
+  }
+  return p;
+}
+
+std::string TrainingPlan::describe() const {
+  std::string s = fmt::format(
+      "batch: {} tokens per step = {} per micro-step x {} accumulation steps\n"
+      "flops per token: {:.4e}\n",
+      batch_tokens, tokens_per_micro_step, grad_accum, flops_per_token);
+  if (num_iterations > 0) {
+    s += fmt::format(
+        "horizon: {} steps, {:.4e} tokens, {:.4e} FLOPs, {:.2f} tokens per scaling parameter ({})\n",
+        num_iterations, total_tokens(), total_flops(), tokens_per_param(), scaling_params);
+  }
+  return s;
+}
+
+}  // namespace lmtrain

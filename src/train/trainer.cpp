@@ -1,0 +1,214 @@
+#include "train/trainer.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+
+#include "backend/factory.h"
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "model/generator.h"
+#include "optim/optimizer.h"
+#include "optim/schedule.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+#include "train/metrics.h"
+#include "train/plan.h"
+
+namespace lmtrain {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+extern "C" void on_stop_signal(int signal) { g_stop_signal = signal; }
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// Names the first parameter whose gradient holds NaN or Inf.
+std::string first_non_finite_grad(Gpt& model) {
+  for (const auto& spec : model.table().specs) {
+    if (!std::isfinite(model.backend().sum_squares(model.grad(spec)))) return spec.name;
+  }
+  return "(none)";
+}
+
+std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const EvalConfig& e,
+                        uint64_t seed) {
+  std::vector<int32_t> prompt = {tokenizer.bos_id()};
+  auto encoded = tokenizer.encode(e.sample_prompt);
+  prompt.insert(prompt.end(), encoded.begin(), encoded.end());
+  Generator generator(model);
+  auto tokens = generator.generate(prompt, {e.sample_tokens, e.temperature, e.top_k, seed},
+                                   tokenizer.bos_id());
+  return e.sample_prompt + tokenizer.decode(tokens);
+}
+
+}  // namespace
+
+int train(const TrainOptions& options) {
+  Config config = load_config(options.config_path, options.overrides);
+  const nlohmann::json resolved = to_json(config);
+  const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
+  const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
+  check(!(options.resume && !options.init_from.empty()), "train: use --resume or --init-from, not both");
+
+  // Resuming: the checkpoint's model and batch must be the ones configured now.
+  std::string resume_dir;
+  nlohmann::json resume_meta;
+  if (options.resume) {
+    resume_dir = resolve_checkpoint(ckpt_parent);
+    resume_meta = read_checkpoint_meta(resume_dir);
+    for (const char* section : {"model", "batch", "data"}) {
+      check(resume_meta["config"][section] == resolved[section],
+            "{}/meta.json: config section '{}' differs from this run's; resume needs the same",
+            resume_dir, section);
+    }
+  }
+
+  if (config.run.threads > 0) {
+    omp_set_num_threads(config.run.threads);
+    openblas_set_num_threads(config.run.threads);
+  }
+  std::unique_ptr<Backend> backend = make_backend(config.run.backend);
+  Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
+  const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
+  check(tokenizer.vocab_size() <= vocab, "model.vocab_size: {} is smaller than the tokenizer's {}",
+        vocab, tokenizer.vocab_size());
+  const GptShape shape = GptShape::from(config.model, vocab);
+  const TrainingPlan plan = make_plan(config, shape, /*world=*/1);
+  const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
+
+  Gpt model(*backend, shape, B);
+  Optimizer optimizer(model, config.optim, double(plan.batch_tokens));
+  TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing), B,
+                      T, 0, 1, config.run.seed, tokenizer.bos_id()});
+  const auto val_shards = list_shards(config.data.val, "val");
+
+  LoopState loop;
+  double trained_seconds = 0;
+  if (options.resume) {
+    load_model_weights(resume_dir, model);
+    load_optimizer_state(resume_dir, optimizer);
+    loop.step = resume_meta["step"].get<int>();
+    loader.restore(resume_meta["loader"]);
+    trained_seconds = resume_meta["extra"].value("trained_seconds", 0.0);
+    spdlog::info("resuming from {} at step {}", resume_dir, loop.step);
+  } else if (!options.init_from.empty()) {
+    std::string dir = resolve_checkpoint(options.init_from);
+    load_model_weights(dir, model);
+    spdlog::info("initialised weights from {}", dir);
+  } else {
+    model.init_weights(config.run.seed);
+  }
+
+  fs::create_directories(run_dir);
+  spdlog::info("config:\n{}", resolved.dump(2));
+  ParamCounts counts = count_params(model.table());
+  spdlog::info("model: depth {} width {} heads {} (kv {}) head_dim {} T {} vocab {} ({} padded)",
+               shape.depth, shape.width, shape.n_head, shape.n_kv_head, shape.head_dim, T,
+               shape.vocab, shape.padded_vocab);
+  spdlog::info("parameters: {} total, {} matrices, {} lm_head, {} wte, {} value_embeds, {} scalars",
+               counts.total, counts.transformer_matrices, counts.lm_head, counts.wte,
+               counts.value_embeds, counts.scalars);
+  spdlog::info("backend: {}\n{}", backend->name(), plan.describe());
+
+  MetricsLog metrics((fs::path(run_dir) / "metrics.jsonl").string());
+  const double peak = peak_flops(*backend);
+  // Saves the state after `completed` optimizer steps.
+  auto save = [&](int completed) {
+    loop.step = completed;
+    loop.loader = loader.state();
+    loop.extra = {{"trained_seconds", trained_seconds}};
+    std::string dir = save_checkpoint(ckpt_parent, resolved, model, &optimizer, loop,
+                                      config.data.tokenizer);
+    spdlog::info("saved checkpoint {}", dir);
+  };
+
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+
+  std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
+  const auto& e = config.eval;
+  for (int step = loop.step; step <= N; ++step) {
+    const bool last = step == N;
+    if (e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
+      EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens);
+      spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss, r.bpb);
+      metrics.write({{"step", step}, {"val/loss", r.loss}, {"val/bpb", r.bpb}});
+    }
+    if ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last) {
+      spdlog::info("sample: {}", sample_text(model, tokenizer, e, config.run.seed + step));
+    }
+    if (last) break;
+
+    auto started = Clock::now();
+    model.zero_grads();
+    double loss_sum = 0;
+    for (int micro = 0; micro < plan.grad_accum; ++micro) {
+      loader.next_batch(inputs, targets);
+      Gpt::Loss loss = model.forward(inputs, targets, true, 1.0f / plan.grad_accum);
+      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}); stopping", step,
+            loss.sum, micro);
+      loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
+      model.backward();
+    }
+    const double train_loss = loss_sum / plan.grad_accum;
+    const double grad_norm = std::sqrt(backend->sum_squares(model.grads()));
+    check(std::isfinite(grad_norm), "step {}: gradient of {} is not finite; stopping", step,
+          first_non_finite_grad(model));
+    if (config.optim.grad_clip > 0 && grad_norm > config.optim.grad_clip) {
+      backend->scale(model.grads(), float(config.optim.grad_clip / grad_norm));
+    }
+    const double lrm = lr_multiplier(step, N, config.schedule);
+    optimizer.step(step, lrm);
+    backend->synchronize();
+
+    const double dt = seconds_since(started);
+    trained_seconds += dt;
+    const double tokens_per_second = plan.batch_tokens / dt;
+    const double mfu = peak > 0 ? plan.flops_per_token * tokens_per_second / peak : 0;
+    const double eta = trained_seconds / (step + 1) * (N - step - 1);
+    if (step % config.log.every == 0 || step + 1 == N) {
+      spdlog::info("step {}/{} | loss {:.4f} | lrm {:.3f} | grad norm {:.3f} | {:.0f} tok/s | mfu {} | "
+                   "{} elapsed | eta {}",
+                   step + 1, N, train_loss, lrm, grad_norm, tokens_per_second,
+                   peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a",
+                   format_duration(trained_seconds), format_duration(eta));
+    }
+    nlohmann::json record = {{"step", step + 1},
+                             {"train_loss", train_loss},
+                             {"lr_multiplier", lrm},
+                             {"grad_norm", grad_norm},
+                             {"tokens_per_second", tokens_per_second},
+                             {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)}};
+    for (const auto& g : optimizer.groups()) {
+      record[std::string("lr/") + group_name(g.group)] = g.lr * lrm;
+    }
+    metrics.write(record);
+
+    if (g_stop_signal) {
+      save(step + 1);
+      spdlog::warn("stopped by signal {} after step {}; checkpoint saved", int(g_stop_signal), step + 1);
+      return 128 + g_stop_signal;
+    }
+    if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0 && step + 1 < N) {
+      save(step + 1);
+    }
+  }
+  if (config.checkpoint.save_final) save(N);
+  return 0;
+}
+
+}  // namespace lmtrain
