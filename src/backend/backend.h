@@ -118,6 +118,22 @@ class Backend {
   // ---- optimizers (f32 param, grad and state) ----
   // AdamW with decoupled weight decay and bias correction, as torch.optim.AdamW.
   virtual void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) = 0;
+
+  // Muon momentum over a stack (K,m,n). lerp: buf = lerp(buf, g, 1-mu), u = nesterov ?
+  // lerp(g, buf, mu) : buf. classic: buf = mu*buf + g, u = nesterov ? g + mu*buf : buf.
+  virtual void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
+                             bool nesterov) = 0;
+  // Per matrix of x (K,m,n): x /= ||x||_F * norm_mult + eps.
+  virtual void normalize_matrices(Tensor x, float norm_mult, float eps) = 0;
+  // out (K,n,m) = the transpose of each matrix of x (K,m,n).
+  virtual void transpose_matrices(Tensor out, Tensor x) = 0;
+  // NorMuon's second moment, in place on x (K,m,n): state (K,m) tracks mean(x^2) per row, or
+  // state (K,n) per column; state = lerp(state, mean, 1-beta2); x *= rsqrt(max(state, 1e-10));
+  // then each matrix is rescaled to the Frobenius norm it had on entry.
+  virtual void normuon_second_moment(Tensor x, Tensor state, float beta2) = 0;
+  // The Muon update of one matrix. cautious: p -= lr*x + decay*p where x*p >= 0;
+  // otherwise: p = p*(1 - decay) - lr*x.
+  virtual void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) = 0;
 };
 
 }  // namespace lmtrain

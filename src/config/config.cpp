@@ -1,6 +1,7 @@
 #include "config/config.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -68,7 +69,22 @@ void validate(const Config& c, const std::string& src) {
   require(s.final_lr_frac >= 0, "schedule.final_lr_frac", "a number >= 0");
 
   const auto& o = c.optim;
-  choice(o.matrix_optimizer, "optim.matrix_optimizer", {"adamw"});
+  choice(o.matrix_optimizer, "optim.matrix_optimizer", {"normuon", "adamw"});
+  const auto& mu = o.muon;
+  choice(mu.momentum, "optim.muon.momentum", {"lerp", "classic"});
+  require(mu.momentum_start >= 0 && mu.momentum_start < 1, "optim.muon.momentum_start", "a number in [0, 1)");
+  require(mu.momentum_end >= 0 && mu.momentum_end < 1, "optim.muon.momentum_end", "a number in [0, 1)");
+  require(mu.momentum_warmup_steps >= 0, "optim.muon.momentum_warmup_steps", "an integer >= 0");
+  choice(mu.orthogonalizer, "optim.muon.orthogonalizer", {"polar_express", "newton_schulz5", "none"});
+  require(mu.ortho_steps >= 1, "optim.muon.ortho_steps", "an integer >= 1");
+  choice(mu.lr_scale, "optim.muon.lr_scale", {"rectangular", "moonshot", "sqrt_max", "none"});
+  require(mu.beta2 >= 0 && mu.beta2 < 1, "optim.muon.beta2", "a number in [0, 1)");
+  choice(mu.weight_decay_mode, "optim.muon.weight_decay_mode", {"cautious", "decoupled", "none"});
+  require(mu.weight_decay >= 0, "optim.muon.weight_decay", "a number >= 0");
+  require(mu.weight_decay_reference_depth > 0, "optim.muon.weight_decay_reference_depth", "a positive depth");
+  for (size_t i = 0; i < mu.param_overrides.size(); ++i) {
+    require(!mu.param_overrides[i].pattern.empty(), "optim.muon.param_overrides", "a non-empty pattern");
+  }
   for (auto [value, key] : {std::pair{o.embedding_lr, "optim.embedding_lr"},
                             {o.unembedding_lr, "optim.unembedding_lr"},
                             {o.matrix_lr, "optim.matrix_lr"},
@@ -90,10 +106,57 @@ void validate(const Config& c, const std::string& src) {
   require(c.log.every >= 1, "log.every", "an integer >= 1");
 }
 
+nlohmann::json read_json_file(const std::string& path) {
+  std::ifstream file(path);
+  check(file.good(), "{}: cannot open", path);
+  std::stringstream text;
+  text << file.rdbuf();
+  auto document = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false,
+                                        /*ignore_comments=*/true);
+  check(!document.is_discarded(), "{}: not valid JSON", path);
+  return document;
+}
+
+// Keys of `top` replace those of `base`, recursing into objects present in both.
+void deep_merge(nlohmann::json& base, const nlohmann::json& top) {
+  for (const auto& [key, value] : top.items()) {
+    if (value.is_object() && base.contains(key) && base[key].is_object()) {
+      deep_merge(base[key], value);
+    } else {
+      base[key] = value;
+    }
+  }
+}
+
+// optim.preset names configs/optim/<preset>.json, searched next to the config file, under the
+// working directory, then in the source tree this binary was built from.
+std::string find_preset(const std::string& name, const std::string& source) {
+  namespace fs = std::filesystem;
+  check(name.find('/') == std::string::npos, "{}: optim.preset: expected a preset name, got \"{}\"",
+        source, name);
+  std::vector<fs::path> candidates = {fs::path(source).parent_path() / "optim" / (name + ".json"),
+                                      fs::path("configs/optim") / (name + ".json"),
+                                      fs::path(LMTRAIN_CONFIG_DIR) / "optim" / (name + ".json")};
+  for (const auto& path : candidates) {
+    if (fs::exists(path)) return path.string();
+  }
+  fail("{}: optim.preset: no preset \"{}\" (looked for {})", source, name, candidates[1].string());
+}
+
 }  // namespace
 
-Config parse_config(const nlohmann::json& document, const std::string& source) {
-  check(document.is_object(), "{}: expected a JSON object at the top level", source);
+Config parse_config(const nlohmann::json& input, const std::string& source) {
+  check(input.is_object(), "{}: expected a JSON object at the top level", source);
+  nlohmann::json document = input;
+  if (document.contains("optim") && document["optim"].is_object() &&
+      document["optim"].contains("preset") && document["optim"]["preset"].is_string() &&
+      !document["optim"]["preset"].get<std::string>().empty()) {
+    const std::string path = find_preset(document["optim"]["preset"].get<std::string>(), source);
+    nlohmann::json optim = read_json_file(path);
+    check(optim.is_object() && !optim.contains("preset"), "{}: a preset is an optim section without 'preset'", path);
+    deep_merge(optim, document["optim"]);
+    document["optim"] = optim;
+  }
   Config config;
   config::Reader reader(document, "", source);
   config.visit(reader);
@@ -103,16 +166,7 @@ Config parse_config(const nlohmann::json& document, const std::string& source) {
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  nlohmann::json document = nlohmann::json::object();
-  if (!path.empty()) {
-    std::ifstream file(path);
-    check(file.good(), "{}: cannot open config file", path);
-    std::stringstream text;
-    text << file.rdbuf();
-    document = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false,
-                                     /*ignore_comments=*/true);
-    check(!document.is_discarded(), "{}: not valid JSON", path);
-  }
+  nlohmann::json document = path.empty() ? nlohmann::json::object() : read_json_file(path);
   for (const auto& assignment : overrides) config::apply_override(document, assignment);
   return parse_config(document, path.empty() ? "config" : path);
 }

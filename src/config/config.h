@@ -111,8 +111,61 @@ struct AdamWDecayConfig {
   }
 };
 
+// Per-parameter multipliers for Muon parameters whose name matches a glob pattern.
+struct ParamOverride {
+  std::string pattern;
+  double lr_mul = 1.0, wd_mul = 1.0;
+  template <class V>
+  void visit(V& v) {
+    v("pattern", pattern, "glob over parameter names, e.g. transformer.h.*.mlp.c_proj.weight");
+    v("lr_mul", lr_mul, "learning-rate multiplier");
+    v("wd_mul", wd_mul, "weight-decay multiplier");
+  }
+};
+
+// The Muon family: every difference between the implementations the reference notes compare is
+// a switch here. Defaults are NorMuon as nanochat's MuonAdamW of late January 2026.
+struct MuonConfig {
+  std::string momentum = "lerp";
+  bool nesterov = true;
+  double momentum_start = 0.85, momentum_end = 0.95;
+  int momentum_warmup_steps = 300;
+  std::string orthogonalizer = "polar_express";
+  int ortho_steps = 5;
+  std::string lr_scale = "rectangular";
+  bool second_moment = true;
+  double beta2 = 0.95;
+  std::string weight_decay_mode = "cautious";
+  double weight_decay = 0.1;
+  double weight_decay_reference_depth = 12;
+  double weight_decay_depth_exponent = 2;
+  std::vector<ParamOverride> param_overrides;
+  template <class V>
+  void visit(V& v) {
+    v("momentum", momentum, "lerp (buf = lerp(buf, g, 1-mu)) | classic (buf = mu*buf + g)");
+    v("nesterov", nesterov, "lerp: u = lerp(g, buf, mu); classic: u = g + mu*buf; off: u = buf");
+    v("momentum_start", momentum_start, "momentum at step 0");
+    v("momentum_end", momentum_end, "momentum after the warmup");
+    v("momentum_warmup_steps", momentum_warmup_steps, "steps of linear momentum warmup");
+    v("orthogonalizer", orthogonalizer, "polar_express | newton_schulz5 | none");
+    v("ortho_steps", ortho_steps, "orthogonalizer iterations");
+    v("lr_scale", lr_scale,
+      "rectangular sqrt(max(1, m/n)) | moonshot 0.2*sqrt(max(m, n)) | sqrt_max sqrt(max(m, n)) | none");
+    v("second_moment", second_moment, "NorMuon's per-neuron second moment");
+    v("beta2", beta2, "second-moment EMA coefficient");
+    v("weight_decay_mode", weight_decay_mode,
+      "cautious (where update and weight agree in sign) | decoupled (p *= 1 - lr*wd) | none");
+    v("weight_decay", weight_decay, "weight decay at the reference depth, decaying linearly to 0");
+    v("weight_decay_reference_depth", weight_decay_reference_depth, "depth where weight_decay is tuned");
+    v("weight_decay_depth_exponent", weight_decay_depth_exponent,
+      "wd scales as (reference_depth / depth)^exponent");
+    v("param_overrides", param_overrides, "per-parameter lr_mul / wd_mul by name pattern (last match wins)");
+  }
+};
+
 struct OptimConfig {
-  std::string matrix_optimizer = "adamw";
+  std::string preset = "";
+  std::string matrix_optimizer = "normuon";
   double embedding_lr = 0.3;
   double unembedding_lr = 0.004;
   double matrix_lr = 0.02;
@@ -124,9 +177,12 @@ struct OptimConfig {
   double lr_reference_batch = 524288;
   double grad_clip = 0.0;
   AdamWDecayConfig weight_decay;
+  MuonConfig muon;
   template <class V>
   void visit(V& v) {
-    v("matrix_optimizer", matrix_optimizer, "optimizer of the block matrices: adamw");
+    v("preset", preset,
+      "configs/optim/<preset>.json gives the base of this section; keys beside it override");
+    v("matrix_optimizer", matrix_optimizer, "optimizer of the block matrices: normuon | adamw");
     v("embedding_lr", embedding_lr, "AdamW LR of wte and value embeddings (x (C/ref_width)^-0.5)");
     v("unembedding_lr", unembedding_lr, "AdamW LR of lm_head (x (C/ref_width)^-0.5)");
     v("matrix_lr", matrix_lr, "LR of the block matrices");
@@ -139,6 +195,7 @@ struct OptimConfig {
       "batch in tokens at which all LRs were tuned; LRs scale by sqrt(batch / this)");
     v("grad_clip", grad_clip, "clip the global gradient norm to this (0: off)");
     v("weight_decay", weight_decay, "");
+    v("muon", muon, "");
   }
 };
 

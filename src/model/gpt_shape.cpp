@@ -52,8 +52,7 @@ const char* group_name(ParamGroup group) {
 
 ParamTable::ParamTable(const GptShape& s) {
   auto add = [&](std::string name, Shape shape, ParamGroup group) {
-    specs.push_back({std::move(name), shape, group, total});
-    total += shape.numel();
+    specs.push_back({std::move(name), shape, group, 0});
   };
   const int64_t C = s.width;
   add("transformer.wte.weight", {s.padded_vocab, C}, ParamGroup::embedding);
@@ -76,6 +75,31 @@ ParamTable::ParamTable(const GptShape& s) {
   add("resid_lambdas", {s.depth}, ParamGroup::resid);
   add("x0_lambdas", {s.depth}, ParamGroup::x0);
   add("lm_head.weight", {s.padded_vocab, C}, ParamGroup::unembedding);
+
+  // Memory layout: embeddings, then the matrices stack by stack, then the rest.
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].group != ParamGroup::matrix) continue;
+    auto it = std::find_if(stacks.begin(), stacks.end(), [&](const MatrixStack& m) {
+      return m.rows == specs[i].shape[0] && m.cols == specs[i].shape[1];
+    });
+    if (it == stacks.end()) it = stacks.insert(stacks.end(), {specs[i].shape[0], specs[i].shape[1], {}, 0});
+    it->members.push_back(i);
+  }
+  auto place = [&](size_t i) {
+    specs[i].offset = total;
+    total += specs[i].shape.numel();
+  };
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (specs[i].group == ParamGroup::embedding || specs[i].group == ParamGroup::value_embeds) place(i);
+  }
+  for (auto& stack : stacks) {
+    stack.offset = total;
+    for (size_t i : stack.members) place(i);
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    ParamGroup g = specs[i].group;
+    if (g == ParamGroup::resid || g == ParamGroup::x0 || g == ParamGroup::unembedding) place(i);
+  }
 }
 
 const ParamSpec& ParamTable::find(const std::string& name) const {

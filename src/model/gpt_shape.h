@@ -40,8 +40,19 @@ struct ParamSpec {
   size_t offset = 0;  // in elements, into the flat parameter array
 };
 
+// Block matrices of one shape (m, n), laid out back to back so that the optimizer can treat
+// them as one (K, m, n) tensor.
+struct MatrixStack {
+  int64_t rows = 0, cols = 0;
+  std::vector<size_t> members;  // indices into ParamTable::specs, in table order
+  size_t offset = 0;            // of the first member, in elements
+  int64_t count() const { return int64_t(members.size()); }
+  std::string label() const { return std::to_string(rows) + "x" + std::to_string(cols); }
+};
+
 struct ParamTable {
-  std::vector<ParamSpec> specs;
+  std::vector<ParamSpec> specs;  // nanochat's state_dict order
+  std::vector<MatrixStack> stacks;
   size_t total = 0;
 
   explicit ParamTable(const GptShape& shape);

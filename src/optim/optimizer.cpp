@@ -23,15 +23,25 @@ std::vector<GroupSettings> make_groups(const OptimConfig& o, int width, double b
   return groups;
 }
 
-Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens)
-    : model_(model), groups_(make_groups(optim, model.shape().width, batch_tokens)) {
+Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, int num_iterations)
+    : model_(model),
+      groups_(make_groups(optim, model.shape().width, batch_tokens)),
+      num_iterations_(num_iterations) {
+  if (optim.matrix_optimizer == "normuon") muon_ = std::make_unique<NorMuon>(model, optim.muon);
   TensorPlan plan;
-  const Shape flat{int64_t(model.table().total)};
-  plan.add(adam_m_, flat, DType::f32);
-  plan.add(adam_v_, flat, DType::f32);
+  const auto& specs = model.table().specs;
+  adamw_.reserve(specs.size());  // the plan holds pointers into adamw_: no reallocation
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (settings(specs[i].group).kind != "adamw") continue;
+    AdamWState& s = adamw_.emplace_back(AdamWState{i, {}, {}});
+    plan.add(s.m, specs[i].shape, DType::f32);
+    plan.add(s.v, specs[i].shape, DType::f32);
+  }
   memory_ = plan.allocate(model.backend());
-  model.backend().fill(adam_m_, 0.f);
-  model.backend().fill(adam_v_, 0.f);
+  for (auto& s : adamw_) {
+    model.backend().fill(s.m, 0.f);
+    model.backend().fill(s.v, 0.f);
+  }
 }
 
 const GroupSettings& Optimizer::settings(ParamGroup group) const {
@@ -40,25 +50,34 @@ const GroupSettings& Optimizer::settings(ParamGroup group) const {
   fail("optimizer: no settings for group {}", group_name(group));
 }
 
-double Optimizer::group_lr(ParamGroup group, double lr_mult) const {
-  return settings(group).lr * lr_mult;
-}
-
-void Optimizer::step(int /*step*/, double lr_mult) {
+nlohmann::json Optimizer::step(int step, double lr_mult) {
   ++updates_;
+  nlohmann::json metrics;
+  for (const auto& g : groups_) metrics[std::string("lr/") + group_name(g.group)] = g.lr * lr_mult;
   Backend& b = model_.backend();
-  for (const auto& spec : model_.table().specs) {
+  for (const auto& s : adamw_) {
+    const ParamSpec& spec = model_.table().specs[s.spec];
     const GroupSettings& g = settings(spec.group);
-    const int64_t n = spec.shape.numel();
     AdamWHyper h{float(g.lr * lr_mult), float(g.beta1), float(g.beta2), float(g.eps),
                  float(g.weight_decay), updates_};
-    b.adamw_update(model_.param(spec), model_.grad(spec), adam_m_.slice(spec.offset, n).view(spec.shape),
-                   adam_v_.slice(spec.offset, n).view(spec.shape), h);
+    b.adamw_update(model_.param(spec), model_.grad(spec), s.m, s.v, h);
   }
+  if (muon_) muon_->step(step, num_iterations_, settings(ParamGroup::matrix).lr * lr_mult, metrics);
+  return metrics;
 }
 
 std::vector<StateTensor> Optimizer::state() const {
-  return {{"adamw.exp_avg", adam_m_}, {"adamw.exp_avg_sq", adam_v_}};
+  std::vector<StateTensor> out;
+  for (const auto& s : adamw_) {
+    const std::string& name = model_.table().specs[s.spec].name;
+    out.push_back({"exp_avg." + name, s.m});
+    out.push_back({"exp_avg_sq." + name, s.v});
+  }
+  if (muon_) {
+    auto muon_state = muon_->state();
+    out.insert(out.end(), muon_state.begin(), muon_state.end());
+  }
+  return out;
 }
 
 }  // namespace lmtrain

@@ -1,18 +1,24 @@
-// Parameter groups and their update rules. Each group names its optimizer kind; the LR of a
-// group is its base LR times the width and batch scaling rules, times the schedule's multiplier.
+// Parameter groups and their update rules. Each group names its optimizer kind (AdamW, or
+// NorMuon for the block matrices); the LR of a group is its base LR times the width and batch
+// scaling rules, times the schedule's multiplier.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "config/config.h"
 #include "model/gpt.h"
+#include "optim/normuon.h"
+#include "optim/state_tensor.h"
 
 namespace lmtrain {
 
 struct GroupSettings {
   ParamGroup group;
-  std::string kind;  // "adamw"
+  std::string kind;  // "adamw" | "normuon"
   double lr;         // scaled base LR, before the schedule multiplier
   double beta1, beta2, eps, weight_decay;
 };
@@ -21,22 +27,17 @@ struct GroupSettings {
 // every group by sqrt(batch_tokens / ref_batch).
 std::vector<GroupSettings> make_groups(const OptimConfig& optim, int width, double batch_tokens);
 
-// A named optimizer-state tensor, for checkpoints.
-struct StateTensor {
-  std::string name;
-  Tensor tensor;
-};
-
 class Optimizer {
  public:
-  Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens);
+  Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, int num_iterations);
 
   // Applies one update from model.grads(); `step` is 0-based, lr_mult from the schedule.
-  void step(int step, double lr_mult);
+  // Returns the step's optimizer metrics (lr/<group>, muon/...).
+  nlohmann::json step(int step, double lr_mult);
 
   Gpt& model() const { return model_; }
   const std::vector<GroupSettings>& groups() const { return groups_; }
-  double group_lr(ParamGroup group, double lr_mult) const;
+  // Every state tensor, named per parameter; checkpoints save and restore exactly these.
   std::vector<StateTensor> state() const;
   // Number of updates taken, for AdamW bias correction; saved with the state.
   int updates() const { return updates_; }
@@ -47,8 +48,14 @@ class Optimizer {
 
   Gpt& model_;
   std::vector<GroupSettings> groups_;
+  int num_iterations_;
+  std::unique_ptr<NorMuon> muon_;
+  struct AdamWState {
+    size_t spec;  // index into the parameter table
+    Tensor m, v;
+  };
+  std::vector<AdamWState> adamw_;
   Buffer memory_;
-  Tensor adam_m_, adam_v_;  // flat, the parameters' layout
   int updates_ = 0;
 };
 

@@ -57,12 +57,9 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
                          {"extra", loop.extra}};
   if (optimizer) {
     SafetensorsWriter state;
-    for (const auto& [kind, flat] : optimizer->state()) {
-      auto host = to_host(backend, flat);
-      for (const auto& spec : model.table().specs) {
-        state.add(kind + "." + spec.name, "F32", dims(spec.shape), host.data() + spec.offset,
-                  spec.shape.numel() * sizeof(float));
-      }
+    for (const auto& [name, tensor] : optimizer->state()) {
+      auto host = to_host(backend, tensor);
+      state.add(name, "F32", dims(tensor.shape), host.data(), host.size() * sizeof(float));
     }
     state.write(dir.path("optimizer.safetensors"));
     meta["optimizer_updates"] = optimizer->updates();
@@ -109,13 +106,10 @@ void load_model_weights(const std::string& dir, Gpt& model) {
 
 void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
   auto file = SafetensorsFile::open((fs::path(dir) / "optimizer.safetensors").string());
-  for (const auto& [kind, flat] : optimizer.state()) {
-    for (const auto& spec : optimizer.model().table().specs) {
-      const std::string name = kind + "." + spec.name;
-      check(file.contains(name), "{}: missing tensor '{}'", file.path(), name);
-      read_into(file, name, optimizer.model().backend(),
-                flat.slice(spec.offset, spec.shape.numel()).view(spec.shape));
-    }
+  for (const auto& [name, tensor] : optimizer.state()) {
+    check(file.contains(name), "{}: missing tensor '{}' (was it saved with another optimizer?)",
+          file.path(), name);
+    read_into(file, name, optimizer.model().backend(), tensor);
   }
   auto meta = read_checkpoint_meta(dir);
   check(meta.contains("optimizer_updates"), "{}/meta.json: missing key 'optimizer_updates'", dir);

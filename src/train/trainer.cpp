@@ -91,7 +91,7 @@ int train(const TrainOptions& options) {
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
 
   Gpt model(*backend, shape, B);
-  Optimizer optimizer(model, config.optim, double(plan.batch_tokens));
+  Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N);
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing), B,
                       T, 0, 1, config.run.seed, tokenizer.bos_id()});
   const auto val_shards = list_shards(config.data.val, "val");
@@ -172,7 +172,7 @@ int train(const TrainOptions& options) {
       backend->scale(model.grads(), float(config.optim.grad_clip / grad_norm));
     }
     const double lrm = lr_multiplier(step, N, config.schedule);
-    optimizer.step(step, lrm);
+    nlohmann::json optim_metrics = optimizer.step(step, lrm);
     backend->synchronize();
 
     const double dt = seconds_since(started);
@@ -193,9 +193,7 @@ int train(const TrainOptions& options) {
                              {"grad_norm", grad_norm},
                              {"tokens_per_second", tokens_per_second},
                              {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)}};
-    for (const auto& g : optimizer.groups()) {
-      record[std::string("lr/") + group_name(g.group)] = g.lr * lrm;
-    }
+    record.update(optim_metrics);
     metrics.write(record);
 
     if (g_stop_signal) {

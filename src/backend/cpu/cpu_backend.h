@@ -17,12 +17,12 @@ class CpuBackend final : public Backend {
 
   void fill(Tensor x, float value) override;
   void copy(Tensor dst, Tensor src) override;
-  void add(Tensor y, Tensor x, float alpha) override;
+  void add(Tensor y, Tensor x, float alpha = 1.f) override;
   void scale(Tensor x, float alpha) override;
   double sum_squares(Tensor x) override;
 
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
-              float alpha) override;
+              float alpha = 1.f) override;
 
   void embedding_forward(Tensor out, Tensor table, Tensor tokens) override;
   void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) override;
@@ -54,6 +54,11 @@ class CpuBackend final : public Backend {
                              float grad_scale) override;
 
   void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) override;
+  void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp, bool nesterov) override;
+  void normalize_matrices(Tensor x, float norm_mult, float eps) override;
+  void transpose_matrices(Tensor out, Tensor x) override;
+  void normuon_second_moment(Tensor x, Tensor state, float beta2) override;
+  void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) override;
 };
 
 }  // namespace lmtrain

@@ -1,0 +1,172 @@
+#include "optim/normuon.h"
+
+#include <fnmatch.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#include "backend/tensor_plan.h"
+#include "optim/schedule.h"
+
+namespace lmtrain {
+
+namespace {
+
+// Polar Express coefficients (a, b, c) per iteration; later iterations reuse the last.
+constexpr std::array<std::array<float, 3>, 5> kPolarExpress = {{
+    {8.156554524902461f, -22.48329292557795f, 15.878769915207462f},
+    {4.042929935166739f, -2.808917465908714f, 0.5000178451051316f},
+    {3.8916678022926607f, -2.772484153217685f, 0.5060648178503393f},
+    {3.285753657755655f, -2.3681294933425376f, 0.46449024233003106f},
+    {2.3465413258596377f, -1.7097828382687081f, 0.42323551169305323f},
+}};
+constexpr std::array<float, 3> kNewtonSchulz5 = {3.4445f, -4.7750f, 2.0315f};
+
+Tensor stack_view(Tensor flat, const MatrixStack& s) {
+  return flat.slice(s.offset, s.count() * s.rows * s.cols).view({s.count(), s.rows, s.cols});
+}
+
+}  // namespace
+
+double NorMuon::lr_scale(const std::string& rule, int64_t rows, int64_t cols) {
+  if (rule == "rectangular") return std::sqrt(std::max(1.0, double(rows) / double(cols)));
+  if (rule == "moonshot") return 0.2 * std::sqrt(double(std::max(rows, cols)));
+  if (rule == "sqrt_max") return std::sqrt(double(std::max(rows, cols)));
+  if (rule == "none") return 1.0;
+  fail("optim.muon.lr_scale: unknown rule \"{}\"", rule);
+}
+
+NorMuon::NorMuon(Gpt& model, const MuonConfig& config) : model_(model), config_(config) {
+  const ParamTable& table = model.table();
+  TensorPlan state_plan;
+  int64_t largest = 0, largest_square = 0;
+  stacks_.resize(table.stacks.size());
+  for (size_t i = 0; i < table.stacks.size(); ++i) {
+    const MatrixStack& s = table.stacks[i];
+    Stack& st = stacks_[i];
+    st.layout = &s;
+    st.params = stack_view(model.params(), s);
+    st.grads = stack_view(model.grads(), s);
+    state_plan.add(st.momentum, {s.count(), s.rows, s.cols}, DType::f32);
+    if (config.second_moment) {
+      state_plan.add(st.second, {s.count(), s.rows >= s.cols ? s.rows : s.cols}, DType::f32);
+    }
+    for (size_t member : s.members) {
+      double lr_mul = 1.0, wd_mul = 1.0;
+      for (const auto& o : config.param_overrides) {
+        if (fnmatch(o.pattern.c_str(), table.specs[member].name.c_str(), 0) == 0) {
+          lr_mul = o.lr_mul;
+          wd_mul = o.wd_mul;
+        }
+      }
+      st.lr_mul.push_back(lr_mul);
+      st.wd_mul.push_back(wd_mul);
+    }
+    const int64_t small = std::min(s.rows, s.cols);
+    largest = std::max(largest, s.count() * s.rows * s.cols);
+    largest_square = std::max(largest_square, s.count() * small * small);
+  }
+  state_memory_ = state_plan.allocate(model.backend());
+  for (auto& st : stacks_) {
+    model.backend().fill(st.momentum, 0.f);
+    if (config.second_moment) model.backend().fill(st.second, 0.f);
+  }
+  TensorPlan scratch;
+  scratch.add(scratch_u_, {largest}, DType::f32);
+  scratch.add(scratch_x_, {largest}, DType::f32);
+  scratch.add(scratch_y_, {largest}, DType::f32);
+  scratch.add(scratch_a_, {largest_square}, DType::f32);
+  scratch.add(scratch_b_, {largest_square}, DType::f32);
+  scratch_memory_ = scratch.allocate(model.backend());
+}
+
+void NorMuon::orthogonalize(Tensor u) {
+  Backend& b = model_.backend();
+  const std::string& kind = config_.orthogonalizer;
+  if (kind == "none") return;
+  const int64_t K = u.dim(0), rows = u.dim(1), cols = u.dim(2);
+  // Iterate on the wide orientation (r <= c) so that X X^T is the smaller Gram matrix.
+  const bool tall = rows > cols;
+  const int64_t r = tall ? cols : rows, c = tall ? rows : cols;
+  Tensor x = scratch_x_.slice(0, K * r * c).view({K, r, c});
+  Tensor y = scratch_y_.slice(0, K * r * c).view({K, r, c});
+  Tensor gram = scratch_a_.slice(0, K * r * r).view({K, r, r});
+  Tensor poly = scratch_b_.slice(0, K * r * r).view({K, r, r});
+  if (tall) {
+    b.transpose_matrices(x, u);
+  } else {
+    b.copy(x, u);
+  }
+  const bool polar = kind == "polar_express";
+  if (polar) {
+    b.normalize_matrices(x, 1.02f, 1e-6f);
+  } else {
+    b.normalize_matrices(x, 1.0f, 1e-7f);
+  }
+  for (int i = 0; i < config_.ortho_steps; ++i) {
+    const auto& [ca, cb, cc] = polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)]
+                                     : kNewtonSchulz5;
+    b.matmul(gram, x, x, false, true, false);               // A = X X^T
+    b.matmul(poly, gram, gram, false, false, false, cc);    // B = c A A
+    b.add(poly, gram, cb);                                  //   + b A
+    b.copy(y, x);
+    b.scale(y, ca);                                         // Y = a X
+    b.matmul(y, poly, x, false, false, true);               //   + B X
+    std::swap(x, y);
+  }
+  if (tall) {
+    b.transpose_matrices(u, x);
+  } else {
+    b.copy(u, x);
+  }
+}
+
+void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metrics) {
+  Backend& b = model_.backend();
+  const double mu = muon_momentum(step, config_);
+  const double wd = muon_weight_decay(step, num_iterations, model_.shape().depth, config_);
+  const bool lerp = config_.momentum == "lerp";
+  const std::string& mode = config_.weight_decay_mode;
+  metrics["muon/momentum"] = mu;
+  metrics["muon/weight_decay"] = mode == "none" ? 0.0 : wd;
+  for (auto& st : stacks_) {
+    const MatrixStack& s = *st.layout;
+    const int64_t size = s.rows * s.cols;
+    Tensor u = scratch_u_.slice(0, s.count() * size).view({s.count(), s.rows, s.cols});
+    b.muon_momentum(u, st.momentum, st.grads, float(mu), lerp, config_.nesterov);
+    orthogonalize(u);
+    if (config_.second_moment) b.normuon_second_moment(u, st.second, float(config_.beta2));
+    const double scale = lr_scale(config_.lr_scale, s.rows, s.cols);
+    metrics["muon/update_rms/" + s.label()] = lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
+    for (int64_t k = 0; k < s.count(); ++k) {
+      const double lr_eff = lr * scale * st.lr_mul[k];
+      const double w = wd * st.wd_mul[k];
+      const Tensor p = st.params[k], x = u[k];
+      if (mode == "cautious") {
+        b.muon_apply(p, x, float(lr_eff), float(lr_eff * w), true);
+      } else {
+        b.muon_apply(p, x, float(lr_eff), mode == "decoupled" ? float(lr * w) : 0.f, false);
+      }
+    }
+  }
+}
+
+std::vector<StateTensor> NorMuon::state() const {
+  std::vector<StateTensor> out;
+  const ParamTable& table = model_.table();
+  for (const auto& st : stacks_) {
+    const MatrixStack& s = *st.layout;
+    for (int64_t k = 0; k < s.count(); ++k) {
+      const std::string& name = table.specs[s.members[k]].name;
+      out.push_back({"momentum_buffer." + name, st.momentum[k]});
+      if (config_.second_moment) {
+        const Shape shape = s.rows >= s.cols ? Shape{s.rows, 1} : Shape{1, s.cols};
+        out.push_back({"second_moment." + name, st.second[k].view(shape)});
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace lmtrain
