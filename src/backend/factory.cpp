@@ -4,7 +4,7 @@
 
 namespace lmtrain {
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
+std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& /*dtype*/) {
   if (name == "cpu" || name == "auto") return std::make_unique<CpuBackend>();
   fail("run.backend: \"{}\" is not available in this build (available: cpu, auto)", name);
 }

@@ -11,7 +11,7 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   const auto meta = read_checkpoint_meta(dir);
   CheckpointModel m;
   m.config = parse_config(meta["config"], dir + "/meta.json");
-  m.backend = make_backend(backend.empty() ? m.config.run.backend : backend);
+  m.backend = make_backend(backend.empty() ? m.config.run.backend : backend, m.config.run.dtype);
   m.tokenizer = std::make_unique<Tokenizer>(
       Tokenizer::load((std::filesystem::path(dir) / "tokenizer.json").string()));
   const int vocab = m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();

@@ -30,6 +30,7 @@ void validate(const Config& c, const std::string& src) {
   };
 
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
+  choice(c.run.dtype, "run.dtype", {"bf16", "fp32"});
   require(c.run.threads >= 0, "run.threads", "0 (all cores) or a positive count");
   require(!c.run.name.empty(), "run.name", "a non-empty name");
 

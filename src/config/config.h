@@ -14,6 +14,7 @@ struct RunConfig {
   std::string out_dir = "runs";
   uint64_t seed = 1337;
   std::string backend = "auto";
+  std::string dtype = "bf16";
   int threads = 0;
   template <class V>
   void visit(V& v) {
@@ -21,6 +22,8 @@ struct RunConfig {
     v("out_dir", out_dir, "directory that holds run directories");
     v("seed", seed, "seed for initialisation, data order and sampling");
     v("backend", backend, "auto | cpu | cuda (auto: cuda when a GPU is present)");
+    v("dtype", dtype,
+      "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in fp32)");
     v("threads", threads, "CPU threads (0: all cores)");
   }
 };

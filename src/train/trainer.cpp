@@ -81,7 +81,7 @@ int train(const TrainOptions& options) {
     omp_set_num_threads(config.run.threads);
     openblas_set_num_threads(config.run.threads);
   }
-  std::unique_ptr<Backend> backend = make_backend(config.run.backend);
+  std::unique_ptr<Backend> backend = make_backend(config.run.backend, config.run.dtype);
   Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
   check(tokenizer.vocab_size() <= vocab, "model.vocab_size: {} is smaller than the tokenizer's {}",

@@ -47,9 +47,11 @@ STACK_STEPS = 3
 STACK_LR = 0.02                     # lr_t before the schedule multiplier
 STACK_LRM = [1.0, 1.0, 0.5]         # the schedule's multiplier at steps 0, 1, 2
 STACK_DEPTH = 12
-# Chosen so that every cautious-weight-decay decision has a wide float32 sign
-# margin (see check_sign_margin); the generator asserts it.
-STACK_SEED = 0
+# Of seeds 0..119 this one gives the widest float32 sign margin of cautious
+# weight decay's mask over all variants (5.6x the largest fp32 error of X;
+# see sign_margin). Most seeds have some decision within 1-2x, since the
+# variants make ~150k distinct decisions.
+STACK_SEED = 59
 
 # Every variant is NorMuon with a short momentum warmup (so mu changes over
 # the 3 steps) and one switch flipped, as its name says.
@@ -102,8 +104,8 @@ def stack_names(stack: str) -> list[str]:
 def run_stacks(inputs: dict[str, torch.Tensor], muon: dict, dtype: torch.dtype):
     """3 steps of one variant on every stack.
 
-    Returns ({name: tensor} of params/states, [decisions]) where a decision is
-    (X, p, w) of one cautious-weight-decay step, for the sign-margin check.
+    Returns ({name: tensor} of params/states, [decisions]) where a decision
+    holds one stack's cautious-weight-decay inputs (see sign_margin).
     """
     out, decisions = {}, []
     for stack, (K, m, n) in STACKS.items():
@@ -116,7 +118,7 @@ def run_stacks(inputs: dict[str, torch.Tensor], muon: dict, dtype: torch.dtype):
             p = st.step(p, g, STACK_LR * STACK_LRM[step], mu_t, wd_t)
             out[f"{stack}.param{step + 1}"] = p
             if muon["weight_decay_mode"] == "cautious":
-                decisions.append((st.last_X, st.last_p, wd_t * st.wd_mul))
+                decisions.append({"step": step, "names": st.names, **st.last})
         out[f"{stack}.momentum_buffer"] = st.momentum_buffer
         if st.second_moment is not None:
             out[f"{stack}.second_moment"] = st.second_moment
@@ -158,8 +160,7 @@ def train_gpt(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tenso
         losses.append(loss.detach().clone())
         opt.step(step)
         if cautious:
-            wd_t = weight_decay_at(step, opt.muon, cfg.depth, sched["num_iterations"])
-            decisions += [(st.last_X, st.last_p, wd_t * st.wd_mul) for st in opt.stacks]
+            decisions += [{"step": step, "names": st.names, **st.last} for st in opt.stacks]
     final = {k: v.detach().clone() for k, v in params.items()}
     return losses, final, decisions
 
@@ -252,26 +253,35 @@ def check_momentum_formulas() -> None:
     print("self-check: lerp and classic momentum (with/without Nesterov) match the explicit formulas")
 
 
-def sign_margin(dec32: list, dec64: list) -> float:
-    """Smallest |X| of a cautious-weight-decay decision, in units of float32 error.
+def sign_margin(dec32: list[dict], dec64: list[dict],
+                at_risk_below: float = 3.0) -> tuple[float, list[dict]]:
+    """How safely float32 decides cautious weight decay's mask (X*p >= 0).
 
-    The mask (X*p >= 0) is discontinuous: where float32 rounding could decide
-    the sign of X*p, the decay term would jump by lr*wd*|p|, far beyond any
-    tolerance. Only the sign of X can be that fragile: X is a long chain of
-    matmuls whose error is absolute (~eps*||X||), while p carries a relative
-    error, and a p so small that its sign is uncertain decays by a negligible
-    lr*wd*|p| either way. So for each decision that matters (w > 0, p != 0)
-    the float64 |X| is divided by the largest float32-vs-float64 difference of
-    X in that stack and step; the minimum over all decisions is returned.
+    The mask is discontinuous: where rounding could decide the sign of X*p,
+    the decay term jumps by lr_eff*w*|p|, far beyond any tolerance. Only the
+    sign of X can be that fragile: X is a long chain of matmuls with an
+    absolute error (~eps*||X||), while p carries a relative error, and a p so
+    small that its sign is uncertain decays by a negligible lr_eff*w*|p|
+    either way. So the margin of a decision that matters (w > 0, p != 0) is
+    the float64 |X| over the largest float32-vs-float64 difference of X in
+    that stack and step.
+
+    Returns (smallest margin, decisions with margin < at_risk_below as dicts
+    {step, param, index (flat), margin, jump = lr_eff*w*|p|}).
     """
-    worst = math.inf
-    for (X32, p32, w32), (X64, p64, _) in zip(dec32, dec64):
-        matters = (w32 != 0).expand_as(X64) & (p64 != 0)
-        mask32, mask64 = (X32 * p32 >= 0), (X64 * p64 >= 0)
-        assert torch.equal(mask32[matters], mask64[matters]), "cautious mask flips in fp32"
-        err = (X32.double() - X64).abs().max().item()
-        worst = min(worst, X64.abs()[matters].min().item() / max(err, 1e-300))
-    return worst
+    worst, at_risk = math.inf, []
+    for d32, d64 in zip(dec32, dec64):
+        X32, X64, p64 = d32["X"], d64["X"], d64["p"]
+        err = max((X32.double() - X64).abs().max().item(), 1e-300)
+        matters = (d64["w"] != 0).expand_as(X64) & (p64 != 0)
+        margin = torch.where(matters, X64.abs() / err, torch.full_like(X64, math.inf))
+        worst = min(worst, margin.min().item())
+        jump = d64["lr_eff"] * d64["w"] * p64.abs()
+        for k, i, j in (margin < at_risk_below).nonzero().tolist():
+            at_risk.append({"step": d64["step"], "param": d64["names"][k],
+                            "index": i * X64.size(-1) + j, "margin": round(margin[k, i, j].item(), 3),
+                            "jump": float(f"{jump[k, i, j].item():.4g}")})
+    return worst, at_risk
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -295,9 +305,9 @@ def make_stacks_golden() -> None:
             worst_rel = max(worst_rel, rel_diff(t, out64[key]))
             tensors[f"{name}.{key}"] = t.clone()
         if dec32:
-            worst_margin = min(worst_margin, sign_margin(dec32, dec64))
+            worst_margin = min(worst_margin, sign_margin(dec32, dec64)[0])
     assert worst_rel < 1e-5, worst_rel
-    assert worst_margin > 10.0, f"fragile cautious-WD sign (margin {worst_margin:.1f}); re-seed"
+    assert worst_margin > 4.0, f"fragile cautious-WD sign (margin {worst_margin:.1f}); re-seed"
     print(f"self-check: stacks, {len(variants)} variants: fp32 vs fp64 max relative diff "
           f"{worst_rel:.1e}; cautious-WD sign margin {worst_margin:.0f}x the fp32 error")
 
@@ -332,13 +342,26 @@ def make_gpt_golden() -> None:
         losses32, final32, dec32 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float32)
         losses64, final64, dec64 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float64)
         loss_diff = max(abs(a.item() - b.item()) / abs(b.item()) for a, b in zip(losses32, losses64))
-        param_diff = max(rel_diff(final32[k], final64[k]) for k in final32)
-        margin = sign_margin(dec32, dec64) if dec32 else math.inf
+        margin, at_risk = sign_margin(dec32, dec64) if dec32 else (math.inf, [])
+        # Outside the at-risk cautious decisions the fp32 run must track fp64
+        # closely; an at-risk element may differ by its decay jumps (x1.5 for
+        # the knock-on effect through later gradients).
+        param_diff = 0.0
+        for name in final32:
+            slack = torch.zeros(final64[name].numel(), dtype=torch.float64)
+            for d in at_risk:
+                if d["param"] == name:
+                    slack[d["index"]] += 1.5 * d["jump"]
+            diff = (final32[name].double() - final64[name]).abs().flatten()
+            scale = final64[name].abs().max().item()
+            param_diff = max(param_diff, ((diff - slack).clamp_min(0) / scale).max().item())
+        flips = sum(int(((d32["X"] * d32["p"] >= 0) != (d64["X"] * d64["p"] >= 0)).sum())
+                    for d32, d64 in zip(dec32, dec64))
         print(f"self-check: gpt {preset:13s}: fp32 vs fp64 loss rel diff {loss_diff:.1e}, "
-              f"final param max relative diff {param_diff:.1e}, cautious-WD sign margin "
-              + (f"{margin:.0f}x" if dec32 else "n/a"))
-        assert loss_diff < 1e-5 and param_diff < 1e-4, (preset, loss_diff, param_diff)
-        assert margin > 10.0, (preset, margin)
+              f"final param max relative diff {param_diff:.1e}"
+              + (f"; cautious-WD: min margin {margin:.2f}x, {len(at_risk)} decisions "
+                 f"under 3x, {flips} flipped in fp32" if dec32 else ""))
+        assert loss_diff < 1e-5 and param_diff < 2e-5, (preset, loss_diff, param_diff)
         for k, loss in enumerate(losses32, start=1):
             tensors[f"{preset}.step{k}.loss"] = loss.reshape(1)
         for name, t in final32.items():
@@ -349,6 +372,8 @@ def make_gpt_golden() -> None:
             "lrm": [lr_multiplier(s, sched) for s in range(sched["num_iterations"])],
             "losses": [x.item() for x in losses32],
         }
+        if dec32:
+            presets_doc[preset]["cautious_at_risk"] = at_risk
     doc = {
         "model": tiny["model"], "batch": tiny["batch"], "schedule": sched,
         "inputs": "tokens, targets and initial params param.* of gpt_tiny.safetensors",

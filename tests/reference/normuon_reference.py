@@ -249,10 +249,9 @@ class MuonStack:
         mults = [param_multipliers(nm, muon["param_overrides"]) for nm in names]
         self.lr_mul = torch.tensor([a for a, _ in mults], dtype=dtype).view(K, 1, 1)
         self.wd_mul = torch.tensor([b for _, b in mults], dtype=dtype).view(K, 1, 1)
-        # The last step's orthogonalized update and incoming parameters, kept
-        # for the sign-margin check of cautious weight decay.
-        self.last_X: torch.Tensor | None = None
-        self.last_p: torch.Tensor | None = None
+        # The last step's orthogonalized update X, incoming parameters p,
+        # lr_eff and w, kept for the sign-margin check of cautious weight decay.
+        self.last: dict[str, torch.Tensor] = {}
 
     def step(self, p: torch.Tensor, g: torch.Tensor, lr_t: float, mu_t: float,
              wd_t: float) -> torch.Tensor:
@@ -260,11 +259,12 @@ class MuonStack:
         mu = self.muon
         u = momentum_update(self.momentum_buffer, g, mu_t, mu["momentum"], mu["nesterov"])
         X = orthogonalize(u, mu["orthogonalizer"], mu["ortho_steps"])
-        self.last_X, self.last_p = X, p
+        lr_eff = lr_t * lr_shape_scale(*self.shape, mu["lr_scale"]) * self.lr_mul
+        w = wd_t * self.wd_mul
+        self.last = {"X": X, "p": p, "lr_eff": lr_eff, "w": w}
         if self.second_moment is not None:
             X = second_moment_normalize(X, self.second_moment, mu["beta2"])
-        lr_eff = lr_t * lr_shape_scale(*self.shape, mu["lr_scale"]) * self.lr_mul
-        return apply_update(p, X, lr_t, lr_eff, wd_t * self.wd_mul, mu["weight_decay_mode"])
+        return apply_update(p, X, lr_t, lr_eff, w, mu["weight_decay_mode"])
 
 
 def stack_by_shape(names_shapes: list[tuple[str, tuple[int, ...]]]) -> dict[tuple[int, int], list[str]]:
