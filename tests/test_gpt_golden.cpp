@@ -32,6 +32,7 @@ void load_params(Gpt& model, const Golden& g, const std::string& prefix) {
     REQUIRE(int64_t(values.size()) == spec.shape.numel());
     model.backend().upload(model.param(spec), values.data());
   }
+  model.refresh_weights();
 }
 
 }  // namespace

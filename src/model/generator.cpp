@@ -43,7 +43,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
   auto rows = [n](Tensor t) { return t.slice(0, n * t.shape[-1]).view({n, t.shape[-1]}); };
   auto heads = [n](Tensor t, int64_t h, int64_t d) { return t.slice(0, n * h * d).view({1, n, h, d}); };
   auto w = [&](int i, const char* suffix) {
-    return model_.param("transformer.h." + std::to_string(i) + "." + suffix);
+    return model_.weight("transformer.h." + std::to_string(i) + "." + suffix);
   };
 
   Tensor tok = tokens_.slice(0, n);
@@ -51,7 +51,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
   Tensor x0 = rows(x0_), x = rows(x_), x_mix = rows(x_mix_), xn = rows(xn_);
   Tensor rstd = rstd_.slice(0, n), hidden = rows(hidden_);
   Tensor q = heads(q_, H, D), k = heads(k_, Hkv, D), v = heads(v_, Hkv, D), y = heads(y_, H, D);
-  b.embedding_forward(xn, model_.param("transformer.wte.weight"), tok);
+  b.embedding_forward(xn, model_.weight("transformer.wte.weight"), tok);
   b.rmsnorm_forward(x0, rstd, xn);
   b.copy(x, x0);
   const Tensor resid = model_.param("resid_lambdas"), x0l = model_.param("x0_lambdas");
@@ -63,7 +63,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
     b.matmul(v.view({n, Hkv * D}), xn, w(i, "attn.c_v.weight"), false, true, false);
     if (shape_.value_embed[i]) {
       Tensor ve = rows(ve_);
-      b.embedding_forward(ve, model_.param("value_embeds." + std::to_string(i) + ".weight"), tok);
+      b.embedding_forward(ve, model_.weight("value_embeds." + std::to_string(i) + ".weight"), tok);
       b.value_gate_forward(v.view({n, Hkv * D}), gate_.slice(0, n * Hkv).view({n, Hkv}), xn,
                            w(i, "attn.ve_gate.weight"), ve);
     }
@@ -89,7 +89,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
   Tensor last = x.slice((n - 1) * C, C).view({1, C});
   Tensor last_normed = xn.slice(0, C).view({1, C});
   b.rmsnorm_forward(last_normed, rstd.slice(0, 1), last);
-  b.matmul(logits_, last_normed, model_.param("lm_head.weight"), false, true, false);
+  b.matmul(logits_, last_normed, model_.weight("lm_head.weight"), false, true, false);
 }
 
 int32_t Generator::pick(Rng& rng, const SampleOptions& o) {

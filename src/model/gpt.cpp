@@ -18,6 +18,12 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
   grad_memory_ = backend.allocate(table_.total * sizeof(float));
   params_ = param_memory_.tensor({int64_t(table_.total)}, f32);
   grads_ = grad_memory_.tensor({int64_t(table_.total)}, f32);
+  if (act == f32) {
+    weights_ = params_;
+  } else {
+    weight_memory_ = backend.allocate(table_.total * dtype_size(act));
+    weights_ = weight_memory_.tensor({int64_t(table_.total)}, act);
+  }
 
   TensorPlan plan;
   plan.add(tokens_, {N}, DType::i32);
@@ -86,7 +92,11 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
 }
 
 Tensor Gpt::w(int layer, const char* suffix) const {
-  return param("transformer.h." + std::to_string(layer) + "." + suffix);
+  return weight("transformer.h." + std::to_string(layer) + "." + suffix);
+}
+
+void Gpt::refresh_weights() {
+  if (weights_.data != params_.data) backend_.copy(weights_, params_);
 }
 
 Tensor Gpt::dw(int layer, const char* suffix) const {
@@ -119,6 +129,7 @@ void Gpt::init_weights(uint64_t seed) {
     }
   }
   backend_.upload(params_, host.data());
+  refresh_weights();
 }
 
 Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t> targets,
@@ -142,7 +153,7 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
   host_tokens_.assign(tokens.begin(), tokens.end());
 
   const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
-  b.embedding_forward(emb_, param("transformer.wte.weight"), tokens_);
+  b.embedding_forward(emb_, weight("transformer.wte.weight"), tokens_);
   b.rmsnorm_forward(x0_, rstd_emb_, emb_);
   Tensor x = x0_;
   for (int i = 0; i < shape_.depth; ++i) {
@@ -155,7 +166,7 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
     b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
     b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
     if (shape_.value_embed[i]) {
-      b.embedding_forward(a.ve, param("value_embeds." + std::to_string(i) + ".weight"), tokens_);
+      b.embedding_forward(a.ve, weight("value_embeds." + std::to_string(i) + ".weight"), tokens_);
       b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1,
                            w(i, "attn.ve_gate.weight"), a.ve);
     }
@@ -175,7 +186,7 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
     x = a.x_out;
   }
   b.rmsnorm_forward(xf_, rstd_f_, x);
-  b.matmul(logits_, xf_, param("lm_head.weight"), false, true, false);
+  b.matmul(logits_, xf_, weight("lm_head.weight"), false, true, false);
   float grad_scale = need_grad && loss.count > 0 ? loss_scale / float(loss.count) : 0.f;
   b.softcap_cross_entropy(logits_, losses_, targets_, vocab, float(shape_.softcap), grad_scale);
 
@@ -193,7 +204,7 @@ void Gpt::backward() {
 
   // logits_ holds dlogits after the fused softcapped cross-entropy.
   b.matmul(grad(table_.find("lm_head.weight")), logits_, xf_, true, false, true);
-  b.matmul(dtmp_, logits_, param("lm_head.weight"), false, false, false);
+  b.matmul(dtmp_, logits_, weight("lm_head.weight"), false, false, false);
   b.rmsnorm_backward(dx_, dtmp_, layers_.back().x_out, rstd_f_);
   b.fill(dx0_, 0.f);
 

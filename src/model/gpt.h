@@ -24,6 +24,11 @@ class Gpt {
   Tensor param(const ParamSpec& spec) const { return at(params_, spec); }
   Tensor grad(const ParamSpec& spec) const { return at(grads_, spec); }
   Tensor param(const std::string& name) const { return param(table_.find(name)); }
+  // The copy of a parameter the forward pass computes with: the f32 master itself on the CPU,
+  // a bf16 copy when the backend's activations are bf16. refresh_weights() brings the copies up
+  // to date after the masters change (initialisation, loading, every optimizer step).
+  Tensor weight(const std::string& name) const { return at(weights_, table_.find(name)); }
+  void refresh_weights();
 
   // nanochat's initialisation, from `seed`.
   void init_weights(uint64_t seed);
@@ -55,7 +60,7 @@ class Gpt {
     Tensor x_in, x_mix, xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
     Tensor x_mid, xn2, rstd2, fc, act, x_out;
   };
-  Tensor at(Tensor flat, const ParamSpec& spec) const {
+  static Tensor at(Tensor flat, const ParamSpec& spec) {
     return flat.slice(spec.offset, spec.shape.numel()).view(spec.shape);
   }
   Tensor w(int layer, const char* suffix) const;
@@ -66,8 +71,8 @@ class Gpt {
   ParamTable table_;
   int batch_;
 
-  Buffer param_memory_, grad_memory_, act_memory_;
-  Tensor params_, grads_;
+  Buffer param_memory_, grad_memory_, weight_memory_, act_memory_;
+  Tensor params_, grads_, weights_;
   Tensor tokens_, targets_, emb_, rstd_emb_, x0_, xf_, rstd_f_, logits_, losses_;
   Tensor rope_cos_, rope_sin_;
   std::vector<LayerActs> layers_;

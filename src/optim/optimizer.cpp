@@ -63,6 +63,7 @@ nlohmann::json Optimizer::step(int step, double lr_mult) {
     b.adamw_update(model_.param(spec), model_.grad(spec), s.m, s.v, h);
   }
   if (muon_) muon_->step(step, num_iterations_, settings(ParamGroup::matrix).lr * lr_mult, metrics);
+  model_.refresh_weights();
   return metrics;
 }
 

@@ -102,6 +102,7 @@ void load_model_weights(const std::string& dir, Gpt& model) {
   check(file.tensors().size() == model.table().specs.size(),
         "{}: holds {} tensors, this model has {}", file.path(), file.tensors().size(),
         model.table().specs.size());
+  model.refresh_weights();
 }
 
 void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {

@@ -181,8 +181,8 @@ SV_MIN_RATIO = 1e-2
 SV_BOUNDS = {("polar_express", 5): (0.7, 1.2), ("newton_schulz5", 5): (0.6, 1.25)}
 
 
-def spectrum_matrices(m: int, n: int, count: int, gen: torch.Generator,
-                      dtype: torch.dtype) -> torch.Tensor:
+def spectrum_matrices(m: int, n: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """float64 (count, m, n) with singular values log-spaced from 1 to SV_MIN_RATIO (x0.01)."""
     r = min(m, n)
     Q1, _ = torch.linalg.qr(torch.randn(count, m, r, generator=gen, dtype=torch.float64))
     Q2, _ = torch.linalg.qr(torch.randn(count, n, r, generator=gen, dtype=torch.float64))
@@ -198,8 +198,9 @@ def check_singular_value_bands() -> dict:
         for dtype in (torch.float64, torch.float32):
             lo, hi = math.inf, -math.inf
             for m, n in SV_SHAPES:
+                # 0.01: gradient-like scale, so the normalisation epsilons matter as in use.
                 u = torch.cat([torch.randn(8, m, n, generator=gen, dtype=torch.float64) * 0.01,
-                               spectrum_matrices(m, n, 8, gen, torch.float64)])
+                               spectrum_matrices(m, n, 8, gen)])
                 if m == n:  # see SV_SHAPES: keep only the prescribed spectra
                     u = u[8:]
                 s = torch.linalg.svdvals(orthogonalize(u.to(dtype), kind, steps).double())
