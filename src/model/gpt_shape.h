@@ -47,7 +47,6 @@ struct MatrixStack {
   std::vector<size_t> members;  // indices into ParamTable::specs, in table order
   size_t offset = 0;            // of the first member, in elements
   int64_t count() const { return int64_t(members.size()); }
-  std::string label() const { return std::to_string(rows) + "x" + std::to_string(cols); }
 };
 
 struct ParamTable {

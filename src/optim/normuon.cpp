@@ -29,6 +29,17 @@ Tensor stack_view(Tensor flat, const MatrixStack& s) {
 
 }  // namespace
 
+std::vector<MuonStackSpec> model_stacks(const Gpt& model) {
+  std::vector<MuonStackSpec> out;
+  for (const MatrixStack& s : model.table().stacks) {
+    MuonStackSpec& spec = out.emplace_back();
+    spec.params = stack_view(model.params(), s);
+    spec.grads = stack_view(model.grads(), s);
+    for (size_t member : s.members) spec.names.push_back(model.table().specs[member].name);
+  }
+  return out;
+}
+
 double NorMuon::lr_scale(const std::string& rule, int64_t rows, int64_t cols) {
   if (rule == "rectangular") return std::sqrt(std::max(1.0, double(rows) / double(cols)));
   if (rule == "moonshot") return 0.2 * std::sqrt(double(std::max(rows, cols)));
@@ -37,25 +48,28 @@ double NorMuon::lr_scale(const std::string& rule, int64_t rows, int64_t cols) {
   fail("optim.muon.lr_scale: unknown rule \"{}\"", rule);
 }
 
-NorMuon::NorMuon(Gpt& model, const MuonConfig& config) : model_(model), config_(config) {
-  const ParamTable& table = model.table();
+NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config,
+                 int depth)
+    : backend_(backend), config_(config), depth_(depth) {
   TensorPlan state_plan;
   int64_t largest = 0, largest_square = 0;
-  stacks_.resize(table.stacks.size());
-  for (size_t i = 0; i < table.stacks.size(); ++i) {
-    const MatrixStack& s = table.stacks[i];
+  stacks_.resize(stacks.size());  // the plan holds pointers into stacks_: sized once
+  for (size_t i = 0; i < stacks.size(); ++i) {
     Stack& st = stacks_[i];
-    st.layout = &s;
-    st.params = stack_view(model.params(), s);
-    st.grads = stack_view(model.grads(), s);
-    state_plan.add(st.momentum, {s.count(), s.rows, s.cols}, DType::f32);
+    st.spec = std::move(stacks[i]);
+    const Tensor p = st.spec.params;
+    check(p.shape.rank == 3 && p.dtype == DType::f32 && st.spec.grads.shape == p.shape &&
+              int64_t(st.spec.names.size()) == p.dim(0),
+          "NorMuon: stack {} needs f32 (K, m, n) params and grads and K names", p.shape.str());
+    st.count = p.dim(0), st.rows = p.dim(1), st.cols = p.dim(2);
+    state_plan.add(st.momentum, p.shape, DType::f32);
     if (config.second_moment) {
-      state_plan.add(st.second, {s.count(), s.rows >= s.cols ? s.rows : s.cols}, DType::f32);
+      state_plan.add(st.second, {st.count, st.rows >= st.cols ? st.rows : st.cols}, DType::f32);
     }
-    for (size_t member : s.members) {
+    for (const std::string& name : st.spec.names) {
       double lr_mul = 1.0, wd_mul = 1.0;
       for (const auto& o : config.param_overrides) {
-        if (fnmatch(o.pattern.c_str(), table.specs[member].name.c_str(), 0) == 0) {
+        if (fnmatch(o.pattern.c_str(), name.c_str(), 0) == 0) {
           lr_mul = o.lr_mul;
           wd_mul = o.wd_mul;
         }
@@ -63,14 +77,14 @@ NorMuon::NorMuon(Gpt& model, const MuonConfig& config) : model_(model), config_(
       st.lr_mul.push_back(lr_mul);
       st.wd_mul.push_back(wd_mul);
     }
-    const int64_t small = std::min(s.rows, s.cols);
-    largest = std::max(largest, s.count() * s.rows * s.cols);
-    largest_square = std::max(largest_square, s.count() * small * small);
+    const int64_t small = std::min(st.rows, st.cols);
+    largest = std::max(largest, p.numel());
+    largest_square = std::max(largest_square, st.count * small * small);
   }
-  state_memory_ = state_plan.allocate(model.backend());
+  state_memory_ = state_plan.allocate(backend);
   for (auto& st : stacks_) {
-    model.backend().fill(st.momentum, 0.f);
-    if (config.second_moment) model.backend().fill(st.second, 0.f);
+    backend.fill(st.momentum, 0.f);
+    if (config.second_moment) backend.fill(st.second, 0.f);
   }
   TensorPlan scratch;
   scratch.add(scratch_u_, {largest}, DType::f32);
@@ -78,11 +92,11 @@ NorMuon::NorMuon(Gpt& model, const MuonConfig& config) : model_(model), config_(
   scratch.add(scratch_y_, {largest}, DType::f32);
   scratch.add(scratch_a_, {largest_square}, DType::f32);
   scratch.add(scratch_b_, {largest_square}, DType::f32);
-  scratch_memory_ = scratch.allocate(model.backend());
+  scratch_memory_ = scratch.allocate(backend);
 }
 
 void NorMuon::orthogonalize(Tensor u) {
-  Backend& b = model_.backend();
+  Backend& b = backend_;
   const std::string& kind = config_.orthogonalizer;
   if (kind == "none") return;
   const int64_t K = u.dim(0), rows = u.dim(1), cols = u.dim(2);
@@ -123,26 +137,25 @@ void NorMuon::orthogonalize(Tensor u) {
 }
 
 void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metrics) {
-  Backend& b = model_.backend();
+  Backend& b = backend_;
   const double mu = muon_momentum(step, config_);
-  const double wd = muon_weight_decay(step, num_iterations, model_.shape().depth, config_);
+  const double wd = muon_weight_decay(step, num_iterations, depth_, config_);
   const bool lerp = config_.momentum == "lerp";
   const std::string& mode = config_.weight_decay_mode;
   metrics["muon/momentum"] = mu;
   metrics["muon/weight_decay"] = mode == "none" ? 0.0 : wd;
   for (auto& st : stacks_) {
-    const MatrixStack& s = *st.layout;
-    const int64_t size = s.rows * s.cols;
-    Tensor u = scratch_u_.slice(0, s.count() * size).view({s.count(), s.rows, s.cols});
-    b.muon_momentum(u, st.momentum, st.grads, float(mu), lerp, config_.nesterov);
+    Tensor u = scratch_u_.slice(0, st.spec.params.numel()).view(st.spec.params.shape);
+    b.muon_momentum(u, st.momentum, st.spec.grads, float(mu), lerp, config_.nesterov);
     orthogonalize(u);
     if (config_.second_moment) b.normuon_second_moment(u, st.second, float(config_.beta2));
-    const double scale = lr_scale(config_.lr_scale, s.rows, s.cols);
-    metrics["muon/update_rms/" + s.label()] = lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
-    for (int64_t k = 0; k < s.count(); ++k) {
+    const double scale = lr_scale(config_.lr_scale, st.rows, st.cols);
+    const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
+    metrics["muon/update_rms/" + label] = lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
+    for (int64_t k = 0; k < st.count; ++k) {
       const double lr_eff = lr * scale * st.lr_mul[k];
       const double w = wd * st.wd_mul[k];
-      const Tensor p = st.params[k], x = u[k];
+      const Tensor p = st.spec.params[k], x = u[k];
       if (mode == "cautious") {
         b.muon_apply(p, x, float(lr_eff), float(lr_eff * w), true);
       } else {
@@ -154,14 +167,12 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
 
 std::vector<StateTensor> NorMuon::state() const {
   std::vector<StateTensor> out;
-  const ParamTable& table = model_.table();
   for (const auto& st : stacks_) {
-    const MatrixStack& s = *st.layout;
-    for (int64_t k = 0; k < s.count(); ++k) {
-      const std::string& name = table.specs[s.members[k]].name;
+    for (int64_t k = 0; k < st.count; ++k) {
+      const std::string& name = st.spec.names[k];
       out.push_back({"momentum_buffer." + name, st.momentum[k]});
       if (config_.second_moment) {
-        const Shape shape = s.rows >= s.cols ? Shape{s.rows, 1} : Shape{1, s.cols};
+        const Shape shape = st.rows >= st.cols ? Shape{st.rows, 1} : Shape{1, st.cols};
         out.push_back({"second_moment." + name, st.second[k].view(shape)});
       }
     }

@@ -14,9 +14,19 @@
 
 namespace lmtrain {
 
+// One stack of same-shape matrices to optimize: views of (K, m, n) parameters and gradients.
+struct MuonStackSpec {
+  Tensor params, grads;
+  std::vector<std::string> names;  // per matrix, for param_overrides and checkpoint state
+};
+
+// The block matrices of a model, stack by stack.
+std::vector<MuonStackSpec> model_stacks(const Gpt& model);
+
 class NorMuon {
  public:
-  NorMuon(Gpt& model, const MuonConfig& config);
+  // `depth` scales the weight decay from its reference depth.
+  NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config, int depth);
 
   // One update of every stack. lr is the matrix group's LR after the schedule multiplier.
   void step(int step, int num_iterations, double lr, nlohmann::json& metrics);
@@ -28,16 +38,17 @@ class NorMuon {
 
  private:
   struct Stack {
-    const MatrixStack* layout;
-    Tensor params, grads;          // (K, m, n) views of the model's flat arrays
-    Tensor momentum, second;       // state: (K, m, n) and (K, m) or (K, n)
-    std::vector<double> lr_mul, wd_mul;  // per member, from param_overrides
+    MuonStackSpec spec;
+    int64_t count, rows, cols;
+    Tensor momentum, second;             // state: (K, m, n) and (K, m) or (K, n)
+    std::vector<double> lr_mul, wd_mul;  // per matrix, from param_overrides
   };
   // Orthogonalises u (K, m, n) in place per the config; work buffers are the shared scratch.
   void orthogonalize(Tensor u);
 
-  Gpt& model_;
+  Backend& backend_;
   MuonConfig config_;
+  int depth_;
   std::vector<Stack> stacks_;
   Buffer state_memory_, scratch_memory_;
   Tensor scratch_u_, scratch_x_, scratch_y_, scratch_a_, scratch_b_;  // flat, largest stack

@@ -27,7 +27,10 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
     : model_(model),
       groups_(make_groups(optim, model.shape().width, batch_tokens)),
       num_iterations_(num_iterations) {
-  if (optim.matrix_optimizer == "normuon") muon_ = std::make_unique<NorMuon>(model, optim.muon);
+  if (optim.matrix_optimizer == "normuon") {
+    muon_ = std::make_unique<NorMuon>(model.backend(), model_stacks(model), optim.muon,
+                                      model.shape().depth);
+  }
   TensorPlan plan;
   const auto& specs = model.table().specs;
   adamw_.reserve(specs.size());  // the plan holds pointers into adamw_: no reallocation
