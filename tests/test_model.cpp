@@ -1,0 +1,87 @@
+// Model-level properties that the PyTorch goldens do not cover: the real initialisation, the
+// parameter table and FLOPs against the reference's numbers, and KV-cache generation against
+// the full forward pass.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <fstream>
+
+#include "backend/cpu/cpu_backend.h"
+#include "model/generator.h"
+#include "model/gpt.h"
+#include "test_support.h"
+
+using namespace lmtrain;
+
+TEST_CASE("initialisation follows the reference distributions and parameter table", "[model]") {
+  std::ifstream in(test_support::source_path("tests/golden/gpt_tiny_init.json"));
+  const auto golden = nlohmann::json::parse(in);
+  const Config config = parse_config({{"model", golden["model"]}}, "gpt_tiny_init.json");
+  const GptShape shape = GptShape::from(config.model, config.model.vocab_size);
+  CHECK(shape.flops_per_token() == Approx(golden["flops_per_token"].get<double>()));
+  CHECK(shape.windows == golden["derived"]["windows"].get<std::vector<int>>());
+
+  CpuBackend backend;
+  Gpt model(backend, shape, 1);
+  model.init_weights(1234);
+  CHECK(model.table().specs.size() == golden["params"].size());
+  for (const auto& spec : model.table().specs) {
+    INFO(spec.name);
+    REQUIRE(golden["params"].contains(spec.name));
+    const auto& want = golden["params"][spec.name];
+    CHECK(std::vector<int64_t>(spec.shape.dims.begin(), spec.shape.dims.begin() + spec.shape.rank) ==
+          want["shape"].get<std::vector<int64_t>>());
+    auto values = test_support::download(backend, model.param(spec));
+    double sum = 0, sum_sq = 0, lo = INFINITY, hi = -INFINITY;
+    for (float v : values) sum += v, sum_sq += double(v) * v, lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
+    const double n = double(values.size()), mean = sum / n, std = std::sqrt(sum_sq / n - mean * mean);
+    const auto& e = want["expected"];
+    const std::string dist = e["dist"];
+    if (dist == "constant") {
+      CHECK(lo == Approx(e["value"].get<double>()));
+      CHECK(hi == Approx(e["value"].get<double>()));
+      continue;
+    }
+    const double want_std = e["std"];
+    CHECK(std::abs(mean - e["mean"].get<double>()) < 5 * want_std / std::sqrt(n));
+    CHECK(std == Approx(want_std).epsilon(0.03));
+    if (dist == "uniform") {
+      CHECK(lo >= e["low"].get<double>());
+      CHECK(hi <= e["high"].get<double>());
+    }
+  }
+}
+
+TEST_CASE("KV-cache generation equals greedy decoding with the full forward pass", "[model]") {
+  const Config c = test_support::golden_config();
+  const GptShape shape = GptShape::from(c.model, c.model.vocab_size);
+  CpuBackend backend;
+  Gpt model(backend, shape, 1);
+  model.init_weights(7);
+  // Real init starts the blocks as identities (zero projections); perturb every weight so the
+  // attention, windows and value embeddings all shape the logits.
+  auto params = test_support::download(backend, model.params());
+  Rng rng(99);
+  for (float& p : params) p += float(0.05 * rng.normal());
+  backend.upload(model.params(), params.data());
+  model.refresh_weights();
+
+  const std::vector<int32_t> prompt = {3, 17, 42};
+  const int new_tokens = shape.seq_len - int(prompt.size());
+  Generator generator(model);
+  auto cached = generator.generate(prompt, {new_tokens, 0.0, 0, 1});
+  REQUIRE(int(cached.size()) == new_tokens);
+
+  // Reference: run the whole sequence each time and take the argmax at the last real position.
+  std::vector<int32_t> sequence = prompt;
+  const int T = shape.seq_len, Vp = shape.padded_vocab;
+  for (int i = 0; i < new_tokens; ++i) {
+    std::vector<int32_t> tokens(T, 0), targets(T, -1);
+    std::copy(sequence.begin(), sequence.end(), tokens.begin());
+    model.forward(tokens, targets, false);
+    auto logits = test_support::download(backend, model.logits());
+    const float* row = logits.data() + size_t(sequence.size() - 1) * Vp;
+    sequence.push_back(int32_t(std::max_element(row, row + shape.vocab) - row));
+  }
+  CHECK(std::vector<int32_t>(sequence.begin() + prompt.size(), sequence.end()) == cached);
+}
