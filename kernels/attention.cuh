@@ -25,12 +25,13 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
 // Device scratch that attention_backward needs (the f32 row sums delta = rowsum(dout * out)).
 size_t attention_backward_workspace_bytes(int B, int T, int H, int Hkv, int D);
 
-// Training backward (Tq == Tk == T, q_offset 0). dq, dk, dv are overwritten; dk/dv sum over the
+// Training backward (Tq == Tk == T_len, q_offset 0; the sequence length is not named T, which
+// would shadow the element type). dq, dk, dv are overwritten; dk/dv sum over the
 // H / Hkv query heads sharing a kv head. Deterministic: no atomics, fixed summation order.
 // `workspace` holds attention_backward_workspace_bytes(...) bytes of device memory.
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k, const T* v,
-                        const T* out, const float* lse, int B, int T, int H, int Hkv, int D,
+                        const T* out, const float* lse, int B, int T_len, int H, int Hkv, int D,
                         int window, void* workspace, cudaStream_t stream);
 
 extern template void attention_forward<float>(float*, float*, const float*, const float*,

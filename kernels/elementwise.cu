@@ -1,0 +1,85 @@
+#include "common.cuh"
+#include "cuda_check.cuh"
+#include "elementwise.cuh"
+#include "reduce.cuh"
+
+namespace lmtrain::cuda {
+
+namespace {
+
+template <typename T>
+__global__ void fill_kernel(T* x, int64_t n, float value) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = from_float<T>(value);
+}
+
+template <typename Dst, typename Src>
+__global__ void convert_kernel(Dst* dst, const Src* src, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = from_float<Dst>(to_float(src[i]));
+}
+
+template <typename T>
+__global__ void add_kernel(T* y, const T* x, int64_t n, float alpha) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = from_float<T>(to_float(y[i]) + alpha * to_float(x[i]));
+}
+
+template <typename T>
+__global__ void scale_kernel(T* x, int64_t n, float alpha) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = from_float<T>(to_float(x[i]) * alpha);
+}
+
+}  // namespace
+
+template <typename T>
+void fill(T* x, int64_t n, float value, cudaStream_t stream) {
+  if (n == 0) return;
+  fill_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, value);
+  launch_check("fill", stream);
+}
+
+template <typename Dst, typename Src>
+void convert(Dst* dst, const Src* src, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  convert_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(dst, src, n);
+  launch_check("copy (dtype conversion)", stream);
+}
+
+template <typename T>
+void add(T* y, const T* x, int64_t n, float alpha, cudaStream_t stream) {
+  if (n == 0) return;
+  add_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(y, x, n, alpha);
+  launch_check("add", stream);
+}
+
+template <typename T>
+void scale(T* x, int64_t n, float alpha, cudaStream_t stream) {
+  if (n == 0) return;
+  scale_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, alpha);
+  launch_check("scale", stream);
+}
+
+size_t sum_squares_scratch_bytes(int64_t n) {
+  return size_t(segment_sum_squares_scratch(1, n)) * sizeof(float);
+}
+
+template <typename T>
+void sum_squares(double* result, const T* x, int64_t n, void* scratch, cudaStream_t stream) {
+  segment_sum_squares(result, x, 1, n, static_cast<float*>(scratch), stream, "sum_squares");
+}
+
+using bf16 = __nv_bfloat16;
+template void fill<float>(float*, int64_t, float, cudaStream_t);
+template void fill<bf16>(bf16*, int64_t, float, cudaStream_t);
+template void convert<bf16, float>(bf16*, const float*, int64_t, cudaStream_t);
+template void convert<float, bf16>(float*, const bf16*, int64_t, cudaStream_t);
+template void add<float>(float*, const float*, int64_t, float, cudaStream_t);
+template void add<bf16>(bf16*, const bf16*, int64_t, float, cudaStream_t);
+template void scale<float>(float*, int64_t, float, cudaStream_t);
+template void scale<bf16>(bf16*, int64_t, float, cudaStream_t);
+template void sum_squares<float>(double*, const float*, int64_t, void*, cudaStream_t);
+template void sum_squares<bf16>(double*, const bf16*, int64_t, void*, cudaStream_t);
+
+}  // namespace lmtrain::cuda

@@ -1,0 +1,197 @@
+#include "common.cuh"
+#include "cuda_check.cuh"
+#include "muon.cuh"
+#include "reduce.cuh"
+
+namespace lmtrain::cuda {
+
+namespace {
+
+__global__ void muon_momentum_kernel(float* u, float* buf, const float* grad, int64_t n, float mu,
+                                     bool lerp, bool nesterov) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float g = grad[i];
+  float b = buf[i];
+  if (lerp) {
+    b = b + (1.f - mu) * (g - b);
+    u[i] = nesterov ? g + mu * (b - g) : b;
+  } else {
+    b = mu * b + g;
+    u[i] = nesterov ? g + mu * b : b;
+  }
+  buf[i] = b;
+}
+
+// Grid (tiles of a matrix, K). Thread 0 turns the matrix's sum of squares into a scale factor
+// once per block, in double as the CPU reference does.
+__global__ void normalize_kernel(float* x, const double* sumsq, int64_t size, float norm_mult,
+                                 float eps) {
+  __shared__ float scale;
+  const int64_t k = blockIdx.y;
+  if (threadIdx.x == 0) scale = float(1.0 / (sqrt(sumsq[k]) * norm_mult + eps));
+  __syncthreads();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < size) x[k * size + i] *= scale;
+}
+
+// 32 x 32 tiles through shared memory (padded against bank conflicts): reads and writes are
+// both coalesced. Grid (col tiles, row tiles, K), block (32, 8).
+__global__ void transpose_kernel(float* out, const float* x, int64_t rows, int64_t cols) {
+  __shared__ float tile[32][33];
+  const int64_t k = blockIdx.z, r0 = int64_t(blockIdx.y) * 32, c0 = int64_t(blockIdx.x) * 32;
+  const float* src = x + k * rows * cols;
+  float* dst = out + k * rows * cols;
+  for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const int64_t r = r0 + dy, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[dy][threadIdx.x] = src[r * cols + c];
+  }
+  __syncthreads();
+  for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
+    const int64_t c = c0 + dy, r = r0 + threadIdx.x;  // out row c, out column r
+    if (r < rows && c < cols) dst[c * rows + r] = tile[threadIdx.x][dy];
+  }
+}
+
+// Per-row mean of squares: one warp per (matrix, row).
+__global__ void row_moment_kernel(float* state, const float* x, int64_t K, int64_t rows,
+                                  int64_t cols, float beta2) {
+  const int64_t kr = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (kr >= K * rows) return;
+  const float* xr = x + kr * cols;
+  float ss = 0.f;
+  for (int64_t c = lane; c < cols; c += 32) ss += xr[c] * xr[c];
+  ss = warp_sum(ss);
+  if (lane == 0) {
+    const float v = ss / float(cols);
+    state[kr] = state[kr] + (1.f - beta2) * (v - state[kr]);
+  }
+}
+
+// Per-column mean of squares: one thread per (matrix, column), walking down the rows; the
+// threads of a warp read neighbouring columns, so every row read is coalesced.
+__global__ void col_moment_kernel(float* state, const float* x, int64_t K, int64_t rows,
+                                  int64_t cols, float beta2) {
+  const int64_t kc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (kc >= K * cols) return;
+  const int64_t k = kc / cols, c = kc % cols;
+  const float* m = x + k * rows * cols;
+  float ss = 0.f;
+  for (int64_t r = 0; r < rows; ++r) ss += m[r * cols + c] * m[r * cols + c];
+  const float v = ss / float(rows);
+  state[kc] = state[kc] + (1.f - beta2) * (v - state[kc]);
+}
+
+__global__ void apply_moment_kernel(float* x, const float* state, int64_t K, int64_t rows,
+                                    int64_t cols, bool per_row) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= K * rows * cols) return;
+  const int64_t k = i / (rows * cols), r = (i / cols) % rows, c = i % cols;
+  const float s = state[per_row ? k * rows + r : k * cols + c];
+  x[i] *= 1.f / sqrtf(fmaxf(s, 1e-10f));
+}
+
+// Rescales each matrix to the Frobenius norm it had before the second-moment division.
+__global__ void restore_norm_kernel(float* x, const double* before, const double* after,
+                                    int64_t size) {
+  __shared__ float scale;
+  const int64_t k = blockIdx.y;
+  if (threadIdx.x == 0) scale = float(sqrt(before[k]) / fmax(sqrt(after[k]), 1e-10));
+  __syncthreads();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < size) x[k * size + i] *= scale;
+}
+
+__global__ void muon_apply_kernel(float* p, const float* x, int64_t n, float lr, float decay,
+                                  bool cautious) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  if (cautious) {
+    const float mask = x[i] * p[i] >= 0.f ? 1.f : 0.f;
+    p[i] = p[i] - lr * x[i] - decay * p[i] * mask;
+  } else {
+    p[i] = p[i] * (1.f - decay) - lr * x[i];
+  }
+}
+
+// Scratch layout: two arrays of K doubles (sums of squares before and after), then the fp32
+// chunk sums of segment_sum_squares.
+struct MuonScratch {
+  double* before;
+  double* after;
+  float* partials;
+};
+
+MuonScratch carve(void* scratch, int64_t K) {
+  auto* d = static_cast<double*>(scratch);
+  return {d, d + K, reinterpret_cast<float*>(d + 2 * K)};
+}
+
+}  // namespace
+
+void muon_momentum(float* u, float* buf, const float* grad, int64_t n, float mu, bool lerp,
+                   bool nesterov, cudaStream_t stream) {
+  if (n == 0) return;
+  muon_momentum_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(u, buf, grad, n, mu, lerp,
+                                                                         nesterov);
+  launch_check("muon_momentum", stream);
+}
+
+size_t muon_scratch_bytes(int64_t K, int64_t rows, int64_t cols) {
+  return size_t(2 * K) * sizeof(double) +
+         size_t(segment_sum_squares_scratch(K, rows * cols)) * sizeof(float);
+}
+
+void normalize_matrices(float* x, int64_t K, int64_t rows, int64_t cols, float norm_mult, float eps,
+                        void* scratch, cudaStream_t stream) {
+  const int64_t size = rows * cols;
+  if (K * size == 0) return;
+  const MuonScratch s = carve(scratch, K);
+  segment_sum_squares(s.before, x, K, size, s.partials, stream, "normalize_matrices (norms)");
+  normalize_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
+      x, s.before, size, norm_mult, eps);
+  launch_check("normalize_matrices", stream);
+}
+
+void transpose_matrices(float* out, const float* x, int64_t K, int64_t rows, int64_t cols,
+                        cudaStream_t stream) {
+  if (K * rows * cols == 0) return;
+  const dim3 grid(unsigned((cols + 31) / 32), unsigned((rows + 31) / 32), unsigned(K));
+  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(out, x, rows, cols);
+  launch_check("transpose_matrices", stream);
+}
+
+void normuon_second_moment(float* x, float* state, int64_t K, int64_t rows, int64_t cols,
+                           float beta2, void* scratch, cudaStream_t stream) {
+  const int64_t size = rows * cols;
+  if (K * size == 0) return;
+  const MuonScratch s = carve(scratch, K);
+  const bool per_row = rows >= cols;
+  segment_sum_squares(s.before, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
+  if (per_row) {
+    row_moment_kernel<<<blocks_for(K * rows, kThreads / 32), kThreads, 0, stream>>>(state, x, K, rows,
+                                                                                   cols, beta2);
+  } else {
+    col_moment_kernel<<<blocks_for(K * cols, kThreads), kThreads, 0, stream>>>(state, x, K, rows,
+                                                                              cols, beta2);
+  }
+  launch_check("normuon_second_moment (moments)", stream);
+  apply_moment_kernel<<<blocks_for(K * size, kThreads), kThreads, 0, stream>>>(x, state, K, rows,
+                                                                              cols, per_row);
+  launch_check("normuon_second_moment (scale)", stream);
+  segment_sum_squares(s.after, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
+  restore_norm_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
+      x, s.before, s.after, size);
+  launch_check("normuon_second_moment (rescale)", stream);
+}
+
+void muon_apply(float* param, const float* update, int64_t n, float lr, float decay, bool cautious,
+                cudaStream_t stream) {
+  if (n == 0) return;
+  muon_apply_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(param, update, n, lr, decay,
+                                                                      cautious);
+  launch_check("muon_apply", stream);
+}
+
+}  // namespace lmtrain::cuda

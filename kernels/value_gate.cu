@@ -1,0 +1,110 @@
+#include "common.cuh"
+#include "cuda_check.cuh"
+#include "value_gate.cuh"
+
+namespace lmtrain::cuda {
+
+namespace {
+
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+// One warp per (token, kv head).
+template <typename T>
+__global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const T* gate_w,
+                                          const T* ve, ValueGateShape s) {
+  const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (nh >= s.N * s.Hkv) return;
+  const int64_t n = nh / s.Hkv, h = nh % s.Hkv;
+  float a = 0.f;
+  for (int64_t g = lane; g < s.G; g += 32) a += to_float(xn[n * s.C + g]) * to_float(gate_w[h * s.G + g]);
+  a = warp_sum(a);
+  const float sg = 2.f / (1.f + expf(-a));
+  if (lane == 0) gate[nh] = sg;
+  T* vr = v + nh * s.D;
+  const T* er = ve + nh * s.D;
+  for (int64_t d = lane; d < s.D; d += 32) vr[d] = from_float<T>(to_float(vr[d]) + sg * to_float(er[d]));
+}
+
+// One warp per (token, kv head): the gate's logit gradient da, and dve.
+template <typename T>
+__global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* ve, const float* gate,
+                                 ValueGateShape s) {
+  const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (nh >= s.N * s.Hkv) return;
+  const T* gr = dv + nh * s.D;
+  const T* er = ve + nh * s.D;
+  float dgate = 0.f;
+  for (int64_t d = lane; d < s.D; d += 32) dgate += to_float(gr[d]) * to_float(er[d]);
+  dgate = warp_sum(dgate);
+  const float sg = gate[nh];
+  for (int64_t d = lane; d < s.D; d += 32) dve[nh * s.D + d] = from_float<T>(sg * to_float(gr[d]));
+  if (lane == 0) da[nh] = dgate * sg * (1.f - 0.5f * sg);
+}
+
+// One thread per (token, gate channel): dxn[n, g] += sum_h da[n, h] gate_w[h, g].
+template <typename T>
+__global__ void dxn_kernel(T* dxn, const float* da, const T* gate_w, ValueGateShape s) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= s.N * s.G) return;
+  const int64_t n = i / s.G, g = i % s.G;
+  float acc = 0.f;
+  for (int64_t h = 0; h < s.Hkv; ++h) acc += da[n * s.Hkv + h] * to_float(gate_w[h * s.G + g]);
+  dxn[n * s.C + g] = from_float<T>(to_float(dxn[n * s.C + g]) + acc);
+}
+
+// One block per weight (h, g): dgate_w[h, g] += sum_n da[n, h] xn[n, g], a block reduction.
+template <typename T>
+__global__ void dgate_w_kernel(float* dgate_w, const float* da, const T* xn, ValueGateShape s) {
+  const int64_t h = blockIdx.x / s.G, g = blockIdx.x % s.G;
+  float acc = 0.f;
+  for (int64_t n = threadIdx.x; n < s.N; n += blockDim.x) acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) dgate_w[blockIdx.x] += acc;
+}
+
+}  // namespace
+
+template <typename T>
+void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* ve,
+                        const ValueGateShape& s, cudaStream_t stream) {
+  if (s.N * s.Hkv == 0) return;
+  value_gate_forward_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(
+      v, gate, xn, gate_w, ve, s);
+  launch_check("value_gate_forward", stream);
+}
+
+size_t value_gate_backward_scratch_bytes(const ValueGateShape& s) {
+  return size_t(s.N * s.Hkv) * sizeof(float);
+}
+
+template <typename T>
+void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* xn, const T* gate_w,
+                         const T* ve, const float* gate, const ValueGateShape& s, void* scratch,
+                         cudaStream_t stream) {
+  if (s.N * s.Hkv == 0) return;
+  auto* da = static_cast<float*>(scratch);
+  gate_grad_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, ve,
+                                                                                     gate, s);
+  launch_check("value_gate_backward (gate)", stream);
+  if (s.G == 0) return;
+  dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);
+  launch_check("value_gate_backward (dxn)", stream);
+  dgate_w_kernel<<<unsigned(s.Hkv * s.G), kThreads, 0, stream>>>(dgate_w, da, xn, s);
+  launch_check("value_gate_backward (dgate_w)", stream);
+}
+
+using bf16 = __nv_bfloat16;
+template void value_gate_forward<float>(float*, float*, const float*, const float*, const float*,
+                                        const ValueGateShape&, cudaStream_t);
+template void value_gate_forward<bf16>(bf16*, float*, const bf16*, const bf16*, const bf16*,
+                                       const ValueGateShape&, cudaStream_t);
+template void value_gate_backward<float>(float*, float*, float*, const float*, const float*,
+                                         const float*, const float*, const float*,
+                                         const ValueGateShape&, void*, cudaStream_t);
+template void value_gate_backward<bf16>(bf16*, float*, bf16*, const bf16*, const bf16*, const bf16*,
+                                        const bf16*, const float*, const ValueGateShape&, void*,
+                                        cudaStream_t);
+
+}  // namespace lmtrain::cuda

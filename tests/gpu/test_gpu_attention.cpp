@@ -1,0 +1,355 @@
+// The fused CUDA attention kernels (kernels/attention.cu) against the CPU reference op, in float
+// and bf16, over head dims, windows, GQA ratios, lengths that are not multiples of the tiles and
+// query offsets; plus a check that the backward is bit-for-bit deterministic.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "attention.cuh"
+#include "backend/cpu/cpu_backend.h"
+
+using namespace lmtrain;
+
+namespace {
+
+#define ATTN_CUDA(call)                                                                   \
+  do {                                                                                    \
+    cudaError_t status_ = (call);                                                         \
+    INFO(#call << ": " << cudaGetErrorString(status_));                                   \
+    REQUIRE(status_ == cudaSuccess);                                                      \
+  } while (0)
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+// Round-to-nearest-even f32 -> bf16 bits, and back (host side, no cuda_bf16 intrinsics).
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+float bf16_value(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+std::vector<float> round_bf16(const std::vector<float>& x) {
+  std::vector<float> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_value(bf16_bits(x[i]));
+  return r;
+}
+
+std::vector<float> randn(size_t n, float scale, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.f, scale);
+  std::vector<float> x(n);
+  for (float& e : x) e = dist(rng);
+  return x;
+}
+
+// Device buffer holding a host f32 vector as float or bf16.
+struct DevArray {
+  void* ptr = nullptr;
+  size_t n = 0;
+  bool bf16 = false;
+
+  DevArray(size_t count, bool is_bf16) : n(count), bf16(is_bf16) {
+    ATTN_CUDA(cudaMalloc(&ptr, std::max<size_t>(bytes(), 1)));
+    ATTN_CUDA(cudaMemset(ptr, 0xff, std::max<size_t>(bytes(), 1)));  // NaN garbage: must be overwritten
+  }
+  DevArray(const std::vector<float>& host, bool is_bf16) : DevArray(host.size(), is_bf16) {
+    upload(host);
+  }
+  ~DevArray() { cudaFree(ptr); }
+  DevArray(const DevArray&) = delete;
+  DevArray& operator=(const DevArray&) = delete;
+
+  size_t bytes() const { return n * (bf16 ? 2 : 4); }
+  void upload(const std::vector<float>& host) {
+    REQUIRE(host.size() == n);
+    if (bf16) {
+      std::vector<uint16_t> b(n);
+      for (size_t i = 0; i < n; ++i) b[i] = bf16_bits(host[i]);
+      ATTN_CUDA(cudaMemcpy(ptr, b.data(), bytes(), cudaMemcpyHostToDevice));
+    } else {
+      ATTN_CUDA(cudaMemcpy(ptr, host.data(), bytes(), cudaMemcpyHostToDevice));
+    }
+  }
+  std::vector<float> download() const {
+    std::vector<float> host(n);
+    if (bf16) {
+      std::vector<uint16_t> b(n);
+      ATTN_CUDA(cudaMemcpy(b.data(), ptr, bytes(), cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < n; ++i) host[i] = bf16_value(b[i]);
+    } else {
+      ATTN_CUDA(cudaMemcpy(host.data(), ptr, bytes(), cudaMemcpyDeviceToHost));
+    }
+    return host;
+  }
+  std::vector<uint8_t> raw() const {
+    std::vector<uint8_t> r(bytes());
+    ATTN_CUDA(cudaMemcpy(r.data(), ptr, bytes(), cudaMemcpyDeviceToHost));
+    return r;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr); }
+};
+
+struct Case {
+  int B, Tq, Tk, H, Hkv, D, window, q_offset;
+  bool bf16;
+  std::string str() const {
+    std::ostringstream s;
+    s << (bf16 ? "bf16" : "f32") << " B=" << B << " Tq=" << Tq << " Tk=" << Tk << " H=" << H
+      << " Hkv=" << Hkv << " D=" << D << " window=" << window << " q_offset=" << q_offset;
+    return s.str();
+  }
+};
+
+// max |gpu - ref| / max |ref| over a tensor of shape dims (row-major); on failure the message
+// names the worst element by its index in each dimension.
+void expect_close(const char* name, const std::vector<float>& gpu, const std::vector<float>& ref,
+                  std::vector<int64_t> dims, double tol, const Case& c) {
+  REQUIRE(gpu.size() == ref.size());
+  double scale = 0, worst = -1;
+  size_t at = 0;
+  bool finite = true;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    scale = std::max(scale, std::abs(double(ref[i])));
+    double e = std::abs(double(gpu[i]) - double(ref[i]));
+    if (!std::isfinite(gpu[i])) {
+      finite = false;
+      e = INFINITY;
+    }
+    if (e > worst) worst = e, at = i;
+  }
+  const double rel = scale > 0 ? worst / scale : worst;
+  if (finite && rel <= tol) {
+    SUCCEED();
+    return;
+  }
+  std::ostringstream idx;
+  size_t rem = at;
+  std::vector<int64_t> pos(dims.size());
+  for (size_t d = dims.size(); d-- > 0;) pos[d] = int64_t(rem % dims[d]), rem /= dims[d];
+  for (size_t d = 0; d < pos.size(); ++d) idx << (d ? "," : "") << pos[d];
+  FAIL_CHECK(c.str() << ": " << name << " worst element [" << idx.str() << "] gpu=" << gpu[at]
+                     << " ref=" << ref[at] << " |err|=" << worst << " max|ref|=" << scale
+                     << " relative error " << rel << " > tolerance " << tol);
+}
+
+Tensor host_tensor(std::vector<float>& x, Shape shape) { return Tensor{x.data(), shape, DType::f32}; }
+
+struct Inputs {
+  std::vector<float> q, k, v;
+};
+
+// Random q, k, v (rounded to bf16 when the case is bf16, so the CPU sees what the GPU sees).
+// q is scaled up so that some softmax rows are peaked and others flat.
+Inputs make_inputs(const Case& c, uint32_t seed) {
+  Inputs in{randn(size_t(c.B) * c.Tq * c.H * c.D, 1.6f, seed),
+            randn(size_t(c.B) * c.Tk * c.Hkv * c.D, 1.f, seed + 1),
+            randn(size_t(c.B) * c.Tk * c.Hkv * c.D, 1.f, seed + 2)};
+  if (c.bf16) in.q = round_bf16(in.q), in.k = round_bf16(in.k), in.v = round_bf16(in.v);
+  return in;
+}
+
+void gpu_forward(const Case& c, DevArray& out, DevArray& lse, const DevArray& q, const DevArray& k,
+                 const DevArray& v) {
+  if (c.bf16)
+    cuda::attention_forward<__nv_bfloat16>(out.as<__nv_bfloat16>(), lse.as<float>(),
+                                           q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+                                           v.as<__nv_bfloat16>(), c.B, c.Tq, c.Tk, c.H, c.Hkv,
+                                           c.D, c.window, c.q_offset, nullptr);
+  else
+    cuda::attention_forward<float>(out.as<float>(), lse.as<float>(), q.as<float>(),
+                                   k.as<float>(), v.as<float>(), c.B, c.Tq, c.Tk, c.H, c.Hkv, c.D,
+                                   c.window, c.q_offset, nullptr);
+  ATTN_CUDA(cudaDeviceSynchronize());
+}
+
+void check_forward(const Case& c, uint32_t seed) {
+  INFO(c.str());
+  Inputs in = make_inputs(c, seed);
+  std::vector<float> out(size_t(c.B) * c.Tq * c.H * c.D), lse(size_t(c.B) * c.H * c.Tq);
+  CpuBackend cpu;
+  cpu.attention_forward(host_tensor(out, {c.B, c.Tq, c.H, c.D}), host_tensor(lse, {c.B, c.H, c.Tq}),
+                        host_tensor(in.q, {c.B, c.Tq, c.H, c.D}),
+                        host_tensor(in.k, {c.B, c.Tk, c.Hkv, c.D}),
+                        host_tensor(in.v, {c.B, c.Tk, c.Hkv, c.D}), c.window, c.q_offset);
+
+  DevArray gq(in.q, c.bf16), gk(in.k, c.bf16), gv(in.v, c.bf16);
+  DevArray gout(out.size(), c.bf16), glse(lse.size(), false);
+  gpu_forward(c, gout, glse, gq, gk, gv);
+  const double tol = c.bf16 ? 2e-2 : 1e-5;
+  expect_close("out", gout.download(), out, {c.B, c.Tq, c.H, c.D}, tol, c);
+  // lse is f32 in both dtypes and computed from the same (rounded) inputs.
+  expect_close("lse", glse.download(), lse, {c.B, c.H, c.Tq}, 1e-5, c);
+}
+
+struct Grads {
+  std::vector<float> dq, dk, dv;
+};
+
+// Runs the CPU forward for out and lse, then the backward on CPU and GPU from the same out
+// (rounded to bf16 in the bf16 case, as the GPU forward would hand it over), lse and dout.
+void check_backward(const Case& c, uint32_t seed) {
+  INFO(c.str());
+  REQUIRE(c.Tq == c.Tk);
+  REQUIRE(c.q_offset == 0);
+  Inputs in = make_inputs(c, seed);
+  const int64_t B = c.B, T = c.Tq, H = c.H, Hkv = c.Hkv, D = c.D;
+  std::vector<float> out(size_t(B * T * H * D)), lse(size_t(B * H * T));
+  std::vector<float> gout = randn(out.size(), 1.f, seed + 3);
+  CpuBackend cpu;
+  cpu.attention_forward(host_tensor(out, {B, T, H, D}), host_tensor(lse, {B, H, T}),
+                        host_tensor(in.q, {B, T, H, D}), host_tensor(in.k, {B, T, Hkv, D}),
+                        host_tensor(in.v, {B, T, Hkv, D}), c.window, 0);
+  if (c.bf16) out = round_bf16(out), gout = round_bf16(gout);
+
+  Grads ref{std::vector<float>(in.q.size()), std::vector<float>(in.k.size()),
+            std::vector<float>(in.v.size())};
+  cpu.attention_backward(host_tensor(ref.dq, {B, T, H, D}), host_tensor(ref.dk, {B, T, Hkv, D}),
+                         host_tensor(ref.dv, {B, T, Hkv, D}), host_tensor(gout, {B, T, H, D}),
+                         host_tensor(in.q, {B, T, H, D}), host_tensor(in.k, {B, T, Hkv, D}),
+                         host_tensor(in.v, {B, T, Hkv, D}), host_tensor(out, {B, T, H, D}),
+                         host_tensor(lse, {B, H, T}), c.window);
+
+  DevArray q(in.q, c.bf16), k(in.k, c.bf16), v(in.v, c.bf16), o(out, c.bf16), g(gout, c.bf16);
+  DevArray l(lse, false);
+  DevArray dq(in.q.size(), c.bf16), dk(in.k.size(), c.bf16), dv(in.v.size(), c.bf16);
+  DevArray ws(cuda::attention_backward_workspace_bytes(c.B, c.Tq, c.H, c.Hkv, c.D) / 4 + 1, false);
+
+  auto run = [&] {
+    if (c.bf16)
+      cuda::attention_backward<__nv_bfloat16>(
+          dq.as<__nv_bfloat16>(), dk.as<__nv_bfloat16>(), dv.as<__nv_bfloat16>(),
+          g.as<__nv_bfloat16>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+          v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv,
+          c.D, c.window, ws.ptr, nullptr);
+    else
+      cuda::attention_backward<float>(dq.as<float>(), dk.as<float>(), dv.as<float>(),
+                                      g.as<float>(), q.as<float>(), k.as<float>(), v.as<float>(),
+                                      o.as<float>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv, c.D,
+                                      c.window, ws.ptr, nullptr);
+    ATTN_CUDA(cudaDeviceSynchronize());
+  };
+  run();
+  const double tol = c.bf16 ? 2e-2 : 1e-5;
+  expect_close("dq", dq.download(), ref.dq, {B, T, H, D}, tol, c);
+  expect_close("dk", dk.download(), ref.dk, {B, T, Hkv, D}, tol, c);
+  expect_close("dv", dv.download(), ref.dv, {B, T, Hkv, D}, tol, c);
+}
+
+}  // namespace
+
+TEST_CASE("gpu attention forward matches the CPU reference", "[gpu][attention]") {
+  if (!have_gpu()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  uint32_t seed = 1000;
+  for (bool bf16 : {false, true})
+    for (int D : {16, 32, 64, 128})
+      for (auto [H, Hkv] : {std::pair<int, int>{2, 2}, {6, 2}})
+        for (int T : {37, 130})
+          for (int window : {0, 1, 7, T / 2, T}) check_forward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
+}
+
+TEST_CASE("gpu attention forward with queries at an offset (Tq < Tk)", "[gpu][attention]") {
+  if (!have_gpu()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  uint32_t seed = 2000;
+  for (bool bf16 : {false, true})
+    for (int D : {16, 64, 128})
+      for (int window : {0, 5, 70, 1000}) {
+        check_forward({2, 37, 130, 6, 2, D, window, 93, bf16}, seed++);  // the last 37 positions
+        check_forward({1, 37, 130, 3, 3, D, window, 50, bf16}, seed++);  // a middle stretch
+        check_forward({2, 1, 130, 3, 1, D, window, 129, bf16}, seed++);  // one decode step
+        check_forward({1, 70, 200, 2, 1, D, window, 0, bf16}, seed++);   // keys past the queries
+      }
+}
+
+TEST_CASE("gpu attention backward matches the CPU reference", "[gpu][attention]") {
+  if (!have_gpu()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  uint32_t seed = 3000;
+  for (bool bf16 : {false, true})
+    for (int D : {16, 32, 64, 128})
+      for (auto [H, Hkv] : {std::pair<int, int>{2, 2}, {6, 2}})
+        for (int T : {37, 130})
+          for (int window : {0, 1, 7, T / 2, T}) check_backward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
+  // A longer sequence with a window spanning several tiles on both sides, and a single position.
+  for (bool bf16 : {false, true}) {
+    check_backward({1, 300, 300, 3, 1, 64, 70, 0, bf16}, seed++);
+    check_forward({1, 300, 300, 3, 1, 64, 70, 0, bf16}, seed++);
+    check_backward({3, 1, 1, 2, 1, 32, 0, 0, bf16}, seed++);
+  }
+}
+
+TEST_CASE("gpu attention backward is deterministic", "[gpu][attention]") {
+  if (!have_gpu()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  for (bool bf16 : {false, true})
+    for (int window : {7, 130}) {
+      const Case c{2, 130, 130, 6, 2, 64, window, 0, bf16};
+      INFO(c.str());
+      Inputs in = make_inputs(c, 77);
+      std::vector<float> gout = randn(in.q.size(), 1.f, 78);
+      DevArray q(in.q, bf16), k(in.k, bf16), v(in.v, bf16), g(gout, bf16);
+      DevArray o(in.q.size(), bf16), l(size_t(c.B) * c.H * c.Tq, false);
+      gpu_forward(c, o, l, q, k, v);
+      DevArray ws(cuda::attention_backward_workspace_bytes(c.B, c.Tq, c.H, c.Hkv, c.D) / 4 + 1,
+                  false);
+      std::vector<std::vector<uint8_t>> runs[2];
+      for (auto& r : runs) {
+        DevArray dq(in.q.size(), bf16), dk(in.k.size(), bf16), dv(in.v.size(), bf16);
+        if (bf16)
+          cuda::attention_backward<__nv_bfloat16>(
+              dq.as<__nv_bfloat16>(), dk.as<__nv_bfloat16>(), dv.as<__nv_bfloat16>(),
+              g.as<__nv_bfloat16>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+              v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv,
+              c.D, c.window, ws.ptr, nullptr);
+        else
+          cuda::attention_backward<float>(dq.as<float>(), dk.as<float>(), dv.as<float>(),
+                                          g.as<float>(), q.as<float>(), k.as<float>(),
+                                          v.as<float>(), o.as<float>(), l.as<float>(), c.B, c.Tq,
+                                          c.H, c.Hkv, c.D, c.window, ws.ptr, nullptr);
+        ATTN_CUDA(cudaDeviceSynchronize());
+        r = {dq.raw(), dk.raw(), dv.raw()};
+      }
+      CHECK(runs[0][0] == runs[1][0]);
+      CHECK(runs[0][1] == runs[1][1]);
+      CHECK(runs[0][2] == runs[1][2]);
+    }
+}
+
+TEST_CASE("gpu attention rejects unsupported head dims", "[gpu][attention]") {
+  if (!have_gpu()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4,
+                                              4, 2, 2, 48, 4, 0, nullptr));
+  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4,
+                                              3, 2, 2, 64, 4, 0, nullptr));  // Tq > Tk
+}

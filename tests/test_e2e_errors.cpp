@@ -1,0 +1,167 @@
+// End-to-end: bad input is refused with one "error:" line that names the file or key and what
+// was expected, a non-zero exit, and nothing written.
+#include <cstdint>
+#include <cstring>
+
+#include "e2e_support.h"
+
+using namespace lmtrain::e2e;
+
+namespace {
+
+// Trains with `tiny_config` patched by `patch` (plus `extra` arguments) and checks the run is
+// refused with one error line containing every one of `parts`, leaving no run directory.
+void expect_refused(const json& patch, const std::vector<std::string>& extra,
+                    const std::vector<std::string>& parts) {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config = write_config(tmp, tiny_config(out_dir, patch));
+  std::vector<std::string> args = {"train", "--config", config};
+  args.insert(args.end(), extra.begin(), extra.end());
+  const Result r = lmtrain(args, tmp);
+  require_one_error_line(r, parts);
+  CHECK_FALSE(fs::exists(fs::path(out_dir) / "e2e"));
+  CHECK_FALSE(fs::exists(out_dir));
+}
+
+// A shard with the given header words followed by `tokens` uint16 tokens.
+void write_shard_bytes(const std::string& path, int32_t magic, int32_t version, int32_t count,
+                       size_t tokens) {
+  std::vector<int32_t> header(256, 0);
+  header[0] = magic, header[1] = version, header[2] = count;
+  std::string bytes(reinterpret_cast<const char*>(header.data()), header.size() * 4);
+  for (size_t i = 0; i < tokens; ++i) {
+    const uint16_t t = uint16_t(1 + i % 100);
+    bytes.append(reinterpret_cast<const char*>(&t), 2);
+  }
+  write_text(path, bytes);
+}
+
+}  // namespace
+
+// A misspelt key names its full path and suggests the key that was meant.
+TEST_CASE("e2e: an unknown config key is refused with a suggestion", "[e2e]") {
+  expect_refused({{"model", {{"depht", 4}}}}, {}, {"config.json", "model.depht", "did you mean", "depth"});
+}
+
+// A value of the wrong JSON type names the key and the type it needs.
+TEST_CASE("e2e: a wrongly typed config value is refused", "[e2e]") {
+  expect_refused({{"model", {{"depth", "six"}}}}, {}, {"config.json", "model.depth", "expected an integer", "six"});
+}
+
+// Values that parse but describe an impossible run are refused before anything is written.
+TEST_CASE("e2e: impossible config values are refused", "[e2e]") {
+  SECTION("depth 0") {
+    expect_refused({{"model", {{"depth", 0}}}}, {}, {"model.depth", "expected", ">= 1"});
+  }
+  SECTION("n_kv_head that does not divide n_head") {
+    // depth 2 x aspect 64 = width 128 = 4 heads of 32; 3 kv heads cannot be shared evenly.
+    expect_refused({{"model", {{"aspect_ratio", 64}, {"n_kv_head", 3}}}}, {},
+                   {"model.n_kv_head", "divisor of n_head = 4"});
+  }
+  SECTION("total_batch_tokens not a multiple of device_batch x T") {
+    expect_refused({{"batch", {{"total_batch_tokens", 100}}}}, {},
+                   {"batch.total_batch_tokens", "100", "not a multiple", "128"});
+  }
+  SECTION("warmup_ratio + warmdown_ratio > 1") {
+    expect_refused({{"schedule", {{"warmup_ratio", 0.6}, {"warmdown_ratio", 0.6}}}}, {},
+                   {"schedule.warmdown_ratio", "warmup_ratio + warmdown_ratio <= 1"});
+  }
+  SECTION("unknown matrix optimizer") {
+    expect_refused({{"optim", {{"matrix_optimizer", "sgd"}}}}, {},
+                   {"optim.matrix_optimizer", "normuon | adamw", "sgd"});
+  }
+  SECTION("unknown optimizer preset") {
+    expect_refused({{"optim", {{"preset", "lion"}}}}, {}, {"optim.preset", "lion"});
+  }
+}
+
+// --set goes through the same validation as the file: a bad key or a missing '=' is refused.
+TEST_CASE("e2e: a bad --set is refused", "[e2e]") {
+  SECTION("unknown key") {
+    expect_refused({}, {"--set", "model.depht=4"}, {"model.depht", "depth"});
+  }
+  SECTION("wrong type") {
+    expect_refused({}, {"--set", "batch.device_batch=four"}, {"batch.device_batch", "expected an integer"});
+  }
+  SECTION("no '='") {
+    expect_refused({}, {"--set", "model.depth"}, {"--set model.depth", "key.path=value"});
+  }
+}
+
+// A damaged token shard is named in the error, whichever way it is damaged.
+TEST_CASE("e2e: a corrupt training shard is refused, naming the file", "[e2e]") {
+  TempDir shards;
+  SECTION("truncated") {
+    const std::string shard = shards / "train_000000.bin";
+    write_shard_bytes(shard, 20240520, 1, 4000, 3000);
+    expect_refused({{"data", {{"train", shard}}}}, {}, {shard, "truncated", "4000 tokens"});
+  }
+  SECTION("wrong magic") {
+    const std::string shard = shards / "train_000000.bin";
+    write_shard_bytes(shard, 12345, 1, 4000, 4000);
+    expect_refused({{"data", {{"train", shard}}}}, {}, {shard, "magic 12345", "20240520"});
+  }
+  SECTION("shorter than the header") {
+    const std::string shard = shards / "train_000000.bin";
+    write_text(shard, "not a shard");
+    expect_refused({{"data", {{"train", shard}}}}, {}, {shard, "header"});
+  }
+  SECTION("missing") {
+    const std::string shard = shards / "nothing_here.bin";
+    expect_refused({{"data", {{"train", shard}}}}, {}, {shard});
+  }
+}
+
+// A checkpoint that cannot be used is named in the error and left exactly as it was.
+TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
+  const Result made = lmtrain({"train", "--config", config}, tmp);
+  REQUIRE(made.code == 0);
+  const RunPaths run(out_dir, "e2e");
+  const fs::path ckpt = run.ckpt / "step_000002";
+  REQUIRE(fs::exists(ckpt / "model.safetensors"));
+
+  SECTION("truncated model.safetensors") {
+    const fs::path weights = ckpt / "model.safetensors";
+    fs::resize_file(weights, fs::file_size(weights) / 2);
+    const auto before = snapshot(run.run);
+
+    const Result eval = lmtrain({"eval", "--ckpt", ckpt.string(), "--data", data_dir()}, tmp);
+    require_one_error_line(eval, {weights.string(), "truncated"});
+
+    const Result resume = lmtrain({"train", "--config", config, "--resume"}, tmp);
+    require_one_error_line(resume, {weights.string(), "truncated"});
+
+    const Result sample = lmtrain({"sample", "--ckpt", run.run.string(), "--max-tokens", "2"}, tmp);
+    require_one_error_line(sample, {"model.safetensors", "truncated"});
+
+    CHECK(snapshot(run.run) == before);
+  }
+
+  SECTION("resume with a different model") {
+    const auto before = snapshot(run.run);
+    const Result r = lmtrain({"train", "--config", config, "--resume", "--set", "model.depth=3"}, tmp);
+    require_one_error_line(r, {(ckpt / "meta.json").string(), "'model'", "differs"});
+    CHECK(snapshot(run.run) == before);
+  }
+
+  SECTION("init-from into a model of another shape") {
+    const auto before = snapshot(run.run);
+    const std::string other = tmp / "other";
+    const Result r = lmtrain({"train", "--config", config, "--set", "run.out_dir=" + other, "--set",
+                              "model.depth=3", "--init-from", ckpt.string()},
+                             tmp);
+    require_one_error_line(r, {(ckpt / "model.safetensors").string()});
+    CHECK_FALSE(fs::exists(other));
+    CHECK(snapshot(run.run) == before);
+  }
+
+  SECTION("eval of a directory that is not a checkpoint") {
+    const Result r = lmtrain({"eval", "--ckpt", tmp / "nowhere", "--data", data_dir()}, tmp);
+    require_one_error_line(r, {tmp / "nowhere"});
+  }
+}

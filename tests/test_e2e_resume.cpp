@@ -1,0 +1,133 @@
+// End-to-end: checkpoints resume a run exactly, and SIGTERM stops a run with a checkpoint that
+// --resume continues from.
+#include "e2e_support.h"
+
+using namespace lmtrain::e2e;
+
+namespace {
+
+// The step records (those with train_loss) of a metrics file, by step.
+std::map<int, json> train_records(const fs::path& metrics) {
+  std::map<int, json> by_step;
+  for (const auto& r : read_metrics(metrics)) {
+    if (r.contains("train_loss")) by_step[r["step"].get<int>()] = r;
+  }
+  return by_step;
+}
+
+// Trains 6 steps in one go (run A), and 3 + 3 steps through the checkpoint A saved at step 3
+// (run B): steps 4..6 of B must repeat A's to the bit, and the final weights and optimizer state
+// must be byte-identical.
+void check_bit_exact_resume(const std::vector<std::string>& extra) {
+  TempDir tmp;
+  const std::string out_a = tmp / "a", out_b = tmp / "b";
+  const json patch = {{"schedule", {{"num_iterations", 6}}}, {"checkpoint", {{"every", 3}}}};
+  const std::string config_a = write_config(tmp, tiny_config(out_a, patch), "a.json");
+  const std::string config_b = write_config(tmp, tiny_config(out_b, patch), "b.json");
+
+  std::vector<std::string> args_a = {"train", "--config", config_a};
+  args_a.insert(args_a.end(), extra.begin(), extra.end());
+  const Result a = lmtrain(args_a, tmp);
+  INFO(a.all());
+  REQUIRE(a.code == 0);
+  const RunPaths run_a(out_a, "e2e"), run_b(out_b, "e2e");
+  REQUIRE(fs::exists(run_a.ckpt / "step_000003" / "meta.json"));
+  REQUIRE(fs::exists(run_a.ckpt / "step_000006" / "model.safetensors"));
+
+  // B starts where A was after 3 steps: its checkpoint folder holds A's step-3 checkpoint.
+  fs::create_directories(run_b.ckpt);
+  fs::copy(run_a.ckpt / "step_000003", run_b.ckpt / "step_000003", fs::copy_options::recursive);
+  write_text(run_b.ckpt / "latest", "step_000003\n");
+
+  std::vector<std::string> args_b = {"train", "--config", config_b, "--resume"};
+  args_b.insert(args_b.end(), extra.begin(), extra.end());
+  const Result b = lmtrain(args_b, tmp);
+  INFO(b.all());
+  REQUIRE(b.code == 0);
+  CHECK(b.out.find("at step 3") != std::string::npos);
+
+  const auto steps_a = train_records(run_a.metrics), steps_b = train_records(run_b.metrics);
+  REQUIRE(steps_a.size() == 6);
+  REQUIRE(steps_b.size() == 3);
+  for (int step = 4; step <= 6; ++step) {
+    INFO("step " << step);
+    REQUIRE(steps_b.count(step) == 1);
+    const json &ra = steps_a.at(step), &rb = steps_b.at(step);
+    // Same double, so the same shortest round-trip text in the JSONL.
+    CHECK(rb["train_loss"].dump() == ra["train_loss"].dump());
+    CHECK(rb["train_loss"].get<double>() == ra["train_loss"].get<double>());
+    CHECK(rb["grad_norm"].dump() == ra["grad_norm"].dump());
+    CHECK(rb["lr_multiplier"].dump() == ra["lr_multiplier"].dump());
+    CHECK(rb["lr/matrix"].dump() == ra["lr/matrix"].dump());
+  }
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+    INFO(file);
+    CHECK(read_text(run_b.ckpt / "step_000006" / file) == read_text(run_a.ckpt / "step_000006" / file));
+  }
+}
+
+}  // namespace
+
+// The default optimizer (NorMuon for the matrices, AdamW for the rest) resumes bit-exactly.
+TEST_CASE("e2e: resume is bit-exact with the normuon preset", "[e2e]") {
+  check_bit_exact_resume({});
+}
+
+// AdamW for every parameter resumes bit-exactly too.
+TEST_CASE("e2e: resume is bit-exact with the adamw preset", "[e2e]") {
+  check_bit_exact_resume({"--set", "optim.preset=adamw"});
+}
+
+// SIGTERM mid-run: the step in flight completes, a checkpoint is saved, the exit code is 143,
+// and --resume continues from the saved step.
+TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  // Far more steps than can run before the signal arrives.
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}}}));
+  const RunPaths run(out_dir, "e2e");
+
+  Background bg;
+  lmtrain_background({"train", "--config", config}, tmp, bg);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  bool stepped = false;
+  while (!stepped && std::chrono::steady_clock::now() < deadline) {
+    for (const auto& line : lines_of(read_text(run.metrics))) {
+      if (line.find("\"train_loss\"") != std::string::npos) stepped = true;
+    }
+    if (!stepped) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(stepped);
+  REQUIRE(::kill(bg.pid, SIGTERM) == 0);
+  const Result stopped = bg.wait();
+  INFO(stopped.all());
+  CHECK(stopped.code == 143);
+  CHECK(stopped.out.find("checkpoint saved") != std::string::npos);
+  CHECK(stopped.err.empty());
+
+  // The checkpoint is the last step logged.
+  const auto records = read_metrics(run.metrics);
+  REQUIRE(!records.empty());
+  const int saved = records.back()["step"].get<int>();
+  REQUIRE(saved >= 1);
+  REQUIRE(saved < 100000);
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%06d", saved);
+  CHECK(fs::exists(run.ckpt / name / "model.safetensors"));
+  CHECK(lines_of(read_text(run.ckpt / "latest")) == std::vector<std::string>{name});
+
+  // Resume with a horizon two steps past the checkpoint: only those two steps run.
+  const Result resumed = lmtrain({"train", "--config", config, "--resume", "--set",
+                                  "schedule.num_iterations=" + std::to_string(saved + 2)},
+                                 tmp);
+  INFO(resumed.all());
+  REQUIRE(resumed.code == 0);
+  CHECK(resumed.out.find("at step " + std::to_string(saved)) != std::string::npos);
+  std::vector<int> steps_after;
+  const auto all = read_metrics(run.metrics);
+  for (size_t i = records.size(); i < all.size(); ++i) {
+    if (all[i].contains("train_loss")) steps_after.push_back(all[i]["step"].get<int>());
+  }
+  CHECK(steps_after == std::vector<int>{saved + 1, saved + 2});
+}
