@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   lmtrain::add_eval_command(app, action);
   lmtrain::add_sample_command(app, action);
   lmtrain::add_info_command(app, action);
+  lmtrain::add_launch_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -109,12 +110,13 @@ inline int decode_status(int status) {
   return -1;
 }
 
-// Runs `lmtrain args...` in `cwd` and waits; stdout and stderr are captured separately.
+// Runs `lmtrain args...` in the repository root (as ctest does) and waits; stdout and stderr
+// are captured separately into files under `tmp`.
 inline Result lmtrain(const std::vector<std::string>& args, const TempDir& tmp) {
   static int counter = 0;
   const std::string tag = std::to_string(++counter);
   const fs::path out = tmp.path() / (".stdout" + tag), err = tmp.path() / (".stderr" + tag);
-  std::string command = shell_quote(LMTRAIN_BINARY);
+  std::string command = "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_quote(LMTRAIN_BINARY);
   for (const auto& a : args) command += " " + shell_quote(a);
   command += " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string()) + " </dev/null";
   Result r;
@@ -127,6 +129,7 @@ inline Result lmtrain(const std::vector<std::string>& args, const TempDir& tmp) 
 }
 
 // A process started in the background with its output in files; see lmtrain_background.
+// The destructor kills it if a failed check left it running.
 struct Background {
   pid_t pid = -1;
   fs::path out, err;
@@ -145,6 +148,7 @@ struct Background {
   }
 };
 
+// Starts `lmtrain args...` in the repository root without waiting.
 inline void lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
                                Background& bg) {
   bg.out = tmp.path() / ".bg_stdout";
@@ -160,7 +164,7 @@ inline void lmtrain_background(const std::vector<std::string>& args, const TempD
     int in = ::open("/dev/null", O_RDONLY);
     int o = ::open(bg.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = ::open(bg.err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (in < 0 || o < 0 || e < 0) ::_exit(126);
+    if (in < 0 || o < 0 || e < 0 || ::chdir(LMTRAIN_SOURCE_DIR) != 0) ::_exit(126);
     ::dup2(in, 0);
     ::dup2(o, 1);
     ::dup2(e, 2);
@@ -191,7 +195,7 @@ struct RunPaths {
 inline json tiny_config(const std::string& out_dir, const json& patch = json::object()) {
   const std::string data = data_dir();
   json c = {
-      {"run", {{"name", "e2e"}, {"out_dir", out_dir}, {"seed", 1337}, {"backend", "cpu"}, {"threads", 2}}},
+      {"run", {{"name", "e2e"}, {"out_dir", out_dir}, {"seed", 1337}, {"backend", "cpu"}, {"threads", 1}}},
       {"model", {{"depth", 2}, {"aspect_ratio", 32}, {"head_dim", 32}, {"sequence_len", 32}}},
       {"data", {{"train", data}, {"val", data}, {"tokenizer", data + "/tokenizer.json"}}},
       {"batch", {{"device_batch", 4}, {"total_batch_tokens", 128}}},

@@ -48,7 +48,11 @@ class Backend {
   virtual DType activation_dtype() const = 0;
 
   // ---- memory ----
+  // Every Buffer comes from allocate(); implementations wrap their allocations with track().
   virtual Buffer allocate(size_t bytes) = 0;
+  // Bytes held in this backend's Buffers now, and the most held at any one time.
+  size_t bytes_in_use() const { return usage_->in_use; }
+  size_t peak_bytes() const { return usage_->peak; }
   virtual void upload(Tensor dst, const void* host) = 0;    // dst.bytes() from host
   virtual void download(void* host, Tensor src) = 0;        // src.bytes() to host
   virtual void synchronize() {}
@@ -134,6 +138,17 @@ class Backend {
   // The Muon update of one matrix. cautious: p -= lr*x + decay*p where x*p >= 0;
   // otherwise: p = p*(1 - decay) - lr*x.
   virtual void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) = 0;
+
+ protected:
+  // A Buffer over a fresh allocation whose release also updates the byte counts.
+  Buffer track(void* ptr, size_t bytes, std::function<void(void*)> release);
+
+ private:
+  struct Usage {
+    size_t in_use = 0, peak = 0;
+  };
+  // Shared with the deleters, so a Buffer outliving its backend stays safe.
+  std::shared_ptr<Usage> usage_ = std::make_shared<Usage>();
 };
 
 }  // namespace lmtrain

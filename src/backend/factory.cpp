@@ -1,14 +1,50 @@
 #include "backend/factory.h"
 
 #include "backend/cpu/cpu_backend.h"
+#ifdef LMTRAIN_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/device.h"
+#endif
 
 namespace lmtrain {
 
-std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& /*dtype*/) {
-  if (name == "cpu" || name == "auto") return std::make_unique<CpuBackend>();
+namespace {
+
+#ifdef LMTRAIN_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda(const std::string& dtype) {
+  check(dtype == "bf16" || dtype == "fp32", "run.dtype: expected bf16 or fp32, got \"{}\"", dtype);
+  return std::make_unique<CudaBackend>(dtype == "bf16" ? DType::bf16 : DType::f32);
+}
+#endif
+
+}  // namespace
+
+std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype) {
+  if (name == "cpu") return std::make_unique<CpuBackend>();
+#ifdef LMTRAIN_HAVE_CUDA
+  if (name == "cuda") {
+    check(cuda::device_count() > 0, "run.backend: cuda requested but no GPU is visible");
+    return make_cuda(dtype);
+  }
+  if (name == "auto") {
+    if (cuda::device_count() > 0) return make_cuda(dtype);
+    return std::make_unique<CpuBackend>();
+  }
+  fail("run.backend: unknown backend \"{}\" (available: cpu, cuda, auto)", name);
+#else
+  if (name == "auto") return std::make_unique<CpuBackend>();
+  if (name == "cuda") fail("run.backend: cuda requested but this build has no CUDA support");
   fail("run.backend: \"{}\" is not available in this build (available: cpu, auto)", name);
+#endif
 }
 
-double peak_flops(const Backend& /*backend*/) { return 0.0; }
+double peak_flops(const Backend& backend) {
+#ifdef LMTRAIN_HAVE_CUDA
+  if (const auto* gpu = dynamic_cast<const CudaBackend*>(&backend))
+    return cuda::dense_bf16_peak_flops(gpu->device_name());
+#endif
+  (void)backend;
+  return 0.0;
+}
 
 }  // namespace lmtrain

@@ -20,6 +20,7 @@ void add_train_command(CLI::App& app, Action& action);
 void add_eval_command(CLI::App& app, Action& action);
 void add_sample_command(CLI::App& app, Action& action);
 void add_info_command(CLI::App& app, Action& action);
+void add_launch_command(CLI::App& app, Action& action);
 
 // A model restored from a checkpoint directory with its own config and tokenizer.
 struct CheckpointModel {

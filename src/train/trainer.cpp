@@ -159,21 +159,24 @@ int train(const TrainOptions& options) {
     for (int micro = 0; micro < plan.grad_accum; ++micro) {
       loader.next_batch(inputs, targets);
       Gpt::Loss loss = model.forward(inputs, targets, true, 1.0f / plan.grad_accum);
-      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}); stopping", step,
+      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}); stopping", step + 1,
             loss.sum, micro);
       loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
       model.backward();
     }
     const double train_loss = loss_sum / plan.grad_accum;
     const double grad_norm = std::sqrt(backend->sum_squares(model.grads()));
-    check(std::isfinite(grad_norm), "step {}: gradient of {} is not finite; stopping", step,
+    check(std::isfinite(grad_norm), "step {}: gradient of {} is not finite; stopping", step + 1,
           first_non_finite_grad(model));
     if (config.optim.grad_clip > 0 && grad_norm > config.optim.grad_clip) {
       backend->scale(model.grads(), float(config.optim.grad_clip / grad_norm));
     }
     const double lrm = lr_multiplier(step, N, config.schedule);
+    backend->synchronize();
+    const auto optimizer_started = Clock::now();
     nlohmann::json optim_metrics = optimizer.step(step, lrm);
     backend->synchronize();
+    const double optimizer_seconds = seconds_since(optimizer_started);
 
     const double dt = seconds_since(started);
     trained_seconds += dt;
@@ -192,6 +195,8 @@ int train(const TrainOptions& options) {
                              {"lr_multiplier", lrm},
                              {"grad_norm", grad_norm},
                              {"tokens_per_second", tokens_per_second},
+                             {"step_ms", 1e3 * dt},
+                             {"optimizer_ms", 1e3 * optimizer_seconds},
                              {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)}};
     record.update(optim_metrics);
     metrics.write(record);
@@ -206,6 +211,8 @@ int train(const TrainOptions& options) {
     }
   }
   if (config.checkpoint.save_final) save(N);
+  spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
+  metrics.write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
   return 0;
 }
 

@@ -24,7 +24,7 @@ Buffer CpuBackend::allocate(size_t bytes) {
   size_t padded = (bytes + kAlign - 1) / kAlign * kAlign;  // aligned_alloc needs a multiple
   void* ptr = std::aligned_alloc(kAlign, padded == 0 ? kAlign : padded);
   check(ptr != nullptr, "allocate: out of host memory for {} bytes", bytes);
-  return Buffer(ptr, bytes, [](void* p) { std::free(p); });
+  return track(ptr, bytes, [](void* p) { std::free(p); });
 }
 
 void CpuBackend::upload(Tensor dst, const void* host) { std::memcpy(dst.data, host, dst.bytes()); }

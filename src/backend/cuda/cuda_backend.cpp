@@ -1,0 +1,150 @@
+// The CUDA backend's lifetime, memory and elementwise utilities.
+#include "backend/cuda/cuda_backend.h"
+
+#include "backend/cuda/checks.h"
+#include "cuda_check.cuh"
+#include "elementwise.cuh"
+
+namespace lmtrain {
+
+using namespace cuda_ops;
+using cuda::cuda_check;
+
+namespace {
+
+// cuBLASLt's workspace: enough for the split-K and stream-K algorithms of large matmuls.
+constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;
+
+}  // namespace
+
+CudaBackend::CudaBackend(DType activation) : activation_(activation) {
+  check(activation == DType::f32 || activation == DType::bf16,
+        "cuda backend: activation dtype must be f32 or bf16, got {}", dtype_name(activation));
+  cuda_check(cudaGetDevice(&device_), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  cuda_check(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+  device_name_ = prop.name;
+
+  cudaStream_t stream = nullptr;
+  // Non-blocking: no implicit ordering against work others put on the legacy default stream.
+  cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  stream_.reset(stream);
+  cublasLtHandle_t lt = nullptr;
+  const cublasStatus_t status = cublasLtCreate(&lt);
+  check(status == CUBLAS_STATUS_SUCCESS, "cuBLASLt error in cublasLtCreate: {}",
+        cublasLtGetStatusString(status));
+  lt_.reset(lt);
+  lt_workspace_ = allocate(kLtWorkspaceBytes);
+  double* host = nullptr;
+  cuda_check(cudaMallocHost(&host, sizeof(double)), "cudaMallocHost");
+  host_result_.reset(host);
+}
+
+// Kernels may still be running on the stream; they must finish before their memory (freed by
+// the Buffers' owners) and the stream go away.
+CudaBackend::~CudaBackend() { cudaStreamSynchronize(stream_.get()); }
+
+Buffer CudaBackend::allocate(size_t bytes) {
+  void* ptr = nullptr;
+  const cudaError_t status = cudaMalloc(&ptr, bytes);
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that later calls do not report it again
+    size_t free = 0, total = 0;
+    cudaMemGetInfo(&free, &total);
+    fail("allocate: cudaMalloc of {} bytes ({:.1f} MiB) failed on {}: {} ({:.1f} MiB free of "
+         "{:.1f} MiB)",
+         bytes, bytes / 1048576.0, device_name_, cudaGetErrorString(status), free / 1048576.0,
+         total / 1048576.0);
+  }
+  return track(ptr, bytes, [](void* p) { cudaFree(p); });
+}
+
+// From pageable host memory the copy returns once `host` has been staged, so the caller may
+// reuse it immediately; the transfer itself stays ordered on the stream.
+void CudaBackend::upload(Tensor dst, const void* host) {
+  cuda_check(cudaMemcpyAsync(dst.data, host, dst.bytes(), cudaMemcpyHostToDevice, stream_.get()),
+             "upload");
+}
+
+void CudaBackend::download(void* host, Tensor src) {
+  cuda_check(cudaMemcpyAsync(host, src.data, src.bytes(), cudaMemcpyDeviceToHost, stream_.get()),
+             "download");
+  cuda_check(cudaStreamSynchronize(stream_.get()), "download (stream synchronize)");
+}
+
+void CudaBackend::synchronize() {
+  cuda_check(cudaStreamSynchronize(stream_.get()), "synchronize");
+}
+
+void* CudaBackend::scratch(size_t bytes) {
+  if (bytes > scratch_.bytes()) {
+    // Queued kernels may still read the old scratch: let them finish before it is freed.
+    synchronize();
+    scratch_ = Buffer();
+    scratch_ = allocate(bytes);
+  }
+  return scratch_.data();
+}
+
+void CudaBackend::fill(Tensor x, float value) {
+  dispatch("fill", x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::fill(ptr<T>(x), x.numel(), value, stream_.get());
+  });
+}
+
+void CudaBackend::copy(Tensor dst, Tensor src) {
+  check(dst.numel() == src.numel(), "copy: dst {} and src {} differ in element count",
+        dst.shape.str(), src.shape.str());
+  if (dst.dtype == src.dtype) {
+    if (dst.data == src.data) return;
+    const char* d = static_cast<const char*>(dst.data);
+    const char* s = static_cast<const char*>(src.data);
+    check(d + dst.bytes() <= s || s + src.bytes() <= d, "copy: dst and src overlap");
+    cuda_check(cudaMemcpyAsync(dst.data, src.data, dst.bytes(), cudaMemcpyDeviceToDevice,
+                               stream_.get()),
+               "copy");
+  } else if (dst.dtype == DType::bf16 && src.dtype == DType::f32) {
+    cuda::convert(ptr<__nv_bfloat16>(dst), ptr<float>(src), dst.numel(), stream_.get());
+  } else if (dst.dtype == DType::f32 && src.dtype == DType::bf16) {
+    cuda::convert(ptr<float>(dst), ptr<__nv_bfloat16>(src), dst.numel(), stream_.get());
+  } else {
+    fail("copy: no conversion from {} to {}", dtype_name(src.dtype), dtype_name(dst.dtype));
+  }
+}
+
+void CudaBackend::add(Tensor y, Tensor x, float alpha) {
+  check(y.numel() == x.numel(), "add: y {} and x {} differ in element count", y.shape.str(),
+        x.shape.str());
+  expect_dtype("add", "x", x, y.dtype);
+  dispatch("add", y.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::add(ptr<T>(y), ptr<T>(x), y.numel(), alpha, stream_.get());
+  });
+}
+
+void CudaBackend::scale(Tensor x, float alpha) {
+  dispatch("scale", x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::scale(ptr<T>(x), x.numel(), alpha, stream_.get());
+  });
+}
+
+// The device result sits at the start of the scratch, the chunk sums after it.
+double CudaBackend::sum_squares(Tensor x) {
+  constexpr size_t kResult = 256;
+  void* base = scratch(kResult + cuda::sum_squares_scratch_bytes(x.numel()));
+  auto* result = static_cast<double*>(base);
+  void* partials = static_cast<char*>(base) + kResult;
+  dispatch("sum_squares", x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::sum_squares(result, ptr<T>(x), x.numel(), partials, stream_.get());
+  });
+  cuda_check(cudaMemcpyAsync(host_result_.get(), result, sizeof(double), cudaMemcpyDeviceToHost,
+                             stream_.get()),
+             "sum_squares (download)");
+  synchronize();
+  return *host_result_;
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,133 @@
+// The GPU backend: the op interface of backend.h on one CUDA device and one stream, with kernels
+// from kernels/ and matmuls through cuBLASLt. docs/CUDA.md describes the design.
+//
+// Dtypes: activations, their gradients, the model's weight copies and the logits are in the
+// activation dtype (f32 for exact comparison with the CPU backend, bf16 for training); rstd,
+// lse, gate and losses are f32; parameters, parameter gradients and optimizer state are f32.
+// All arithmetic inside kernels is fp32.
+//
+// Everything is asynchronous on the backend's stream except download(), sum_squares() and
+// synchronize(), which wait for it. Ops with reductions are deterministic: the same inputs give
+// bit-identical outputs on the same GPU.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+
+#include "backend/backend.h"
+
+namespace lmtrain {
+
+class CudaBackend final : public Backend {
+ public:
+  // Uses the current CUDA device. `activation` is DType::f32 or DType::bf16.
+  explicit CudaBackend(DType activation);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  DType activation_dtype() const override { return activation_; }
+  const std::string& device_name() const { return device_name_; }
+
+  Buffer allocate(size_t bytes) override;
+  void upload(Tensor dst, const void* host) override;
+  void download(void* host, Tensor src) override;
+  void synchronize() override;
+
+  void fill(Tensor x, float value) override;
+  void copy(Tensor dst, Tensor src) override;
+  void add(Tensor y, Tensor x, float alpha = 1.f) override;
+  void scale(Tensor x, float alpha) override;
+  double sum_squares(Tensor x) override;
+
+  void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
+              float alpha = 1.f) override;
+
+  void embedding_forward(Tensor out, Tensor table, Tensor tokens) override;
+  void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) override;
+
+  void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) override;
+  void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) override;
+
+  void rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) override;
+  void rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) override;
+
+  void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
+                         int q_offset) override;
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
+                          Tensor v, Tensor out, Tensor lse, int window) override;
+
+  void relu2_forward(Tensor out, Tensor x) override;
+  void relu2_backward(Tensor dx, Tensor dout, Tensor x) override;
+
+  void residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
+                            int layer) override;
+  void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l, Tensor dout,
+                             Tensor x, Tensor x0, Tensor resid, Tensor x0l, int layer) override;
+
+  void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) override;
+  void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
+                           Tensor gate_w, Tensor ve, Tensor gate) override;
+
+  void softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab, float softcap,
+                             float grad_scale) override;
+
+  void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) override;
+  void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp, bool nesterov) override;
+  void normalize_matrices(Tensor x, float norm_mult, float eps) override;
+  void transpose_matrices(Tensor out, Tensor x) override;
+  void normuon_second_moment(Tensor x, Tensor state, float beta2) override;
+  void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) override;
+
+ private:
+  template <typename T, auto destroy>
+  struct Destroy {
+    void operator()(T handle) const { destroy(handle); }
+  };
+  template <typename T, auto destroy>
+  using Handle = std::unique_ptr<std::remove_pointer_t<T>, Destroy<T, destroy>>;
+  using Stream = Handle<cudaStream_t, cudaStreamDestroy>;
+  using LtHandle = Handle<cublasLtHandle_t, cublasLtDestroy>;
+  using MatmulDesc = Handle<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
+  using Layout = Handle<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
+
+  // Everything that selects a cuBLASLt algorithm: shapes, transposes, dtypes, batch and the
+  // pointer alignments (algorithms may need more alignment than a view into a flat array has).
+  struct MatmulKey {
+    int64_t m, n, k, batch;
+    bool trans_a, trans_b;
+    DType in, out;
+    int align_a, align_b, align_out;
+    bool operator==(const MatmulKey&) const = default;
+  };
+  struct MatmulKeyHash {
+    size_t operator()(const MatmulKey& k) const;
+  };
+  struct MatmulPlan {
+    MatmulDesc desc;
+    Layout a, b, out;  // cuBLASLt's A, B and C/D (A is our b, B is our a: see matmul.cpp)
+    cublasLtMatmulAlgo_t algo;
+  };
+  const MatmulPlan& matmul_plan(const MatmulKey& key);
+
+  // Device scratch for the ops that need temporary memory. There is one stream, so ops never
+  // overlap and can share it; it grows on demand and never shrinks.
+  void* scratch(size_t bytes);
+
+  DType activation_;
+  int device_ = 0;
+  std::string device_name_;
+  Stream stream_;
+  LtHandle lt_;
+  Buffer lt_workspace_, scratch_;
+  std::unique_ptr<double, decltype(&cudaFreeHost)> host_result_{nullptr, &cudaFreeHost};
+  std::unordered_map<MatmulKey, MatmulPlan, MatmulKeyHash> matmul_plans_;
+};
+
+}  // namespace lmtrain

@@ -1,0 +1,320 @@
+// The model's ops on the CUDA backend: argument checks, then the kernels of kernels/<op>.cu.
+// Token ids and targets are range-checked on the device (the kernels trap, printing the bad id);
+// Gpt::forward has checked them on the host already.
+#include <algorithm>
+
+#include "attention.cuh"
+#include "backend/cuda/checks.h"
+#include "backend/cuda/cuda_backend.h"
+#include "embedding.cuh"
+#include "relu2.cuh"
+#include "residual_mix.cuh"
+#include "rmsnorm.cuh"
+#include "rope.cuh"
+#include "softcap_cross_entropy.cuh"
+#include "value_gate.cuh"
+
+namespace lmtrain {
+
+using namespace cuda_ops;
+
+namespace {
+
+void check_embedding(const char* op, Tensor rows, Tensor table, Tensor tokens) {
+  expect_dtype(op, "tokens", tokens, DType::i32);
+  check(table.shape.rank == 2 && rows.shape.rank >= 1 && rows.dim(-1) == table.dim(1) &&
+            rows.rows() == tokens.numel(),
+        "{}: rows {} do not fit table {} and tokens {}", op, rows.shape.str(), table.shape.str(),
+        tokens.shape.str());
+}
+
+void check_rmsnorm(const char* op, Tensor y, const char* y_name, Tensor x, Tensor rstd, DType act) {
+  expect_dtype(op, "x", x, act);
+  expect_dtype(op, y_name, y, act);
+  expect_dtype(op, "rstd", rstd, DType::f32);
+  expect_shape(op, y_name, y, "x", x);
+  check(rstd.numel() == x.rows(), "{}: rstd {} needs one entry per row of x {}", op,
+        rstd.shape.str(), x.shape.str());
+}
+
+void check_rope(const char* op, Tensor x, Tensor cos, Tensor sin, int pos0, DType act) {
+  expect_dtype(op, "x", x, act);
+  expect_dtype(op, "cos", cos, DType::f32);
+  expect_dtype(op, "sin", sin, DType::f32);
+  check(x.shape.rank == 4 && x.dim(3) % 2 == 0, "{}: x {} must be (B, T, H, D) with D even", op,
+        x.shape.str());
+  check(cos.shape.rank == 2 && cos.shape == sin.shape && cos.dim(1) == x.dim(3) / 2,
+        "{}: cos {} and sin {} must both be (T_max, {})", op, cos.shape.str(), sin.shape.str(),
+        x.dim(3) / 2);
+  check(pos0 >= 0 && pos0 + x.dim(1) <= cos.dim(0),
+        "{}: positions [{}, {}) exceed the {} rows of the tables", op, pos0, pos0 + x.dim(1),
+        cos.dim(0));
+}
+
+void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v,
+                     int window, DType act) {
+  expect_dtype(op, "out", out, act);
+  expect_dtype(op, "q", q, act);
+  expect_dtype(op, "k", k, act);
+  expect_dtype(op, "v", v, act);
+  expect_dtype(op, "lse", lse, DType::f32);
+  check(q.shape.rank == 4 && k.shape.rank == 4, "{}: q {} and k {} must be (B, T, heads, D)", op,
+        q.shape.str(), k.shape.str());
+  expect_shape(op, "v", v, "k", k);
+  expect_shape(op, "out", out, "q", q);
+  check(k.dim(0) == q.dim(0) && k.dim(3) == q.dim(3) && k.dim(2) > 0 && q.dim(2) % k.dim(2) == 0,
+        "{}: k {} does not pair with q {} (same B and D, heads dividing the query heads)", op,
+        k.shape.str(), q.shape.str());
+  const int64_t D = q.dim(3);
+  check(D == 16 || D == 32 || D == 64 || D == 128,
+        "{}: head_dim {} is not supported by the cuda attention kernels (16, 32, 64 or 128)", op, D);
+  check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}",
+        op, lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
+  check(window >= 0, "{}: window {} must be non-negative", op, window);
+}
+
+void check_relu2(const char* op, Tensor y, const char* y_name, Tensor x, DType act) {
+  expect_dtype(op, "x", x, act);
+  expect_dtype(op, y_name, y, act);
+  expect_shape(op, y_name, y, "x", x);
+}
+
+void check_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
+  check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&
+            resid.shape == x0l.shape,
+        "{}: resid {} {} and x0l {} {} must be 1-D f32 of length n_layer", op, resid.shape.str(),
+        dtype_name(resid.dtype), x0l.shape.str(), dtype_name(x0l.dtype));
+  check(layer >= 0 && layer < resid.dim(0), "{}: layer {} outside the {} layers", op, layer,
+        resid.dim(0));
+}
+
+// t must be an activation-dtype tensor shaped like `like`.
+void check_like(const char* op, const char* name, Tensor t, Tensor like, DType act) {
+  expect_dtype(op, name, t, act);
+  check(t.shape == like.shape, "{}: {} {} must have the shape {}", op, name, t.shape.str(),
+        like.shape.str());
+}
+
+cuda::ValueGateShape check_value_gate(const char* op, Tensor v, Tensor gate, Tensor xn,
+                                      Tensor gate_w, Tensor ve, DType act) {
+  expect_dtype(op, "v", v, act);
+  expect_dtype(op, "xn", xn, act);
+  expect_dtype(op, "gate_w", gate_w, act);
+  expect_dtype(op, "ve", ve, act);
+  expect_dtype(op, "gate", gate, DType::f32);
+  check(gate_w.shape.rank == 2 && xn.shape.rank >= 1 && gate_w.dim(1) <= xn.dim(-1),
+        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op,
+        gate_w.shape.str(), xn.shape.str());
+  const int64_t N = xn.rows(), Hkv = gate_w.dim(0);
+  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op,
+        gate.shape.str(), N, Hkv);
+  check(ve.shape == v.shape && N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
+        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op,
+        v.shape.str(), ve.shape.str(), N, Hkv);
+  return {N, xn.dim(-1), Hkv, gate_w.dim(1), v.numel() / (N * Hkv)};
+}
+
+}  // namespace
+
+void CudaBackend::embedding_forward(Tensor out, Tensor table, Tensor tokens) {
+  const char* op = "embedding_forward";
+  check_embedding(op, out, table, tokens);
+  expect_dtype(op, "out", out, activation_);
+  expect_dtype(op, "table", table, activation_);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::embedding_forward(ptr<T>(out), ptr<T>(table), ptr<int32_t>(tokens), out.rows(),
+                            table.dim(1), table.dim(0), stream_.get());
+  });
+}
+
+void CudaBackend::embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) {
+  const char* op = "embedding_backward";
+  check_embedding(op, dout, dtable, tokens);
+  expect_dtype(op, "dtable", dtable, DType::f32);
+  expect_dtype(op, "dout", dout, activation_);
+  const int64_t N = dout.rows(), C = dtable.dim(1), V = dtable.dim(0);
+  const size_t bytes = cuda::embedding_backward_scratch_bytes(N, V);
+  void* work = scratch(bytes);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::embedding_backward(ptr<float>(dtable), ptr<T>(dout), ptr<int32_t>(tokens), N, C, V, work,
+                             bytes, stream_.get());
+  });
+}
+
+void CudaBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
+  check_rmsnorm("rmsnorm_forward", out, "out", x, rstd, activation_);
+  dispatch("rmsnorm_forward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::rmsnorm_forward(ptr<T>(out), ptr<float>(rstd), ptr<T>(x), x.rows(), x.dim(-1),
+                          stream_.get());
+  });
+}
+
+void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) {
+  check_rmsnorm("rmsnorm_backward", dout, "dout", x, rstd, activation_);
+  check_like("rmsnorm_backward", "dx", dx, x, activation_);
+  dispatch("rmsnorm_backward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::rmsnorm_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), ptr<float>(rstd), x.rows(),
+                           x.dim(-1), stream_.get());
+  });
+}
+
+void CudaBackend::rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) {
+  check_rope("rope_forward", x, cos, sin, pos0, activation_);
+  dispatch("rope_forward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::rope_rotate(ptr<T>(x), ptr<float>(cos), ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2),
+                      x.dim(3), pos0, 1.f, stream_.get());
+  });
+}
+
+void CudaBackend::rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) {
+  check_rope("rope_backward", dx, cos, sin, pos0, activation_);
+  dispatch("rope_backward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::rope_rotate(ptr<T>(dx), ptr<float>(cos), ptr<float>(sin), dx.dim(0), dx.dim(1),
+                      dx.dim(2), dx.dim(3), pos0, -1.f, stream_.get());
+  });
+}
+
+void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v,
+                                    int window, int q_offset) {
+  const char* op = "attention_forward";
+  check_attention(op, out, lse, q, k, v, window, activation_);
+  const int B = int(q.dim(0)), Tq = int(q.dim(1)), H = int(q.dim(2)), D = int(q.dim(3));
+  const int Tk = int(k.dim(1)), Hkv = int(k.dim(2));
+  check(q_offset >= 0 && q_offset + Tq <= Tk,
+        "{}: queries at positions [{}, {}) need keys up to there, have {}", op, q_offset,
+        q_offset + Tq, Tk);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::attention_forward(ptr<T>(out), ptr<float>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v), B, Tq,
+                            Tk, H, Hkv, D, window, q_offset, stream_.get());
+  });
+}
+
+void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
+                                     Tensor k, Tensor v, Tensor out, Tensor lse, int window) {
+  const char* op = "attention_backward";
+  check_attention(op, out, lse, q, k, v, window, activation_);
+  check(q.dim(1) == k.dim(1), "{}: q {} and k {} must cover the same positions", op,
+        q.shape.str(), k.shape.str());
+  check_like(op, "dq", dq, q, activation_);
+  check_like(op, "dk", dk, k, activation_);
+  check_like(op, "dv", dv, v, activation_);
+  check_like(op, "dout", dout, out, activation_);
+  const int B = int(q.dim(0)), Tn = int(q.dim(1)), H = int(q.dim(2)), D = int(q.dim(3));
+  const int Hkv = int(k.dim(2));
+  void* work = scratch(cuda::attention_backward_workspace_bytes(B, Tn, H, Hkv, D));
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::attention_backward(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q),
+                             ptr<T>(k), ptr<T>(v), ptr<T>(out), ptr<float>(lse), B, Tn, H, Hkv, D,
+                             window, work, stream_.get());
+  });
+}
+
+void CudaBackend::relu2_forward(Tensor out, Tensor x) {
+  check_relu2("relu2_forward", out, "out", x, activation_);
+  dispatch("relu2_forward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::relu2_forward(ptr<T>(out), ptr<T>(x), x.numel(), stream_.get());
+  });
+}
+
+void CudaBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
+  check_relu2("relu2_backward", dout, "dout", x, activation_);
+  check_relu2("relu2_backward", dx, "dx", x, activation_);
+  dispatch("relu2_backward", activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::relu2_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), x.numel(), stream_.get());
+  });
+}
+
+void CudaBackend::residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
+                                       int layer) {
+  const char* op = "residual_mix_forward";
+  check_scalars(op, resid, x0l, layer);
+  check_like(op, "x", x, x, activation_);
+  check_like(op, "x0", x0, x, activation_);
+  check_like(op, "out", out, x, activation_);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::residual_mix_forward(ptr<T>(out), ptr<T>(x), ptr<T>(x0), ptr<float>(resid),
+                               ptr<float>(x0l), layer, x.numel(), stream_.get());
+  });
+}
+
+void CudaBackend::residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
+                                        Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
+                                        int layer) {
+  const char* op = "residual_mix_backward";
+  check_scalars(op, resid, x0l, layer);
+  check_scalars(op, dresid, dx0l, layer);
+  expect_shape(op, "dresid", dresid, "resid", resid);
+  check_like(op, "x", x, x, activation_);
+  check_like(op, "x0", x0, x, activation_);
+  check_like(op, "dx", dx, x, activation_);
+  check_like(op, "dx0", dx0, x, activation_);
+  check_like(op, "dout", dout, x, activation_);
+  void* work = scratch(cuda::residual_mix_backward_scratch_bytes(x.numel()));
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::residual_mix_backward(ptr<T>(dx), ptr<T>(dx0), ptr<float>(dresid), ptr<float>(dx0l),
+                                ptr<T>(dout), ptr<T>(x), ptr<T>(x0), ptr<float>(resid),
+                                ptr<float>(x0l), layer, x.numel(), work, stream_.get());
+  });
+}
+
+void CudaBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) {
+  const char* op = "value_gate_forward";
+  const cuda::ValueGateShape s = check_value_gate(op, v, gate, xn, gate_w, ve, activation_);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve),
+                             s, stream_.get());
+  });
+}
+
+void CudaBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
+                                      Tensor gate_w, Tensor ve, Tensor gate) {
+  const char* op = "value_gate_backward";
+  const cuda::ValueGateShape s = check_value_gate(op, dv, gate, xn, gate_w, ve, activation_);
+  expect_dtype(op, "dxn", dxn, activation_);
+  expect_shape(op, "dxn", dxn, "xn", xn);
+  expect_dtype(op, "dgate_w", dgate_w, DType::f32);
+  expect_shape(op, "dgate_w", dgate_w, "gate_w", gate_w);
+  expect_dtype(op, "dve", dve, activation_);
+  expect_shape(op, "dve", dve, "ve", ve);
+  void* work = scratch(cuda::value_gate_backward_scratch_bytes(s));
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), ptr<T>(dv),
+                              ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve), ptr<float>(gate), s, work,
+                              stream_.get());
+  });
+}
+
+void CudaBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab,
+                                        float softcap, float grad_scale) {
+  const char* op = "softcap_cross_entropy";
+  expect_dtype(op, "logits", logits, activation_);
+  expect_dtype(op, "losses", losses, DType::f32);
+  expect_dtype(op, "targets", targets, DType::i32);
+  const int64_t N = logits.rows(), Vp = logits.dim(-1);
+  check(losses.numel() == N && targets.numel() == N,
+        "{}: losses {} and targets {} need one entry per row of logits {}", op,
+        losses.shape.str(), targets.shape.str(), logits.shape.str());
+  check(vocab > 0 && vocab <= Vp, "{}: vocab {} must be in [1, {}]", op, vocab, Vp);
+  check(softcap > 0.f, "{}: softcap {} must be positive", op, softcap);
+  dispatch(op, activation_, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::softcap_cross_entropy(ptr<T>(logits), ptr<float>(losses), ptr<int32_t>(targets), N, Vp,
+                                vocab, softcap, grad_scale, stream_.get());
+  });
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,155 @@
+// out = alpha * op(a) @ op(b) (+ out) through cuBLASLt.
+//
+// cuBLASLt is column-major. A row-major (r, c) array is the column-major (c, r) array holding its
+// transpose, so the row-major product out = op(a) op(b) is computed as the column-major product
+// out^T = op(b)^T op(a)^T: cuBLASLt's A is our b, its B is our a, each with its own transpose
+// flag, and its C (N, M) is our out. Rank-3 tensors are dense, so batches are strided.
+//
+// Compute is fp32 (CUBLAS_COMPUTE_32F). With f32 activations (the mode that is compared with the
+// CPU) f32 matmuls stay true fp32; with bf16 activations the f32 matmuls (the optimizer's
+// orthogonalization) may use TF32 tensor cores, which Polar Express / Newton-Schulz tolerate.
+#include <cstdint>
+#include <functional>
+
+#include "backend/cuda/cuda_backend.h"
+
+namespace lmtrain {
+
+namespace {
+
+void lt_check(cublasStatus_t status, const char* what) {
+  check(status == CUBLAS_STATUS_SUCCESS, "cuBLASLt error in {}: {}", what,
+        cublasLtGetStatusString(status));
+}
+
+cudaDataType_t cuda_type(DType t) { return t == DType::bf16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// The largest power of two up to 256 that divides the address.
+int alignment(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  int align = 256;
+  while (align > 1 && address % align != 0) align /= 2;
+  return align;
+}
+
+}  // namespace
+
+size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
+  size_t h = 0;
+  auto mix = [&h](int64_t v) { h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2); };
+  for (int64_t v : {k.m, k.n, k.k, k.batch, int64_t(k.trans_a), int64_t(k.trans_b),
+                    int64_t(k.in), int64_t(k.out), int64_t(k.align_a), int64_t(k.align_b),
+                    int64_t(k.align_out)})
+    mix(v);
+  return h;
+}
+
+const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
+  if (auto it = matmul_plans_.find(key); it != matmul_plans_.end()) return it->second;
+
+  MatmulPlan plan;
+  const cublasComputeType_t compute = key.in == DType::f32 && activation_ == DType::bf16
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
+  cublasLtMatmulDesc_t desc = nullptr;
+  lt_check(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  plan.desc.reset(desc);
+  // cuBLASLt's A is our b (transposed when trans_b), its B is our a (transposed when trans_a).
+  const cublasOperation_t op_a = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)),
+           "matmul transa");
+  lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)),
+           "matmul transb");
+
+  // A column-major (rows, cols) layout with leading dimension rows, strided over the batch.
+  auto layout = [&](DType dtype, int64_t rows, int64_t cols) {
+    cublasLtMatrixLayout_t l = nullptr;
+    lt_check(cublasLtMatrixLayoutCreate(&l, cuda_type(dtype), uint64_t(rows), uint64_t(cols), rows),
+             "cublasLtMatrixLayoutCreate");
+    Layout owned(l);
+    if (key.batch > 1) {
+      const int32_t count = int32_t(key.batch);
+      const int64_t stride = rows * cols;
+      lt_check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                sizeof(count)),
+               "matmul batch count");
+      lt_check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                &stride, sizeof(stride)),
+               "matmul batch stride");
+    }
+    return owned;
+  };
+  // Our b is stored (K, N), or (N, K) when transposed; our a (M, K), or (K, M) when transposed.
+  plan.a = key.trans_b ? layout(key.in, key.k, key.n) : layout(key.in, key.n, key.k);
+  plan.b = key.trans_a ? layout(key.in, key.m, key.k) : layout(key.in, key.k, key.m);
+  plan.out = layout(key.out, key.n, key.m);
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+  Handle<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy> pref_owner(pref);
+  const uint64_t workspace = lt_workspace_.bytes();
+  lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                &workspace, sizeof(workspace)),
+           "matmul workspace preference");
+  const uint32_t aligns[] = {uint32_t(key.align_b), uint32_t(key.align_a), uint32_t(key.align_out),
+                             uint32_t(key.align_out)};
+  const cublasLtMatmulPreferenceAttributes_t align_attrs[] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i)
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(aligns[i])),
+             "matmul alignment preference");
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  lt_check(cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan.a.get(), plan.b.get(),
+                                          plan.out.get(), plan.out.get(), pref, 1, &result, &found),
+           "cublasLtMatmulAlgoGetHeuristic");
+  check(found > 0,
+        "matmul: cuBLASLt has no algorithm for M {} N {} K {} batch {} trans_a {} trans_b {} with "
+        "{} inputs and {} output (alignments a {} b {} out {})",
+        key.m, key.n, key.k, key.batch, key.trans_a, key.trans_b, dtype_name(key.in),
+        dtype_name(key.out), key.align_a, key.align_b, key.align_out);
+  plan.algo = result.algo;
+  return matmul_plans_.emplace(key, std::move(plan)).first->second;
+}
+
+void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
+                         bool accumulate, float alpha) {
+  const int rank = out.shape.rank;
+  check((rank == 2 || rank == 3) && a.shape.rank == rank && b.shape.rank == rank,
+        "matmul: out {}, a {} and b {} must all be rank 2 or all rank 3", out.shape.str(),
+        a.shape.str(), b.shape.str());
+  const int64_t batch = rank == 3 ? out.dim(0) : 1;
+  const int64_t M = trans_a ? a.dim(-1) : a.dim(-2);
+  const int64_t K = trans_a ? a.dim(-2) : a.dim(-1);
+  const int64_t N = trans_b ? b.dim(-2) : b.dim(-1);
+  const int64_t Kb = trans_b ? b.dim(-1) : b.dim(-2);
+  check(K == Kb && out.dim(-2) == M && out.dim(-1) == N &&
+            (rank == 2 || (a.dim(0) == batch && b.dim(0) == batch)),
+        "matmul: a {}{} times b {}{} does not give out {}", a.shape.str(), trans_a ? "^T" : "",
+        b.shape.str(), trans_b ? "^T" : "", out.shape.str());
+  // Inputs share a dtype: the activation dtype, or f32 (the optimizer's matrices). f32 inputs
+  // give f32 outputs; activation inputs give activations or f32 parameter gradients.
+  check(a.dtype == b.dtype && (a.dtype == activation_ || a.dtype == DType::f32) &&
+            (out.dtype == DType::f32 || (out.dtype == activation_ && a.dtype == activation_)),
+        "matmul: unsupported dtypes out {}, a {}, b {} with {} activations",
+        dtype_name(out.dtype), dtype_name(a.dtype), dtype_name(b.dtype), dtype_name(activation_));
+  if (batch * M * N == 0) return;
+  if (K == 0) {
+    if (!accumulate) fill(out, 0.f);
+    return;
+  }
+
+  const MatmulKey key{M, N, K, batch, trans_a, trans_b, a.dtype, out.dtype,
+                      alignment(a.data), alignment(b.data), alignment(out.data)};
+  const MatmulPlan& plan = matmul_plan(key);
+  const float beta = accumulate ? 1.f : 0.f;
+  lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data,
+                          plan.b.get(), &beta, out.data, plan.out.get(), out.data, plan.out.get(),
+                          &plan.algo, lt_workspace_.data(), lt_workspace_.bytes(), stream_.get()),
+           "cublasLtMatmul");
+}
+
+}  // namespace lmtrain

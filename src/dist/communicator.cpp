@@ -1,0 +1,56 @@
+#include "dist/communicator.h"
+
+#include "core/error.h"
+#include "dist/gloo_communicator.h"
+#include "dist/tcp_store.h"
+
+namespace lmtrain::dist {
+
+void check_dtype(const char* op, Tensor x, bool allow_i32) {
+  check(x.dtype == DType::f32 || (allow_i32 && x.dtype == DType::i32),
+        "{}: {} tensors are not supported (f32{})", op, dtype_name(x.dtype),
+        allow_i32 ? " or i32" : "");
+}
+
+void check_sharded(const char* op, Tensor whole, Tensor chunk, int world_size) {
+  check(whole.dtype == chunk.dtype, "{}: dtypes differ ({} whole, {} chunk)", op,
+        dtype_name(whole.dtype), dtype_name(chunk.dtype));
+  check(whole.shape.rank >= 1 && whole.dim(0) % world_size == 0 &&
+            whole.numel() == chunk.numel() * world_size,
+        "{}: {} is not {} chunks of {} along dim 0 (pad dim 0 to a multiple of the world size)",
+        op, whole.shape.str(), world_size, chunk.shape.str());
+}
+
+void LocalCommunicator::all_reduce_sum(Tensor x) { check_dtype("all_reduce_sum", x, true); }
+
+void LocalCommunicator::all_reduce_mean(Tensor x) { check_dtype("all_reduce_mean", x, false); }
+
+void LocalCommunicator::reduce_scatter_mean(Tensor out, Tensor in) {
+  check_dtype("reduce_scatter_mean", in, false);
+  check_sharded("reduce_scatter_mean", in, out, 1);
+  if (out.data != in.data) backend_.copy(out, in);
+}
+
+void LocalCommunicator::all_gather(Tensor out, Tensor in) {
+  check_dtype("all_gather", in, true);
+  check_sharded("all_gather", out, in, 1);
+  if (out.data != in.data) backend_.copy(out, in);
+}
+
+void LocalCommunicator::broadcast(Tensor x, int root) {
+  check_dtype("broadcast", x, true);
+  check(root == 0, "broadcast: root {} is not a rank of a world of 1", root);
+}
+
+std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,
+                                                std::chrono::milliseconds timeout) {
+  if (info.world_size == 1) return std::make_unique<LocalCommunicator>(backend);
+  auto store = std::make_shared<TcpStore>(info, timeout);
+  if (backend.name() == "cpu") return std::make_unique<GlooCommunicator>(std::move(store));
+  // The CUDA backend's communicator is NcclCommunicator (src/dist/nccl/), which needs the
+  // backend's stream; CudaBackend does not expose it yet.
+  fail("distributed training: no communicator for the {} backend yet (Gloo serves cpu)",
+       backend.name());
+}
+
+}  // namespace lmtrain::dist

@@ -1,0 +1,82 @@
+// Collectives across the ranks of a job, on tensors of the rank's backend: Gloo over TCP for CPU
+// tensors, NCCL for CUDA tensors, and a local stand-in for a single process.
+//
+// Layout contract of the sharded collectives, which the optimizer is built on: a "whole" tensor
+// holds world_size equal chunks along dim 0 and chunk r belongs to rank r. reduce_scatter_mean
+// leaves rank r the mean over ranks of chunk r; all_gather is its inverse and puts every rank's
+// chunk into place. Callers pad dim 0 to a multiple of world_size (padded_rows) so that chunks
+// are whole rows: whole matrices of a NorMuon stack (K, m, n), whole rows of an AdamW parameter.
+//
+// Every call is collective: all ranks make the same calls in the same order with the same shapes.
+// Results are bit-identical on all ranks. NCCL calls are asynchronous on the backend's stream, so
+// they order with the ops around them like any other backend op; Gloo calls return when done.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+#include "dist/env.h"
+
+namespace lmtrain::dist {
+
+class TcpStore;
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual std::string name() const = 0;  // "local", "gloo" or "nccl"
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+
+  // In place on every rank: x = sum (or mean) of x over ranks. Sum: f32 or i32; mean: f32.
+  virtual void all_reduce_sum(Tensor x) = 0;
+  virtual void all_reduce_mean(Tensor x) = 0;
+  // out (chunk) = mean over ranks of this rank's chunk of `in` (whole); f32.
+  virtual void reduce_scatter_mean(Tensor out, Tensor in) = 0;
+  // out (whole) = every rank's `in` (chunk) in rank order; f32 or i32.
+  virtual void all_gather(Tensor out, Tensor in) = 0;
+  // In place: x = root's x; f32 or i32.
+  virtual void broadcast(Tensor x, int root) = 0;
+  // Returns once every rank has called it (after this rank's queued collectives complete).
+  virtual void barrier() = 0;
+};
+
+// Rows of dim 0 rounded up to a multiple of world_size, so chunks hold whole rows.
+inline int64_t padded_rows(int64_t rows, int world_size) {
+  return (rows + world_size - 1) / world_size * world_size;
+}
+
+// Checks the shapes of a sharded collective (`whole` = world_size chunks of `chunk` along dim 0)
+// and throws naming the op when they do not fit.
+void check_sharded(const char* op, Tensor whole, Tensor chunk, int world_size);
+// Checks that a tensor has one of the dtypes an op supports.
+void check_dtype(const char* op, Tensor x, bool allow_i32);
+
+// World size 1: every collective is the identity (copies where out and in differ).
+class LocalCommunicator final : public Communicator {
+ public:
+  explicit LocalCommunicator(Backend& backend) : backend_(backend) {}
+  std::string name() const override { return "local"; }
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  void all_reduce_sum(Tensor x) override;
+  void all_reduce_mean(Tensor x) override;
+  void reduce_scatter_mean(Tensor out, Tensor in) override;
+  void all_gather(Tensor out, Tensor in) override;
+  void broadcast(Tensor x, int root) override;
+  void barrier() override {}
+
+ private:
+  Backend& backend_;
+};
+
+// Connects this rank to the others. A world of 1 gets a LocalCommunicator and opens no socket.
+// Otherwise rank 0 starts the rendezvous store on MASTER_ADDR:MASTER_PORT, every rank joins
+// it, and the backend picks the engine: Gloo for "cpu", NCCL for "cuda". `timeout` bounds the
+// rendezvous and every later collective (rendezvous_timeout() reads it from the environment).
+std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,
+                                                std::chrono::milliseconds timeout);
+
+}  // namespace lmtrain::dist

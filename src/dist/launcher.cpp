@@ -1,0 +1,303 @@
+#include "dist/launcher.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <optional>
+
+#include "core/error.h"
+#include "dist/socket.h"
+
+extern char** environ;
+
+namespace lmtrain::dist {
+
+namespace {
+
+// ---- launcher signals: written to a self-pipe by the handler, read in the poll loop ----
+int g_signal_pipe = -1;
+
+void on_signal(int sig) {
+  unsigned char byte = static_cast<unsigned char>(sig);
+  (void)!::write(g_signal_pipe, &byte, 1);
+}
+
+// Installs the forwarding handlers for its lifetime; SIGPIPE is ignored so that a closed
+// terminal or pager does not kill the launcher while ranks still run.
+class SignalCatcher {
+ public:
+  static constexpr int kForwarded[] = {SIGINT, SIGTERM, SIGHUP};
+
+  SignalCatcher() {
+    int fds[2];
+    check(::pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0, "launch: pipe: {}", std::strerror(errno));
+    read_.reset(fds[0]);
+    write_.reset(fds[1]);
+    g_signal_pipe = write_.get();
+    struct sigaction action {};
+    action.sa_handler = on_signal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    for (size_t i = 0; i < std::size(kForwarded); ++i)
+      sigaction(kForwarded[i], &action, &previous_[i]);
+    struct sigaction ignore {};
+    ignore.sa_handler = SIG_IGN;
+    sigaction(SIGPIPE, &ignore, &previous_pipe_);
+  }
+  ~SignalCatcher() {
+    for (size_t i = 0; i < std::size(kForwarded); ++i) sigaction(kForwarded[i], &previous_[i], nullptr);
+    sigaction(SIGPIPE, &previous_pipe_, nullptr);
+    g_signal_pipe = -1;
+  }
+  SignalCatcher(const SignalCatcher&) = delete;
+  SignalCatcher& operator=(const SignalCatcher&) = delete;
+
+  int fd() const { return read_.get(); }
+  // The signals received since the last call.
+  std::vector<int> take() {
+    std::vector<int> out;
+    unsigned char byte;
+    while (::read(read_.get(), &byte, 1) == 1) out.push_back(byte);
+    return out;
+  }
+
+ private:
+  Fd read_, write_;
+  struct sigaction previous_[std::size(kForwarded)] {};
+  struct sigaction previous_pipe_ {};
+};
+
+// One output stream of one rank: bytes in, whole prefixed lines out.
+struct PrefixedStream {
+  Fd fd;
+  int target = 1;  // the launcher's stdout or stderr
+  std::string partial;
+
+  void emit(const std::string& prefix, const char* data, size_t n) {
+    partial.append(data, n);
+    std::string out;
+    size_t start = 0;
+    for (size_t nl; (nl = partial.find('\n', start)) != std::string::npos; start = nl + 1)
+      out += prefix + partial.substr(start, nl + 1 - start);
+    partial.erase(0, start);
+    // A rank printing one endless line (a progress bar without newlines) is still shown.
+    if (partial.size() > 65536) out += prefix + std::exchange(partial, {}) + "\n";
+    write_out(out);
+  }
+  void finish(const std::string& prefix) {
+    if (!partial.empty()) write_out(prefix + std::exchange(partial, {}) + "\n");
+    fd.reset();
+  }
+  void write_out(const std::string& text) const {
+    // Whole lines in one write keep ranks' lines from interleaving mid-line. Errors (a closed
+    // terminal) are ignored: the ranks' outcome matters more than their output.
+    for (size_t done = 0; done < text.size();) {
+      ssize_t n = ::write(target, text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return;
+      done += size_t(n);
+    }
+  }
+};
+
+struct Rank {
+  int rank = 0;
+  pid_t pid = -1;  // also its process group: signals reach the rank's own children too
+  bool running = false;
+  int status = 0;
+  PrefixedStream out, err;
+  std::string prefix;
+};
+
+std::string describe_status(int status) {
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    return fmt::format("was killed by signal {} ({})", sig, sigabbrev_np(sig) ? sigabbrev_np(sig) : "?");
+  }
+  return fmt::format("exited with code {}", WEXITSTATUS(status));
+}
+
+bool failed(int status) { return !WIFEXITED(status) || WEXITSTATUS(status) != 0; }
+
+std::string self_executable() {
+  char path[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", path, sizeof path - 1);
+  check(n > 0, "launch: cannot find this executable: {}", std::strerror(errno));
+  return std::string(path, size_t(n));
+}
+
+// The launcher's environment with the rank's variables replacing any inherited ones.
+std::vector<std::string> rank_environment(const std::vector<std::pair<std::string, std::string>>& vars) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    std::string entry = *e;
+    bool replaced = false;
+    for (const auto& [name, value] : vars) replaced |= entry.rfind(name + "=", 0) == 0;
+    if (!replaced) env.push_back(entry);
+  }
+  for (const auto& [name, value] : vars) env.push_back(name + "=" + value);
+  return env;
+}
+
+std::vector<char*> pointers(std::vector<std::string>& strings) {
+  std::vector<char*> out;
+  for (auto& s : strings) out.push_back(s.data());
+  out.push_back(nullptr);
+  return out;
+}
+
+// The ranks of this node. On destruction, whatever still runs is killed and reaped, so an
+// exception in the launcher leaves no orphans.
+class RankGroup {
+ public:
+  ~RankGroup() {
+    for (Rank& r : ranks_) {
+      if (!r.running) continue;
+      ::kill(-r.pid, SIGKILL);
+      ::waitpid(r.pid, nullptr, 0);
+    }
+  }
+
+  std::vector<Rank>& ranks() { return ranks_; }
+
+  void spawn(int rank, std::vector<std::string> argv, std::vector<std::string> env) {
+    int out[2], err[2];
+    check(::pipe2(out, O_CLOEXEC) == 0 && ::pipe2(err, O_CLOEXEC) == 0, "launch: pipe: {}",
+          std::strerror(errno));
+    Rank& r = ranks_.emplace_back();
+    r.rank = rank;
+    r.prefix = fmt::format("[rank {}] ", rank);
+    r.out.fd.reset(out[0]);
+    r.out.target = STDOUT_FILENO;
+    r.err.fd.reset(err[0]);
+    r.err.target = STDERR_FILENO;
+    Fd out_write(out[1]), err_write(err[1]);
+    // Everything the child needs is prepared before fork: only async-signal-safe calls after.
+    std::vector<char*> argv_ptrs = pointers(argv), env_ptrs = pointers(env);
+    std::string exec_error = fmt::format("launch: rank {} cannot run '{}': ", rank, argv[0]);
+
+    pid_t pid = ::fork();
+    check(pid >= 0, "launch: fork: {}", std::strerror(errno));
+    if (pid == 0) {
+      ::setpgid(0, 0);
+      ::signal(SIGPIPE, SIG_DFL);  // ignored dispositions would survive exec
+      ::dup2(out_write.get(), STDOUT_FILENO);
+      ::dup2(err_write.get(), STDERR_FILENO);
+      ::execvpe(argv_ptrs[0], argv_ptrs.data(), env_ptrs.data());
+      const char* reason = std::strerror(errno);
+      (void)!::write(STDERR_FILENO, exec_error.data(), exec_error.size());
+      (void)!::write(STDERR_FILENO, reason, std::strlen(reason));
+      (void)!::write(STDERR_FILENO, "\n", 1);
+      ::_exit(127);
+    }
+    ::setpgid(pid, pid);  // also here, so that no signal can reach the child before its own call
+    r.pid = pid;
+    r.running = true;
+  }
+
+  void signal_all(int sig) {
+    for (Rank& r : ranks_) ::kill(-r.pid, sig);  // exited ranks may have left children behind
+  }
+
+ private:
+  std::vector<Rank> ranks_;
+};
+
+}  // namespace
+
+int launch(const LaunchOptions& o) {
+  check(o.nproc_per_node >= 1, "launch: --nproc-per-node must be at least 1, not {}",
+        o.nproc_per_node);
+  check(o.nnodes >= 1, "launch: --nnodes must be at least 1, not {}", o.nnodes);
+  check(o.node_rank >= 0 && o.node_rank < o.nnodes, "launch: --node-rank {} is not in [0, {})",
+        o.node_rank, o.nnodes);
+  check(!o.command.empty(), "launch: no command to run (lmtrain launch ... -- lmtrain train ...)");
+  check(o.nnodes == 1 || !o.master_addr.empty(),
+        "launch: --master-addr is required with --nnodes {} (the host of node rank 0)", o.nnodes);
+  check(o.master_port >= 0 && o.master_port <= 65535, "launch: --master-port {} is not a TCP port",
+        o.master_port);
+  const std::string addr = o.master_addr.empty() ? "127.0.0.1" : o.master_addr;
+  const int port = o.master_port ? o.master_port : o.nnodes == 1 ? free_port(addr) : 29500;
+  const int world = o.nnodes * o.nproc_per_node;
+
+  std::vector<std::string> argv = o.command;
+  if (argv[0] == "lmtrain") argv[0] = self_executable();
+
+  SignalCatcher signals;
+  RankGroup group;
+  for (int local = 0; local < o.nproc_per_node; ++local) {
+    int rank = o.node_rank * o.nproc_per_node + local;
+    group.spawn(rank, argv,
+                rank_environment({{"RANK", std::to_string(rank)},
+                                  {"LOCAL_RANK", std::to_string(local)},
+                                  {"WORLD_SIZE", std::to_string(world)},
+                                  {"LOCAL_WORLD_SIZE", std::to_string(o.nproc_per_node)},
+                                  {"GROUP_RANK", std::to_string(o.node_rank)},
+                                  {"MASTER_ADDR", addr},
+                                  {"MASTER_PORT", std::to_string(port)}}));
+  }
+
+  std::optional<std::pair<int, int>> first_failure;  // rank, wait status
+  std::optional<Clock::time_point> kill_at, drain_until;
+  std::vector<Rank>& ranks = group.ranks();
+  while (true) {
+    // Wait for output, a launcher signal, or 50 ms (exits are polled with waitpid below).
+    std::vector<pollfd> fds{{signals.fd(), POLLIN, 0}};
+    std::vector<std::pair<Rank*, PrefixedStream*>> streams;
+    for (Rank& r : ranks)
+      for (PrefixedStream* s : {&r.out, &r.err})
+        if (s->fd) {
+          fds.push_back({s->fd.get(), POLLIN, 0});
+          streams.emplace_back(&r, s);
+        }
+    if (::poll(fds.data(), fds.size(), 50) < 0 && errno != EINTR)
+      fail("launch: poll: {}", std::strerror(errno));
+    for (size_t i = 1; i < fds.size(); ++i) {
+      if (!fds[i].revents) continue;
+      auto [r, s] = streams[i - 1];
+      char chunk[65536];
+      ssize_t n = ::read(s->fd.get(), chunk, sizeof chunk);
+      if (n > 0) s->emit(r->prefix, chunk, size_t(n));
+      else if (n == 0 || errno != EINTR) s->finish(r->prefix);
+    }
+    for (int sig : signals.take()) group.signal_all(sig);
+
+    bool any_running = false;
+    for (Rank& r : ranks) {
+      if (r.running && ::waitpid(r.pid, &r.status, WNOHANG) == r.pid) {
+        r.running = false;
+        if (failed(r.status) && !first_failure) {
+          first_failure = {r.rank, r.status};
+          group.signal_all(SIGTERM);
+          kill_at = Clock::now() + o.grace;
+        }
+      }
+      any_running |= r.running;
+    }
+    if (kill_at && any_running && Clock::now() >= *kill_at) {
+      group.signal_all(SIGKILL);
+      kill_at.reset();
+    }
+    if (any_running) continue;
+    // All ranks are gone; their output may still sit in the pipes, or the pipes may be held open
+    // by children that escaped the process groups: drain for a moment, then stop.
+    if (!drain_until) drain_until = Clock::now() + std::chrono::milliseconds(500);
+    if (streams.empty() || Clock::now() >= *drain_until) break;
+  }
+  for (Rank& r : ranks) {
+    r.out.finish(r.prefix);
+    r.err.finish(r.prefix);
+  }
+  if (first_failure)
+    fail("launch: rank {} {}; stopped the other ranks", first_failure->first,
+         describe_status(first_failure->second));
+  return 0;
+}
+
+}  // namespace lmtrain::dist

@@ -1,0 +1,261 @@
+#include "dist/tcp_store.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <map>
+#include <optional>
+
+#include "core/error.h"
+
+namespace lmtrain::dist {
+
+// ---- wire format: a message is a u32 field count, then each field as a u32 length and its bytes;
+// integers are little-endian. Requests are {op, args...}; the reply to get is {value}, to add
+// {decimal}, to set and wait {}. ----
+namespace {
+
+void put_u32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(char((v >> (8 * i)) & 0xff));
+}
+
+uint32_t get_u32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t(uint8_t(p[i])) << (8 * i);
+  return v;
+}
+
+std::string encode(const std::vector<Bytes>& fields) {
+  std::string out;
+  put_u32(out, uint32_t(fields.size()));
+  for (const Bytes& f : fields) {
+    put_u32(out, uint32_t(f.size()));
+    out.append(f.data(), f.size());
+  }
+  return out;
+}
+
+// Parses one message from the front of `buffer`; std::nullopt until it is complete.
+std::optional<std::vector<Bytes>> decode(std::string& buffer) {
+  size_t pos = 0;
+  auto take_u32 = [&](uint32_t& v) {
+    if (buffer.size() < pos + 4) return false;
+    v = get_u32(buffer.data() + pos);
+    pos += 4;
+    return true;
+  };
+  uint32_t count = 0;
+  if (!take_u32(count)) return std::nullopt;
+  std::vector<Bytes> fields(count);
+  for (Bytes& f : fields) {
+    uint32_t len = 0;
+    if (!take_u32(len) || buffer.size() < pos + len) return std::nullopt;
+    f.assign(buffer.data() + pos, buffer.data() + pos + len);
+    pos += len;
+  }
+  buffer.erase(0, pos);
+  return fields;
+}
+
+Bytes bytes(const std::string& s) { return Bytes(s.begin(), s.end()); }
+std::string text(const Bytes& b) { return std::string(b.begin(), b.end()); }
+
+std::string describe_keys(const std::vector<std::string>& keys) {
+  std::string out = keys.size() == 1 ? "key " : "keys ";
+  for (size_t i = 0; i < keys.size(); ++i) out += (i ? ", '" : "'") + keys[i] + "'";
+  return out;
+}
+
+}  // namespace
+
+// ---- server: one thread polling the listening socket, the clients and a stop eventfd ----
+class TcpStore::Server {
+ public:
+  Server(const std::string& host, int port) : listener_(listen_tcp(host, port)) {
+    stop_.reset(eventfd(0, EFD_CLOEXEC));
+    check(bool(stop_), "rendezvous store: eventfd: {}", std::strerror(errno));
+    thread_ = std::thread([this] { run(); });
+  }
+  ~Server() {
+    uint64_t one = 1;
+    (void)!::write(stop_.get(), &one, sizeof one);
+    thread_.join();
+  }
+
+ private:
+  struct Client {
+    Fd fd;
+    std::string input;
+    std::optional<std::vector<Bytes>> parked;  // a get or wait whose keys are not all present
+  };
+
+  void run() {
+    while (true) {
+      std::vector<pollfd> fds{{stop_.get(), POLLIN, 0}, {listener_.get(), POLLIN, 0}};
+      for (auto& c : clients_) fds.push_back({c.first, POLLIN, 0});
+      if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) return;
+      if (fds[0].revents) return;
+      if (fds[1].revents & POLLIN) {
+        Fd fd(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+        if (fd) {
+          int key = fd.get();
+          clients_[key].fd = std::move(fd);
+        }
+      }
+      for (size_t i = 2; i < fds.size(); ++i)
+        if (fds[i].revents) receive(fds[i].fd);
+    }
+  }
+
+  void receive(int fd) {
+    Client& client = clients_.at(fd);
+    char chunk[4096];
+    ssize_t n = ::recv(fd, chunk, sizeof chunk, 0);
+    if (n <= 0) {
+      if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+      clients_.erase(fd);  // the rank finished or died; its parked request goes with it
+      return;
+    }
+    client.input.append(chunk, size_t(n));
+    try {
+      while (auto message = decode(client.input)) handle(client, std::move(*message));
+    } catch (const std::exception&) {
+      clients_.erase(fd);  // malformed request or the client vanished mid-reply
+    }
+  }
+
+  void handle(Client& client, std::vector<Bytes> message) {
+    check(!message.empty(), "empty request");
+    const std::string op = text(message[0]);
+    if (op == "set" && message.size() == 3) {
+      data_[text(message[1])] = std::move(message[2]);
+      reply(client, {});
+      wake_parked();
+    } else if (op == "add" && message.size() == 3) {
+      Bytes& slot = data_[text(message[1])];
+      int64_t value = (slot.empty() ? 0 : std::stoll(text(slot))) + std::stoll(text(message[2]));
+      slot = bytes(std::to_string(value));
+      reply(client, {slot});
+      wake_parked();
+    } else if ((op == "get" && message.size() == 2) || (op == "wait" && message.size() >= 2)) {
+      client.parked = std::move(message);
+      serve_if_ready(client);
+    } else {
+      fail("unknown request '{}'", op);
+    }
+  }
+
+  void serve_if_ready(Client& client) {
+    const std::vector<Bytes>& request = *client.parked;
+    for (size_t i = 1; i < request.size(); ++i)
+      if (!data_.count(text(request[i]))) return;
+    bool is_get = text(request[0]) == "get";
+    std::vector<Bytes> answer;
+    if (is_get) answer.push_back(data_.at(text(request[1])));
+    client.parked.reset();
+    reply(client, answer);
+  }
+
+  void wake_parked() {
+    std::vector<int> dead;
+    for (auto& [fd, client] : clients_) {
+      if (!client.parked) continue;
+      try {
+        serve_if_ready(client);
+      } catch (const std::exception&) {
+        dead.push_back(fd);
+      }
+    }
+    for (int fd : dead) clients_.erase(fd);
+  }
+
+  static void reply(Client& client, const std::vector<Bytes>& fields) {
+    std::string wire = encode(fields);
+    write_all(client.fd.get(), wire.data(), wire.size(), "rendezvous store reply");
+  }
+
+  Fd listener_, stop_;
+  std::map<int, Client> clients_;
+  std::map<std::string, Bytes> data_;
+  std::thread thread_;
+};
+
+// ---- client ----
+TcpStore::TcpStore(const RankInfo& info, std::chrono::milliseconds timeout)
+    : info_(info), timeout_(timeout) {
+  if (info.rank == 0) server_ = std::make_unique<Server>(info.master_addr, info.master_port);
+  socket_ = connect_tcp(info.master_addr, info.master_port, Clock::now() + timeout);
+  check(bool(socket_),
+        "rendezvous: rank {} could not reach the store of rank 0 at {}:{} within {:g} s; is rank 0 "
+        "running, and do all WORLD_SIZE={} ranks use the same MASTER_ADDR:MASTER_PORT?",
+        info.rank, info.master_addr, info.master_port, timeout.count() / 1000.0, info.world_size);
+}
+
+TcpStore::~TcpStore() {
+  socket_.reset();  // before the server, so that it sees the client leave first
+  server_.reset();
+}
+
+std::vector<Bytes> TcpStore::request(const std::vector<Bytes>& message,
+                                     const std::string& waited_for,
+                                     std::chrono::milliseconds timeout) {
+  std::lock_guard lock(mutex_);
+  check(bool(socket_), "rendezvous: rank {}: the store connection was closed after an earlier "
+        "timeout", info_.rank);
+  const char* what = "rendezvous store";
+  std::string wire = encode(message);
+  write_all(socket_.get(), wire.data(), wire.size(), what);
+  auto deadline = Clock::now() + timeout;
+  std::string input;
+  while (true) {
+    if (auto answer = decode(input)) return *answer;
+    // Read what is there, at least one byte, so the exact reply length need not be known.
+    char chunk[4096];
+    if (!read_all(socket_.get(), chunk, 1, deadline, what)) {
+      socket_.reset();  // a late reply would be taken for the next request's
+      fail("rendezvous: rank {} waited {:g} s for {}; are all WORLD_SIZE={} ranks started with "
+           "the same MASTER_ADDR:MASTER_PORT ({}:{})?",
+           info_.rank, timeout.count() / 1000.0, waited_for, info_.world_size, info_.master_addr,
+           info_.master_port);
+    }
+    input.push_back(chunk[0]);
+    ssize_t more = ::recv(socket_.get(), chunk, sizeof chunk, MSG_DONTWAIT);
+    if (more > 0) input.append(chunk, size_t(more));
+  }
+}
+
+void TcpStore::set(const std::string& key, const Bytes& value) {
+  request({bytes("set"), bytes(key), value}, "the store to accept key '" + key + "'", timeout_);
+}
+
+Bytes TcpStore::get(const std::string& key) {
+  auto answer = request({bytes("get"), bytes(key)}, "key '" + key + "'", timeout_);
+  check(answer.size() == 1, "rendezvous store: malformed reply to get '{}'", key);
+  return answer[0];
+}
+
+void TcpStore::wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
+  if (keys.empty()) return;
+  std::vector<Bytes> message{bytes("wait")};
+  for (const auto& k : keys) message.push_back(bytes(k));
+  request(message, describe_keys(keys), timeout.count() > 0 ? timeout : timeout_);
+}
+
+int64_t TcpStore::add(const std::string& key, int64_t n) {
+  auto answer = request({bytes("add"), bytes(key), bytes(std::to_string(n))},
+                        "the store to add to key '" + key + "'", timeout_);
+  check(answer.size() == 1, "rendezvous store: malformed reply to add '{}'", key);
+  return std::stoll(text(answer[0]));
+}
+
+void TcpStore::barrier(const std::string& name) {
+  // Barriers are numbered so that the same name can be used again; all ranks call them in the
+  // same order.
+  std::string key = fmt::format("barrier/{}/{}", barriers_++, name);
+  if (add(key, 1) == info_.world_size) set(key + "/done", {});
+  wait({key + "/done"});
+}
+
+}  // namespace lmtrain::dist
