@@ -491,7 +491,7 @@ void launch_forward(T* out, float* lse, const T* q, const T* k, const T* v, int 
   const float scale_log2 = kLog2e / std::sqrt(float(D));
   kernel<<<blocks, kThreads, smem, stream>>>(out, lse, q, k, v, BH, H, Hkv, Tq, Tk, window,
                                              q_offset, scale_log2);
-  cuda_check(cudaGetLastError(), "attention_forward launch");
+  launch_check("attention_forward launch", stream);
 }
 
 template <typename T, int D>
@@ -506,7 +506,7 @@ void launch_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
     const unsigned blocks =
         grid_size((rows + kWarps - 1) / kWarps, "attention_backward: grid too large");
     attn_bwd_delta_kernel<T, D><<<blocks, kWarps * 32, 0, stream>>>(delta, dout, out, rows, T_, H);
-    cuda_check(cudaGetLastError(), "attention_backward delta launch");
+    launch_check("attention_backward delta launch", stream);
   }
   {
     constexpr int BK = Tiles<D>::kDkvK, BQ = Tiles<D>::kDkvQ;
@@ -519,7 +519,7 @@ void launch_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
         grid_size(int64_t(BHkv) * ((T_ + BK - 1) / BK), "attention_backward: grid too large");
     kernel<<<blocks, kThreads, smem, stream>>>(dk, dv, q, k, v, dout, lse, delta, BHkv, T_, H,
                                                Hkv, window, scale, scale_log2);
-    cuda_check(cudaGetLastError(), "attention_backward dk/dv launch");
+    launch_check("attention_backward dk/dv launch", stream);
   }
   {
     constexpr int BQ = Tiles<D>::kDqQ, BK = Tiles<D>::kDqK;
@@ -532,7 +532,7 @@ void launch_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
         grid_size(int64_t(BH) * ((T_ + BQ - 1) / BQ), "attention_backward: grid too large");
     kernel<<<blocks, kThreads, smem, stream>>>(dq, q, k, v, dout, lse, delta, BH, T_, H, Hkv,
                                                window, scale, scale_log2);
-    cuda_check(cudaGetLastError(), "attention_backward dq launch");
+    launch_check("attention_backward dq launch", stream);
   }
 }
 

@@ -1,0 +1,123 @@
+// Helpers of the GPU test binary: the shared CUDA backends, host-side bf16 rounding, and a
+// comparison that prints the worst element and relative error of every check, pass or fail.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/device.h"
+
+namespace gpu_test {
+
+using lmtrain::DType;
+
+// One backend per activation dtype for the whole binary: creating cuBLASLt handles and plans
+// per test would dominate the run time. Fails the test when no GPU is visible.
+inline lmtrain::CudaBackend& backend(DType act) {
+  static std::unique_ptr<lmtrain::CudaBackend> f32, bf16;
+  REQUIRE(lmtrain::cuda::device_count() > 0);
+  auto& slot = act == DType::bf16 ? bf16 : f32;
+  if (!slot) slot = std::make_unique<lmtrain::CudaBackend>(act);
+  return *slot;
+}
+
+inline const char* mode_name(DType act) { return act == DType::bf16 ? "bf16" : "fp32"; }
+
+// Round-to-nearest-even f32 -> bf16 bits and back, independent of the GPU's conversion.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+inline float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
+
+// max |got - want| / max |want| (the error relative to the tensor's scale, so that elements near
+// zero do not dominate), with the worst element named. NaN or a size mismatch fails.
+struct Comparison {
+  double rel = 0, max_err = 0, scale = 0;
+  size_t worst = 0;
+  bool nan = false;
+};
+
+inline Comparison measure(const std::vector<float>& got, const std::vector<float>& want) {
+  Comparison c;
+  double worst_err = -1;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    c.scale = std::max(c.scale, std::abs(double(want[i])));
+    const double err = std::abs(double(got[i]) - double(want[i]));
+    if (std::isnan(got[i]) != std::isnan(want[i]) || std::isinf(got[i]) != std::isinf(want[i]))
+      c.nan = true;
+    if (!(err <= worst_err)) {  // NaN errors win
+      worst_err = err;
+      c.worst = i;
+    }
+  }
+  c.max_err = worst_err < 0 ? 0 : worst_err;
+  c.rel = c.scale > 0 ? c.max_err / c.scale : c.max_err;
+  if (std::isnan(c.max_err)) c.nan = true;
+  return c;
+}
+
+// Prints one line per comparison and CHECKs rel <= tol.
+inline void compare(const std::string& what, const std::vector<float>& got,
+                    const std::vector<float>& want, double tol) {
+  const Comparison c = measure(got, want);
+  const bool sizes = got.size() == want.size() && !got.empty();
+  const bool ok = sizes && !c.nan && c.rel <= tol;
+  std::printf("%-4s %-58s rel %9.3e  tol %7.1e  worst [%zu] got %-13.7g want %-13.7g scale %.4g\n",
+              ok ? "ok" : "FAIL", what.c_str(), c.rel, tol, c.worst,
+              sizes ? double(got[c.worst]) : NAN, sizes ? double(want[c.worst]) : NAN, c.scale);
+  std::fflush(stdout);
+  INFO(what << ": " << got.size() << " vs " << want.size() << " elements, rel error " << c.rel
+            << " (tol " << tol << "), worst element " << c.worst << " got "
+            << (sizes ? got[c.worst] : NAN) << " want " << (sizes ? want[c.worst] : NAN)
+            << (c.nan ? ", NaN/inf mismatch" : ""));
+  CHECK(ok);
+}
+
+inline void compare_scalar(const std::string& what, double got, double want, double tol) {
+  const double rel = std::abs(got - want) / std::max(std::abs(want), 1e-30);
+  const bool ok = rel <= tol;
+  std::printf("%-4s %-58s rel %9.3e  tol %7.1e  got %.10g want %.10g\n", ok ? "ok" : "FAIL",
+              what.c_str(), rel, tol, got, want);
+  std::fflush(stdout);
+  INFO(what << ": got " << got << " want " << want << " rel " << rel << " tol " << tol);
+  CHECK(ok);
+}
+
+// Bit-identical results from two runs of the same GPU computation.
+inline void require_identical(const std::string& what, const std::vector<float>& a,
+                              const std::vector<float>& b) {
+  size_t differ = 0, first = a.size();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+      if (differ == 0) first = i;
+      ++differ;
+    }
+  }
+  const bool ok = a.size() == b.size() && differ == 0;
+  if (!ok)
+    std::printf("FAIL %-58s not deterministic: %zu of %zu elements differ, first [%zu] %.9g vs %.9g\n",
+                what.c_str(), differ, a.size(), first, first < a.size() ? a[first] : NAN,
+                first < b.size() ? b[first] : NAN);
+  INFO(what << ": " << differ << " of " << a.size() << " elements differ between two runs");
+  CHECK(ok);
+}
+
+}  // namespace gpu_test
