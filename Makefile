@@ -1,6 +1,9 @@
 # lmtrain: the verbs a user types. Each bootstraps what it needs: packages, build, data.
 #   make train    build, prepare the default corpus once, train configs/tiny.json
 #   make test     the whole CPU test suite through ctest (what CI runs)
+#   make test-gpu the CUDA backend against the CPU on a GPU, then a memcheck of one training step
+#   make bench    lmtrain vs the PyTorch reference on a GPU (ARGS=--quick: d12 only); uses the
+#                 lmtrain already built in $(BUILD), installs and builds nothing
 
 SHELL := /bin/bash
 BUILD ?= build
@@ -14,7 +17,7 @@ PIP_PACKAGES := numpy tokenizers safetensors
 LMTRAIN := $(BUILD)/lmtrain
 DATA_STAMP := data/tiny/meta.json
 
-.PHONY: setup build data train test golden info format clean
+.PHONY: setup build data train test test-gpu golden info format clean bench
 
 # Installs only what is missing, so repeated runs cost a second.
 setup:
@@ -42,6 +45,18 @@ train: build data
 test: build data
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# The CUDA backend against the CPU reference, on a machine with a GPU (docs/CUDA.md): every op,
+# the whole model and 10 training steps per optimizer preset, then compute-sanitizer's memcheck
+# over one training step of $(CONFIG) when compute-sanitizer is installed.
+SANITIZER ?= $(shell command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+test-gpu: build data
+	$(BUILD)/tests/lmtrain_gpu_tests $(ARGS)
+	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer not found: memcheck skipped"; else \
+	  echo "memcheck: one training step of $(CONFIG) on the cuda backend"; \
+	  $(SANITIZER) --tool memcheck --error-exitcode 1 $(LMTRAIN) train --config $(CONFIG) \
+	    --set run.backend=cuda --set schedule.num_iterations=1 --set eval.every=-1 \
+	    --set checkpoint.save_final=false --set run.out_dir=$(BUILD)/memcheck-runs; fi
+
 # Regenerates the PyTorch golden tensors (needs torch, installed here on demand).
 golden:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch numpy safetensors
@@ -49,6 +64,13 @@ golden:
 
 info: build
 	$(LMTRAIN) info --config $(CONFIG) $(ARGS)
+
+# Throughput against scripts/bench/torch_gpt.py (see docs/BENCHMARKS.md). Deliberately not
+# behind `build`: it runs where apt-get cannot, with a prebuilt $(LMTRAIN) and data/tiny carried in.
+bench:
+	@test -x $(LMTRAIN) || { echo "make bench: $(LMTRAIN) is missing: run 'make build' first, or bring a prebuilt $(BUILD)/ directory (make bench builds nothing)" >&2; exit 1; }
+	@test -f $(DATA_STAMP) || { echo "make bench: data/tiny is missing: run 'make data' first, or bring data/tiny along" >&2; exit 1; }
+	$(PYTHON) scripts/bench/run.py --lmtrain $(LMTRAIN) $(ARGS)
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')

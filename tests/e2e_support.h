@@ -112,7 +112,7 @@ inline int decode_status(int status) {
 
 // Runs `lmtrain args...` in the repository root (as ctest does) and waits; stdout and stderr
 // are captured separately into files under `tmp`.
-inline Result lmtrain(const std::vector<std::string>& args, const TempDir& tmp) {
+inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& tmp) {
   static int counter = 0;
   const std::string tag = std::to_string(++counter);
   const fs::path out = tmp.path() / (".stdout" + tag), err = tmp.path() / (".stderr" + tag);
@@ -128,7 +128,7 @@ inline Result lmtrain(const std::vector<std::string>& args, const TempDir& tmp) 
   return r;
 }
 
-// A process started in the background with its output in files; see lmtrain_background.
+// A process started in the background with its output in files; see run_lmtrain_background.
 // The destructor kills it if a failed check left it running.
 struct Background {
   pid_t pid = -1;
@@ -149,7 +149,7 @@ struct Background {
 };
 
 // Starts `lmtrain args...` in the repository root without waiting.
-inline void lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
+inline void run_lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
                                Background& bg) {
   bg.out = tmp.path() / ".bg_stdout";
   bg.err = tmp.path() / ".bg_stderr";

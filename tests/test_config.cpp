@@ -22,7 +22,7 @@ std::string error_of(const json& document) {
 
 TEST_CASE("config errors name the key and what was expected", "[config]") {
   CHECK(error_of({{"model", {{"depht", 4}}}}) ==
-        "cfg.json: unknown key 'model.depht' (did you mean 'depth'?)");
+        "cfg.json: unknown key 'model.depht' (did you mean 'model.depth'?)");
   CHECK(error_of({{"modle", json::object()}}) == "cfg.json: unknown key 'modle' (did you mean 'model'?)");
   CHECK(error_of({{"model", {{"depth", "six"}}}}) ==
         "cfg.json: model.depth: expected an integer, got the string \"six\"");

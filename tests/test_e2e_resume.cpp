@@ -27,7 +27,7 @@ void check_bit_exact_resume(const std::vector<std::string>& extra) {
 
   std::vector<std::string> args_a = {"train", "--config", config_a};
   args_a.insert(args_a.end(), extra.begin(), extra.end());
-  const Result a = lmtrain(args_a, tmp);
+  const Result a = run_lmtrain(args_a, tmp);
   INFO(a.all());
   REQUIRE(a.code == 0);
   const RunPaths run_a(out_a, "e2e"), run_b(out_b, "e2e");
@@ -41,7 +41,7 @@ void check_bit_exact_resume(const std::vector<std::string>& extra) {
 
   std::vector<std::string> args_b = {"train", "--config", config_b, "--resume"};
   args_b.insert(args_b.end(), extra.begin(), extra.end());
-  const Result b = lmtrain(args_b, tmp);
+  const Result b = run_lmtrain(args_b, tmp);
   INFO(b.all());
   REQUIRE(b.code == 0);
   CHECK(b.out.find("at step 3") != std::string::npos);
@@ -89,7 +89,7 @@ TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]
   const RunPaths run(out_dir, "e2e");
 
   Background bg;
-  lmtrain_background({"train", "--config", config}, tmp, bg);
+  run_lmtrain_background({"train", "--config", config}, tmp, bg);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   bool stepped = false;
   while (!stepped && std::chrono::steady_clock::now() < deadline) {
@@ -120,7 +120,7 @@ TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]
   CHECK(lines_of(read_text(run.ckpt / "latest")) == std::vector<std::string>{name});
 
   // Resume with a horizon two steps past the checkpoint: only those two steps run.
-  const Result resumed = lmtrain({"train", "--config", config, "--resume", "--set",
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume", "--set",
                                   "schedule.num_iterations=" + std::to_string(saved + 2)},
                                  tmp);
   INFO(resumed.all());

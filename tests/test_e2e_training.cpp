@@ -10,11 +10,11 @@ TEST_CASE("e2e: the loss falls and metrics.jsonl has the expected metrics", "[e2
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
   // LRs tuned at a 1024-token batch, so the 128-token batch is not scaled down to a crawl.
-  const json patch = {{"schedule", {{"num_iterations", 30}}},
+  const json patch = {{"schedule", {{"num_iterations", 30}, {"warmup_ratio", 0.0}, {"warmdown_ratio", 0.2}}},
                       {"eval", {{"every", 10}}},
                       {"optim", {{"lr_reference_batch", 1024}}}};
   const std::string config = write_config(tmp, tiny_config(out_dir, patch));
-  const Result r = lmtrain({"train", "--config", config}, tmp);
+  const Result r = run_lmtrain({"train", "--config", config}, tmp);
   INFO(r.all());
   REQUIRE(r.code == 0);
   CHECK(r.err.empty());
@@ -47,7 +47,7 @@ TEST_CASE("e2e: the loss falls and metrics.jsonl has the expected metrics", "[e2
     CHECK(std::isfinite(s["train_loss"].get<double>()));
     CHECK(s["tokens_per_second"].get<double>() > 0);
   }
-  // The warmdown (the last 20% by default) lowers the LR multiplier to the end.
+  // The warmdown (the last 20%) lowers the LR multiplier to the end.
   CHECK(steps.front()["lr_multiplier"] == 1.0);
   CHECK(steps.back()["lr_multiplier"].get<double>() < 0.5);
   // The console shows the same run: a step line per step and the final sample.
@@ -64,7 +64,7 @@ TEST_CASE("e2e: a diverging run stops with an error naming the step", "[e2e]") {
   const std::string out_dir = tmp / "runs";
   const std::string config =
       write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 10}}}}));
-  const Result r = lmtrain({"train", "--config", config, "--set", "optim.matrix_lr=1e30"}, tmp);
+  const Result r = run_lmtrain({"train", "--config", config, "--set", "optim.matrix_lr=1e30"}, tmp);
   const RunPaths run(out_dir, "e2e");
   int last_logged = 0;
   for (const auto& rec : read_metrics(run.metrics)) {

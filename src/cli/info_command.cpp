@@ -46,7 +46,7 @@ int run_info(const InfoOptions& o) {
     windows += fmt::format("{}{}{}", i ? " " : "", shape.windows[i], shape.value_embed[i] ? "+ve" : "");
   }
   fmt::print("windows per layer (+ve: value embedding): {}\n\n", windows);
-  fmt::print("{}", make_plan(config, shape, 1, /*require_horizon=*/false).describe());
+  fmt::print("{}", make_plan(config, shape, 1, o.config_path, /*require_horizon=*/false).describe());
   return 0;
 }
 

@@ -47,6 +47,7 @@ void Reader::reject_unknown() const {
     if (std::find(seen_.begin(), seen_.end(), key) != seen_.end()) continue;
     std::string where = path_.empty() ? key : path_ + "." + key;
     std::string hint = closest_key(key, seen_);
+    if (!hint.empty() && !path_.empty()) hint = path_ + "." + hint;
     fail("{}: unknown key '{}'{}", source_, where,
          hint.empty() ? "" : fmt::format(" (did you mean '{}'?)", hint));
   }

@@ -4,15 +4,16 @@
 
 namespace lmtrain {
 
-TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, bool require_horizon) {
+TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const std::string& source,
+                       bool require_horizon) {
   TrainingPlan p;
   p.tokens_per_micro_step = int64_t(c.batch.device_batch) * shape.seq_len * world;
   p.batch_tokens = c.batch.total_batch_tokens == -1 ? p.tokens_per_micro_step
                                                       : c.batch.total_batch_tokens;
   check(p.batch_tokens % p.tokens_per_micro_step == 0,
-        "batch.total_batch_tokens: {} is not a multiple of device_batch {} x sequence_len {} x "
+        "{}: batch.total_batch_tokens: {} is not a multiple of device_batch {} x sequence_len {} x "
         "ranks {} = {}",
-        p.batch_tokens, c.batch.device_batch, shape.seq_len, world, p.tokens_per_micro_step);
+        source, p.batch_tokens, c.batch.device_batch, shape.seq_len, world, p.tokens_per_micro_step);
   p.grad_accum = int(p.batch_tokens / p.tokens_per_micro_step);
   p.flops_per_token = shape.flops_per_token();
   p.scaling_params = count_params(ParamTable(shape)).scaling();
@@ -26,11 +27,11 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, bool r
     p.num_iterations =
         int(std::nearbyint(s.target_param_data_ratio * double(p.scaling_params) / p.batch_tokens));
   } else if (require_horizon) {
-    fail("schedule: set one of num_iterations, target_flops or target_param_data_ratio");
+    fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio", source);
   }
   if (require_horizon) {
-    check(p.num_iterations >= 1, "schedule: the horizon comes to {} steps; raise the budget",
-          p.num_iterations);
+    check(p.num_iterations >= 1, "{}: schedule: the horizon comes to {} steps; raise the budget",
+          source, p.num_iterations);
   }
   return p;
 }

@@ -22,8 +22,9 @@ struct TrainingPlan {
   std::string describe() const;
 };
 
-// `require_horizon` false allows configs without a horizon (info on a model alone).
+// `require_horizon` false allows configs without a horizon (info on a model alone). `source`
+// names the config in errors.
 TrainingPlan make_plan(const Config& config, const GptShape& shape, int world,
-                       bool require_horizon = true);
+                       const std::string& source, bool require_horizon = true);
 
 }  // namespace lmtrain

@@ -4,6 +4,7 @@
 #include <omp.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -70,10 +71,17 @@ int train(const TrainOptions& options) {
   if (options.resume) {
     resume_dir = resolve_checkpoint(ckpt_parent);
     resume_meta = read_checkpoint_meta(resume_dir);
+    const nlohmann::json& saved = resume_meta["config"];
     for (const char* section : {"model", "batch", "data"}) {
-      check(resume_meta["config"][section] == resolved[section],
-            "{}/meta.json: config section '{}' differs from this run's; resume needs the same",
-            resume_dir, section);
+      const auto patch = nlohmann::json::diff(saved[section], resolved[section]);
+      if (patch.empty()) continue;
+      const nlohmann::json::json_pointer where("/" + std::string(section) +
+                                               patch[0]["path"].get<std::string>());
+      std::string key = where.to_string().substr(1);
+      std::replace(key.begin(), key.end(), '/', '.');
+      auto show = [&](const nlohmann::json& c) { return c.contains(where) ? c.at(where).dump() : "absent"; };
+      fail("{}/meta.json: {} is {} in the checkpoint but {} now; a resumed run needs the same {}",
+           resume_dir, key, show(saved), show(resolved), section);
     }
   }
 
@@ -87,7 +95,7 @@ int train(const TrainOptions& options) {
   check(tokenizer.vocab_size() <= vocab, "model.vocab_size: {} is smaller than the tokenizer's {}",
         vocab, tokenizer.vocab_size());
   const GptShape shape = GptShape::from(config.model, vocab);
-  const TrainingPlan plan = make_plan(config, shape, /*world=*/1);
+  const TrainingPlan plan = make_plan(config, shape, /*world=*/1, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
 
   Gpt model(*backend, shape, B);

@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: lmtrain against the PyTorch reference (scripts/bench/torch_gpt.py).
+
+For each config (d12, d20: depth 12/20, aspect 64, head_dim 128, T=2048, the vocabulary of
+data/tiny) it finds the largest device batch lmtrain fits (64, 32, 16, 8, 4: a run that dies with
+an out-of-memory error moves to the next smaller), runs `lmtrain train` at that batch with no
+gradient accumulation (total_batch_tokens = B*T) on the data/tiny shards, reads its
+metrics.jsonl, runs the reference at the same batch on the same shards, and prints a table.
+The first --warmup-steps steps of both are left out. Results go to --out (bench-results/):
+results.md, results.json, and every run's log.
+
+Usage (the Makefile's `make bench` passes --lmtrain $(BUILD)/lmtrain):
+  python3 scripts/bench/run.py [--quick] [--configs d12,d20] [--steps 30] [--budget-s 480]
+
+Exit code 0 when every config ran on both sides, 1 when something failed (the table says what),
+2 when a prerequisite (binary, data, config) is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+BENCH_CONFIG = os.path.join(HERE, "lmtrain_bench.json")
+TORCH_GPT = os.path.join(HERE, "torch_gpt.py")
+
+# What lmtrain's CUDA backend prints when memory runs out (cudaMalloc -> "out of memory"),
+# and what cuBLAS / the driver say in the same situation.
+OOM_PATTERN = re.compile(r"out of memory|cudaErrorMemoryAllocation|CUDA_ERROR_OUT_OF_MEMORY|"
+                         r"CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
+TORCH_EXIT_OOM = 3
+MIN_RUN_SECONDS = 20  # do not start a run with less budget left than this
+
+
+class Prerequisite(Exception):
+    """A missing binary, data set or config: nothing can run."""
+
+
+class BadMetrics(Exception):
+    """metrics.jsonl is missing, malformed or too short."""
+
+
+# --------------------------------------------------------------------------
+# Running commands with a time limit
+# --------------------------------------------------------------------------
+
+def run_logged(cmd: list[str], log_path: str, timeout: float, cwd: str = REPO,
+               env: dict | None = None) -> tuple[int | None, float]:
+    """Runs cmd with stdout+stderr to log_path. Returns (exit code or None on timeout, seconds).
+
+    The child gets its own process group; on timeout that group (and only it) gets SIGTERM,
+    then SIGKILL after 15 s.
+    """
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+        try:
+            code = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            log.write(f"\n[run.py] killed after the {timeout:.0f} s limit\n")
+            code = None
+    return code, time.monotonic() - start
+
+
+def tail(path: str, lines: int = 25) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"(cannot read {path}: {e})"
+
+
+def print_failure(what: str, log_path: str, lines: int = 25) -> None:
+    print(f"--- {what}: last {lines} lines of {log_path} ---", flush=True)
+    print(tail(log_path, lines).rstrip(), flush=True)
+    print("---", flush=True)
+
+
+# --------------------------------------------------------------------------
+# lmtrain metrics.jsonl
+# --------------------------------------------------------------------------
+
+STEP_KEYS = ("step", "train_loss", "tokens_per_second", "step_ms", "optimizer_ms")
+
+
+def parse_metrics(path: str) -> tuple[list[dict], int | None]:
+    """Step records (those with train_loss) in order, and peak_memory_bytes if logged."""
+    if not os.path.isfile(path):
+        raise BadMetrics(f"{path}: not written")
+    steps, peak = [], None
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadMetrics(f"{path}:{lineno}: not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise BadMetrics(f"{path}:{lineno}: not a JSON object")
+            if "peak_memory_bytes" in rec:
+                peak = rec["peak_memory_bytes"]
+            elif "train_loss" in rec:
+                missing = [k for k in STEP_KEYS if not isinstance(rec.get(k), (int, float))]
+                if missing:
+                    raise BadMetrics(f"{path}:{lineno}: step record lacks numeric {missing}")
+                steps.append(rec)
+    for i, rec in enumerate(steps):
+        if rec["step"] != i + 1:
+            raise BadMetrics(f"{path}: step records are not 1, 2, 3, ...: record {i + 1} is step {rec['step']}")
+    return steps, peak
+
+
+def summarize_steps(steps: list[dict], warmup: int, batch_tokens: int) -> dict:
+    """Steady-state summary of step records (step_ms, optimizer_ms, train_loss, optional mfu)."""
+    timed = [s for s in steps if s["step"] > warmup]
+    if len(timed) < 2:
+        raise BadMetrics(f"only {len(timed)} step(s) after the {warmup} warmup steps")
+
+    def stats(key):
+        v = sorted(s[key] for s in timed)
+        n = len(v)
+        med = v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+        return {"mean": sum(v) / n, "median": med, "min": v[0], "max": v[-1]}
+
+    total_s = sum(s["step_ms"] for s in timed) / 1e3
+    tps = batch_tokens * len(timed) / total_s
+    out = {"tokens_per_second": tps, "step_ms": stats("step_ms"), "optimizer_ms": stats("optimizer_ms"),
+           "timed_steps": len(timed), "loss_first": steps[0]["train_loss"],
+           "loss_last": steps[-1]["train_loss"], "mfu": None}
+    # lmtrain logs mfu = flops_per_token * tokens_per_second / peak per step: the ratio gives
+    # its flops_per_token / peak, applied to the steady-state rate.
+    if all(isinstance(s.get("mfu"), (int, float)) and s["tokens_per_second"] > 0 for s in timed):
+        out["mfu"] = timed[-1]["mfu"] / timed[-1]["tokens_per_second"] * tps
+    # The logged rate must agree with the batch we asked for.
+    implied = timed[-1]["tokens_per_second"] * timed[-1]["step_ms"] / 1e3
+    if abs(implied / batch_tokens - 1) > 1e-3:
+        raise BadMetrics(f"tokens_per_second x step_ms = {implied:.0f} tokens per step, "
+                         f"expected {batch_tokens}")
+    return out
+
+
+# --------------------------------------------------------------------------
+# One config: lmtrain batch search, then the reference
+# --------------------------------------------------------------------------
+
+def lmtrain_command(a, depth: int, B: int, run_dir: str, name: str) -> list[str]:
+    T = a.seq_len
+    sets = {
+        "model.depth": depth, "model.sequence_len": T, "model.head_dim": a.head_dim,
+        "model.aspect_ratio": a.aspect_ratio,
+        "batch.device_batch": B, "batch.total_batch_tokens": B * T,
+        "schedule.num_iterations": a.steps,
+        "eval.every": -1, "eval.sample_tokens": 0, "checkpoint.save_final": "false",
+        "run.backend": a.backend, "run.dtype": "bf16", "run.out_dir": run_dir, "run.name": name,
+        "data.train": a.data, "data.val": a.data, "data.tokenizer": a.tokenizer,
+    }
+    cmd = [a.lmtrain, "train", "--config", BENCH_CONFIG]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    return cmd
+
+
+def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
+    name = f"d{depth}-b{B}"
+    log = os.path.join(a.out, "logs", f"lmtrain-{name}.log")
+    remaining = deadline - time.monotonic()
+    if remaining < MIN_RUN_SECONDS:
+        return {"status": "skipped", "batch": B, "reason": "time budget spent"}
+    tmp = tempfile.mkdtemp(prefix="lmtrain-bench-")
+    try:
+        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name), log,
+                                min(a.lmtrain_timeout, remaining))
+        res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
+        if code is None:
+            return {**res, "status": "timeout", "reason": f"over {min(a.lmtrain_timeout, remaining):.0f} s"}
+        if code != 0:
+            text = tail(log, 60)
+            if OOM_PATTERN.search(text):
+                return {**res, "status": "oom"}
+            return {**res, "status": "failed", "reason": f"exit code {code}"}
+        metrics = os.path.join(tmp, name, "metrics.jsonl")
+        try:
+            steps, peak = parse_metrics(metrics)
+            shutil.copy(metrics, os.path.join(a.out, "logs", f"lmtrain-{name}.metrics.jsonl"))
+            if len(steps) != a.steps:
+                raise BadMetrics(f"{len(steps)} step records, expected {a.steps}")
+            summary = summarize_steps(steps, a.warmup_steps, B * a.seq_len)
+        except BadMetrics as e:
+            return {**res, "status": "failed", "reason": f"metrics: {e}"}
+        return {**res, "status": "ok", "peak_memory_bytes": peak, **summary}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_torch(a, depth: int, B: int, deadline: float) -> dict:
+    name = f"d{depth}-b{B}"
+    log = os.path.join(a.out, "logs", f"torch-{name}.log")
+    out_json = os.path.join(a.out, "logs", f"torch-{name}.json")
+    remaining = deadline - time.monotonic()
+    if remaining < MIN_RUN_SECONDS:
+        return {"status": "skipped", "batch": B, "reason": "time budget spent"}
+    cmd = [a.python, TORCH_GPT, "--depth", str(depth), "--seq-len", str(a.seq_len),
+           "--head-dim", str(a.head_dim), "--aspect-ratio", str(a.aspect_ratio),
+           "--device-batch", str(B), "--total-batch-tokens", str(B * a.seq_len),
+           "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
+           "--data", a.data, "--tokenizer", a.tokenizer, "--optim-config", BENCH_CONFIG,
+           "--device", a.torch_device, "--json-out", out_json] + shlex.split(a.torch_args)
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    code, secs = run_logged(cmd, log, min(a.torch_timeout, remaining))
+    res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
+    if code is None:
+        return {**res, "status": "timeout", "reason": f"over {min(a.torch_timeout, remaining):.0f} s"}
+    try:
+        with open(out_json) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return {**res, "status": "failed", "reason": f"exit code {code}, no result JSON ({e})"}
+    if code == TORCH_EXIT_OOM or result.get("status") == "oom":
+        return {**res, "status": "oom", "reason": result.get("error", "")}
+    if code != 0 or result.get("status") != "ok":
+        return {**res, "status": "failed", "reason": f"exit code {code}: {result.get('error', '')}"}
+    keep = ("tokens_per_second", "mfu", "step_ms", "optimizer_ms", "peak_memory_bytes",
+            "peak_memory_reserved_bytes", "loss_first", "loss_last", "flops_per_token", "device",
+            "torch_version", "settings")
+    return {**res, "status": "ok", **{k: result[k] for k in keep}}
+
+
+def bench_config(a, depth: int, deadline: float) -> dict:
+    row = {"config": f"d{depth}", "depth": depth, "batch": None, "attempts": [],
+           "lmtrain": None, "torch": None}
+    print(f"\n=== d{depth}: lmtrain batch search {a.batches} ===", flush=True)
+    for B in a.batches:
+        r = run_lmtrain(a, depth, B, deadline)
+        row["attempts"].append({k: r.get(k) for k in ("batch", "status", "seconds", "reason")})
+        print(f"lmtrain d{depth} B={B}: {r['status']}"
+              + (f" ({r['reason']})" if r.get("reason") else "")
+              + (f", {r['tokens_per_second']:.0f} tok/s" if r["status"] == "ok" else "")
+              + (f" [{r['seconds']} s]" if "seconds" in r else ""), flush=True)
+        if r["status"] == "oom":
+            continue
+        row["lmtrain"] = r
+        if r["status"] in ("failed", "timeout"):
+            print_failure(f"lmtrain d{depth} B={B} {r['status']}", os.path.join(a.out, r["log"]))
+        break
+    else:
+        row["lmtrain"] = {"status": "oom", "reason": f"out of memory at every batch {a.batches}"}
+    lm = row["lmtrain"]
+    row["batch"] = lm.get("batch")  # where lmtrain ran, or failed for a reason other than memory
+    if lm["status"] != "ok":
+        row["torch"] = {"status": "skipped", "reason": f"lmtrain {lm['status']}"}
+        return row
+    if a.skip_torch:
+        row["torch"] = {"status": "skipped", "reason": "--skip-torch"}
+        return row
+    print(f"=== d{depth}: torch reference at B={row['batch']} ===", flush=True)
+    t = run_torch(a, depth, row["batch"], deadline)
+    row["torch"] = t
+    print(f"torch d{depth} B={row['batch']}: {t['status']}"
+          + (f" ({t['reason']})" if t.get("reason") else "")
+          + (f", {t['tokens_per_second']:.0f} tok/s" if t["status"] == "ok" else "")
+          + (f" [{t['seconds']} s]" if "seconds" in t else ""), flush=True)
+    if t["status"] in ("failed", "timeout"):
+        print_failure(f"torch d{depth} B={row['batch']} {t['status']}", os.path.join(a.out, t["log"]), 40)
+    return row
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+def fmt_num(v, spec: str = ",.0f", none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def fmt_pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def fmt_gib(v) -> str:
+    return "—" if v is None else f"{v / 2**30:.1f} GiB"
+
+
+def cell(side: dict | None, fn) -> str:
+    if not side:
+        return "—"
+    if side.get("status") != "ok":
+        return side.get("status", "?").upper()
+    return fn(side)
+
+
+def render_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"Benchmark {meta['date']} on {meta['gpu']}, commit {meta['commit']}; "
+             f"T={meta['settings']['seq_len']}, {meta['settings']['steps']} steps, first "
+             f"{meta['settings']['warmup_steps']} excluded, no gradient accumulation, bf16.", ""]
+    hdr = ["config", "batch", "tok/s lmtrain", "tok/s torch", "ratio", "MFU lmtrain", "MFU torch",
+           "peak mem lmtrain", "peak mem torch", "opt ms lmtrain", "opt ms torch",
+           "step ms lmtrain", "step ms torch", "loss lmtrain", "loss torch"]
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "---|" * len(hdr))
+    docs_rows = []
+    for r in rows:
+        lm, to = r["lmtrain"], r["torch"]
+        both = lm and to and lm.get("status") == "ok" and to.get("status") == "ok"
+        ratio = f"{lm['tokens_per_second'] / to['tokens_per_second']:.2f}" if both else "—"
+        loss = lambda s: f"{s['loss_first']:.3f} → {s['loss_last']:.3f}"  # noqa: E731
+        vals = [r["config"], fmt_num(r["batch"], "d"),
+                cell(lm, lambda s: fmt_num(s["tokens_per_second"])),
+                cell(to, lambda s: fmt_num(s["tokens_per_second"])), ratio,
+                cell(lm, lambda s: fmt_pct(s["mfu"])), cell(to, lambda s: fmt_pct(s["mfu"])),
+                cell(lm, lambda s: fmt_gib(s["peak_memory_bytes"])),
+                cell(to, lambda s: fmt_gib(s["peak_memory_bytes"])),
+                cell(lm, lambda s: f"{s['optimizer_ms']['median']:.1f}"),
+                cell(to, lambda s: f"{s['optimizer_ms']['median']:.1f}"),
+                cell(lm, lambda s: f"{s['step_ms']['median']:.1f}"),
+                cell(to, lambda s: f"{s['step_ms']['median']:.1f}"),
+                cell(lm, loss), cell(to, loss)]
+        lines.append("| " + " | ".join(vals) + " |")
+        docs_rows.append("| " + " | ".join([
+            meta["date"][:10], meta["gpu"], meta["commit"], r["config"], fmt_num(r["batch"], "d"),
+            f"{vals[2]} / {vals[3]} / {ratio}", f"{vals[5]} / {vals[6]}", f"{vals[7]} / {vals[8]}",
+            f"{vals[9]} / {vals[10]}"]) + " |")
+    lines += ["", "Times are medians over the timed steps; tok/s is tokens over the summed step "
+              "time of the timed steps. OOM / FAILED / TIMEOUT / SKIPPED: see results.json and logs/.",
+              "", "Rows for docs/BENCHMARKS.md (lmtrain / torch / ratio):", ""]
+    lines += docs_rows
+    notes = []
+    for r in rows:
+        for side in ("lmtrain", "torch"):
+            s = r[side]
+            if s and s.get("status") != "ok":
+                notes.append(f"- {r['config']} {side}: {s.get('status')}"
+                             + (f": {s['reason']}" if s.get("reason") else "")
+                             + (f" (log: {s['log']})" if s.get("log") else ""))
+    if notes:
+        lines += ["", "Problems:", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git checkout)"
+
+
+def gpu_name(rows: list[dict], backend: str) -> str:
+    if backend != "cuda":
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        if out.strip():
+            return out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for r in rows:
+        if r["torch"] and r["torch"].get("device"):
+            return r["torch"]["device"]
+    return "unknown GPU"
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--lmtrain", default=os.path.join(REPO, "build", "lmtrain"), help="the built binary")
+    p.add_argument("--quick", action="store_true", help="d12 only")
+    p.add_argument("--configs", default="d12,d20", help="comma-separated dDEPTH names")
+    p.add_argument("--batches", default="64,32,16,8,4", help="device batches to try, in order")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.add_argument("--warmup-steps", type=int, default=5, help="first steps excluded from the summary")
+    p.add_argument("--data", default="data/tiny", help="token shards (both sides read the same)")
+    p.add_argument("--tokenizer", default="data/tiny/tokenizer.json")
+    p.add_argument("--out", default="bench-results", help="output directory (git-ignored)")
+    p.add_argument("--budget-s", type=float, default=480,
+                   help="wall-clock budget of the whole bench; runs that would start later are skipped")
+    p.add_argument("--lmtrain-timeout", type=float, default=150, help="limit per lmtrain run (s)")
+    p.add_argument("--torch-timeout", type=float, default=240,
+                   help="limit per reference run (s), compilation included")
+    p.add_argument("--backend", default="cuda", help="lmtrain run.backend (cpu only for testing this script)")
+    p.add_argument("--torch-device", default="cuda", help="reference device (cpu only for testing)")
+    p.add_argument("--torch-args", default="", help="extra torch_gpt.py arguments, e.g. '--attn hybrid'")
+    p.add_argument("--python", default=sys.executable, help="interpreter for torch_gpt.py")
+    p.add_argument("--skip-torch", action="store_true", help="run lmtrain only")
+    a = p.parse_args(argv)
+    names = ["d12"] if a.quick else [c.strip() for c in a.configs.split(",") if c.strip()]
+    a.depths = []
+    for n in names:
+        m = re.fullmatch(r"d(\d+)", n)
+        if not m or int(m.group(1)) < 1:
+            p.error(f"--configs: {n!r} is not dDEPTH (e.g. d12)")
+        a.depths.append(int(m.group(1)))
+    try:
+        a.batches = [int(b) for b in a.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches: {a.batches!r} is not a comma-separated list of integers")
+    if not a.batches or any(b < 1 for b in a.batches):
+        p.error("--batches: need positive integers")
+    if a.steps - a.warmup_steps < 2 or a.warmup_steps < 0:
+        p.error(f"--steps {a.steps} with --warmup-steps {a.warmup_steps} leaves fewer than 2 timed steps")
+    a.out = os.path.abspath(a.out)
+    a.lmtrain = os.path.abspath(a.lmtrain)
+    return a
+
+
+def preflight(a) -> None:
+    if not os.path.isfile(a.lmtrain) or not os.access(a.lmtrain, os.X_OK):
+        raise Prerequisite(f"{a.lmtrain}: no lmtrain binary; build it first (make build) or carry "
+                           "a prebuilt build/ directory to this machine")
+    data = os.path.join(REPO, a.data) if not os.path.isabs(a.data) else a.data
+    if os.path.isdir(data) and not glob.glob(os.path.join(data, "train_*.bin")):
+        raise Prerequisite(f"{a.data}: no train_*.bin shards (make data, or carry data/tiny)")
+    if not os.path.exists(data):
+        raise Prerequisite(f"{a.data}: not found (make data, or carry data/tiny)")
+    tok = os.path.join(REPO, a.tokenizer) if not os.path.isabs(a.tokenizer) else a.tokenizer
+    if not os.path.isfile(tok):
+        raise Prerequisite(f"{a.tokenizer}: not found (make data, or carry data/tiny)")
+    if not a.skip_torch:
+        probe = ("import torch, sys; ok = torch.cuda.is_available() if sys.argv[1] == 'cuda' else True; "
+                 "print(torch.__version__, ok); sys.exit(0 if ok else 1)")
+        r = subprocess.run([a.python, "-c", probe, a.torch_device], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Prerequisite(f"{a.python}: torch is missing or sees no {a.torch_device} device "
+                               f"({(r.stdout + r.stderr).strip().splitlines()[-1:] or ['no output']})"
+                               "; use --skip-torch to run lmtrain alone")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        preflight(a)
+    except Prerequisite as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    start = time.monotonic()
+    deadline = start + a.budget_s
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"bench: configs {['d%d' % d for d in a.depths]}, T={a.seq_len}, {a.steps} steps "
+          f"({a.warmup_steps} warmup), budget {a.budget_s:.0f} s, results in {a.out}", flush=True)
+    rows = [bench_config(a, d, deadline) for d in a.depths]
+    meta = {"date": date, "gpu": gpu_name(rows, a.backend), "commit": git_commit(),
+            "seconds": round(time.monotonic() - start, 1),
+            "settings": {"seq_len": a.seq_len, "head_dim": a.head_dim, "aspect_ratio": a.aspect_ratio,
+                         "steps": a.steps, "warmup_steps": a.warmup_steps, "batches": a.batches,
+                         "data": a.data, "grad_accum": 1, "dtype": "bf16", "backend": a.backend,
+                         "torch_device": a.torch_device, "torch_args": a.torch_args,
+                         "lmtrain": a.lmtrain}}
+    md = render_markdown(meta, rows)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(md)
+    print("\n" + md, flush=True)
+    print(f"bench: {meta['seconds']:.0f} s; wrote {os.path.join(a.out, 'results.md')} and results.json")
+    ok = all(r["lmtrain"] and r["lmtrain"].get("status") == "ok" and
+             (a.skip_torch or (r["torch"] and r["torch"].get("status") == "ok")) for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
