@@ -91,6 +91,27 @@ inline void compare(const std::string& what, const std::vector<float>& got,
   CHECK(ok);
 }
 
+// ||got - want|| / ||want|| over the whole tensor, for results where single elements may
+// legitimately differ a lot (weights after several bf16 training steps); prints the max-based
+// figure beside it.
+inline void compare_l2(const std::string& what, const std::vector<float>& got,
+                       const std::vector<float>& want, double tol) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    diff += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+  }
+  const double rel = std::sqrt(diff) / std::max(std::sqrt(norm), 1e-30);
+  const Comparison c = measure(got, want);
+  const bool ok = got.size() == want.size() && !c.nan && rel <= tol;
+  std::printf("%-4s %-58s relL2 %9.3e tol %7.1e  (max-based rel %.3e, worst [%zu])\n",
+              ok ? "ok" : "FAIL", what.c_str(), rel, tol, c.rel, c.worst);
+  std::fflush(stdout);
+  INFO(what << ": relative L2 error " << rel << " (tol " << tol << "), max-based " << c.rel
+            << (c.nan ? ", NaN/inf mismatch" : ""));
+  CHECK(ok);
+}
+
 inline void compare_scalar(const std::string& what, double got, double want, double tol) {
   const double rel = std::abs(got - want) / std::max(std::abs(want), 1e-30);
   const bool ok = rel <= tol;

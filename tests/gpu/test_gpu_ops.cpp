@@ -1,0 +1,451 @@
+// Every op of the CUDA backend against the CPU reference on fresh random inputs, in fp32 mode
+// (tight tolerances) and bf16 mode (bf16 rounding of activation outputs), and run twice to check
+// that the GPU results are bit-identical. Tolerances are max|err| / max|ref| per tensor:
+//   kExact       results that involve no arithmetic, or the same additions in the same order
+//   kElementwise one or two roundings per element (fp32)
+//   kReduction   sums whose order differs from the CPU's (fp32), and f32 results in bf16 mode
+//                computed from the same bf16 inputs
+//   kBf16        activation outputs stored in bf16 (2^-8 relative rounding, plus what it feeds)
+//   kTf32        f32 matmuls in bf16 mode, which run on TF32 tensor cores (10-bit mantissa)
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "op_case.h"
+
+using namespace gpu_test;
+using lmtrain::AdamWHyper;
+
+namespace {
+
+constexpr double kExact = 0, kElementwise = 1e-5, kReduction = 1e-4, kBf16 = 1e-2, kTf32 = 1e-2;
+constexpr DType kModes[] = {DType::f32, DType::bf16};
+
+std::vector<int32_t> random_ids(size_t n, int lo, int hi) {
+  std::uniform_int_distribution<int> dist(lo, hi);
+  std::vector<int32_t> ids(n);
+  for (auto& id : ids) id = dist(rng());
+  return ids;
+}
+
+}  // namespace
+
+TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    const int64_t n = 100003;
+    OpCase c(act);
+    c.add("a", {n}, Kind::act, poison(n))
+        .add("f", {n}, Kind::f32, poison(n))
+        .add("x", {n}, Kind::act, randn(n))
+        .add("y", {n}, Kind::act, randn(n))
+        .add("src", {n}, Kind::f32, randn(n, 3.f))
+        .add("conv", {n}, Kind::act, poison(n))
+        .add("back", {n}, Kind::f32, poison(n))
+        .add("fx", {n}, Kind::f32, randn(n))
+        .add("fy", {n}, Kind::f32, randn(n));
+    c.check(
+        "fill/copy/add/scale",
+        [](Backend& b, const Args& t) {
+          b.fill(t["a"], 0.37f);
+          b.fill(t["f"], -2.5f);
+          b.copy(t["conv"], t["src"]);   // f32 -> activation dtype
+          b.copy(t["back"], t["conv"]);  // and back
+          b.add(t["y"], t["x"], -0.75f);
+          b.scale(t["x"], 1.5f);
+          b.add(t["fy"], t["fx"], 0.25f);
+          b.scale(t["fx"], -3.f);
+        },
+        {{"a", kExact, kBf16},
+         {"f", kExact, kExact},
+         {"conv", kExact, kBf16},
+         {"back", kExact, kBf16},
+         {"y", kElementwise, kBf16},
+         {"x", kElementwise, kBf16},
+         {"fy", kElementwise, kElementwise},
+         {"fx", kElementwise, kElementwise}});
+    // The GPU's f32 -> bf16 conversion must round to nearest even, exactly as the host does.
+    if (act == DType::bf16) {
+      OpCase src(act);
+      std::vector<float> values = randn(n, 3.f);
+      std::vector<float> rounded(values.size());
+      for (size_t i = 0; i < values.size(); ++i) rounded[i] = round_bf16(values[i]);
+      src.add("src", {n}, Kind::f32, values).add("conv", {n}, Kind::act, poison(n));
+      const Results r =
+          src.run(backend(act), [](Backend& b, const Args& t) { b.copy(t["conv"], t["src"]); });
+      compare("[bf16] copy f32 -> bf16 rounds to nearest even", r.at("conv"), rounded, kExact);
+    }
+  }
+}
+
+TEST_CASE("gpu sum_squares matches the CPU and is deterministic", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t n : {int64_t(1), int64_t(1000), int64_t(8192), int64_t((1 << 20) + 123)}) {
+      std::vector<float> values = randn(size_t(n));
+      for (Kind kind : {Kind::f32, Kind::act}) {
+        OpCase c(act);
+        c.add("x", {n}, kind, values);
+        double cpu_sum = 0, gpu_sum = 0, gpu_again = 0;
+        lmtrain::CpuBackend cpu;
+        c.run(cpu, [&](Backend& b, const Args& t) { cpu_sum = b.sum_squares(t["x"]); });
+        c.run(backend(act), [&](Backend& b, const Args& t) { gpu_sum = b.sum_squares(t["x"]); });
+        c.run(backend(act), [&](Backend& b, const Args& t) { gpu_again = b.sum_squares(t["x"]); });
+        const std::string what = std::string("[") + mode_name(act) + "] sum_squares n=" +
+                                 std::to_string(n) + (kind == Kind::f32 ? " f32" : " act");
+        compare_scalar(what, gpu_sum, cpu_sum, kReduction);
+        INFO(what << ": two runs gave " << gpu_sum << " and " << gpu_again);
+        CHECK(gpu_sum == gpu_again);
+      }
+    }
+  }
+}
+
+TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
+  struct Case {
+    int64_t batch, M, K, N;
+  };
+  for (DType act : kModes) {
+    for (Case s : {Case{0, 37, 53, 29}, Case{0, 128, 256, 64}, Case{3, 19, 40, 33}}) {
+      for (bool ta : {false, true}) {
+        for (bool tb : {false, true}) {
+          auto shape = [&](int64_t r, int64_t c) {
+            return s.batch ? Shape{s.batch, r, c} : Shape{r, c};
+          };
+          const Shape sa = ta ? shape(s.K, s.M) : shape(s.M, s.K);
+          const Shape sb = tb ? shape(s.N, s.K) : shape(s.K, s.N);
+          const Shape so = shape(s.M, s.N);
+          OpCase c(act);
+          c.add("a", sa, Kind::act, randn(size_t(sa.numel())))
+              .add("b", sb, Kind::act, randn(size_t(sb.numel())))
+              .add("out", so, Kind::act, poison(size_t(so.numel())))
+              .add("acc", so, Kind::act, randn(size_t(so.numel())))
+              .add("grad", so, Kind::f32, randn(size_t(so.numel())))
+              .add("fa", sa, Kind::f32, randn(size_t(sa.numel())))
+              .add("fb", sb, Kind::f32, randn(size_t(sb.numel())))
+              .add("fout", so, Kind::f32, randn(size_t(so.numel())));
+          const std::string label = "matmul b" + std::to_string(s.batch) + " " + std::to_string(s.M) +
+                                    "x" + std::to_string(s.K) + "x" + std::to_string(s.N) +
+                                    (ta ? " a^T" : "") + (tb ? " b^T" : "");
+          c.check(
+              label,
+              [&](Backend& b, const Args& t) {
+                b.matmul(t["out"], t["a"], t["b"], ta, tb, false);
+                b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
+                b.matmul(t["grad"], t["a"], t["b"], ta, tb, true);  // act inputs, f32 accumulator
+                b.matmul(t["fout"], t["fa"], t["fb"], ta, tb, true, -1.5f);  // optimizer matmul
+              },
+              {{"out", kReduction, kBf16},
+               {"acc", kReduction, kBf16},
+               {"grad", kReduction, kReduction},
+               {"fout", kReduction, kTf32}});
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    const int64_t V = 50, C = 70, N = 300;
+    // Ids from a small range so that rows repeat many times, plus every other id once or so.
+    std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
+    for (size_t i = 0; i < ids.size(); i += 3) ids[i] = 7;
+    OpCase c(act);
+    c.add_ids("tokens", {N}, ids)
+        .add("table", {V, C}, Kind::act, randn(size_t(V * C)))
+        .add("out", {N, C}, Kind::act, poison(size_t(N * C)))
+        .add("dtable", {V, C}, Kind::f32, randn(size_t(V * C)))
+        .add("dout", {N, C}, Kind::act, randn(size_t(N * C)));
+    c.check(
+        "embedding",
+        [](Backend& b, const Args& t) {
+          b.embedding_forward(t["out"], t["table"], t["tokens"]);
+          b.embedding_backward(t["dtable"], t["dout"], t["tokens"]);
+        },
+        // Same additions in the same (token) order as the CPU.
+        {{"out", kExact, kExact}, {"dtable", kExact, kExact}});
+  }
+}
+
+TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t C : {16, 96, 333, 1536}) {
+      const int64_t N = 67;
+      OpCase c(act);
+      c.add("x", {N, C}, Kind::act, randn(size_t(N * C), 2.f))
+          .add("out", {N, C}, Kind::act, poison(size_t(N * C)))
+          .add("rstd", {N}, Kind::f32, poison(size_t(N)))
+          .add("xi", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("rstd_i", {N}, Kind::f32, poison(size_t(N)))
+          .add("dout", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("dx", {N, C}, Kind::act, poison(size_t(N * C)))
+          .add("g_in_place", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f));
+      c.check(
+          "rmsnorm C=" + std::to_string(C),
+          [](Backend& b, const Args& t) {
+            b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
+            b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
+            b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
+            b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
+          },
+          {{"out", kReduction, kBf16},
+           {"rstd", kReduction, kReduction},
+           {"xi", kReduction, kBf16},
+           {"rstd_i", kReduction, kReduction},
+           {"dx", kReduction, kBf16},
+           {"g_in_place", kReduction, kBf16}});
+    }
+  }
+}
+
+TEST_CASE("gpu rope matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t D : {16, 64, 128}) {
+      const int64_t B = 2, T = 7, H = 3, Tmax = 12;
+      std::vector<float> angle = uniform(size_t(Tmax * D / 2), -3.f, 3.f), cos(angle), sin(angle);
+      for (size_t i = 0; i < angle.size(); ++i) {
+        cos[i] = std::cos(angle[i]);
+        sin[i] = std::sin(angle[i]);
+      }
+      OpCase c(act);
+      c.add("x", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
+          .add("dx", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
+          .add("cos", {Tmax, D / 2}, Kind::f32, cos)
+          .add("sin", {Tmax, D / 2}, Kind::f32, sin);
+      c.check(
+          "rope D=" + std::to_string(D),
+          [](Backend& b, const Args& t) {
+            b.rope_forward(t["x"], t["cos"], t["sin"], 3);
+            b.rope_backward(t["dx"], t["cos"], t["sin"], 5);
+          },
+          {{"x", kElementwise, kBf16}, {"dx", kElementwise, kBf16}});
+    }
+  }
+}
+
+TEST_CASE("gpu attention through the backend matches the CPU", "[gpu][ops][attention]") {
+  for (DType act : kModes) {
+    for (int64_t D : {16, 32, 64, 128}) {
+      for (int window : {5, 1000}) {
+        const int64_t B = 2, T = 33, H = 4, Hkv = 2;
+        OpCase c(act);
+        c.add("q", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
+            .add("k", {B, T, Hkv, D}, Kind::act, randn(size_t(B * T * Hkv * D)))
+            .add("v", {B, T, Hkv, D}, Kind::act, randn(size_t(B * T * Hkv * D)))
+            .add("out", {B, T, H, D}, Kind::act, poison(size_t(B * T * H * D)))
+            .add("lse", {B, H, T}, Kind::f32, poison(size_t(B * H * T)))
+            .add("dout", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
+            .add("dq", {B, T, H, D}, Kind::act, poison(size_t(B * T * H * D)))
+            .add("dk", {B, T, Hkv, D}, Kind::act, poison(size_t(B * T * Hkv * D)))
+            .add("dv", {B, T, Hkv, D}, Kind::act, poison(size_t(B * T * Hkv * D)))
+            // Decoding: 9 queries at positions 24..32 over all 33 keys.
+            .add("q9", {B, 9, H, D}, Kind::act, randn(size_t(B * 9 * H * D)))
+            .add("out9", {B, 9, H, D}, Kind::act, poison(size_t(B * 9 * H * D)))
+            .add("lse9", {B, H, 9}, Kind::f32, poison(size_t(B * H * 9)));
+        c.check(
+            "attention D=" + std::to_string(D) + " window=" + std::to_string(window),
+            [&](Backend& b, const Args& t) {
+              b.attention_forward(t["out"], t["lse"], t["q"], t["k"], t["v"], window, 0);
+              b.attention_backward(t["dq"], t["dk"], t["dv"], t["dout"], t["q"], t["k"], t["v"],
+                                   t["out"], t["lse"], window);
+              b.attention_forward(t["out9"], t["lse9"], t["q9"], t["k"], t["v"], window, 24);
+            },
+            {{"out", kReduction, kBf16},
+             {"lse", kReduction, kReduction},
+             {"dq", kReduction, kBf16},
+             {"dk", kReduction, kBf16},
+             {"dv", kReduction, kBf16},
+             {"out9", kReduction, kBf16},
+             {"lse9", kReduction, kReduction}});
+      }
+    }
+  }
+}
+
+TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    const int64_t n = 50021;
+    OpCase c(act);
+    c.add("x", {n}, Kind::act, randn(size_t(n)))
+        .add("out", {n}, Kind::act, poison(size_t(n)))
+        .add("dout", {n}, Kind::act, randn(size_t(n)))
+        .add("dx", {n}, Kind::act, poison(size_t(n)))
+        .add("g_in_place", {n}, Kind::act, randn(size_t(n)));
+    c.check(
+        "relu2",
+        [](Backend& b, const Args& t) {
+          b.relu2_forward(t["out"], t["x"]);
+          b.relu2_backward(t["dx"], t["dout"], t["x"]);
+          b.relu2_backward(t["g_in_place"], t["g_in_place"], t["x"]);
+        },
+        {{"out", kElementwise, kBf16}, {"dx", kElementwise, kBf16}, {"g_in_place", kElementwise, kBf16}});
+  }
+}
+
+TEST_CASE("gpu residual_mix matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t N : {int64_t(41), int64_t(2000)}) {
+      const int64_t C = 73, n = N * C, L = 3;
+      OpCase c(act);
+      c.add("x", {N, C}, Kind::act, randn(size_t(n)))
+          .add("x0", {N, C}, Kind::act, randn(size_t(n)))
+          .add("out", {N, C}, Kind::act, poison(size_t(n)))
+          .add("resid", {L}, Kind::f32, uniform(size_t(L), 0.5f, 1.5f))
+          .add("x0l", {L}, Kind::f32, uniform(size_t(L), -0.5f, 0.5f))
+          .add("dout", {N, C}, Kind::act, randn(size_t(n)))
+          .add("dx", {N, C}, Kind::act, poison(size_t(n)))
+          .add("dx0", {N, C}, Kind::act, randn(size_t(n)))
+          .add("dresid", {L}, Kind::f32, randn(size_t(L)))
+          .add("dx0l", {L}, Kind::f32, randn(size_t(L)))
+          .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)));
+      c.check(
+          "residual_mix N=" + std::to_string(N),
+          [](Backend& b, const Args& t) {
+            b.residual_mix_forward(t["out"], t["x"], t["x0"], t["resid"], t["x0l"], 1);
+            b.residual_mix_backward(t["dx"], t["dx0"], t["dresid"], t["dx0l"], t["dout"], t["x"],
+                                    t["x0"], t["resid"], t["x0l"], 1);
+            b.residual_mix_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
+                                    t["g_in_place"], t["x"], t["x0"], t["resid"], t["x0l"], 2);
+          },
+          {{"out", kElementwise, kBf16},
+           {"dx", kElementwise, kBf16},
+           {"dx0", kElementwise, kBf16},
+           {"dresid", kReduction, kReduction},
+           {"dx0l", kReduction, kReduction},
+           {"g_in_place", kElementwise, kBf16}});
+    }
+  }
+}
+
+TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t N : {int64_t(37), int64_t(3000)}) {
+      const int64_t C = 40, Hkv = 3, G = 12, D = 16;
+      OpCase c(act);
+      c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("gate_w", {Hkv, G}, Kind::act, randn(size_t(Hkv * G), 0.3f))
+          .add("ve", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
+          .add("v", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
+          .add("gate", {N, Hkv}, Kind::f32, poison(size_t(N * Hkv)))
+          .add("dv", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
+          .add("gate_in", {N, Hkv}, Kind::f32, uniform(size_t(N * Hkv), 0.1f, 1.9f))
+          .add("dxn", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("dgate_w", {Hkv, G}, Kind::f32, randn(size_t(Hkv * G)))
+          .add("dve", {N, Hkv * D}, Kind::act, poison(size_t(N * Hkv * D)));
+      c.check(
+          "value_gate N=" + std::to_string(N),
+          [](Backend& b, const Args& t) {
+            b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["ve"]);
+            b.value_gate_backward(t["dxn"], t["dgate_w"], t["dve"], t["dv"], t["xn"],
+                                  t["gate_w"], t["ve"], t["gate_in"]);
+          },
+          {{"v", kElementwise, kBf16},
+           {"gate", kReduction, kReduction},
+           {"dxn", kReduction, kBf16},
+           {"dgate_w", kReduction, kReduction},
+           {"dve", kElementwise, kBf16}});
+    }
+  }
+}
+
+TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int vocab : {100, 5000}) {
+      const int64_t N = 19, Vp = (vocab + 127) / 128 * 128;
+      std::vector<int32_t> targets = random_ids(size_t(N), 0, vocab - 1);
+      targets[3] = -1;
+      targets[11] = -1;
+      OpCase c(act);
+      c.add_ids("targets", {N}, targets)
+          .add("logits", {N, Vp}, Kind::act, randn(size_t(N * Vp), 10.f))
+          .add("losses", {N}, Kind::f32, poison(size_t(N)))
+          .add("eval_logits", {N, Vp}, Kind::act, randn(size_t(N * Vp), 10.f))
+          .add("eval_losses", {N}, Kind::f32, poison(size_t(N)));
+      c.check(
+          "softcap_cross_entropy vocab=" + std::to_string(vocab),
+          [&](Backend& b, const Args& t) {
+            b.softcap_cross_entropy(t["logits"], t["losses"], t["targets"], vocab, 15.f, 1.f / 17);
+            b.softcap_cross_entropy(t["eval_logits"], t["eval_losses"], t["targets"], vocab, 15.f,
+                                    0.f);
+          },
+          {{"losses", kReduction, kReduction},
+           {"logits", kReduction, kBf16},
+           {"eval_losses", kReduction, kReduction},
+           {"eval_logits", kExact, kExact}});
+    }
+  }
+}
+
+TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
+  for (DType act : kModes) {
+    const int64_t n = 20011;
+    OpCase c(act);
+    c.add("p", {n}, Kind::f32, randn(size_t(n)))
+        .add("g", {n}, Kind::f32, randn(size_t(n), 0.01f))
+        .add("m", {n}, Kind::f32, randn(size_t(n), 0.01f))
+        .add("v", {n}, Kind::f32, uniform(size_t(n), 0.f, 1e-4f));
+    for (const char* buf : {"buf0", "buf1", "buf2", "buf3"}) c.add(buf, {n}, Kind::f32, randn(size_t(n)));
+    c.add("u", {n}, Kind::f32, poison(size_t(n)))
+        .add("u1", {n}, Kind::f32, poison(size_t(n)))
+        .add("u2", {n}, Kind::f32, poison(size_t(n)))
+        .add("u3", {n}, Kind::f32, poison(size_t(n)))
+        .add("pc", {n}, Kind::f32, randn(size_t(n)))
+        .add("pd", {n}, Kind::f32, randn(size_t(n)))
+        .add("x", {n}, Kind::f32, randn(size_t(n)));
+    c.check(
+        "adamw/muon_momentum/muon_apply",
+        [](Backend& b, const Args& t) {
+          b.adamw_update(t["p"], t["g"], t["m"], t["v"], AdamWHyper{0.01f, 0.8f, 0.95f, 1e-10f, 0.1f, 3});
+          b.muon_momentum(t["u"], t["buf0"], t["g"], 0.9f, false, false);
+          b.muon_momentum(t["u1"], t["buf1"], t["g"], 0.9f, false, true);
+          b.muon_momentum(t["u2"], t["buf2"], t["g"], 0.9f, true, false);
+          b.muon_momentum(t["u3"], t["buf3"], t["g"], 0.9f, true, true);
+          b.muon_apply(t["pc"], t["x"], 0.02f, 0.003f, true);
+          b.muon_apply(t["pd"], t["x"], 0.02f, 0.003f, false);
+        },
+        {{"p", kElementwise, kElementwise},
+         {"m", kElementwise, kElementwise},
+         {"v", kElementwise, kElementwise},
+         {"u", kElementwise, kElementwise},
+         {"buf0", kElementwise, kElementwise},
+         {"u1", kElementwise, kElementwise},
+         {"buf1", kElementwise, kElementwise},
+         {"u2", kElementwise, kElementwise},
+         {"buf2", kElementwise, kElementwise},
+         {"u3", kElementwise, kElementwise},
+         {"buf3", kElementwise, kElementwise},
+         {"pc", kElementwise, kElementwise},
+         {"pd", kElementwise, kElementwise}});
+  }
+}
+
+TEST_CASE("gpu Muon matrix ops match the CPU", "[gpu][ops][optim]") {
+  struct Stack {
+    int64_t K, rows, cols;
+  };
+  for (DType act : kModes) {
+    for (Stack s : {Stack{3, 37, 53}, Stack{2, 70, 30}, Stack{2, 30, 70}, Stack{1, 300, 300}}) {
+      const int64_t size = s.K * s.rows * s.cols, slots = std::max(s.rows, s.cols);
+      OpCase c(act);
+      c.add("x", {s.K, s.rows, s.cols}, Kind::f32, randn(size_t(size), 3.f))
+          .add("xt", {s.K, s.cols, s.rows}, Kind::f32, poison(size_t(size)))
+          .add("y", {s.K, s.rows, s.cols}, Kind::f32, randn(size_t(size)))
+          .add("state", {s.K, slots}, Kind::f32, uniform(size_t(s.K * slots), 0.f, 2.f));
+      c.check(
+          "muon matrices " + std::to_string(s.K) + "x" + std::to_string(s.rows) + "x" +
+              std::to_string(s.cols),
+          [](Backend& b, const Args& t) {
+            b.transpose_matrices(t["xt"], t["x"]);
+            b.normalize_matrices(t["x"], 1.02f, 1e-6f);
+            b.normuon_second_moment(t["y"], t["state"], 0.95f);
+          },
+          {{"xt", kExact, kExact},
+           {"x", kReduction, kReduction},
+           {"y", kReduction, kReduction},
+           {"state", kReduction, kReduction}});
+    }
+  }
+}
