@@ -17,8 +17,8 @@ void check_sharded(const char* op, Tensor whole, Tensor chunk, int world_size) {
         dtype_name(whole.dtype), dtype_name(chunk.dtype));
   check(whole.shape.rank >= 1 && whole.dim(0) % world_size == 0 &&
             whole.numel() == chunk.numel() * world_size,
-        "{}: {} is not {} chunks of {} along dim 0 (pad dim 0 to a multiple of the world size)",
-        op, whole.shape.str(), world_size, chunk.shape.str());
+        "{}: {} is not {} chunks of {} along dim 0 (pad dim 0 to a multiple of the world size)", op,
+        whole.shape.str(), world_size, chunk.shape.str());
 }
 
 void LocalCommunicator::all_reduce_sum(Tensor x) { check_dtype("all_reduce_sum", x, true); }

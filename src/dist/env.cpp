@@ -46,7 +46,8 @@ int slurm_tasks_on_node(const std::string& spec, int node) {
   size_t pos = 0;
   while (pos <= spec.size()) {
     size_t comma = spec.find(',', pos);
-    std::string item = spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    std::string item =
+        spec.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     size_t paren = item.find("(x");
     int count = parse_int(name, item.substr(0, paren), 1);
     int repeat = 1;

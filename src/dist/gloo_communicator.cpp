@@ -60,9 +60,7 @@ void divide(Tensor x, int world) {
 }  // namespace
 
 GlooCommunicator::GlooCommunicator(std::shared_ptr<TcpStore> store)
-    : store_(std::move(store)),
-      rank_(store_->info().rank),
-      world_size_(store_->info().world_size) {
+    : store_(std::move(store)), rank_(store_->info().rank), world_size_(store_->info().world_size) {
   gloo::transport::tcp::attr attr;
   if (auto iface = process_env("GLOO_SOCKET_IFNAME")) {
     attr.iface = *iface;

@@ -51,7 +51,8 @@ class SignalCatcher {
     sigaction(SIGPIPE, &ignore, &previous_pipe_);
   }
   ~SignalCatcher() {
-    for (size_t i = 0; i < std::size(kForwarded); ++i) sigaction(kForwarded[i], &previous_[i], nullptr);
+    for (size_t i = 0; i < std::size(kForwarded); ++i)
+      sigaction(kForwarded[i], &previous_[i], nullptr);
     sigaction(SIGPIPE, &previous_pipe_, nullptr);
     g_signal_pipe = -1;
   }
@@ -69,7 +70,7 @@ class SignalCatcher {
 
  private:
   Fd read_, write_;
-  struct sigaction previous_[std::size(kForwarded)] {};
+  struct sigaction previous_[std::size(kForwarded)]{};
   struct sigaction previous_pipe_ {};
 };
 
@@ -118,7 +119,8 @@ struct Rank {
 std::string describe_status(int status) {
   if (WIFSIGNALED(status)) {
     int sig = WTERMSIG(status);
-    return fmt::format("was killed by signal {} ({})", sig, sigabbrev_np(sig) ? sigabbrev_np(sig) : "?");
+    return fmt::format("was killed by signal {} ({})", sig,
+                       sigabbrev_np(sig) ? sigabbrev_np(sig) : "?");
   }
   return fmt::format("exited with code {}", WEXITSTATUS(status));
 }
@@ -133,7 +135,8 @@ std::string self_executable() {
 }
 
 // The launcher's environment with the rank's variables replacing any inherited ones.
-std::vector<std::string> rank_environment(const std::vector<std::pair<std::string, std::string>>& vars) {
+std::vector<std::string> rank_environment(
+    const std::vector<std::pair<std::string, std::string>>& vars) {
   std::vector<std::string> env;
   for (char** e = environ; *e; ++e) {
     std::string entry = *e;
@@ -202,7 +205,9 @@ class RankGroup {
   }
 
   void signal_all(int sig) {
-    for (Rank& r : ranks_) ::kill(-r.pid, sig);  // exited ranks may have left children behind
+    // Exited ranks are signalled too: they may have left children behind in their group.
+    for (Rank& r : ranks_)
+      if (r.pid > 0) ::kill(-r.pid, sig);
   }
 
  private:
@@ -244,7 +249,9 @@ int launch(const LaunchOptions& o) {
   }
 
   std::optional<std::pair<int, int>> first_failure;  // rank, wait status
-  std::optional<Clock::time_point> kill_at, drain_until;
+  // Time points that have not been set yet are never reached.
+  constexpr Clock::time_point never = Clock::time_point::max();
+  Clock::time_point kill_at = never, drain_until = never;
   std::vector<Rank>& ranks = group.ranks();
   while (true) {
     // Wait for output, a launcher signal, or 50 ms (exits are polled with waitpid below).
@@ -263,8 +270,10 @@ int launch(const LaunchOptions& o) {
       auto [r, s] = streams[i - 1];
       char chunk[65536];
       ssize_t n = ::read(s->fd.get(), chunk, sizeof chunk);
-      if (n > 0) s->emit(r->prefix, chunk, size_t(n));
-      else if (n == 0 || errno != EINTR) s->finish(r->prefix);
+      if (n > 0)
+        s->emit(r->prefix, chunk, size_t(n));
+      else if (n == 0 || errno != EINTR)
+        s->finish(r->prefix);
     }
     for (int sig : signals.take()) group.signal_all(sig);
 
@@ -280,15 +289,15 @@ int launch(const LaunchOptions& o) {
       }
       any_running |= r.running;
     }
-    if (kill_at && any_running && Clock::now() >= *kill_at) {
+    if (any_running && Clock::now() >= kill_at) {
       group.signal_all(SIGKILL);
-      kill_at.reset();
+      kill_at = never;
     }
     if (any_running) continue;
     // All ranks are gone; their output may still sit in the pipes, or the pipes may be held open
     // by children that escaped the process groups: drain for a moment, then stop.
-    if (!drain_until) drain_until = Clock::now() + std::chrono::milliseconds(500);
-    if (streams.empty() || Clock::now() >= *drain_until) break;
+    if (drain_until == never) drain_until = Clock::now() + std::chrono::milliseconds(500);
+    if (streams.empty() || Clock::now() >= drain_until) break;
   }
   for (Rank& r : ranks) {
     r.out.finish(r.prefix);

@@ -2,9 +2,11 @@
 
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <map>
 #include <optional>
 
@@ -104,8 +106,9 @@ class TcpStore::Server {
           clients_[key].fd = std::move(fd);
         }
       }
+      // A reply that failed while serving one client may have dropped another polled one.
       for (size_t i = 2; i < fds.size(); ++i)
-        if (fds[i].revents) receive(fds[i].fd);
+        if (fds[i].revents && clients_.count(fds[i].fd)) receive(fds[i].fd);
     }
   }
 
@@ -131,14 +134,14 @@ class TcpStore::Server {
     const std::string op = text(message[0]);
     if (op == "set" && message.size() == 3) {
       data_[text(message[1])] = std::move(message[2]);
+      wake_parked();  // first: a failed reply to this client must not strand the waiters
       reply(client, {});
-      wake_parked();
     } else if (op == "add" && message.size() == 3) {
       Bytes& slot = data_[text(message[1])];
       int64_t value = (slot.empty() ? 0 : std::stoll(text(slot))) + std::stoll(text(message[2]));
       slot = bytes(std::to_string(value));
-      reply(client, {slot});
       wake_parked();
+      reply(client, {slot});
     } else if ((op == "get" && message.size() == 2) || (op == "wait" && message.size() >= 2)) {
       client.parked = std::move(message);
       serve_if_ready(client);
@@ -202,8 +205,10 @@ std::vector<Bytes> TcpStore::request(const std::vector<Bytes>& message,
                                      const std::string& waited_for,
                                      std::chrono::milliseconds timeout) {
   std::lock_guard lock(mutex_);
-  check(bool(socket_), "rendezvous: rank {}: the store connection was closed after an earlier "
-        "timeout", info_.rank);
+  check(bool(socket_),
+        "rendezvous: rank {}: the store connection was closed after an earlier "
+        "timeout",
+        info_.rank);
   const char* what = "rendezvous store";
   std::string wire = encode(message);
   write_all(socket_.get(), wire.data(), wire.size(), what);
@@ -215,10 +220,11 @@ std::vector<Bytes> TcpStore::request(const std::vector<Bytes>& message,
     char chunk[4096];
     if (!read_all(socket_.get(), chunk, 1, deadline, what)) {
       socket_.reset();  // a late reply would be taken for the next request's
-      fail("rendezvous: rank {} waited {:g} s for {}; are all WORLD_SIZE={} ranks started with "
-           "the same MASTER_ADDR:MASTER_PORT ({}:{})?",
-           info_.rank, timeout.count() / 1000.0, waited_for, info_.world_size, info_.master_addr,
-           info_.master_port);
+      fail(
+          "rendezvous: rank {} waited {:g} s for {}; are all WORLD_SIZE={} ranks started with "
+          "the same MASTER_ADDR:MASTER_PORT ({}:{})?",
+          info_.rank, timeout.count() / 1000.0, waited_for, info_.world_size, info_.master_addr,
+          info_.master_port);
     }
     input.push_back(chunk[0]);
     ssize_t more = ::recv(socket_.get(), chunk, sizeof chunk, MSG_DONTWAIT);

@@ -30,8 +30,10 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
     store_->set(key, Bytes(id.internal, id.internal + sizeof id.internal));
   }
   Bytes published = store_->get(key);
-  check(published.size() == sizeof id.internal, "rendezvous: key '{}' holds {} bytes, not an "
-        "ncclUniqueId ({} bytes)", key, published.size(), sizeof id.internal);
+  check(published.size() == sizeof id.internal,
+        "rendezvous: key '{}' holds {} bytes, not an "
+        "ncclUniqueId ({} bytes)",
+        key, published.size(), sizeof id.internal);
   std::memcpy(id.internal, published.data(), sizeof id.internal);
   nccl_check(ncclCommInitRank(&comm_, world_size_, id, rank_), "init", rank_, world_size_);
 }
@@ -44,23 +46,22 @@ NcclCommunicator::~NcclCommunicator() {
 
 void NcclCommunicator::all_reduce_sum(Tensor x) {
   check_dtype("all_reduce_sum", x, true);
-  nccl_check(ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x), ncclSum, comm_,
-                           stream_),
-             "all_reduce_sum", rank_, world_size_);
+  nccl_check(
+      ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x), ncclSum, comm_, stream_),
+      "all_reduce_sum", rank_, world_size_);
 }
 
 void NcclCommunicator::all_reduce_mean(Tensor x) {
   check_dtype("all_reduce_mean", x, false);
-  nccl_check(ncclAllReduce(x.data, x.data, size_t(x.numel()), ncclFloat32, ncclAvg, comm_,
-                           stream_),
+  nccl_check(ncclAllReduce(x.data, x.data, size_t(x.numel()), ncclFloat32, ncclAvg, comm_, stream_),
              "all_reduce_mean", rank_, world_size_);
 }
 
 void NcclCommunicator::reduce_scatter_mean(Tensor out, Tensor in) {
   check_dtype("reduce_scatter_mean", in, false);
   check_sharded("reduce_scatter_mean", in, out, world_size_);
-  nccl_check(ncclReduceScatter(in.data, out.data, size_t(out.numel()), ncclFloat32, ncclAvg,
-                               comm_, stream_),
+  nccl_check(ncclReduceScatter(in.data, out.data, size_t(out.numel()), ncclFloat32, ncclAvg, comm_,
+                               stream_),
              "reduce_scatter_mean", rank_, world_size_);
 }
 

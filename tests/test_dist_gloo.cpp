@@ -1,0 +1,165 @@
+// GlooCommunicator with 2 and 4 ranks as threads on 127.0.0.1, against the serial computation.
+#include <catch2/catch.hpp>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "backend/cpu/cpu_backend.h"
+#include "core/error.h"
+#include "dist/communicator.h"
+#include "dist/gloo_communicator.h"
+#include "dist/socket.h"
+#include "dist/tcp_store.h"
+
+using namespace lmtrain;
+using namespace lmtrain::dist;
+using namespace std::chrono_literals;
+
+namespace {
+
+RankInfo rank_info(int rank, int world, int port) {
+  RankInfo info;
+  info.rank = rank;
+  info.world_size = world;
+  info.local_rank = rank;
+  info.local_world_size = world;
+  info.master_addr = "127.0.0.1";
+  info.master_port = port;
+  return info;
+}
+
+std::vector<float> normal_data(int seed, size_t n) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+Tensor tensor(std::vector<float>& v, Shape shape) { return Tensor{v.data(), shape, DType::f32}; }
+
+bool near(const std::vector<float>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (std::abs(a[i] - b[i]) > 1e-5 * (1 + std::abs(b[i]))) return false;
+  return true;
+}
+
+// What every rank computed, collected for comparison after the threads join.
+struct Results {
+  std::mutex mutex;
+  std::vector<std::string> errors;
+  std::vector<std::vector<float>> sum, mean, scattered, gathered, broadcast;
+  std::vector<std::vector<int32_t>> sum_i32;
+};
+
+void run_rank(int rank, int world, int port, Results& out) {
+  const int64_t rows = 6 * world, cols = 5;  // dim 0 splits into world chunks of 6 rows
+  try {
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
+    check(comm.rank() == rank && comm.world_size() == world, "wrong rank or world");
+
+    std::vector<float> sum = normal_data(100 + rank, rows * cols);
+    comm.all_reduce_sum(tensor(sum, {rows, cols}));
+    std::vector<float> mean = normal_data(100 + rank, rows * cols);
+    comm.all_reduce_mean(tensor(mean, {rows, cols}));
+
+    std::vector<float> in = normal_data(200 + rank, rows * cols), scattered(6 * cols);
+    comm.reduce_scatter_mean(tensor(scattered, {6, cols}), tensor(in, {rows, cols}));
+
+    std::vector<float> chunk = normal_data(300 + rank, 6 * cols), gathered(rows * cols);
+    comm.all_gather(tensor(gathered, {rows, cols}), tensor(chunk, {6, cols}));
+
+    std::vector<float> bcast = normal_data(400 + rank, 17);
+    comm.broadcast(tensor(bcast, {17}), world - 1);
+
+    std::vector<int32_t> ints{rank, 10 * rank, -rank};
+    comm.all_reduce_sum(Tensor{ints.data(), Shape{3}, DType::i32});
+    comm.barrier();
+
+    std::lock_guard lock(out.mutex);
+    out.sum[rank] = sum;
+    out.mean[rank] = mean;
+    out.scattered[rank] = scattered;
+    out.gathered[rank] = gathered;
+    out.broadcast[rank] = bcast;
+    out.sum_i32[rank] = ints;
+  } catch (const std::exception& e) {
+    std::lock_guard lock(out.mutex);
+    out.errors.push_back(fmt::format("rank {}: {}", rank, e.what()));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gloo communicator matches the serial computation", "[dist]") {
+  const int world = GENERATE(2, 4);
+  const int64_t rows = 6 * world, cols = 5, n = rows * cols;
+  Results results;
+  for (auto* v :
+       {&results.sum, &results.mean, &results.scattered, &results.gathered, &results.broadcast})
+    v->resize(world);
+  results.sum_i32.resize(world);
+
+  const int port = free_port("127.0.0.1");
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) threads.emplace_back(run_rank, r, world, port, std::ref(results));
+  for (auto& t : threads) t.join();
+  INFO((results.errors.empty() ? "" : results.errors[0]));
+  REQUIRE(results.errors.empty());
+
+  std::vector<double> sum(n, 0.0), scatter_sum(n, 0.0);
+  std::vector<float> gathered;
+  for (int r = 0; r < world; ++r) {
+    auto a = normal_data(100 + r, n), b = normal_data(200 + r, n),
+         c = normal_data(300 + r, n / world);
+    for (int64_t i = 0; i < n; ++i) sum[i] += a[i], scatter_sum[i] += b[i];
+    gathered.insert(gathered.end(), c.begin(), c.end());
+  }
+  std::vector<double> mean(n);
+  for (int64_t i = 0; i < n; ++i) mean[i] = sum[i] / world;
+  const std::vector<float> root_data = normal_data(400 + world - 1, 17);
+
+  for (int r = 0; r < world; ++r) {
+    INFO("rank " << r << " of " << world);
+    CHECK(near(results.sum[r], sum));
+    CHECK(near(results.mean[r], mean));
+    // Every rank holds bit-identical reductions.
+    CHECK(results.sum[r] == results.sum[0]);
+    CHECK(results.mean[r] == results.mean[0]);
+    std::vector<double> my_chunk(scatter_sum.begin() + r * n / world,
+                                 scatter_sum.begin() + (r + 1) * n / world);
+    for (double& x : my_chunk) x /= world;
+    CHECK(near(results.scattered[r], my_chunk));
+    CHECK(results.gathered[r] == gathered);
+    CHECK(results.broadcast[r] == root_data);
+    int32_t ranks_sum = world * (world - 1) / 2;
+    CHECK(results.sum_i32[r] == std::vector<int32_t>{ranks_sum, 10 * ranks_sum, -ranks_sum});
+  }
+}
+
+TEST_CASE("communicator: shapes that do not split into chunks are rejected", "[dist]") {
+  CpuBackend backend;
+  LocalCommunicator local(backend);
+  std::vector<float> a(6), b(6);
+  local.reduce_scatter_mean(tensor(b, {2, 3}), tensor(a, {2, 3}));
+  CHECK_THROWS_WITH(check_sharded("reduce_scatter_mean", tensor(a, {3, 2}), tensor(b, {1, 2}), 2),
+                    Catch::Matchers::Contains("(3, 2) is not 2 chunks of (1, 2) along dim 0"));
+  CHECK(padded_rows(5, 4) == 8);
+  CHECK(padded_rows(8, 4) == 8);
+}
+
+TEST_CASE("rendezvous with a missing rank times out with a clear error", "[dist]") {
+  // WORLD_SIZE=2 but only rank 0 runs; the timeout comes from the environment as in a real job.
+  auto env = [](const std::string& name) -> std::optional<std::string> {
+    if (name == "LMTRAIN_RENDEZVOUS_TIMEOUT") return "1";
+    return std::nullopt;
+  };
+  CpuBackend backend;
+  auto start = Clock::now();
+  CHECK_THROWS_WITH(
+      make_communicator(rank_info(0, 2, free_port("127.0.0.1")), backend, rendezvous_timeout(env)),
+      Catch::Matchers::Contains("rendezvous: rank 0 waited 1 s for key") &&
+          Catch::Matchers::Contains("are all WORLD_SIZE=2 ranks started"));
+  CHECK(std::chrono::duration<double>(Clock::now() - start).count() < 5.0);
+}

@@ -1,0 +1,148 @@
+// `lmtrain launch`: rank environment, output prefixes, failure propagation, signal forwarding.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+
+using Catch::Matchers::Contains;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// A running `lmtrain launch` whose stdout and stderr go to one pipe.
+class Launcher {
+ public:
+  explicit Launcher(std::vector<std::string> args) {
+    args.insert(args.begin(), {LMTRAIN_BINARY, "launch"});
+    int fds[2];
+    REQUIRE(pipe(fds) == 0);
+    pid_ = fork();
+    REQUIRE(pid_ >= 0);
+    if (pid_ == 0) {
+      dup2(fds[1], 1);
+      dup2(fds[1], 2);
+      close(fds[0]);
+      close(fds[1]);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+    close(fds[1]);
+    fd_ = fds[0];
+  }
+  ~Launcher() {
+    if (fd_ >= 0) close(fd_);
+    if (pid_ > 0) waitpid(pid_, nullptr, 0);
+  }
+
+  // Reads output until `text` appears (or the launcher ends).
+  void read_until(const std::string& text) {
+    while (output.find(text) == std::string::npos && read_some()) {
+    }
+  }
+  // Reads to the end and reaps the launcher; returns its exit code.
+  int finish() {
+    while (read_some()) {
+    }
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  pid_t pid() const { return pid_; }
+
+  std::string output;
+  double seconds = 0;
+
+ private:
+  bool read_some() {
+    char buf[4096];
+    ssize_t n = read(fd_, buf, sizeof buf);
+    if (n <= 0) return false;
+    output.append(buf, size_t(n));
+    return true;
+  }
+
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  Clock::time_point start_ = Clock::now();
+};
+
+}  // namespace
+
+TEST_CASE("launch: ranks get torchrun's environment and prefixed output", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "echo \"env $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $MASTER_ADDR\"; "
+                   "echo \"port $MASTER_PORT\"; printf 'to stderr\\nno newline' >&2"});
+  REQUIRE(launch.finish() == 0);
+  const std::string& out = launch.output;
+  CHECK_THAT(out, Contains("[rank 0] env 0 0 2 2 127.0.0.1\n"));
+  CHECK_THAT(out, Contains("[rank 1] env 1 1 2 2 127.0.0.1\n"));
+  CHECK_THAT(out, Contains("[rank 1] to stderr\n"));
+  CHECK_THAT(out, Contains("[rank 0] no newline\n"));
+  CHECK_THAT(out, !Contains("port 0\n"));
+  // Both ranks see the same rendezvous port.
+  auto port_line = [&](int rank) {
+    auto at = out.find(fmt::format("[rank {}] port ", rank));
+    return at == std::string::npos ? std::string()
+                                   : out.substr(at + 9, out.find('\n', at) - at - 9);
+  };
+  CHECK(port_line(0) == port_line(1));
+}
+
+TEST_CASE("launch: 'lmtrain' as the command runs this executable", "[dist]") {
+  Launcher launch({"--nproc-per-node", "1", "--", "lmtrain", "--help"});
+  CHECK(launch.finish() == 0);
+  CHECK_THAT(launch.output, Contains("[rank 0] lmtrain: train"));
+}
+
+TEST_CASE("launch: a failing rank stops the others and is named", "[dist]") {
+  Launcher launch({"--nproc-per-node", "3", "--", "sh", "-c",
+                   "if [ \"$RANK\" = 1 ]; then sleep 0.3; echo failing; exit 3; fi; sleep 60"});
+  CHECK(launch.finish() != 0);
+  CHECK(launch.seconds < 5.0);
+  CHECK_THAT(launch.output, Contains("[rank 1] failing"));
+  CHECK_THAT(launch.output, Contains("launch: rank 1 exited with code 3; stopped the other ranks"));
+}
+
+TEST_CASE("launch: a rank killed by a signal is reported", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "if [ \"$RANK\" = 0 ]; then kill -9 $$; fi; sleep 60"});
+  CHECK(launch.finish() != 0);
+  CHECK(launch.seconds < 5.0);
+  CHECK_THAT(launch.output, Contains("launch: rank 0 was killed by signal 9 (KILL)"));
+}
+
+TEST_CASE("launch: ranks that ignore SIGTERM are killed after the grace period", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--grace", "0.5", "--", "sh", "-c",
+                   "if [ \"$RANK\" = 1 ]; then exit 5; fi; trap '' TERM; sleep 60"});
+  CHECK(launch.finish() != 0);
+  CHECK(launch.seconds < 5.0);
+  CHECK_THAT(launch.output, Contains("launch: rank 1 exited with code 5"));
+}
+
+TEST_CASE("launch: SIGTERM to the launcher reaches every rank", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 60 & wait"});
+  launch.read_until("[rank 0] ready");
+  launch.read_until("[rank 1] ready");
+  REQUIRE(kill(launch.pid(), SIGTERM) == 0);
+  CHECK(launch.finish() == 0);
+  CHECK(launch.seconds < 5.0);
+  CHECK_THAT(launch.output, Contains("[rank 0] got TERM") && Contains("[rank 1] got TERM"));
+}
+
+TEST_CASE("launch: bad arguments are one-line errors", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--nnodes", "2", "--", "true"});
+  CHECK(launch.finish() != 0);
+  CHECK_THAT(launch.output, Contains("--master-addr is required with --nnodes 2"));
+}
