@@ -17,7 +17,15 @@ PIP_PACKAGES := numpy tokenizers safetensors
 LMTRAIN := $(BUILD)/lmtrain
 DATA_STAMP := data/tiny/meta.json
 
-.PHONY: setup build data train test test-gpu golden info format clean bench
+.PHONY: setup cudnn-frontend build data train test test-gpu golden info format clean bench
+
+# cuDNN's frontend (header-only C++ API over the cuDNN library that ships with the CUDA toolkit):
+# not a Debian package; the PyPI wheel nvidia-cudnn-frontend carries the headers, unpacked into
+# the git-ignored $(CUDNN_FE_DIR)/include. CMake finds them there; without them (or without
+# cuDNN, or nvcc) the build uses our own attention kernel only (docs/CUDA.md).
+CUDNN_FE_VERSION := 1.32.0
+CUDNN_FE_DIR := third_party/cudnn_frontend
+CUDNN_FE_STAMP := $(CUDNN_FE_DIR)/include/.version-$(CUDNN_FE_VERSION)
 
 # Installs only what is missing, so repeated runs cost a second.
 setup:
@@ -29,6 +37,25 @@ setup:
 	fi
 	@$(PYTHON) -c "import numpy, tokenizers, safetensors" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(PIP_PACKAGES)
+	@if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then \
+	  $(MAKE) --no-print-directory cudnn-frontend; fi
+
+# Idempotent: does nothing once the stamp of this version exists. A failed download is only a
+# warning (the build then falls back to our own attention kernel).
+cudnn-frontend:
+	@if [ ! -f $(CUDNN_FE_STAMP) ]; then \
+	  echo "fetching the cuDNN frontend headers $(CUDNN_FE_VERSION) into $(CUDNN_FE_DIR)/include"; \
+	  tmp=$$(mktemp -d) && \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+	    --platform manylinux_2_28_x86_64 -d $$tmp nvidia-cudnn-frontend==$(CUDNN_FE_VERSION) && \
+	  rm -rf $(CUDNN_FE_DIR)/include && mkdir -p $(CUDNN_FE_DIR) && \
+	  $(PYTHON) -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+	    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith('include/')])" \
+	    $$tmp/nvidia_cudnn_frontend-*.whl $(CUDNN_FE_DIR) && \
+	  test -f $(CUDNN_FE_DIR)/include/cudnn_frontend.h && touch $(CUDNN_FE_STAMP) || \
+	  echo "warning: could not fetch the cuDNN frontend headers: bf16 attention uses the own kernel" >&2; \
+	  rm -rf $$tmp; \
+	fi
 
 build: setup
 	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null

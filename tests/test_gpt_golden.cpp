@@ -79,7 +79,8 @@ TEST_CASE("three AdamW steps match the PyTorch reference", "[golden]") {
   const GptShape shape = GptShape::from(c.model, c.model.vocab_size);
   Gpt model(backend, shape, c.batch.device_batch);
   load_params(model, g, "param.");
-  Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), c.schedule.num_iterations);
+  dist::LocalCommunicator comm(backend);
+  Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), c.schedule.num_iterations, comm);
   const auto tokens = g.ints("tokens"), targets = g.ints("targets");
   const int steps = c.schedule.num_iterations;
   for (int step = 0; step < steps; ++step) {

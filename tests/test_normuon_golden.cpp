@@ -65,7 +65,9 @@ TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[go
           CHECK(test_support::max_relative_error(test_support::download(backend, params[i]), want) < 1e-5);
         }
       }
-      for (const auto& [name, tensor] : muon.state()) {
+      for (const StateTensor& st : muon.state()) {
+        const std::string& name = st.name;
+        const Tensor& tensor = st.tensor;
         // name is "<state>.<stack>.<k>"; the golden stores whole stacks: compare matrix k.
         const auto state_end = name.find('.');
         const std::string state = name.substr(0, state_end), matrix = name.substr(state_end + 1);
@@ -104,7 +106,8 @@ TEST_CASE("the tiny GPT trained with each optimizer preset matches the reference
       }
       model.refresh_weights();
       const int steps = c.schedule.num_iterations;
-      Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), steps);
+      dist::LocalCommunicator comm(backend);
+      Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), steps, comm);
       for (int step = 0; step < steps; ++step) {
         model.zero_grads();
         Gpt::Loss loss = model.forward(tokens, targets, true);

@@ -11,27 +11,31 @@ namespace lmtrain {
 namespace {
 
 #ifdef LMTRAIN_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda(const std::string& dtype) {
+std::unique_ptr<Backend> make_cuda(const std::string& dtype, int device) {
   check(dtype == "bf16" || dtype == "fp32", "run.dtype: expected bf16 or fp32, got \"{}\"", dtype);
+  const int count = cuda::device_count();
+  check(device < count, "run.backend: local rank {} has no GPU of its own ({} visible)", device, count);
+  cuda::set_device(device);
   return std::make_unique<CudaBackend>(dtype == "bf16" ? DType::bf16 : DType::f32);
 }
 #endif
 
 }  // namespace
 
-std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype) {
+std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype, int device) {
   if (name == "cpu") return std::make_unique<CpuBackend>();
 #ifdef LMTRAIN_HAVE_CUDA
   if (name == "cuda") {
     check(cuda::device_count() > 0, "run.backend: cuda requested but no GPU is visible");
-    return make_cuda(dtype);
+    return make_cuda(dtype, device);
   }
   if (name == "auto") {
-    if (cuda::device_count() > 0) return make_cuda(dtype);
+    if (cuda::device_count() > 0) return make_cuda(dtype, device);
     return std::make_unique<CpuBackend>();
   }
   fail("run.backend: unknown backend \"{}\" (available: cpu, cuda, auto)", name);
 #else
+  (void)device;
   if (name == "auto") return std::make_unique<CpuBackend>();
   if (name == "cuda") fail("run.backend: cuda requested but this build has no CUDA support");
   fail("run.backend: \"{}\" is not available in this build (available: cpu, auto)", name);

@@ -19,7 +19,7 @@ int run_eval(const EvalOptions& o) {
   const auto shards = list_shards(o.data, "val");
   const int64_t tokens = o.tokens > 0 ? o.tokens : m.config.eval.tokens;
   EvalResult r = evaluate(*m.model, shards, *m.tokenizer, tokens);
-  fmt::print("loss {:.6f} | bpb {:.6f} | tokens {}\n", r.loss, r.bpb, r.tokens);
+  fmt::print("loss {:.6f} | bpb {:.6f} | tokens {}\n", r.loss(), r.bpb(), int64_t(r.tokens));
   return 0;
 }
 

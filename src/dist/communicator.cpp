@@ -1,5 +1,10 @@
 #include "dist/communicator.h"
 
+#ifdef LMTRAIN_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "dist/nccl/nccl_communicator.h"
+#endif
+
 #include "core/error.h"
 #include "dist/gloo_communicator.h"
 #include "dist/tcp_store.h"
@@ -47,10 +52,13 @@ std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& b
   if (info.world_size == 1) return std::make_unique<LocalCommunicator>(backend);
   auto store = std::make_shared<TcpStore>(info, timeout);
   if (backend.name() == "cpu") return std::make_unique<GlooCommunicator>(std::move(store));
-  // The CUDA backend's communicator is NcclCommunicator (src/dist/nccl/), which needs the
-  // backend's stream; CudaBackend does not expose it yet.
-  fail("distributed training: no communicator for the {} backend yet (Gloo serves cpu)",
-       backend.name());
+#ifdef LMTRAIN_HAVE_CUDA
+  if (backend.name() == "cuda") {
+    return std::make_unique<NcclCommunicator>(std::move(store),
+                                              static_cast<CudaBackend&>(backend).stream());
+  }
+#endif
+  fail("distributed training: no communicator for the {} backend", backend.name());
 }
 
 }  // namespace lmtrain::dist

@@ -132,7 +132,7 @@ AtomicDir::AtomicDir(std::string parent, std::string name)
   std::error_code ec;
   fs::create_directories(parent_, ec);
   check(!ec, "{}: cannot create directory: {}", parent_, ec.message());
-  staging_ = fmt::format("{}/.{}.tmp-{}", parent_, name_, ::getpid());
+  staging_ = staging_path(parent_, name_, ::getpid());
   // A leftover with our pid is from an earlier AtomicDir in this process or a recycled pid of a
   // crashed one; either way nothing can still be writing to it.
   fs::remove_all(staging_, ec);
@@ -143,6 +143,10 @@ AtomicDir::AtomicDir(std::string parent, std::string name)
 
 AtomicDir::~AtomicDir() {
   if (!committed_) remove_all_or_warn(staging_);
+}
+
+std::string AtomicDir::staging_path(const std::string& parent, const std::string& name, long pid) {
+  return fmt::format("{}/.{}.tmp-{}", parent, name, pid);
 }
 
 std::string AtomicDir::path(const std::string& file) const { return staging_ + "/" + file; }

@@ -60,6 +60,10 @@ class AtomicDir {
   // Removes the staging directory if commit() did not complete.
   ~AtomicDir();
 
+  // The staging directory a process with `pid` uses for <parent>/<name>: other processes (the
+  // other ranks of a job) write their files into it before the owner commits.
+  static std::string staging_path(const std::string& parent, const std::string& name, long pid);
+
   // Where to write `file` while staging.
   std::string path(const std::string& file) const;
   const std::string& staging_dir() const { return staging_; }

@@ -170,6 +170,7 @@ std::vector<StateTensor> NorMuon::state() const {
   for (const auto& st : stacks_) {
     for (int64_t k = 0; k < st.count; ++k) {
       const std::string& name = st.spec.names[k];
+      if (name.empty()) continue;  // padding of a sharded stack
       out.push_back({"momentum_buffer." + name, st.momentum[k]});
       if (config_.second_moment) {
         const Shape shape = st.rows >= st.cols ? Shape{st.rows, 1} : Shape{1, st.cols};

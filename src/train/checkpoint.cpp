@@ -1,5 +1,7 @@
 #include "train/checkpoint.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 
 #include "io/atomic_dir.h"
@@ -21,53 +23,87 @@ std::vector<float> to_host(Backend& backend, Tensor t) {
   return host;
 }
 
+Shape shape_of(const SafeTensorInfo& info, const std::string& path) {
+  check(int(info.shape.size()) <= kMaxRank, "{}: tensor '{}' has rank {}", path, info.name,
+        info.shape.size());
+  Shape shape;
+  for (int64_t d : info.shape) shape.dims[shape.rank++] = d;
+  return shape.rank == 0 ? Shape{1} : shape;
+}
+
 // Reads `name` from `file` into device tensor `dst` after checking dtype and shape.
 void read_into(const SafetensorsFile& file, const std::string& name, Backend& backend, Tensor dst) {
   const SafeTensorInfo& info = file.info(name);
   check(info.dtype == "F32", "{}: tensor '{}' has dtype {}, expected F32", file.path(), name,
         info.dtype);
-  Shape shape;
-  check(int(info.shape.size()) <= kMaxRank, "{}: tensor '{}' has rank {}", file.path(), name,
-        info.shape.size());
-  for (int64_t d : info.shape) shape.dims[shape.rank++] = d;
-  if (shape.rank == 0) shape = Shape{1};
+  const Shape shape = shape_of(info, file.path());
   check(shape == dst.shape, "{}: tensor '{}' has shape {}, this model expects {}", file.path(),
         name, shape.str(), dst.shape.str());
   backend.upload(dst, file.read_f32(name).data());
 }
 
+std::string shard_name(int rank, int world) {
+  return world == 1 ? "optimizer.safetensors" : fmt::format("optimizer.rank{:05d}.safetensors", rank);
+}
+
+std::string loader_name(int rank) { return fmt::format("loader.rank{:05d}.json", rank); }
+
 }  // namespace
 
 std::string save_checkpoint(const std::string& parent, const nlohmann::json& resolved_config,
                             const Gpt& model, const Optimizer* optimizer, const LoopState& loop,
-                            const std::string& tokenizer_path) {
+                            const std::string& tokenizer_path, dist::Communicator& comm) {
   Backend& backend = const_cast<Gpt&>(model).backend();
-  AtomicDir dir(parent, fmt::format("step_{:06d}", loop.step));
-
-  SafetensorsWriter weights;
-  weights.set_metadata("format", "pt");
-  for (const auto& spec : model.table().specs) {
-    auto host = to_host(backend, model.param(spec));
-    weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
+  const int rank = comm.rank(), world = comm.world_size();
+  const std::string name = fmt::format("step_{:06d}", loop.step);
+  // Rank 0 owns the staging directory; the others learn its path from rank 0's pid.
+  std::optional<AtomicDir> dir;
+  if (rank == 0) dir.emplace(parent, name);
+  std::string staging = rank == 0 ? dir->staging_dir() : "";
+  if (world > 1) {
+    Buffer memory = backend.allocate(sizeof(int32_t));
+    Tensor pid = memory.tensor({1}, DType::i32);
+    const int32_t mine = int32_t(::getpid());
+    backend.upload(pid, &mine);
+    comm.broadcast(pid, 0);
+    int32_t owner = 0;
+    backend.download(&owner, pid);
+    staging = AtomicDir::staging_path(parent, name, owner);
   }
-  weights.write(dir.path("model.safetensors"));
+  auto path = [&](const std::string& file) { return staging + "/" + file; };
 
   nlohmann::json meta = {{"format_version", kFormatVersion}, {"config", resolved_config},
-                         {"step", loop.step},  {"loader", loop.loader},
-                         {"extra", loop.extra}};
+                         {"step", loop.step},  {"world_size", world},
+                         {"loader", loop.loader}, {"extra", loop.extra}};
   if (optimizer) {
     SafetensorsWriter state;
-    for (const auto& [name, tensor] : optimizer->state()) {
-      auto host = to_host(backend, tensor);
-      state.add(name, "F32", dims(tensor.shape), host.data(), host.size() * sizeof(float));
+    for (const StateTensor& st : optimizer->state()) {
+      if (st.replicated && rank != 0) continue;
+      auto host = to_host(backend, st.tensor);
+      state.add(st.name, "F32", dims(st.tensor.shape), host.data(), host.size() * sizeof(float));
+      if (st.rows_total > 0) {
+        state.set_metadata("rows." + st.name, fmt::format("{},{}", st.row_begin, st.rows_total));
+      }
     }
-    state.write(dir.path("optimizer.safetensors"));
+    state.write(path(shard_name(rank, world)));
     meta["optimizer_updates"] = optimizer->updates();
   }
-  write_file_synced(dir.path("tokenizer.json"), read_file(tokenizer_path));
-  write_file_synced(dir.path("meta.json"), meta.dump(2));
-  dir.commit();
-  return dir.final_dir();
+  if (world > 1) write_file_synced(path(loader_name(rank)), loop.loader.dump());
+  comm.barrier();  // every shard is on disk before rank 0 commits
+  if (rank == 0) {
+    SafetensorsWriter weights;
+    weights.set_metadata("format", "pt");
+    for (const auto& spec : model.table().specs) {
+      auto host = to_host(backend, model.param(spec));
+      weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
+    }
+    weights.write(path("model.safetensors"));
+    write_file_synced(path("tokenizer.json"), read_file(tokenizer_path));
+    write_file_synced(path("meta.json"), meta.dump(2));
+    dir->commit();
+  }
+  comm.barrier();  // nobody moves on (or reads the checkpoint) before the commit
+  return (fs::path(parent) / name).string();
 }
 
 std::string resolve_checkpoint(const std::string& path) {
@@ -93,6 +129,28 @@ nlohmann::json read_checkpoint_meta(const std::string& dir) {
   return meta;
 }
 
+nlohmann::json checkpoint_loader_state(const std::string& dir, int rank, int world,
+                                       int64_t batch_tokens) {
+  const auto meta = read_checkpoint_meta(dir);
+  const int saved_world = meta.value("world_size", 1);
+  if (saved_world == world) {
+    if (world == 1) return meta["loader"];
+    const std::string path = (fs::path(dir) / loader_name(rank)).string();
+    auto state = nlohmann::json::parse(read_file(path), nullptr, false);
+    check(state.is_object(), "{}: not valid JSON", path);
+    return state;
+  }
+  // Another world size: continue from rank 0's position, each rank taking its own part from
+  // there on. The data order differs from an uninterrupted run from this point.
+  nlohmann::json state = meta["loader"];
+  state["config"]["rank"] = rank;
+  state["config"]["world"] = world;
+  if (state["config"].value("packing", "") == "contiguous") {
+    state["position"] = state["position"].get<int64_t>() + rank * batch_tokens;
+  }
+  return state;
+}
+
 void load_model_weights(const std::string& dir, Gpt& model) {
   auto file = SafetensorsFile::open((fs::path(dir) / "model.safetensors").string());
   for (const auto& spec : model.table().specs) {
@@ -106,11 +164,43 @@ void load_model_weights(const std::string& dir, Gpt& model) {
 }
 
 void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
-  auto file = SafetensorsFile::open((fs::path(dir) / "optimizer.safetensors").string());
-  for (const auto& [name, tensor] : optimizer.state()) {
-    check(file.contains(name), "{}: missing tensor '{}' (was it saved with another optimizer?)",
-          file.path(), name);
-    read_into(file, name, optimizer.model().backend(), tensor);
+  std::vector<SafetensorsFile> shards;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::string file = entry.path().filename().string();
+    if (file.starts_with("optimizer") && file.ends_with(".safetensors")) {
+      shards.push_back(SafetensorsFile::open(entry.path().string()));
+    }
+  }
+  check(!shards.empty(), "{}: no optimizer*.safetensors (saved without optimizer state?)", dir);
+  Backend& backend = optimizer.model().backend();
+  for (const StateTensor& st : optimizer.state()) {
+    // The rows this rank holds, assembled from whichever shards hold them.
+    const int64_t rows = st.tensor.dim(0), row_len = st.tensor.numel() / rows;
+    const int64_t want_begin = st.row_begin, want_end = want_begin + rows;
+    std::vector<float> host(st.tensor.numel());
+    int64_t covered = 0;
+    for (const auto& shard : shards) {
+      if (!shard.contains(st.name)) continue;
+      const SafeTensorInfo& info = shard.info(st.name);
+      check(info.dtype == "F32", "{}: tensor '{}' has dtype {}, expected F32", shard.path(),
+            st.name, info.dtype);
+      const Shape shape = shape_of(info, shard.path());
+      int64_t begin = 0;
+      auto it = shard.metadata().find("rows." + st.name);
+      if (it != shard.metadata().end()) begin = std::stoll(it->second.substr(0, it->second.find(',')));
+      const int64_t end = begin + shape[0];
+      check(shape.numel() / shape[0] == row_len, "{}: tensor '{}' has shape {}, expected rows of {}",
+            shard.path(), st.name, shape.str(), row_len);
+      const int64_t lo = std::max(begin, want_begin), hi = std::min(end, want_end);
+      if (lo >= hi) continue;
+      const auto values = shard.read_f32(st.name);
+      std::copy(values.begin() + (lo - begin) * row_len, values.begin() + (hi - begin) * row_len,
+                host.begin() + (lo - want_begin) * row_len);
+      covered += hi - lo;
+    }
+    check(covered == rows, "{}: optimizer state '{}' rows [{}, {}) are not all saved (found {} of {})",
+          dir, st.name, want_begin, want_end, covered, rows);
+    backend.upload(st.tensor, host.data());
   }
   auto meta = read_checkpoint_meta(dir);
   check(meta.contains("optimizer_updates"), "{}/meta.json: missing key 'optimizer_updates'", dir);

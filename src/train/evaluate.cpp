@@ -22,23 +22,20 @@ EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const To
   TokenLoader loader({shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false});
   std::vector<int32_t> inputs(batch_tokens), targets(batch_tokens);
   std::vector<float> losses(batch_tokens);
-  double nats = 0, nats_of_text = 0, bytes = 0;
   EvalResult result;
   for (int64_t i = 0; i < batches; ++i) {
     loader.next_batch(inputs, targets);
     Gpt::Loss loss = model.forward(inputs, targets, /*need_grad=*/false);
-    nats += loss.sum;
-    result.tokens += loss.count;
+    result.nats += loss.sum;
+    result.tokens += double(loss.count);
     model.backend().download(losses.data(), model.token_losses());
     for (int64_t j = 0; j < batch_tokens; ++j) {
       int n = targets[j] < 0 ? 0 : tokenizer.token_byte_length(targets[j]);
       if (n == 0) continue;
-      nats_of_text += losses[j];
-      bytes += n;
+      result.text_nats += losses[j];
+      result.bytes += n;
     }
   }
-  result.loss = nats / double(std::max<int64_t>(result.tokens, 1));
-  result.bpb = bytes > 0 ? nats_of_text / (std::log(2.0) * bytes) : 0.0;
   return result;
 }
 

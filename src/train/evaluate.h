@@ -1,6 +1,8 @@
 // Validation: mean loss and bits per byte over contiguous windows of the validation shards.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -10,9 +12,11 @@
 namespace lmtrain {
 
 struct EvalResult {
-  double loss = 0;  // mean nats per counted token
-  double bpb = 0;   // bits per byte of the targets' text (special tokens excluded)
-  int64_t tokens = 0;
+  // Sums over the evaluated targets, which add up across ranks.
+  double nats = 0, text_nats = 0, bytes = 0, tokens = 0;
+  double loss() const { return nats / std::max(tokens, 1.0); }  // mean nats per counted token
+  // Bits per byte of the targets' text (special tokens, which have no bytes, left out).
+  double bpb() const { return bytes > 0 ? text_nats / (std::log(2.0) * bytes) : 0.0; }
 };
 
 // Evaluates on up to `max_tokens` tokens (whole batches, at least one), always from the start of

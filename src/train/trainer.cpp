@@ -10,10 +10,13 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <optional>
 
 #include "backend/factory.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "dist/communicator.h"
+#include "dist/env.h"
 #include "model/generator.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
@@ -37,12 +40,14 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Names the first parameter whose gradient holds NaN or Inf.
-std::string first_non_finite_grad(Gpt& model) {
-  for (const auto& spec : model.table().specs) {
-    if (!std::isfinite(model.backend().sum_squares(model.grad(spec)))) return spec.name;
-  }
-  return "(none)";
+// Sums `values` over ranks through a small device tensor (a no-op for one rank).
+void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
+                    std::vector<float>& values) {
+  if (comm.world_size() == 1) return;
+  Tensor t = scratch.slice(0, int64_t(values.size()));
+  backend.upload(t, values.data());
+  comm.all_reduce_sum(t);
+  backend.download(values.data(), t);
 }
 
 std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const EvalConfig& e,
@@ -65,7 +70,7 @@ int train(const TrainOptions& options) {
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
   check(!(options.resume && !options.init_from.empty()), "train: use --resume or --init-from, not both");
 
-  // Resuming: the checkpoint's model and batch must be the ones configured now.
+  // Resuming: the checkpoint's model, batch and data must be the ones configured now.
   std::string resume_dir;
   nlohmann::json resume_meta;
   if (options.resume) {
@@ -89,20 +94,29 @@ int train(const TrainOptions& options) {
     omp_set_num_threads(config.run.threads);
     openblas_set_num_threads(config.run.threads);
   }
-  std::unique_ptr<Backend> backend = make_backend(config.run.backend, config.run.dtype);
+  const dist::RankInfo ranks = dist::read_rank_info();
+  std::unique_ptr<Backend> backend =
+      make_backend(config.run.backend, config.run.dtype, ranks.local_rank);
+  auto comm = dist::make_communicator(ranks, *backend, dist::rendezvous_timeout());
+  const int rank = comm->rank(), world = comm->world_size();
+  const bool lead = rank == 0;  // prints, writes metrics and samples
+  if (!lead) spdlog::set_level(spdlog::level::warn);
+
   Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
   check(tokenizer.vocab_size() <= vocab, "model.vocab_size: {} is smaller than the tokenizer's {}",
         vocab, tokenizer.vocab_size());
   const GptShape shape = GptShape::from(config.model, vocab);
-  const TrainingPlan plan = make_plan(config, shape, /*world=*/1, options.config_path);
+  const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
 
   Gpt model(*backend, shape, B);
-  Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N);
+  Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing), B,
-                      T, 0, 1, config.run.seed, tokenizer.bos_id()});
+                      T, rank, world, config.run.seed, tokenizer.bos_id()});
   const auto val_shards = list_shards(config.data.val, "val");
+  Buffer scalar_memory = backend->allocate(4 * sizeof(float));
+  const Tensor scalars = scalar_memory.tensor({4}, DType::f32);
 
   LoopState loop;
   double trained_seconds = 0;
@@ -110,18 +124,23 @@ int train(const TrainOptions& options) {
     load_model_weights(resume_dir, model);
     load_optimizer_state(resume_dir, optimizer);
     loop.step = resume_meta["step"].get<int>();
-    loader.restore(resume_meta["loader"]);
+    loader.restore(checkpoint_loader_state(resume_dir, rank, world, int64_t(B) * T));
     trained_seconds = resume_meta["extra"].value("trained_seconds", 0.0);
-    spdlog::info("resuming from {} at step {}", resume_dir, loop.step);
+    spdlog::info("resuming from {} at step {} ({} ranks, saved with {})", resume_dir, loop.step,
+                 world, resume_meta.value("world_size", 1));
   } else if (!options.init_from.empty()) {
     std::string dir = resolve_checkpoint(options.init_from);
     load_model_weights(dir, model);
     spdlog::info("initialised weights from {}", dir);
   } else {
-    model.init_weights(config.run.seed);
+    model.init_weights(config.run.seed);  // the same seed on every rank: the same weights
   }
 
-  fs::create_directories(run_dir);
+  std::optional<MetricsLog> metrics;
+  if (lead) {
+    fs::create_directories(run_dir);
+    metrics.emplace((fs::path(run_dir) / "metrics.jsonl").string());
+  }
   spdlog::info("config:\n{}", resolved.dump(2));
   ParamCounts counts = count_params(model.table());
   spdlog::info("model: depth {} width {} heads {} (kv {}) head_dim {} T {} vocab {} ({} padded)",
@@ -130,17 +149,17 @@ int train(const TrainOptions& options) {
   spdlog::info("parameters: {} total, {} matrices, {} lm_head, {} wte, {} value_embeds, {} scalars",
                counts.total, counts.transformer_matrices, counts.lm_head, counts.wte,
                counts.value_embeds, counts.scalars);
-  spdlog::info("backend: {}\n{}", backend->name(), plan.describe());
+  spdlog::info("backend: {} | ranks: {} ({})\n{}", backend->name(), world, comm->name(),
+               plan.describe());
 
-  MetricsLog metrics((fs::path(run_dir) / "metrics.jsonl").string());
   const double peak = peak_flops(*backend);
-  // Saves the state after `completed` optimizer steps.
+  // Saves the state after `completed` optimizer steps (every rank takes part).
   auto save = [&](int completed) {
     loop.step = completed;
     loop.loader = loader.state();
     loop.extra = {{"trained_seconds", trained_seconds}};
     std::string dir = save_checkpoint(ckpt_parent, resolved, model, &optimizer, loop,
-                                      config.data.tokenizer);
+                                      config.data.tokenizer, *comm);
     spdlog::info("saved checkpoint {}", dir);
   };
 
@@ -149,14 +168,18 @@ int train(const TrainOptions& options) {
 
   std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
   const auto& e = config.eval;
+  const int first_step = loop.step;
   for (int step = loop.step; step <= N; ++step) {
     const bool last = step == N;
     if (e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
-      EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens);
-      spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss, r.bpb);
-      metrics.write({{"step", step}, {"val/loss", r.loss}, {"val/bpb", r.bpb}});
+      EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens / world, rank, world);
+      std::vector<float> sums = {float(r.nats), float(r.text_nats), float(r.bytes), float(r.tokens)};
+      all_reduce_sum(*comm, *backend, scalars, sums);
+      r = {sums[0], sums[1], sums[2], sums[3]};
+      spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss(), r.bpb());
+      if (lead) metrics->write({{"step", step}, {"val/loss", r.loss()}, {"val/bpb", r.bpb()}});
     }
-    if ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last) {
+    if (lead && ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last)) {
       spdlog::info("sample: {}", sample_text(model, tokenizer, e, config.run.seed + step));
     }
     if (last) break;
@@ -167,30 +190,29 @@ int train(const TrainOptions& options) {
     for (int micro = 0; micro < plan.grad_accum; ++micro) {
       loader.next_batch(inputs, targets);
       Gpt::Loss loss = model.forward(inputs, targets, true, 1.0f / plan.grad_accum);
-      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}); stopping", step + 1,
-            loss.sum, micro);
+      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}{}); stopping", step + 1,
+            loss.sum, micro, world > 1 ? fmt::format(", rank {}", rank) : "");
       loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
       model.backward();
-    }
-    const double train_loss = loss_sum / plan.grad_accum;
-    const double grad_norm = std::sqrt(backend->sum_squares(model.grads()));
-    check(std::isfinite(grad_norm), "step {}: gradient of {} is not finite; stopping", step + 1,
-          first_non_finite_grad(model));
-    if (config.optim.grad_clip > 0 && grad_norm > config.optim.grad_clip) {
-      backend->scale(model.grads(), float(config.optim.grad_clip / grad_norm));
     }
     const double lrm = lr_multiplier(step, N, config.schedule);
     backend->synchronize();
     const auto optimizer_started = Clock::now();
-    nlohmann::json optim_metrics = optimizer.step(step, lrm);
+    nlohmann::json optim_metrics = optimizer.step(step, lrm, config.optim.grad_clip);
     backend->synchronize();
     const double optimizer_seconds = seconds_since(optimizer_started);
+    // The mean loss over ranks, and whether any rank was asked to stop: all stop together.
+    std::vector<float> shared = {float(loss_sum / plan.grad_accum), float(g_stop_signal.load())};
+    all_reduce_sum(*comm, *backend, scalars, shared);
+    const double train_loss = world == 1 ? loss_sum / plan.grad_accum : shared[0] / world;
+    const int stop_signal = shared[1] > 0 ? (g_stop_signal ? int(g_stop_signal) : SIGTERM) : 0;
 
     const double dt = seconds_since(started);
     trained_seconds += dt;
     const double tokens_per_second = plan.batch_tokens / dt;
-    const double mfu = peak > 0 ? plan.flops_per_token * tokens_per_second / peak : 0;
-    const double eta = trained_seconds / (step + 1) * (N - step - 1);
+    const double mfu = peak > 0 ? plan.flops_per_token * tokens_per_second / (peak * world) : 0;
+    const double eta = trained_seconds / (step + 1 - first_step) * (N - step - 1);
+    const double grad_norm = optim_metrics["grad_norm"];
     if (step % config.log.every == 0 || step + 1 == N) {
       spdlog::info("step {}/{} | loss {:.4f} | lrm {:.3f} | grad norm {:.3f} | {:.0f} tok/s | mfu {} | "
                    "{} elapsed | eta {}",
@@ -198,21 +220,22 @@ int train(const TrainOptions& options) {
                    peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a",
                    format_duration(trained_seconds), format_duration(eta));
     }
-    nlohmann::json record = {{"step", step + 1},
-                             {"train_loss", train_loss},
-                             {"lr_multiplier", lrm},
-                             {"grad_norm", grad_norm},
-                             {"tokens_per_second", tokens_per_second},
-                             {"step_ms", 1e3 * dt},
-                             {"optimizer_ms", 1e3 * optimizer_seconds},
-                             {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)}};
-    record.update(optim_metrics);
-    metrics.write(record);
+    if (lead) {
+      nlohmann::json record = {{"step", step + 1},
+                               {"train_loss", train_loss},
+                               {"lr_multiplier", lrm},
+                               {"tokens_per_second", tokens_per_second},
+                               {"step_ms", 1e3 * dt},
+                               {"optimizer_ms", 1e3 * optimizer_seconds},
+                               {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)}};
+      record.update(optim_metrics);
+      metrics->write(record);
+    }
 
-    if (g_stop_signal) {
+    if (stop_signal) {
       save(step + 1);
-      spdlog::warn("stopped by signal {} after step {}; checkpoint saved", int(g_stop_signal), step + 1);
-      return 128 + g_stop_signal;
+      spdlog::warn("stopped by signal {} after step {}; checkpoint saved", stop_signal, step + 1);
+      return 128 + stop_signal;
     }
     if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0 && step + 1 < N) {
       save(step + 1);
@@ -220,7 +243,7 @@ int train(const TrainOptions& options) {
   }
   if (config.checkpoint.save_final) save(N);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
-  metrics.write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
+  if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
   return 0;
 }
 

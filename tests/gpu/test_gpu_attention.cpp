@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -16,6 +17,7 @@
 
 #include "attention.cuh"
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/attention_cudnn.h"
 
 using namespace lmtrain;
 
@@ -376,4 +378,245 @@ TEST_CASE("gpu attention rejects unsupported head dims", "[gpu][attention]") {
                                               4, 2, 2, 48, 4, 0, nullptr));
   CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4,
                                               3, 2, 2, 64, 4, 0, nullptr));  // Tq > Tk
+}
+
+// ---- cuDNN's fused SDPA (src/backend/cuda/attention_cudnn.cpp), the bf16 training path ----
+
+namespace {
+
+// Grow-only device workspace, like the backend's scratch.
+struct GrowBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~GrowBuffer() { cudaFree(ptr); }
+  void* get(size_t n) {
+    if (n > bytes) {
+      ATTN_CUDA(cudaDeviceSynchronize());
+      cudaFree(ptr);
+      ptr = nullptr;
+      ATTN_CUDA(cudaMalloc(&ptr, n));
+      bytes = n;
+    }
+    return ptr;
+  }
+};
+
+// One CudnnAttention for the binary (its graphs are cached per shape), on the legacy stream.
+cuda::CudnnAttention* cudnn_attention() {
+  static std::unique_ptr<cuda::CudnnAttention> a = cuda::CudnnAttention::create(nullptr);
+  return a.get();
+}
+GrowBuffer& cudnn_workspace() {
+  static GrowBuffer w;
+  return w;
+}
+cuda::CudnnAttention::Workspace workspace_fn() {
+  return [](size_t n) { return cudnn_workspace().get(n); };
+}
+
+// Shapes cuDNN accepted and rejected so far (rejections are legal: the backend then falls back).
+int cudnn_accepted = 0, cudnn_rejected = 0;
+
+// cuDNN forward (bf16, q_offset 0) against the CPU on the bf16-rounded inputs. Returns false when
+// cuDNN rejected the shape.
+bool check_cudnn_forward(const Case& c, uint32_t seed) {
+  INFO("cudnn " << c.str());
+  REQUIRE(c.bf16);
+  REQUIRE(c.Tq == c.Tk);
+  Inputs in = make_inputs(c, seed);
+  std::vector<float> out(size_t(c.B) * c.Tq * c.H * c.D), lse(size_t(c.B) * c.H * c.Tq);
+  CpuBackend cpu;
+  cpu.attention_forward(host_tensor(out, {c.B, c.Tq, c.H, c.D}), host_tensor(lse, {c.B, c.H, c.Tq}),
+                        host_tensor(in.q, {c.B, c.Tq, c.H, c.D}),
+                        host_tensor(in.k, {c.B, c.Tk, c.Hkv, c.D}),
+                        host_tensor(in.v, {c.B, c.Tk, c.Hkv, c.D}), c.window, 0);
+  DevArray gq(in.q, true), gk(in.k, true), gv(in.v, true);
+  DevArray gout(out.size(), true), glse(lse.size(), false);
+  if (!cudnn_attention()->forward(gout.ptr, glse.as<float>(), gq.ptr, gk.ptr, gv.ptr,
+                                  {c.B, c.Tq, c.H, c.Hkv, c.D, c.window}, workspace_fn())) {
+    ++cudnn_rejected;
+    std::printf("cuDNN rejected forward %s\n", c.str().c_str());
+    return false;
+  }
+  ++cudnn_accepted;
+  ATTN_CUDA(cudaDeviceSynchronize());
+  expect_close("cudnn out", gout.download(), out, {c.B, c.Tq, c.H, c.D}, 2e-2, c);
+  expect_close("cudnn lse", glse.download(), lse, {c.B, c.H, c.Tq}, 1e-4, c);
+  return true;
+}
+
+// cuDNN backward from the CPU's out (rounded to bf16) and lse, against the CPU backward.
+bool check_cudnn_backward(const Case& c, uint32_t seed) {
+  INFO("cudnn " << c.str());
+  REQUIRE(c.bf16);
+  REQUIRE(c.Tq == c.Tk);
+  Inputs in = make_inputs(c, seed);
+  const int64_t B = c.B, T = c.Tq, H = c.H, Hkv = c.Hkv, D = c.D;
+  std::vector<float> out(size_t(B * T * H * D)), lse(size_t(B * H * T));
+  std::vector<float> gout = round_bf16(randn(out.size(), 1.f, seed + 3));
+  CpuBackend cpu;
+  cpu.attention_forward(host_tensor(out, {B, T, H, D}), host_tensor(lse, {B, H, T}),
+                        host_tensor(in.q, {B, T, H, D}), host_tensor(in.k, {B, T, Hkv, D}),
+                        host_tensor(in.v, {B, T, Hkv, D}), c.window, 0);
+  out = round_bf16(out);
+  Grads ref{std::vector<float>(in.q.size()), std::vector<float>(in.k.size()),
+            std::vector<float>(in.v.size())};
+  cpu.attention_backward(host_tensor(ref.dq, {B, T, H, D}), host_tensor(ref.dk, {B, T, Hkv, D}),
+                         host_tensor(ref.dv, {B, T, Hkv, D}), host_tensor(gout, {B, T, H, D}),
+                         host_tensor(in.q, {B, T, H, D}), host_tensor(in.k, {B, T, Hkv, D}),
+                         host_tensor(in.v, {B, T, Hkv, D}), host_tensor(out, {B, T, H, D}),
+                         host_tensor(lse, {B, H, T}), c.window);
+  DevArray q(in.q, true), k(in.k, true), v(in.v, true), o(out, true), g(gout, true);
+  DevArray l(lse, false);
+  DevArray dq(in.q.size(), true), dk(in.k.size(), true), dv(in.v.size(), true);
+  if (!cudnn_attention()->backward(dq.ptr, dk.ptr, dv.ptr, g.ptr, q.ptr, k.ptr, v.ptr, o.ptr,
+                                   l.as<float>(), {c.B, c.Tq, c.H, c.Hkv, c.D, c.window},
+                                   workspace_fn())) {
+    ++cudnn_rejected;
+    std::printf("cuDNN rejected backward %s\n", c.str().c_str());
+    return false;
+  }
+  ++cudnn_accepted;
+  ATTN_CUDA(cudaDeviceSynchronize());
+  expect_close("cudnn dq", dq.download(), ref.dq, {B, T, H, D}, 2e-2, c);
+  expect_close("cudnn dk", dk.download(), ref.dk, {B, T, Hkv, D}, 2e-2, c);
+  expect_close("cudnn dv", dv.download(), ref.dv, {B, T, Hkv, D}, 2e-2, c);
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("cudnn attention (bf16) matches the CPU reference", "[gpu][attention][cudnn]") {
+  if (!have_gpu() || !cudnn_attention()) {
+    WARN("no CUDA device or no cuDNN attention in this build: skipped");
+    return;
+  }
+  std::printf("cuDNN attention: %s backward\n",
+              cudnn_attention()->deterministic() ? "deterministic" : "nondeterministic");
+  uint32_t seed = 5000;
+  // Every window < T - 1 is its own graph (a build costs up to a second), so the grid is smaller
+  // than the own kernel's; windows T - 1 and beyond share the causal graph.
+  for (int D : {64, 128})
+    for (auto [H, Hkv] : {std::pair<int, int>{2, 2}, {6, 2}})
+      for (int T : {37, 130})
+        for (int window : {0, 7, T / 2, T - 2, T, 4 * T}) {
+          const Case c{2, T, T, H, Hkv, D, window, 0, true};
+          check_cudnn_forward(c, seed++);
+          check_cudnn_backward(c, seed++);
+        }
+  for (int window : {1, 70, 300}) {  // GQA 4:1, a window spanning several tiles
+    const Case c{1, 300, 300, 4, 1, 64, window, 0, true};
+    check_cudnn_forward(c, seed++);
+    check_cudnn_backward(c, seed++);
+  }
+  // Other head dims: cuDNN may or may not take them (the backend falls back).
+  for (int D : {16, 32})
+    for (int window : {5, 130}) {
+      const Case c{2, 130, 130, 6, 2, D, window, 0, true};
+      check_cudnn_forward(c, seed++);
+      check_cudnn_backward(c, seed++);
+    }
+  // The training shape, scaled down in B and T: must be taken.
+  for (int window : {64, 255, 256}) {
+    const Case c{2, 256, 256, 6, 6, 128, window, 0, true};
+    CHECK(check_cudnn_forward(c, seed++));
+    CHECK(check_cudnn_backward(c, seed++));
+  }
+  std::printf("cuDNN attention: %d graphs accepted, %d rejected\n", cudnn_accepted,
+              cudnn_rejected);
+  worst_seen.print("cudnn attention");
+}
+
+TEST_CASE("cudnn attention backward determinism", "[gpu][attention][cudnn]") {
+  if (!have_gpu() || !cudnn_attention()) {
+    WARN("no CUDA device or no cuDNN attention in this build: skipped");
+    return;
+  }
+  const Case c{4, 512, 512, 6, 2, 128, 100, 0, true};
+  Inputs in = make_inputs(c, 91);
+  std::vector<float> gout = randn(in.q.size(), 1.f, 92);
+  DevArray q(in.q, true), k(in.k, true), v(in.v, true), g(gout, true);
+  DevArray o(in.q.size(), true), l(size_t(c.B) * c.H * c.Tq, false);
+  const cuda::AttentionShape s{c.B, c.Tq, c.H, c.Hkv, c.D, c.window};
+  REQUIRE(cudnn_attention()->forward(o.ptr, l.as<float>(), q.ptr, k.ptr, v.ptr, s, workspace_fn()));
+  std::vector<std::vector<uint8_t>> runs[2];
+  for (auto& r : runs) {
+    DevArray dq(in.q.size(), true), dk(in.k.size(), true), dv(in.v.size(), true);
+    REQUIRE(cudnn_attention()->backward(dq.ptr, dk.ptr, dv.ptr, g.ptr, q.ptr, k.ptr, v.ptr, o.ptr,
+                                        l.as<float>(), s, workspace_fn()));
+    ATTN_CUDA(cudaDeviceSynchronize());
+    r = {dq.raw(), dk.raw(), dv.raw()};
+  }
+  const bool same = runs[0] == runs[1];
+  std::printf("cuDNN attention backward (%s mode): two runs %s\n",
+              cudnn_attention()->deterministic() ? "deterministic" : "nondeterministic",
+              same ? "bit-identical" : "DIFFER");
+  if (cudnn_attention()->deterministic()) CHECK(same);
+}
+
+// Not a check: times forward + backward of the d12 benchmark's attention (B 64, T 2048, 6 heads
+// of 128, windows 1024 and 2048) on cuDNN and on our own kernel. Hidden: run with "[timing]".
+TEST_CASE("attention timing at the d12 shape", "[.][timing]") {
+  if (!have_gpu()) return;
+  const int B = 64, T = 2048, H = 6, Hkv = 6, D = 128;
+  const size_t nq = size_t(B) * T * H * D;
+  std::vector<float> host = randn(nq, 1.f, 7);
+  DevArray q(host, true), k(host, true), v(host, true), g(host, true), o(nq, true);
+  DevArray dq(nq, true), dk(nq, true), dv(nq, true), l(size_t(B) * H * T, false);
+  DevArray ws(cuda::attention_backward_workspace_bytes(B, T, H, Hkv, D) / 4 + 1, false);
+  cudaEvent_t e0, e1, e2;
+  ATTN_CUDA(cudaEventCreate(&e0));
+  ATTN_CUDA(cudaEventCreate(&e1));
+  ATTN_CUDA(cudaEventCreate(&e2));
+  for (int window : {1024, 2048})
+    for (int impl = 0; impl < 2; ++impl) {
+      if (impl == 1 && !cudnn_attention()) continue;
+      const cuda::AttentionShape s{B, T, H, Hkv, D, window};
+      auto fwd = [&] {
+        if (impl == 0)
+          cuda::attention_forward<__nv_bfloat16>(o.as<__nv_bfloat16>(), l.as<float>(),
+                                                 q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+                                                 v.as<__nv_bfloat16>(), B, T, T, H, Hkv, D,
+                                                 window, 0, nullptr);
+        else
+          REQUIRE(cudnn_attention()->forward(o.ptr, l.as<float>(), q.ptr, k.ptr, v.ptr, s,
+                                             workspace_fn()));
+      };
+      auto bwd = [&] {
+        if (impl == 0)
+          cuda::attention_backward<__nv_bfloat16>(
+              dq.as<__nv_bfloat16>(), dk.as<__nv_bfloat16>(), dv.as<__nv_bfloat16>(),
+              g.as<__nv_bfloat16>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+              v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), B, T, H, Hkv, D,
+              window, ws.ptr, nullptr);
+        else
+          REQUIRE(cudnn_attention()->backward(dq.ptr, dk.ptr, dv.ptr, g.ptr, q.ptr, k.ptr, v.ptr,
+                                              o.ptr, l.as<float>(), s, workspace_fn()));
+      };
+      fwd(), bwd();  // warm-up (graph build)
+      ATTN_CUDA(cudaDeviceSynchronize());
+      const int reps = impl == 0 ? 2 : 10;
+      float f_ms = 0, b_ms = 0;
+      for (int r = 0; r < reps; ++r) {
+        ATTN_CUDA(cudaEventRecord(e0));
+        fwd();
+        ATTN_CUDA(cudaEventRecord(e1));
+        bwd();
+        ATTN_CUDA(cudaEventRecord(e2));
+        ATTN_CUDA(cudaEventSynchronize(e2));
+        float a = 0, b = 0;
+        ATTN_CUDA(cudaEventElapsedTime(&a, e0, e1));
+        ATTN_CUDA(cudaEventElapsedTime(&b, e1, e2));
+        f_ms += a / reps, b_ms += b / reps;
+      }
+      // Causal band FLOPs: 4 B H D per visible (query, key) pair forward, 2.5x that backward.
+      double pairs = 0;
+      for (int i = 0; i < T; ++i) pairs += std::min(i, window) + 1;
+      const double fflop = 4.0 * B * H * D * pairs;
+      std::printf("timing %-6s window %4d: forward %7.2f ms (%5.0f TFLOP/s), backward %7.2f ms "
+                  "(%5.0f TFLOP/s)\n",
+                  impl ? "cudnn" : "own", window, f_ms, fflop / f_ms * 1e-9, b_ms,
+                  2.5 * fflop / b_ms * 1e-9);
+    }
+  cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
 }

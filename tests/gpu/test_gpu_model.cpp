@@ -153,7 +153,8 @@ TEST_CASE("gpu training steps match the CPU under every optimizer preset", "[gpu
     CpuBackend cpu;
     Gpt cpu_model(cpu, shape, B);
     load_params(cpu_model, file);
-    Optimizer cpu_opt(cpu_model, config.optim, double(config.batch.total_batch_tokens), kSteps);
+    dist::LocalCommunicator cpu_comm(cpu);
+    Optimizer cpu_opt(cpu_model, config.optim, double(config.batch.total_batch_tokens), kSteps, cpu_comm);
     std::vector<double> cpu_losses;
     for (int s = 0; s < kSteps; ++s) {
       cpu_model.zero_grads();
@@ -168,7 +169,8 @@ TEST_CASE("gpu training steps match the CPU under every optimizer preset", "[gpu
       Backend& gpu = backend(act);
       Gpt model(gpu, shape, B);
       load_params(model, file);
-      Optimizer opt(model, config.optim, double(config.batch.total_batch_tokens), kSteps);
+      dist::LocalCommunicator comm(gpu);
+      Optimizer opt(model, config.optim, double(config.batch.total_batch_tokens), kSteps, comm);
       for (int s = 0; s < kSteps; ++s) {
         model.zero_grads();
         const Gpt::Loss l = model.forward(tokens[s], targets[s], true);

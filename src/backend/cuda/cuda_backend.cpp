@@ -1,6 +1,7 @@
 // The CUDA backend's lifetime, memory and elementwise utilities.
 #include "backend/cuda/cuda_backend.h"
 
+#include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/checks.h"
 #include "cuda_check.cuh"
 #include "elementwise.cuh"
@@ -38,6 +39,9 @@ CudaBackend::CudaBackend(DType activation) : activation_(activation) {
   double* host = nullptr;
   cuda_check(cudaMallocHost(&host, sizeof(double)), "cudaMallocHost");
   host_result_.reset(host);
+  // The fp32 mode keeps our own attention kernel (exact comparison with the CPU; cuDNN's SDPA
+  // is bf16/fp16 only).
+  if (activation_ == DType::bf16) cudnn_attention_ = cuda::CudnnAttention::create(stream_.get());
 }
 
 // Kernels may still be running on the stream; they must finish before their memory (freed by

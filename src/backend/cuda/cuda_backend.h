@@ -23,6 +23,10 @@
 
 namespace lmtrain {
 
+namespace cuda {
+class CudnnAttention;  // attention_cudnn.h
+}
+
 class CudaBackend final : public Backend {
  public:
   // Uses the current CUDA device. `activation` is DType::f32 or DType::bf16.
@@ -34,6 +38,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   DType activation_dtype() const override { return activation_; }
   const std::string& device_name() const { return device_name_; }
+  // The one stream every op runs on; collectives (NCCL) are queued on it too.
+  cudaStream_t stream() const { return stream_.get(); }
 
   Buffer allocate(size_t bytes) override;
   void upload(Tensor dst, const void* host) override;
@@ -128,6 +134,9 @@ class CudaBackend final : public Backend {
   Buffer lt_workspace_, scratch_;
   std::unique_ptr<double, decltype(&cudaFreeHost)> host_result_{nullptr, &cudaFreeHost};
   std::unordered_map<MatmulKey, MatmulPlan, MatmulKeyHash> matmul_plans_;
+  // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
+  // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
+  std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
 };
 
 }  // namespace lmtrain

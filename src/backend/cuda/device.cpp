@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "core/error.h"
+
 namespace lmtrain::cuda {
 
 int device_count() {
@@ -12,6 +14,11 @@ int device_count() {
   // No driver or no GPU both mean "no CUDA device here": the CPU backend is used.
   if (cudaGetDeviceCount(&count) != cudaSuccess) return 0;
   return count;
+}
+
+void set_device(int device) {
+  const cudaError_t status = cudaSetDevice(device);
+  check(status == cudaSuccess, "cannot select GPU {}: {}", device, cudaGetErrorString(status));
 }
 
 std::string device_name(int device) {

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "attention.cuh"
+#include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/checks.h"
 #include "backend/cuda/cuda_backend.h"
 #include "embedding.cuh"
@@ -189,6 +190,13 @@ void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, 
   check(q_offset >= 0 && q_offset + Tq <= Tk,
         "{}: queries at positions [{}, {}) need keys up to there, have {}", op, q_offset,
         q_offset + Tq, Tk);
+  // Training and full-sequence evaluation in bf16 go to cuDNN; generation (q_offset, Tq < Tk),
+  // the fp32 mode and shapes cuDNN rejects run our own kernel (docs/CUDA.md, "Attention").
+  if (cudnn_attention_ && activation_ == DType::bf16 && q_offset == 0 && Tq == Tk &&
+      cudnn_attention_->forward(out.data, ptr<float>(lse), q.data, k.data, v.data,
+                                {B, Tq, H, Hkv, D, window},
+                                [this](size_t bytes) { return scratch(bytes); }))
+    return;
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::attention_forward(ptr<T>(out), ptr<float>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v), B, Tq,
@@ -208,6 +216,11 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
   check_like(op, "dout", dout, out, activation_);
   const int B = int(q.dim(0)), Tn = int(q.dim(1)), H = int(q.dim(2)), D = int(q.dim(3));
   const int Hkv = int(k.dim(2));
+  if (cudnn_attention_ && activation_ == DType::bf16 &&
+      cudnn_attention_->backward(dq.data, dk.data, dv.data, dout.data, q.data, k.data, v.data,
+                                 out.data, ptr<float>(lse), {B, Tn, H, Hkv, D, window},
+                                 [this](size_t bytes) { return scratch(bytes); }))
+    return;
   void* work = scratch(cuda::attention_backward_workspace_bytes(B, Tn, H, Hkv, D));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);

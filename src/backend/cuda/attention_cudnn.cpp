@@ -1,0 +1,345 @@
+// cuDNN fused SDPA for the bf16 attention (interface and semantics in attention_cudnn.h).
+//
+// One cuDNN graph per (B, T, H, Hkv, D, window, forward/backward), built on first use and kept:
+// building one takes tens of milliseconds (heuristics, kernel selection), executing it only binds
+// the pointers. Shapes cuDNN rejects are remembered too, so the fallback costs nothing after the
+// first call.
+//
+// The mapping onto cuDNN's SDPA:
+//   - layouts: cuDNN's logical dims are (B, heads, T, D); our row-major (B, T, heads, D) buffers
+//     are those dims with strides (T*heads*D, D, heads*D, 1) ("BSHD"). GQA is K/V with Hkv heads.
+//   - mask: diagonal band aligned top-left, right bound 0 (causal). cuDNN keeps key j for query i
+//     when j + left_bound > i, i.e. j >= i - left_bound + 1; our window keeps j >= i - window, so
+//     left_bound = window + 1 (no left bound when window >= T - 1: every causal key is in).
+//   - lse: the forward's Stats output, f32 (B, H, T, 1) with strides (H*T, T, 1, 1), natural-log
+//     max + log(sum exp(s - max)) of the scaled scores = our lse (B, H, T); the backward reads it.
+//   - scale 1/sqrt(D); I/O bf16, intermediates and compute f32.
+#include "backend/cuda/attention_cudnn.h"
+
+#include <spdlog/spdlog.h>
+
+#include "core/error.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#ifdef LMTRAIN_HAVE_CUDNN
+// The frontend reaches cuDNN (and, for engines we never use, NVRTC) through dlopen: no link-time
+// dependency, and a machine without cuDNN runs our own kernel.
+#define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
+#include <cudnn.h>
+#include <dlfcn.h>
+
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <unordered_map>
+
+#include <cudnn_frontend.h>
+#endif
+
+#ifdef LMTRAIN_HAVE_CUDNN
+// The library handle the frontend's dynamic-loading shim resolves cuDNN's symbols from.
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;
+}
+#endif
+
+namespace lmtrain::cuda {
+
+#ifdef LMTRAIN_HAVE_CUDNN
+
+namespace fe = cudnn_frontend;
+
+namespace {
+
+enum class Mode { off, deterministic, nondeterministic };
+
+// LMTRAIN_CUDNN_ATTENTION: unset, "1" or "deterministic": on, deterministic backward;
+// "nondeterministic": on, cuDNN's default backward (dq accumulated with fp32 atomics);
+// "0" or "off": never (our own kernel only).
+Mode mode_from_env() {
+  const char* e = std::getenv("LMTRAIN_CUDNN_ATTENTION");
+  if (!e || !*e || !std::strcmp(e, "1") || !std::strcmp(e, "deterministic"))
+    return Mode::deterministic;
+  if (!std::strcmp(e, "nondeterministic")) return Mode::nondeterministic;
+  if (!std::strcmp(e, "0") || !std::strcmp(e, "off")) return Mode::off;
+  spdlog::warn("LMTRAIN_CUDNN_ATTENTION={} is not one of 0, off, 1, deterministic, "
+               "nondeterministic: using deterministic",
+               e);
+  return Mode::deterministic;
+}
+
+// Tensor uids of the variant packs.
+enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kdO, kdQ, kdK, kdV };
+
+std::shared_ptr<fe::graph::Tensor_attributes> bshd(fe::graph::Graph& g, const char* name,
+                                                   int64_t uid, const AttentionShape& s,
+                                                   int heads) {
+  const int64_t B = s.B, T = s.T, Hn = heads, D = s.D;
+  return g.tensor(fe::graph::Tensor_attributes()
+                      .set_name(name)
+                      .set_uid(uid)
+                      .set_data_type(fe::DataType_t::BFLOAT16)
+                      .set_dim({B, Hn, T, D})
+                      .set_stride({T * Hn * D, D, Hn * D, 1}));
+}
+
+void set_bshd_output(const std::shared_ptr<fe::graph::Tensor_attributes>& t, int64_t uid,
+                     const AttentionShape& s, int heads) {
+  const int64_t B = s.B, T = s.T, Hn = heads, D = s.D;
+  t->set_output(true)
+      .set_uid(uid)
+      .set_data_type(fe::DataType_t::BFLOAT16)
+      .set_dim({B, Hn, T, D})
+      .set_stride({T * Hn * D, D, Hn * D, 1});
+}
+
+// lse / Stats: (B, H, T, 1) f32, contiguous like our (B, H, T).
+void set_stats(const std::shared_ptr<fe::graph::Tensor_attributes>& t, const AttentionShape& s) {
+  const int64_t B = s.B, T = s.T, H = s.H;
+  t->set_uid(kStats)
+      .set_data_type(fe::DataType_t::FLOAT)
+      .set_dim({B, H, T, 1})
+      .set_stride({H * T, T, 1, 1});
+}
+
+bool causal_only(const AttentionShape& s) { return s.window >= s.T - 1; }
+
+}  // namespace
+
+struct CudnnAttention::Impl {
+  struct Plan {
+    std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN cannot run this shape
+    int64_t workspace = 0;
+  };
+  using Key = std::tuple<int, int, int, int, int, int, bool>;  // B, T, H, Hkv, D, window, backward
+
+  cudnnHandle_t handle = nullptr;
+  bool deterministic = true;
+  std::map<Key, Plan> plans;
+
+  ~Impl() {
+    if (handle) fe::detail::destroy_handle(handle);
+  }
+
+  static std::string describe(const AttentionShape& s, bool backward) {
+    return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}",
+                       backward ? "backward" : "forward", s.B, s.T, s.H, s.Hkv, s.D, s.window);
+  }
+
+  // validate -> operation graph -> heuristics (mode A) -> support check -> plan build; the first
+  // failing step's message is logged and the shape marked unsupported.
+  Plan build(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s, bool backward) {
+    try {
+      return build_steps(g, s, backward);
+    } catch (const std::exception& e) {
+      spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it",
+                   describe(s, backward), e.what());
+      return Plan{};
+    }
+  }
+
+  Plan build_steps(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s,
+                   bool backward) {
+    auto step = [&](const char* what, fe::error_t status) {
+      if (status.is_good()) return true;
+      spdlog::warn("cuDNN attention {}: {} failed ({}); using the own attention kernel for it",
+                   describe(s, backward), what, status.get_message());
+      return false;
+    };
+    Plan plan;
+    if (!step("validate", g->validate()) ||
+        !step("build_operation_graph", g->build_operation_graph(handle)) ||
+        !step("create_execution_plans", g->create_execution_plans({fe::HeurMode_t::A})) ||
+        !step("check_support", g->check_support(handle)) ||
+        !step("build_plans", g->build_plans(handle)) ||
+        !step("get_workspace_size", g->get_workspace_size(plan.workspace)))
+      return Plan{};
+    plan.graph = g;
+    return plan;
+  }
+
+  std::shared_ptr<fe::graph::Graph> new_graph() {
+    auto g = std::make_shared<fe::graph::Graph>();
+    g->set_io_data_type(fe::DataType_t::BFLOAT16)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    return g;
+  }
+
+  Plan build_forward(const AttentionShape& s) {
+    auto g = new_graph();
+    auto q = bshd(*g, "q", kQ, s, s.H);
+    auto k = bshd(*g, "k", kK, s, s.Hkv);
+    auto v = bshd(*g, "v", kV, s, s.Hkv);
+    auto opts = fe::graph::SDPA_attributes()
+                    .set_name("lmtrain_attention_forward")
+                    .set_generate_stats(true)
+                    .set_attn_scale(1.f / std::sqrt(float(s.D)))
+                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_band_right_bound(0);
+    if (!causal_only(s)) opts.set_diagonal_band_left_bound(s.window + 1);
+    auto [o, stats] = g->sdpa(q, k, v, opts);
+    set_bshd_output(o, kO, s, s.H);
+    stats->set_output(true);
+    set_stats(stats, s);
+    return build(g, s, false);
+  }
+
+  Plan build_backward(const AttentionShape& s) {
+    auto g = new_graph();
+    auto q = bshd(*g, "q", kQ, s, s.H);
+    auto k = bshd(*g, "k", kK, s, s.Hkv);
+    auto v = bshd(*g, "v", kV, s, s.Hkv);
+    auto o = bshd(*g, "o", kO, s, s.H);
+    auto dout = bshd(*g, "dout", kdO, s, s.H);
+    auto stats = g->tensor(fe::graph::Tensor_attributes().set_name("lse"));
+    set_stats(stats, s);
+    auto opts = fe::graph::SDPA_backward_attributes()
+                    .set_name("lmtrain_attention_backward")
+                    .set_attn_scale(1.f / std::sqrt(float(s.D)))
+                    .set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+                    .set_diagonal_band_right_bound(0)
+                    .set_deterministic_algorithm(deterministic);
+    if (!causal_only(s)) opts.set_diagonal_band_left_bound(s.window + 1);
+    auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dout, stats, opts);
+    set_bshd_output(dq, kdQ, s, s.H);
+    set_bshd_output(dk, kdK, s, s.Hkv);
+    set_bshd_output(dv, kdV, s, s.Hkv);
+    return build(g, s, true);
+  }
+
+  const Plan& plan(const AttentionShape& s, bool backward) {
+    // Every window >= T - 1 is the same causal graph.
+    const int window = causal_only(s) ? -1 : s.window;
+    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, backward};
+    auto it = plans.find(key);
+    if (it == plans.end()) {
+      Plan p = backward ? build_backward(s) : build_forward(s);
+      if (p.graph)
+        spdlog::debug("cuDNN attention {}: graph built, workspace {} bytes", describe(s, backward),
+                      p.workspace);
+      it = plans.emplace(key, std::move(p)).first;
+    }
+    return it->second;
+  }
+
+  bool run(const AttentionShape& s, bool backward, std::unordered_map<int64_t, void*>& pack,
+           const Workspace& workspace) {
+    for (auto& [uid, p] : pack)
+      if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+        static bool warned = false;
+        if (!warned)
+          spdlog::warn("cuDNN attention {}: a tensor is not 16-byte aligned; using the own kernel",
+                       describe(s, backward));
+        warned = true;
+        return false;
+      }
+    const Plan& p = plan(s, backward);
+    if (!p.graph) return false;
+    void* ws = p.workspace > 0 ? workspace(size_t(p.workspace)) : nullptr;
+    fe::error_t status = p.graph->execute(handle, pack, ws);
+    if (!status.is_good())
+      fail("cuDNN attention {}: execute failed: {}", describe(s, backward), status.get_message());
+    return true;
+  }
+};
+
+std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t stream) {
+  const Mode mode = mode_from_env();
+  if (mode == Mode::off) {
+    spdlog::info("cuDNN attention off (LMTRAIN_CUDNN_ATTENTION): bf16 attention uses the own kernel");
+    return nullptr;
+  }
+  if (!fe::cudnn_dlhandle) {
+    for (const char* lib : {"libcudnn.so.9", "libcudnn.so"})
+      if ((fe::cudnn_dlhandle = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
+    if (!fe::cudnn_dlhandle) {
+      const char* why = dlerror();
+      spdlog::warn("cuDNN attention unavailable: cannot load libcudnn.so.9 ({}); bf16 attention "
+                   "uses the own kernel",
+                   why ? why : "not found");
+      return nullptr;
+    }
+  }
+  // The shim also loads the CUDA runtime by name: point it at the major version we run on.
+  ::setenv("CUDNN_FRONTEND_CUDART_LIB_NAME",
+           fmt::format("libcudart.so.{}", CUDART_VERSION / 1000).c_str(), /*overwrite=*/0);
+  auto impl = std::make_unique<Impl>();
+  impl->deterministic = mode == Mode::deterministic;
+  cudnnStatus_t st = CUDNN_STATUS_NOT_INITIALIZED;
+  size_t version = 0;
+  try {
+    version = fe::detail::get_backend_version();
+    st = fe::detail::create_handle(&impl->handle);
+    if (st == CUDNN_STATUS_SUCCESS) st = fe::detail::set_stream(impl->handle, stream);
+  } catch (const std::exception& e) {
+    spdlog::warn("cuDNN attention unavailable ({}): bf16 attention uses the own kernel", e.what());
+    return nullptr;
+  }
+  if (st != CUDNN_STATUS_SUCCESS) {
+    spdlog::warn("cuDNN attention unavailable (cudnnCreate: status {}): bf16 attention uses the "
+                 "own kernel",
+                 int(st));
+    return nullptr;
+  }
+  spdlog::info("cuDNN attention: cuDNN {} at run time (headers {}), {} backward", version,
+               CUDNN_VERSION, impl->deterministic ? "deterministic" : "nondeterministic");
+  return std::unique_ptr<CudnnAttention>(new CudnnAttention(std::move(impl)));
+}
+
+bool CudnnAttention::forward(void* out, float* lse, const void* q, const void* k, const void* v,
+                             const AttentionShape& s, const Workspace& workspace) {
+  std::unordered_map<int64_t, void*> pack{{kQ, const_cast<void*>(q)},
+                                          {kK, const_cast<void*>(k)},
+                                          {kV, const_cast<void*>(v)},
+                                          {kO, out},
+                                          {kStats, lse}};
+  return impl_->run(s, false, pack, workspace);
+}
+
+bool CudnnAttention::backward(void* dq, void* dk, void* dv, const void* dout, const void* q,
+                              const void* k, const void* v, const void* out, const float* lse,
+                              const AttentionShape& s, const Workspace& workspace) {
+  std::unordered_map<int64_t, void*> pack{{kQ, const_cast<void*>(q)},
+                                          {kK, const_cast<void*>(k)},
+                                          {kV, const_cast<void*>(v)},
+                                          {kO, const_cast<void*>(out)},
+                                          {kdO, const_cast<void*>(dout)},
+                                          {kStats, const_cast<float*>(lse)},
+                                          {kdQ, dq},
+                                          {kdK, dk},
+                                          {kdV, dv}};
+  return impl_->run(s, true, pack, workspace);
+}
+
+bool CudnnAttention::deterministic() const { return impl_->deterministic; }
+
+#else  // no cuDNN at build time: the own kernel does everything.
+
+struct CudnnAttention::Impl {};
+
+std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t) { return nullptr; }
+
+bool CudnnAttention::forward(void*, float*, const void*, const void*, const void*,
+                             const AttentionShape&, const Workspace&) {
+  return false;
+}
+
+bool CudnnAttention::backward(void*, void*, void*, const void*, const void*, const void*,
+                              const void*, const void*, const float*, const AttentionShape&,
+                              const Workspace&) {
+  return false;
+}
+
+bool CudnnAttention::deterministic() const { return true; }
+
+#endif
+
+CudnnAttention::CudnnAttention(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudnnAttention::~CudnnAttention() = default;
+
+}  // namespace lmtrain::cuda
