@@ -17,7 +17,14 @@ PIP_PACKAGES := numpy tokenizers safetensors
 LMTRAIN := $(BUILD)/lmtrain
 DATA_STAMP := data/tiny/meta.json
 
-.PHONY: setup cudnn-frontend build data train test test-gpu golden info format clean bench
+# make ddp-train: pretraining on every GPU of this machine (1 rank on a CPU machine).
+NGPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$$n" -gt 0 ] && echo $$n || echo 1)
+DEPTH ?= 12
+TARGET_FLOPS ?= 1e18
+RUN ?= d$(DEPTH)
+DDP_CONFIG := $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/pretrain.json)
+
+.PHONY: setup cudnn-frontend build data train test test-gpu golden info format clean bench ddp-train
 
 # cuDNN's frontend (header-only C++ API over the cuDNN library that ships with the CUDA toolkit):
 # not a Debian package; the PyPI wheel nvidia-cudnn-frontend carries the headers, unpacked into
@@ -68,6 +75,14 @@ data: setup $(DATA_STAMP)
 
 train: build data
 	$(LMTRAIN) train --config $(CONFIG) $(ARGS)
+
+# Iterations follow from the FLOPs budget: round(TARGET_FLOPS / (flops_per_token * batch)).
+ddp-train: build data
+	$(LMTRAIN) launch --nproc-per-node $(NGPUS) -- $(abspath $(LMTRAIN)) train --config $(DDP_CONFIG) \
+	  --set model.depth=$(DEPTH) --set schedule.target_param_data_ratio=-1 \
+	  --set schedule.target_flops=$(TARGET_FLOPS) --set run.name=$(RUN) \
+	  $(if $(TOTAL_BATCH),--set batch.total_batch_tokens=$(TOTAL_BATCH)) \
+	  $(if $(DEVICE_BATCH),--set batch.device_batch=$(DEVICE_BATCH)) $(ARGS)
 
 test: build data
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
