@@ -451,9 +451,9 @@ __global__ void __launch_bounds__(kThreads)
 // Tile shapes per head dimension. BQ and BK are multiples of 16 (the thread grid's side).
 template <int D>
 struct Tiles {
-  static constexpr int kFwdQ = 64, kFwdK = D > 64 ? 32 : 64;   // forward
-  static constexpr int kDkvK = 64, kDkvQ = D > 64 ? 32 : 64;   // backward dk/dv
-  static constexpr int kDqQ = 64, kDqK = D > 64 ? 32 : 64;     // backward dq
+  static constexpr int kFwdQ = 64, kFwdK = D > 64 ? 32 : 64;  // forward
+  static constexpr int kDkvK = 64, kDkvQ = D > 64 ? 32 : 64;  // backward dk/dv
+  static constexpr int kDqQ = 64, kDqK = D > 64 ? 32 : 64;    // backward dq
 };
 
 void fail_arg(const char* what) { cuda_check(cudaErrorInvalidValue, what); }
@@ -484,7 +484,7 @@ void launch_forward(T* out, float* lse, const T* q, const T* k, const T* v, int 
   constexpr size_t smem = fwd_smem_bytes<D, BQ, BK>();
   auto kernel = attn_fwd_kernel<T, D, BQ, BK>;
   static std::atomic<uint64_t> configured{0};
-    set_smem(configured, kernel, smem, "attention_forward smem attribute");
+  set_smem(configured, kernel, smem, "attention_forward smem attribute");
   const int BH = B * H;
   const unsigned blocks =
       grid_size(int64_t(BH) * ((Tq + BQ - 1) / BQ), "attention_forward: grid too large");
@@ -517,8 +517,8 @@ void launch_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T* k,
     const int BHkv = B * Hkv;
     const unsigned blocks =
         grid_size(int64_t(BHkv) * ((T_ + BK - 1) / BK), "attention_backward: grid too large");
-    kernel<<<blocks, kThreads, smem, stream>>>(dk, dv, q, k, v, dout, lse, delta, BHkv, T_, H,
-                                               Hkv, window, scale, scale_log2);
+    kernel<<<blocks, kThreads, smem, stream>>>(dk, dv, q, k, v, dout, lse, delta, BHkv, T_, H, Hkv,
+                                               window, scale, scale_log2);
     launch_check("attention_backward dk/dv launch", stream);
   }
   {
@@ -552,11 +552,16 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
   if (B == 0 || Tq == 0) return;
   window = std::min(window, Tk);  // keeps window arithmetic far from int overflow
   switch (D) {
-    case 16: return launch_forward<T, 16>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 32: return launch_forward<T, 32>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 64: return launch_forward<T, 64>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 128: return launch_forward<T, 128>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    default: fail_arg("attention_forward: head dim D must be 16, 32, 64 or 128");
+    case 16:
+      return launch_forward<T, 16>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
+    case 32:
+      return launch_forward<T, 32>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
+    case 64:
+      return launch_forward<T, 64>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
+    case 128:
+      return launch_forward<T, 128>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
+    default:
+      fail_arg("attention_forward: head dim D must be 16, 32, 64 or 128");
   }
 }
 
@@ -577,22 +582,31 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T*
   window = std::min(window, T_);
   float* delta = static_cast<float*>(workspace);
   switch (D) {
-    case 16: return launch_backward<T, 16>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window, delta, stream);
-    case 32: return launch_backward<T, 32>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window, delta, stream);
-    case 64: return launch_backward<T, 64>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window, delta, stream);
-    case 128: return launch_backward<T, 128>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window, delta, stream);
-    default: fail_arg("attention_backward: head dim D must be 16, 32, 64 or 128");
+    case 16:
+      return launch_backward<T, 16>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
+                                    delta, stream);
+    case 32:
+      return launch_backward<T, 32>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
+                                    delta, stream);
+    case 64:
+      return launch_backward<T, 64>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
+                                    delta, stream);
+    case 128:
+      return launch_backward<T, 128>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
+                                     delta, stream);
+    default:
+      fail_arg("attention_backward: head dim D must be 16, 32, 64 or 128");
   }
 }
 
 template void attention_forward<float>(float*, float*, const float*, const float*, const float*,
                                        int, int, int, int, int, int, int, int, cudaStream_t);
 template void attention_forward<__nv_bfloat16>(__nv_bfloat16*, float*, const __nv_bfloat16*,
-                                               const __nv_bfloat16*, const __nv_bfloat16*, int,
-                                               int, int, int, int, int, int, int, cudaStream_t);
+                                               const __nv_bfloat16*, const __nv_bfloat16*, int, int,
+                                               int, int, int, int, int, int, cudaStream_t);
 template void attention_backward<float>(float*, float*, float*, const float*, const float*,
-                                        const float*, const float*, const float*, const float*,
-                                        int, int, int, int, int, int, void*, cudaStream_t);
+                                        const float*, const float*, const float*, const float*, int,
+                                        int, int, int, int, int, void*, cudaStream_t);
 template void attention_backward<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*,
                                                 const __nv_bfloat16*, const __nv_bfloat16*,
                                                 const __nv_bfloat16*, const __nv_bfloat16*,

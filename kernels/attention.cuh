@@ -35,19 +35,21 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T*
                         int window, void* workspace, cudaStream_t stream);
 
 extern template void attention_forward<float>(float*, float*, const float*, const float*,
-                                              const float*, int, int, int, int, int, int, int,
-                                              int, cudaStream_t);
-extern template void attention_forward<__nv_bfloat16>(__nv_bfloat16*, float*,
+                                              const float*, int, int, int, int, int, int, int, int,
+                                              cudaStream_t);
+extern template void attention_forward<__nv_bfloat16>(__nv_bfloat16*, float*, const __nv_bfloat16*,
                                                       const __nv_bfloat16*, const __nv_bfloat16*,
-                                                      const __nv_bfloat16*, int, int, int, int,
-                                                      int, int, int, int, cudaStream_t);
+                                                      int, int, int, int, int, int, int, int,
+                                                      cudaStream_t);
 extern template void attention_backward<float>(float*, float*, float*, const float*, const float*,
                                                const float*, const float*, const float*,
                                                const float*, int, int, int, int, int, int, void*,
                                                cudaStream_t);
-extern template void attention_backward<__nv_bfloat16>(
-    __nv_bfloat16*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, const float*, int, int, int,
-    int, int, int, void*, cudaStream_t);
+extern template void attention_backward<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*,
+                                                       __nv_bfloat16*, const __nv_bfloat16*,
+                                                       const __nv_bfloat16*, const __nv_bfloat16*,
+                                                       const __nv_bfloat16*, const __nv_bfloat16*,
+                                                       const float*, int, int, int, int, int, int,
+                                                       void*, cudaStream_t);
 
 }  // namespace lmtrain::cuda

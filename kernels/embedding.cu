@@ -1,6 +1,5 @@
-#include <cub/device/device_radix_sort.cuh>
-
 #include <cstdio>
+#include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
 #include "cuda_check.cuh"

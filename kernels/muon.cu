@@ -170,15 +170,15 @@ void normuon_second_moment(float* x, float* state, int64_t K, int64_t rows, int6
   const bool per_row = rows >= cols;
   segment_sum_squares(s.before, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
   if (per_row) {
-    row_moment_kernel<<<blocks_for(K * rows, kThreads / 32), kThreads, 0, stream>>>(state, x, K, rows,
-                                                                                   cols, beta2);
+    row_moment_kernel<<<blocks_for(K * rows, kThreads / 32), kThreads, 0, stream>>>(
+        state, x, K, rows, cols, beta2);
   } else {
     col_moment_kernel<<<blocks_for(K * cols, kThreads), kThreads, 0, stream>>>(state, x, K, rows,
-                                                                              cols, beta2);
+                                                                               cols, beta2);
   }
   launch_check("normuon_second_moment (moments)", stream);
   apply_moment_kernel<<<blocks_for(K * size, kThreads), kThreads, 0, stream>>>(x, state, K, rows,
-                                                                              cols, per_row);
+                                                                               cols, per_row);
   launch_check("normuon_second_moment (scale)", stream);
   segment_sum_squares(s.after, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
   restore_norm_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(

@@ -56,8 +56,8 @@ void segment_sum_squares(double* out, const T* x, int64_t count, int64_t len, fl
     cuda_check(cudaMemsetAsync(out, 0, count * sizeof(double), stream), what);
     return;
   }
-  chunk_sum_squares<<<dim3(unsigned(chunks), unsigned(count)), kThreads, 0, stream>>>(scratch, x, len,
-                                                                                     chunks);
+  chunk_sum_squares<<<dim3(unsigned(chunks), unsigned(count)), kThreads, 0, stream>>>(scratch, x,
+                                                                                      len, chunks);
   launch_check(what, stream);
   segment_total<<<unsigned(count), kThreads, 0, stream>>>(out, scratch, chunks);
   launch_check(what, stream);

@@ -66,7 +66,9 @@ void residual_mix_forward(T* out, const T* x, const T* x0, const float* resid, c
   launch_check("residual_mix_forward", stream);
 }
 
-size_t residual_mix_backward_scratch_bytes(int64_t n) { return size_t(chunks_for(n)) * sizeof(float2); }
+size_t residual_mix_backward_scratch_bytes(int64_t n) {
+  return size_t(chunks_for(n)) * sizeof(float2);
+}
 
 template <typename T>
 void residual_mix_backward(T* dx, T* dx0, float* dresid, float* dx0l, const T* dout, const T* x,
@@ -85,8 +87,8 @@ void residual_mix_backward(T* dx, T* dx0, float* dresid, float* dx0l, const T* d
 using bf16 = __nv_bfloat16;
 template void residual_mix_forward<float>(float*, const float*, const float*, const float*,
                                           const float*, int, int64_t, cudaStream_t);
-template void residual_mix_forward<bf16>(bf16*, const bf16*, const bf16*, const float*, const float*,
-                                         int, int64_t, cudaStream_t);
+template void residual_mix_forward<bf16>(bf16*, const bf16*, const bf16*, const float*,
+                                         const float*, int, int64_t, cudaStream_t);
 template void residual_mix_backward<float>(float*, float*, float*, float*, const float*,
                                            const float*, const float*, const float*, const float*,
                                            int, int64_t, void*, cudaStream_t);

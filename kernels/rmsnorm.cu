@@ -72,7 +72,7 @@ template void rmsnorm_forward<float>(float*, float*, const float*, int64_t, int6
 template void rmsnorm_forward<bf16>(bf16*, float*, const bf16*, int64_t, int64_t, cudaStream_t);
 template void rmsnorm_backward<float>(float*, const float*, const float*, const float*, int64_t,
                                       int64_t, cudaStream_t);
-template void rmsnorm_backward<bf16>(bf16*, const bf16*, const bf16*, const float*, int64_t, int64_t,
-                                     cudaStream_t);
+template void rmsnorm_backward<bf16>(bf16*, const bf16*, const bf16*, const float*, int64_t,
+                                     int64_t, cudaStream_t);
 
 }  // namespace lmtrain::cuda

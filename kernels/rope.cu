@@ -29,8 +29,8 @@ void rope_rotate(T* x, const float* cos, const float* sin, int64_t B, int64_t T_
                  int64_t D, int pos0, float sign, cudaStream_t stream) {
   const int64_t pairs = B * T_ * H * (D / 2);
   if (pairs == 0) return;
-  rope_kernel<<<blocks_for(pairs, kThreads), kThreads, 0, stream>>>(x, cos, sin, pairs, T_, H, D / 2,
-                                                                    pos0, sign);
+  rope_kernel<<<blocks_for(pairs, kThreads), kThreads, 0, stream>>>(x, cos, sin, pairs, T_, H,
+                                                                    D / 2, pos0, sign);
   launch_check(sign > 0 ? "rope_forward" : "rope_backward", stream);
 }
 

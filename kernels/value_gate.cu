@@ -17,13 +17,15 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
   if (nh >= s.N * s.Hkv) return;
   const int64_t n = nh / s.Hkv, h = nh % s.Hkv;
   float a = 0.f;
-  for (int64_t g = lane; g < s.G; g += 32) a += to_float(xn[n * s.C + g]) * to_float(gate_w[h * s.G + g]);
+  for (int64_t g = lane; g < s.G; g += 32)
+    a += to_float(xn[n * s.C + g]) * to_float(gate_w[h * s.G + g]);
   a = warp_sum(a);
   const float sg = 2.f / (1.f + expf(-a));
   if (lane == 0) gate[nh] = sg;
   T* vr = v + nh * s.D;
   const T* er = ve + nh * s.D;
-  for (int64_t d = lane; d < s.D; d += 32) vr[d] = from_float<T>(to_float(vr[d]) + sg * to_float(er[d]));
+  for (int64_t d = lane; d < s.D; d += 32)
+    vr[d] = from_float<T>(to_float(vr[d]) + sg * to_float(er[d]));
 }
 
 // One warp per (token, kv head): the gate's logit gradient da, and dve.
@@ -59,7 +61,8 @@ template <typename T>
 __global__ void dgate_w_kernel(float* dgate_w, const float* da, const T* xn, ValueGateShape s) {
   const int64_t h = blockIdx.x / s.G, g = blockIdx.x % s.G;
   float acc = 0.f;
-  for (int64_t n = threadIdx.x; n < s.N; n += blockDim.x) acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
+  for (int64_t n = threadIdx.x; n < s.N; n += blockDim.x)
+    acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
   acc = block_sum(acc);
   if (threadIdx.x == 0) dgate_w[blockIdx.x] += acc;
 }
@@ -85,8 +88,8 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
                          cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
   auto* da = static_cast<float*>(scratch);
-  gate_grad_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, ve,
-                                                                                     gate, s);
+  gate_grad_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv,
+                                                                                     ve, gate, s);
   launch_check("value_gate_backward (gate)", stream);
   if (s.G == 0) return;
   dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);

@@ -1,7 +1,8 @@
 // lmtrain: trains GPT language models end to end. Errors reach here as exceptions and are
 // printed as one line; the exit code is non-zero.
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
+
+#include <CLI/CLI.hpp>
 
 #include "cli/commands.h"
 

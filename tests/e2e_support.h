@@ -7,10 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -18,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <string>
@@ -39,7 +38,7 @@ inline std::string data_dir() {
   for (const char* file : {"tokenizer.json", "train_000000.bin", "val_000000.bin"}) {
     if (!fs::exists(fs::path(dir) / file)) {
       FAIL(dir << "/" << file
-                << " is missing: run `python3 scripts/prepare_data.py` (or `make test`) first");
+               << " is missing: run `python3 scripts/prepare_data.py` (or `make test`) first");
     }
   }
   return dir;
@@ -95,7 +94,9 @@ struct Result {
   int code = -1;  // exit status, or 128 + signal when the process was killed by a signal
   std::string out, err;
   // Everything the process printed, for failure messages.
-  std::string all() const { return "exit " + std::to_string(code) + "\n--- stdout\n" + out + "--- stderr\n" + err; }
+  std::string all() const {
+    return "exit " + std::to_string(code) + "\n--- stdout\n" + out + "--- stderr\n" + err;
+  }
 };
 
 inline std::string shell_quote(const std::string& s) {
@@ -116,7 +117,8 @@ inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& t
   static int counter = 0;
   const std::string tag = std::to_string(++counter);
   const fs::path out = tmp.path() / (".stdout" + tag), err = tmp.path() / (".stderr" + tag);
-  std::string command = "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_quote(LMTRAIN_BINARY);
+  std::string command =
+      "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_quote(LMTRAIN_BINARY);
   for (const auto& a : args) command += " " + shell_quote(a);
   command += " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string()) + " </dev/null";
   Result r;
@@ -150,7 +152,7 @@ struct Background {
 
 // Starts `lmtrain args...` in the repository root without waiting.
 inline void run_lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
-                               Background& bg) {
+                                   Background& bg) {
   bg.out = tmp.path() / ".bg_stdout";
   bg.err = tmp.path() / ".bg_stderr";
   std::vector<std::string> argv_storage = {LMTRAIN_BINARY};
@@ -187,7 +189,9 @@ inline std::vector<json> read_metrics(const fs::path& path) {
 struct RunPaths {
   fs::path run, metrics, ckpt;
   RunPaths(const fs::path& out_dir, const std::string& name)
-      : run(out_dir / name), metrics(out_dir / name / "metrics.jsonl"), ckpt(out_dir / name / "ckpt") {}
+      : run(out_dir / name),
+        metrics(out_dir / name / "metrics.jsonl"),
+        ckpt(out_dir / name / "ckpt") {}
 };
 
 // A tiny, fast training config (2 layers, width 64, T=32) on the default corpus with absolute
@@ -195,7 +199,8 @@ struct RunPaths {
 inline json tiny_config(const std::string& out_dir, const json& patch = json::object()) {
   const std::string data = data_dir();
   json c = {
-      {"run", {{"name", "e2e"}, {"out_dir", out_dir}, {"seed", 1337}, {"backend", "cpu"}, {"threads", 1}}},
+      {"run",
+       {{"name", "e2e"}, {"out_dir", out_dir}, {"seed", 1337}, {"backend", "cpu"}, {"threads", 1}}},
       {"model", {{"depth", 2}, {"aspect_ratio", 32}, {"head_dim", 32}, {"sequence_len", 32}}},
       {"data", {{"train", data}, {"val", data}, {"tokenizer", data + "/tokenizer.json"}}},
       {"batch", {{"device_batch", 4}, {"total_batch_tokens", 128}}},

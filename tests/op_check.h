@@ -6,9 +6,8 @@
 // differences of L, which is summed in float64 from the op's fp32 outputs.
 #pragma once
 
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <functional>

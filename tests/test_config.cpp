@@ -23,19 +23,24 @@ std::string error_of(const json& document) {
 TEST_CASE("config errors name the key and what was expected", "[config]") {
   CHECK(error_of({{"model", {{"depht", 4}}}}) ==
         "cfg.json: unknown key 'model.depht' (did you mean 'model.depth'?)");
-  CHECK(error_of({{"modle", json::object()}}) == "cfg.json: unknown key 'modle' (did you mean 'model'?)");
+  CHECK(error_of({{"modle", json::object()}}) ==
+        "cfg.json: unknown key 'modle' (did you mean 'model'?)");
   CHECK(error_of({{"model", {{"depth", "six"}}}}) ==
         "cfg.json: model.depth: expected an integer, got the string \"six\"");
   CHECK(error_of({{"model", {{"depth", 0}}}}) == "cfg.json: model.depth: expected an integer >= 1");
-  CHECK(error_of({{"model", {{"depth", 2}, {"n_kv_head", 3}}}}).find("model.n_kv_head") != std::string::npos);
+  CHECK(error_of({{"model", {{"depth", 2}, {"n_kv_head", 3}}}}).find("model.n_kv_head") !=
+        std::string::npos);
   CHECK(error_of({{"optim", {{"muon", {{"orthogonalizer", "svd"}}}}}}) ==
-        "cfg.json: optim.muon.orthogonalizer: expected polar_express | newton_schulz5 | none, got \"svd\"");
-  CHECK(error_of({{"schedule", {{"warmup_ratio", 0.6}, {"warmdown_ratio", 0.6}}}}).find("warmdown_ratio") !=
+        "cfg.json: optim.muon.orthogonalizer: expected polar_express | newton_schulz5 | none, got "
+        "\"svd\"");
+  CHECK(error_of({{"schedule", {{"warmup_ratio", 0.6}, {"warmdown_ratio", 0.6}}}})
+            .find("warmdown_ratio") != std::string::npos);
+  CHECK(error_of({{"schedule", {{"num_iterations", 10}, {"target_flops", 1e18}}}})
+            .find("at most one") != std::string::npos);
+  CHECK(error_of({{"optim", {{"preset", "nonexistent"}}}}).find("no preset \"nonexistent\"") !=
         std::string::npos);
-  CHECK(error_of({{"schedule", {{"num_iterations", 10}, {"target_flops", 1e18}}}}).find("at most one") !=
-        std::string::npos);
-  CHECK(error_of({{"optim", {{"preset", "nonexistent"}}}}).find("no preset \"nonexistent\"") != std::string::npos);
-  CHECK(error_of({{"eval", {{"every", true}}}}) == "cfg.json: eval.every: expected an integer, got the boolean true");
+  CHECK(error_of({{"eval", {{"every", true}}}}) ==
+        "cfg.json: eval.every: expected an integer, got the boolean true");
   CHECK(error_of({{"optim", {{"muon", {{"param_overrides", {{{"patern", "x"}}}}}}}}})
             .find("optim.muon.param_overrides[0].patern") != std::string::npos);
 }
@@ -61,8 +66,8 @@ TEST_CASE("a preset is the base of the optim section and explicit keys win", "[c
   CHECK(basic.optim.muon.lr_scale == "none");
   CHECK(basic.optim.muon.weight_decay_mode == "decoupled");
   CHECK_FALSE(basic.optim.muon.second_moment);
-  const Config mixed =
-      parse_config({{"optim", {{"preset", "muon-moonshot"}, {"muon", {{"ortho_steps", 3}}}}}}, source);
+  const Config mixed = parse_config(
+      {{"optim", {{"preset", "muon-moonshot"}, {"muon", {{"ortho_steps", 3}}}}}}, source);
   CHECK(mixed.optim.muon.orthogonalizer == "newton_schulz5");
   CHECK(mixed.optim.muon.lr_scale == "moonshot");
   CHECK(mixed.optim.muon.ortho_steps == 3);

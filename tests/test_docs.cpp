@@ -1,6 +1,5 @@
 // The README's configuration reference is the one the code generates.
 #include <catch2/catch.hpp>
-
 #include <fstream>
 #include <sstream>
 

@@ -87,8 +87,8 @@ TEST_CASE("e2e: info prints a parameter table that adds up and the FLOPs per tok
   }
   REQUIRE(totals.count("total") == 1);
   CHECK(rows_sum == totals["total"]);
-  CHECK(totals["wte"] + totals["value_embeds"] + totals["lm_head"] + totals["transformer_matrices"] +
-            totals["scalars"] ==
+  CHECK(totals["wte"] + totals["value_embeds"] + totals["lm_head"] +
+            totals["transformer_matrices"] + totals["scalars"] ==
         totals["total"]);
   CHECK(by_group["embedding"] == totals["wte"]);
   CHECK(by_group["value_embeds"] == totals["value_embeds"]);
@@ -102,8 +102,8 @@ TEST_CASE("e2e: info prints a parameter table that adds up and the FLOPs per tok
   REQUIRE(width > 0);
   double window_sum = 0;
   for (auto w : windows) window_sum += double(w);
-  const double expected =
-      6.0 * double(totals["transformer_matrices"] + totals["lm_head"]) + 12.0 * double(width) * window_sum;
+  const double expected = 6.0 * double(totals["transformer_matrices"] + totals["lm_head"]) +
+                          12.0 * double(width) * window_sum;
   CHECK(flops == Approx(expected).epsilon(1e-4));
 }
 
@@ -130,8 +130,9 @@ TEST_CASE("e2e: sample is deterministic at temperature 0 and eval prints loss an
   TempDir tmp;
   const fs::path run = train_checkpoint(tmp);
 
-  const std::vector<std::string> sample = {"sample", "--ckpt", run.string(), "--prompt",
-                                           "To be, or not", "--max-tokens", "5", "--temperature", "0"};
+  const std::vector<std::string> sample = {"sample",   "--ckpt",        run.string(),
+                                           "--prompt", "To be, or not", "--max-tokens",
+                                           "5",        "--temperature", "0"};
   const Result first = run_lmtrain(sample, tmp), second = run_lmtrain(sample, tmp);
   INFO(first.all());
   REQUIRE(first.code == 0);
@@ -140,7 +141,8 @@ TEST_CASE("e2e: sample is deterministic at temperature 0 and eval prints loss an
   CHECK(first.out.rfind("To be, or not", 0) == 0);
   CHECK(first.out.size() > std::string("To be, or not\n").size());
 
-  const Result eval = run_lmtrain({"eval", "--ckpt", (run / "ckpt" / "step_000002").string(), "--data", "data/tiny"}, tmp);
+  const Result eval = run_lmtrain(
+      {"eval", "--ckpt", (run / "ckpt" / "step_000002").string(), "--data", "data/tiny"}, tmp);
   INFO(eval.all());
   REQUIRE(eval.code == 0);
   std::smatch m;

@@ -1,9 +1,8 @@
 // End-to-end data parallelism on CPU ranks (Gloo) through `lmtrain launch`: N ranks train the
 // same model as one rank with the same global batch, and checkpoints move between world sizes.
-#include "e2e_support.h"
-
 #include <fmt/format.h>
 
+#include "e2e_support.h"
 #include "io/safetensors.h"
 
 using namespace lmtrain::e2e;
@@ -20,8 +19,8 @@ json ddp_config(const std::string& out_dir, const std::string& preset) {
 }
 
 Result launch(int ranks, const std::vector<std::string>& train_args, const TempDir& tmp) {
-  std::vector<std::string> args = {"launch", "--nproc-per-node", std::to_string(ranks), "--",
-                                   LMTRAIN_BINARY, "train"};
+  std::vector<std::string> args = {"launch", "--nproc-per-node", std::to_string(ranks),
+                                   "--",     LMTRAIN_BINARY,     "train"};
   args.insert(args.end(), train_args.begin(), train_args.end());
   return run_lmtrain(args, tmp);
 }
@@ -41,7 +40,8 @@ double weight_distance(const fs::path& a, const fs::path& b) {
   for (const auto& t : fa.tensors()) {
     auto x = fa.read_f32(t.name), y = fb.read_f32(t.name);
     double diff = 0, norm = 0;
-    for (size_t i = 0; i < x.size(); ++i) diff += double(x[i] - y[i]) * (x[i] - y[i]), norm += double(x[i]) * x[i];
+    for (size_t i = 0; i < x.size(); ++i)
+      diff += double(x[i] - y[i]) * (x[i] - y[i]), norm += double(x[i]) * x[i];
     worst = std::max(worst, std::sqrt(diff / std::max(norm, 1e-30)));
   }
   return worst;
@@ -56,28 +56,33 @@ TEST_CASE("2 and 4 ranks train like 1 rank with the same global batch", "[e2e][d
   for (const auto& [preset, tolerance] : {std::pair{"adamw", 1e-5}, {"normuon", 1e-3}}) {
     TempDir tmp;
     const std::string one = tmp / "one";
-    const Result single = run_lmtrain({"train", "--config", write_config(tmp, ddp_config(one, preset), "one.json")}, tmp);
+    const Result single = run_lmtrain(
+        {"train", "--config", write_config(tmp, ddp_config(one, preset), "one.json")}, tmp);
     REQUIRE(single.code == 0);
     const auto reference = losses(RunPaths(one, "e2e").metrics);
     REQUIRE(reference.size() == 5);
     for (int ranks : {2, 4}) {
       INFO(preset << " with " << ranks << " ranks");
       const std::string out = tmp / ("ranks" + std::to_string(ranks));
-      const Result r = launch(ranks, {"--config", write_config(tmp, ddp_config(out, preset), "multi.json")}, tmp);
+      const Result r = launch(
+          ranks, {"--config", write_config(tmp, ddp_config(out, preset), "multi.json")}, tmp);
       REQUIRE(r.code == 0);
       const auto got = losses(RunPaths(out, "e2e").metrics);
       REQUIRE(got.size() == reference.size());
       for (size_t i = 0; i < got.size(); ++i) CHECK(std::abs(got[i] - reference[i]) < 1e-5);
-      CHECK(weight_distance(RunPaths(one, "e2e").ckpt / "step_000005", RunPaths(out, "e2e").ckpt / "step_000005") < tolerance);
+      CHECK(weight_distance(RunPaths(one, "e2e").ckpt / "step_000005",
+                            RunPaths(out, "e2e").ckpt / "step_000005") < tolerance);
       // Every rank wrote its optimizer shard.
       for (int k = 0; k < ranks; ++k) {
-        CHECK(fs::exists(RunPaths(out, "e2e").ckpt / "step_000005" / fmt::format("optimizer.rank{:05d}.safetensors", k)));
+        CHECK(fs::exists(RunPaths(out, "e2e").ckpt / "step_000005" /
+                         fmt::format("optimizer.rank{:05d}.safetensors", k)));
       }
     }
   }
 }
 
-TEST_CASE("a checkpoint from 2 ranks resumes with 1 and with 4 ranks and continues the curve", "[e2e][ddp]") {
+TEST_CASE("a checkpoint from 2 ranks resumes with 1 and with 4 ranks and continues the curve",
+          "[e2e][ddp]") {
   TempDir tmp;
   const std::string base = tmp / "base";
   json config = ddp_config(base, "adamw");
@@ -93,10 +98,13 @@ TEST_CASE("a checkpoint from 2 ranks resumes with 1 and with 4 ranks and continu
     json c = config;
     c["run"]["out_dir"] = out;
     fs::create_directories(RunPaths(out, "e2e").ckpt);
-    fs::copy(RunPaths(base, "e2e").ckpt / "step_000004", RunPaths(out, "e2e").ckpt / "step_000004", fs::copy_options::recursive);
+    fs::copy(RunPaths(base, "e2e").ckpt / "step_000004", RunPaths(out, "e2e").ckpt / "step_000004",
+             fs::copy_options::recursive);
     write_text(RunPaths(out, "e2e").ckpt / "latest", "step_000004");
-    const std::vector<std::string> args = {"--config", write_config(tmp, c, "resume.json"), "--resume"};
-    const Result r = ranks == 1 ? run_lmtrain({"train", args[0], args[1], args[2]}, tmp) : launch(ranks, args, tmp);
+    const std::vector<std::string> args = {"--config", write_config(tmp, c, "resume.json"),
+                                           "--resume"};
+    const Result r = ranks == 1 ? run_lmtrain({"train", args[0], args[1], args[2]}, tmp)
+                                : launch(ranks, args, tmp);
     REQUIRE(r.code == 0);
     const auto got = losses(RunPaths(out, "e2e").metrics);
     REQUIRE(got.size() == 4);  // steps 5..8
@@ -111,11 +119,12 @@ TEST_CASE("a rank that dies stops the others with a message naming it", "[e2e][d
   // rendezvous; the launcher must stop rank 0 and name rank 1.
   const std::string out = tmp / "dies";
   const std::string config = write_config(tmp, ddp_config(out, "adamw"));
-  const Result r = run_lmtrain({"launch", "--nproc-per-node", "2", "--grace", "2", "--", "sh", "-c",
-                                std::string("if [ \"$RANK\" = 1 ]; then exec ") + LMTRAIN_BINARY +
-                                    " train --config " + config + " --set data.train=/nonexistent; else exec " +
-                                    LMTRAIN_BINARY + " train --config " + config + "; fi"},
-                               tmp);
+  const Result r =
+      run_lmtrain({"launch", "--nproc-per-node", "2", "--grace", "2", "--", "sh", "-c",
+                   std::string("if [ \"$RANK\" = 1 ]; then exec ") + LMTRAIN_BINARY +
+                       " train --config " + config + " --set data.train=/nonexistent; else exec " +
+                       LMTRAIN_BINARY + " train --config " + config + "; fi"},
+                  tmp);
   CHECK(r.code != 0);
   CHECK(r.err.find("rank 1") != std::string::npos);
 }

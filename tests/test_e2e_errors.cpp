@@ -41,12 +41,14 @@ void write_shard_bytes(const std::string& path, int32_t magic, int32_t version, 
 
 // A misspelt key names its full path and suggests the key that was meant.
 TEST_CASE("e2e: an unknown config key is refused with a suggestion", "[e2e]") {
-  expect_refused({{"model", {{"depht", 4}}}}, {}, {"config.json", "model.depht", "did you mean", "depth"});
+  expect_refused({{"model", {{"depht", 4}}}}, {},
+                 {"config.json", "model.depht", "did you mean", "depth"});
 }
 
 // A value of the wrong JSON type names the key and the type it needs.
 TEST_CASE("e2e: a wrongly typed config value is refused", "[e2e]") {
-  expect_refused({{"model", {{"depth", "six"}}}}, {}, {"config.json", "model.depth", "expected an integer", "six"});
+  expect_refused({{"model", {{"depth", "six"}}}}, {},
+                 {"config.json", "model.depth", "expected an integer", "six"});
 }
 
 // Values that parse but describe an impossible run are refused before anything is written.
@@ -82,7 +84,8 @@ TEST_CASE("e2e: a bad --set is refused", "[e2e]") {
     expect_refused({}, {"--set", "model.depht=4"}, {"model.depht", "depth"});
   }
   SECTION("wrong type") {
-    expect_refused({}, {"--set", "batch.device_batch=four"}, {"batch.device_batch", "expected an integer"});
+    expect_refused({}, {"--set", "batch.device_batch=four"},
+                   {"batch.device_batch", "expected an integer"});
   }
   SECTION("no '='") {
     expect_refused({}, {"--set", "model.depth"}, {"--set model.depth", "key.path=value"});
@@ -136,7 +139,8 @@ TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched
     const Result resume = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
     require_one_error_line(resume, {weights.string(), "truncated"});
 
-    const Result sample = run_lmtrain({"sample", "--ckpt", run.run.string(), "--max-tokens", "2"}, tmp);
+    const Result sample =
+        run_lmtrain({"sample", "--ckpt", run.run.string(), "--max-tokens", "2"}, tmp);
     require_one_error_line(sample, {"model.safetensors", "truncated"});
 
     CHECK(snapshot(run.run) == before);
@@ -144,17 +148,19 @@ TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched
 
   SECTION("resume with a different model") {
     const auto before = snapshot(run.run);
-    const Result r = run_lmtrain({"train", "--config", config, "--resume", "--set", "model.depth=3"}, tmp);
-    require_one_error_line(r, {(ckpt / "meta.json").string(), "model.depth is 2 in the checkpoint but 3 now"});
+    const Result r =
+        run_lmtrain({"train", "--config", config, "--resume", "--set", "model.depth=3"}, tmp);
+    require_one_error_line(
+        r, {(ckpt / "meta.json").string(), "model.depth is 2 in the checkpoint but 3 now"});
     CHECK(snapshot(run.run) == before);
   }
 
   SECTION("init-from into a model of another shape") {
     const auto before = snapshot(run.run);
     const std::string other = tmp / "other";
-    const Result r = run_lmtrain({"train", "--config", config, "--set", "run.out_dir=" + other, "--set",
-                              "model.depth=3", "--init-from", ckpt.string()},
-                             tmp);
+    const Result r = run_lmtrain({"train", "--config", config, "--set", "run.out_dir=" + other,
+                                  "--set", "model.depth=3", "--init-from", ckpt.string()},
+                                 tmp);
     require_one_error_line(r, {(ckpt / "model.safetensors").string()});
     CHECK_FALSE(fs::exists(other));
     CHECK(snapshot(run.run) == before);

@@ -62,7 +62,8 @@ void check_bit_exact_resume(const std::vector<std::string>& extra) {
   }
   for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
     INFO(file);
-    CHECK(read_text(run_b.ckpt / "step_000006" / file) == read_text(run_a.ckpt / "step_000006" / file));
+    CHECK(read_text(run_b.ckpt / "step_000006" / file) ==
+          read_text(run_a.ckpt / "step_000006" / file));
   }
 }
 
@@ -121,8 +122,8 @@ TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]
 
   // Resume with a horizon two steps past the checkpoint: only those two steps run.
   const Result resumed = run_lmtrain({"train", "--config", config, "--resume", "--set",
-                                  "schedule.num_iterations=" + std::to_string(saved + 2)},
-                                 tmp);
+                                      "schedule.num_iterations=" + std::to_string(saved + 2)},
+                                     tmp);
   INFO(resumed.all());
   REQUIRE(resumed.code == 0);
   CHECK(resumed.out.find("at step " + std::to_string(saved)) != std::string::npos);

@@ -10,9 +10,10 @@ TEST_CASE("e2e: the loss falls and metrics.jsonl has the expected metrics", "[e2
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
   // LRs tuned at a 1024-token batch, so the 128-token batch is not scaled down to a crawl.
-  const json patch = {{"schedule", {{"num_iterations", 30}, {"warmup_ratio", 0.0}, {"warmdown_ratio", 0.2}}},
-                      {"eval", {{"every", 10}}},
-                      {"optim", {{"lr_reference_batch", 1024}}}};
+  const json patch = {
+      {"schedule", {{"num_iterations", 30}, {"warmup_ratio", 0.0}, {"warmdown_ratio", 0.2}}},
+      {"eval", {{"every", 10}}},
+      {"optim", {{"lr_reference_batch", 1024}}}};
   const std::string config = write_config(tmp, tiny_config(out_dir, patch));
   const Result r = run_lmtrain({"train", "--config", config}, tmp);
   INFO(r.all());
@@ -39,9 +40,9 @@ TEST_CASE("e2e: the loss falls and metrics.jsonl has the expected metrics", "[e2
     const json& s = steps[i];
     INFO(s.dump());
     CHECK(s["step"] == int(i) + 1);
-    for (const char* key : {"train_loss", "lr_multiplier", "lr/embedding", "lr/matrix",
-                            "lr/unembedding", "tokens_per_second", "mfu", "muon/momentum",
-                            "muon/weight_decay"}) {
+    for (const char* key :
+         {"train_loss", "lr_multiplier", "lr/embedding", "lr/matrix", "lr/unembedding",
+          "tokens_per_second", "mfu", "muon/momentum", "muon/weight_decay"}) {
       CHECK(s.contains(key));
     }
     CHECK(std::isfinite(s["train_loss"].get<double>()));

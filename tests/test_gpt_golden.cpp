@@ -1,7 +1,6 @@
 // The CPU backend against the PyTorch reference (tests/reference, goldens in tests/golden):
 // logits, loss, every parameter gradient, and the weights after 3 AdamW steps.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
@@ -17,7 +16,8 @@ namespace {
 
 struct Golden {
   Config config = test_support::golden_config();
-  SafetensorsFile file = SafetensorsFile::open(test_support::source_path("tests/golden/gpt_tiny.safetensors"));
+  SafetensorsFile file =
+      SafetensorsFile::open(test_support::source_path("tests/golden/gpt_tiny.safetensors"));
 
   std::vector<int32_t> ints(const std::string& name) const {
     std::vector<int32_t> out(file.info(name).bytes / sizeof(int32_t));
@@ -80,7 +80,8 @@ TEST_CASE("three AdamW steps match the PyTorch reference", "[golden]") {
   Gpt model(backend, shape, c.batch.device_batch);
   load_params(model, g, "param.");
   dist::LocalCommunicator comm(backend);
-  Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), c.schedule.num_iterations, comm);
+  Optimizer optimizer(model, c.optim, double(c.batch.total_batch_tokens), c.schedule.num_iterations,
+                      comm);
   const auto tokens = g.ints("tokens"), targets = g.ints("targets");
   const int steps = c.schedule.num_iterations;
   for (int step = 0; step < steps; ++step) {

@@ -2,7 +2,6 @@
 // parameter table and FLOPs against the reference's numbers, and KV-cache generation against
 // the full forward pass.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <fstream>
 
@@ -29,12 +28,15 @@ TEST_CASE("initialisation follows the reference distributions and parameter tabl
     INFO(spec.name);
     REQUIRE(golden["params"].contains(spec.name));
     const auto& want = golden["params"][spec.name];
-    CHECK(std::vector<int64_t>(spec.shape.dims.begin(), spec.shape.dims.begin() + spec.shape.rank) ==
-          want["shape"].get<std::vector<int64_t>>());
+    CHECK(
+        std::vector<int64_t>(spec.shape.dims.begin(), spec.shape.dims.begin() + spec.shape.rank) ==
+        want["shape"].get<std::vector<int64_t>>());
     auto values = test_support::download(backend, model.param(spec));
     double sum = 0, sum_sq = 0, lo = INFINITY, hi = -INFINITY;
-    for (float v : values) sum += v, sum_sq += double(v) * v, lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
-    const double n = double(values.size()), mean = sum / n, std = std::sqrt(sum_sq / n - mean * mean);
+    for (float v : values)
+      sum += v, sum_sq += double(v) * v, lo = std::min<double>(lo, v), hi = std::max<double>(hi, v);
+    const double n = double(values.size()), mean = sum / n,
+                 std = std::sqrt(sum_sq / n - mean * mean);
     const auto& e = want["expected"];
     const std::string dist = e["dist"];
     if (dist == "constant") {

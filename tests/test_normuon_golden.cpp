@@ -2,7 +2,6 @@
 // stacks of tall, wide and square matrices under every variant, and the tiny GPT trained with
 // each optimizer preset.
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <fstream>
 #include <set>
@@ -30,13 +29,15 @@ json read_json(const std::string& relative) {
 
 TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[golden][normuon]") {
   const json meta = read_json("tests/golden/normuon_stacks.json");
-  auto file = SafetensorsFile::open(test_support::source_path("tests/golden/normuon_stacks.safetensors"));
+  auto file =
+      SafetensorsFile::open(test_support::source_path("tests/golden/normuon_stacks.safetensors"));
   const std::vector<std::string> stack_names = {"tall", "wide", "square"};
   CpuBackend backend;
 
   for (const auto& [variant, muon_block] : meta["variants"].items()) {
     DYNAMIC_SECTION("variant " << variant) {
-      const Config config = parse_config({{"optim", {{"muon", muon_block}}}}, "normuon_stacks.json");
+      const Config config =
+          parse_config({{"optim", {{"muon", muon_block}}}}, "normuon_stacks.json");
       TensorPlan plan;
       std::vector<Tensor> params(3), grads(3);
       for (size_t i = 0; i < 3; ++i) {
@@ -49,20 +50,25 @@ TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[go
       std::vector<MuonStackSpec> specs;
       for (size_t i = 0; i < 3; ++i) {
         backend.upload(params[i], file.read_f32(stack_names[i] + ".param0").data());
-        specs.push_back({params[i], grads[i], meta["param_names"][stack_names[i]].get<std::vector<std::string>>()});
+        specs.push_back({params[i], grads[i],
+                         meta["param_names"][stack_names[i]].get<std::vector<std::string>>()});
       }
       NorMuon muon(backend, specs, config.optim.muon, meta["depth"].get<int>());
       const int steps = meta["schedule"]["num_iterations"];
       for (int step = 0; step < steps; ++step) {
         for (size_t i = 0; i < 3; ++i) {
-          backend.upload(grads[i], file.read_f32(fmt::format("{}.grad{}", stack_names[i], step + 1)).data());
+          backend.upload(grads[i],
+                         file.read_f32(fmt::format("{}.grad{}", stack_names[i], step + 1)).data());
         }
         json metrics;
-        muon.step(step, steps, meta["lr"].get<double>() * meta["schedule"]["lrm"][step].get<double>(), metrics);
+        muon.step(step, steps,
+                  meta["lr"].get<double>() * meta["schedule"]["lrm"][step].get<double>(), metrics);
         for (size_t i = 0; i < 3; ++i) {
           INFO(stack_names[i] << " after step " << step + 1);
-          auto want = file.read_f32(fmt::format("{}.{}.param{}", variant, stack_names[i], step + 1));
-          CHECK(test_support::max_relative_error(test_support::download(backend, params[i]), want) < 1e-5);
+          auto want =
+              file.read_f32(fmt::format("{}.{}.param{}", variant, stack_names[i], step + 1));
+          CHECK(test_support::max_relative_error(test_support::download(backend, params[i]), want) <
+                1e-5);
         }
       }
       for (const StateTensor& st : muon.state()) {
@@ -79,24 +85,30 @@ TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[go
         const int64_t n = tensor.numel();
         std::vector<float> want(whole.begin() + k * n, whole.begin() + (k + 1) * n);
         INFO(name);
-        CHECK(test_support::max_relative_error(test_support::download(backend, tensor), want) < 1e-5);
+        CHECK(test_support::max_relative_error(test_support::download(backend, tensor), want) <
+              1e-5);
       }
     }
   }
 }
 
-TEST_CASE("the tiny GPT trained with each optimizer preset matches the reference", "[golden][normuon]") {
+TEST_CASE("the tiny GPT trained with each optimizer preset matches the reference",
+          "[golden][normuon]") {
   const json meta = read_json("tests/golden/normuon_gpt.json");
-  auto file = SafetensorsFile::open(test_support::source_path("tests/golden/normuon_gpt.safetensors"));
-  auto inputs = SafetensorsFile::open(test_support::source_path("tests/golden/gpt_tiny.safetensors"));
+  auto file =
+      SafetensorsFile::open(test_support::source_path("tests/golden/normuon_gpt.safetensors"));
+  auto inputs =
+      SafetensorsFile::open(test_support::source_path("tests/golden/gpt_tiny.safetensors"));
   std::vector<int32_t> tokens(32), targets(32);
   inputs.read("tokens", tokens.data(), tokens.size() * sizeof(int32_t));
   inputs.read("targets", targets.data(), targets.size() * sizeof(int32_t));
 
   for (const auto& [preset, spec] : meta["presets"].items()) {
     DYNAMIC_SECTION("preset " << preset) {
-      const json document = {{"model", meta["model"]}, {"batch", meta["batch"]},
-                             {"schedule", meta["schedule"]}, {"optim", spec["optim"]}};
+      const json document = {{"model", meta["model"]},
+                             {"batch", meta["batch"]},
+                             {"schedule", meta["schedule"]},
+                             {"optim", spec["optim"]}};
       const Config c = parse_config(document, test_support::source_path("configs/golden.json"));
       CpuBackend backend;
       const GptShape shape = GptShape::from(c.model, c.model.vocab_size);

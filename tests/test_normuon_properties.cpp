@@ -2,7 +2,6 @@
 // singular value into the band their coefficients are designed for, and NorMuon's second
 // moment redistributes an update without changing its Frobenius norm.
 #include <catch2/catch.hpp>
-
 #include <random>
 
 #include "backend/cpu/cpu_backend.h"
@@ -36,7 +35,8 @@ std::vector<double> singular_values(const float* x, int rows, int cols) {
 }
 
 // One NorMuon step from zero weights with lr 1 and nothing but the orthogonalizer: p = -X.
-std::vector<float> orthogonalized(const std::string& orthogonalizer, int rows, int cols, uint64_t seed) {
+std::vector<float> orthogonalized(const std::string& orthogonalizer, int rows, int cols,
+                                  uint64_t seed) {
   CpuBackend backend;
   TensorPlan plan;
   Tensor params, grads;

@@ -81,8 +81,8 @@ TEST_CASE("attention on the last queries with q_offset equals the full forward's
                      v = randn(B * T * Hkv * D, rng);
   std::vector<float> out(q.size()), lse(B * H * T);
   Tensor kt = f32(k, {B, T, Hkv, D}), vt = f32(v, {B, T, Hkv, D});
-  cpu.attention_forward(f32(out, {B, T, H, D}), f32(lse, {B, H, T}), f32(q, {B, T, H, D}), kt,
-                        vt, window, 0);
+  cpu.attention_forward(f32(out, {B, T, H, D}), f32(lse, {B, H, T}), f32(q, {B, T, H, D}), kt, vt,
+                        window, 0);
 
   std::vector<float> q_tail, out_tail(B * Tq * H * D), lse_tail(B * H * Tq), want_out, want_lse;
   for (int64_t b = 0; b < B; ++b) {
@@ -118,10 +118,10 @@ TEST_CASE("attention backward matches finite differences", "[ops]") {
     // Gradients are overwritten: start them from garbage.
     std::vector<float> dq = randn(q.size(), rng), dk = randn(k.size(), rng),
                        dv = randn(v.size(), rng);
-    cpu.attention_backward(f32(dq, {B, T, H, D}), f32(dk, {B, T, Hkv, D}),
-                           f32(dv, {B, T, Hkv, D}), f32(w, {B, T, H, D}), f32(q, {B, T, H, D}),
-                           f32(k, {B, T, Hkv, D}), f32(v, {B, T, Hkv, D}),
-                           f32(out, {B, T, H, D}), f32(lse, {B, H, T}), window);
+    cpu.attention_backward(f32(dq, {B, T, H, D}), f32(dk, {B, T, Hkv, D}), f32(dv, {B, T, Hkv, D}),
+                           f32(w, {B, T, H, D}), f32(q, {B, T, H, D}), f32(k, {B, T, Hkv, D}),
+                           f32(v, {B, T, Hkv, D}), f32(out, {B, T, H, D}), f32(lse, {B, H, T}),
+                           window);
     INFO("window " << window);
     check_gradient("q", q, dq, forward);
     check_gradient("k", k, dk, forward);
@@ -143,10 +143,10 @@ TEST_CASE("attention backward is identical for any thread count", "[ops]") {
     int saved = omp_get_max_threads();
     omp_set_num_threads(threads);
     std::vector<float> dq(q.size()), dk(k.size()), dv(v.size());
-    cpu.attention_backward(f32(dq, {B, T, H, D}), f32(dk, {B, T, Hkv, D}),
-                           f32(dv, {B, T, Hkv, D}), f32(dout, {B, T, H, D}),
-                           f32(q, {B, T, H, D}), f32(k, {B, T, Hkv, D}), f32(v, {B, T, Hkv, D}),
-                           f32(out, {B, T, H, D}), f32(lse, {B, H, T}), window);
+    cpu.attention_backward(f32(dq, {B, T, H, D}), f32(dk, {B, T, Hkv, D}), f32(dv, {B, T, Hkv, D}),
+                           f32(dout, {B, T, H, D}), f32(q, {B, T, H, D}), f32(k, {B, T, Hkv, D}),
+                           f32(v, {B, T, Hkv, D}), f32(out, {B, T, H, D}), f32(lse, {B, H, T}),
+                           window);
     omp_set_num_threads(saved);
     dq.insert(dq.end(), dk.begin(), dk.end());
     dq.insert(dq.end(), dv.begin(), dv.end());
@@ -163,19 +163,19 @@ TEST_CASE("attention backward is identical for any thread count", "[ops]") {
 TEST_CASE("attention rejects inconsistent shapes", "[ops]") {
   CpuBackend cpu;
   const int64_t B = 1, T = 4, D = 4;
-  std::vector<float> q(B * T * 3 * D), k(B * T * 2 * D), v(k.size()), out(q.size()),
-      lse(B * 3 * T), q2(B * T * 2 * D), out2(q2.size()), lse2(B * 2 * T), lse_bad(B * 2 * 3);
+  std::vector<float> q(B * T * 3 * D), k(B * T * 2 * D), v(k.size()), out(q.size()), lse(B * 3 * T),
+      q2(B * T * 2 * D), out2(q2.size()), lse2(B * 2 * T), lse_bad(B * 2 * 3);
   // 3 query heads do not share 2 kv heads evenly.
-  CHECK_THROWS_AS(cpu.attention_forward(f32(out, {B, T, 3, D}), f32(lse, {B, 3, T}),
-                                        f32(q, {B, T, 3, D}), f32(k, {B, T, 2, D}),
-                                        f32(v, {B, T, 2, D}), 2, 0),
-                  Error);
-  CHECK_THROWS_AS(cpu.attention_forward(f32(out2, {B, T, 2, D}), f32(lse_bad, {B, 2, 3}),
-                                        f32(q2, {B, T, 2, D}), f32(k, {B, T, 2, D}),
-                                        f32(v, {B, T, 2, D}), 2, 0),
-                  Error);
-  CHECK_THROWS_AS(cpu.attention_forward(f32(out2, {B, T, 2, D}), f32(lse2, {B, 2, T}),
-                                        f32(q2, {B, T, 2, D}), f32(k, {B, T, 2, D}),
-                                        f32(v, {B, T, 2, D}), 2, 1),
-                  Error);  // queries would sit past the last key
+  CHECK_THROWS_AS(
+      cpu.attention_forward(f32(out, {B, T, 3, D}), f32(lse, {B, 3, T}), f32(q, {B, T, 3, D}),
+                            f32(k, {B, T, 2, D}), f32(v, {B, T, 2, D}), 2, 0),
+      Error);
+  CHECK_THROWS_AS(
+      cpu.attention_forward(f32(out2, {B, T, 2, D}), f32(lse_bad, {B, 2, 3}), f32(q2, {B, T, 2, D}),
+                            f32(k, {B, T, 2, D}), f32(v, {B, T, 2, D}), 2, 0),
+      Error);
+  CHECK_THROWS_AS(
+      cpu.attention_forward(f32(out2, {B, T, 2, D}), f32(lse2, {B, 2, T}), f32(q2, {B, T, 2, D}),
+                            f32(k, {B, T, 2, D}), f32(v, {B, T, 2, D}), 2, 1),
+      Error);  // queries would sit past the last key
 }

@@ -8,8 +8,8 @@ namespace {
 
 // out[bt] = alpha * op(a[bt]) @ op(b[bt]) + beta * out[bt], in double.
 std::vector<double> naive_matmul(const std::vector<float>& a, const std::vector<float>& b,
-                                 const std::vector<float>& out, int64_t batch, int64_t M,
-                                 int64_t N, int64_t K, bool ta, bool tb, float alpha, float beta) {
+                                 const std::vector<float>& out, int64_t batch, int64_t M, int64_t N,
+                                 int64_t K, bool ta, bool tb, float alpha, float beta) {
   std::vector<double> r(size_t(batch * M * N));
   for (int64_t bt = 0; bt < batch; ++bt)
     for (int64_t i = 0; i < M; ++i)
@@ -46,8 +46,8 @@ TEST_CASE("matmul matches a naive loop for all transposes, batched and accumulat
           auto want = naive_matmul(a, b, out, nb, M, N, K, ta, tb, alpha, acc ? 1.f : 0.f);
           cpu.matmul(f32(out, shape(M, N)), f32(a, ta ? shape(K, M) : shape(M, K)),
                      f32(b, tb ? shape(N, K) : shape(K, N)), ta, tb, acc, alpha);
-          require_close(fmt::format("matmul batch {} ta {} tb {} acc {}", batch, ta, tb, acc),
-                        out, want, 1e-5);
+          require_close(fmt::format("matmul batch {} ta {} tb {} acc {}", batch, ta, tb, acc), out,
+                        want, 1e-5);
         }
   }
 }
@@ -55,15 +55,15 @@ TEST_CASE("matmul matches a naive loop for all transposes, batched and accumulat
 TEST_CASE("matmul rejects shapes that do not multiply", "[ops]") {
   CpuBackend cpu;
   std::vector<float> a(12), b(12), out(16), out3(32);
-  CHECK_THROWS_AS(cpu.matmul(f32(out, {4, 4}), f32(a, {4, 3}), f32(b, {4, 3}), false, false,
-                             false, 1.f),
-                  Error);
-  CHECK_THROWS_AS(cpu.matmul(f32(out, {4, 4}), f32(a, {3, 4}), f32(b, {3, 4}), false, false,
-                             false, 1.f),
-                  Error);
-  CHECK_NOTHROW(cpu.matmul(f32(out, {4, 4}), f32(a, {4, 3}), f32(b, {4, 3}), false, true, false,
-                           1.f));
-  CHECK_THROWS_AS(cpu.matmul(f32(out3, {2, 4, 4}), f32(a, {4, 3}), f32(b, {3, 4}), false, false,
-                             false, 1.f),
-                  Error);
+  CHECK_THROWS_AS(
+      cpu.matmul(f32(out, {4, 4}), f32(a, {4, 3}), f32(b, {4, 3}), false, false, false, 1.f),
+      Error);
+  CHECK_THROWS_AS(
+      cpu.matmul(f32(out, {4, 4}), f32(a, {3, 4}), f32(b, {3, 4}), false, false, false, 1.f),
+      Error);
+  CHECK_NOTHROW(
+      cpu.matmul(f32(out, {4, 4}), f32(a, {4, 3}), f32(b, {4, 3}), false, true, false, 1.f));
+  CHECK_THROWS_AS(
+      cpu.matmul(f32(out3, {2, 4, 4}), f32(a, {4, 3}), f32(b, {3, 4}), false, false, false, 1.f),
+      Error);
 }

@@ -53,9 +53,8 @@ TEST_CASE("residual_mix backward accumulates dx0 and the scalars, overwrites dx"
   std::vector<float> resid{0.9f, 1.1f}, x0l{0.2f, -0.3f};
   std::vector<float> dx = randn(N * C, rng), dx0 = randn(N * C, rng), dx0_init = dx0;
   std::vector<float> dresid{5.f, 7.f}, dx0l{-2.f, 4.f};
-  cpu.residual_mix_backward(f32(dx, s), f32(dx0, s), f32(dresid, {L}), f32(dx0l, {L}),
-                            f32(dout, s), f32(x, s), f32(x0, s), f32(resid, {L}), f32(x0l, {L}),
-                            layer);
+  cpu.residual_mix_backward(f32(dx, s), f32(dx0, s), f32(dresid, {L}), f32(dx0l, {L}), f32(dout, s),
+                            f32(x, s), f32(x0, s), f32(resid, {L}), f32(x0l, {L}), layer);
   std::vector<double> want_dx(N * C), want_dx0(N * C);
   double sum_x = 0.0, sum_x0 = 0.0;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -74,8 +73,8 @@ TEST_CASE("residual_mix backward accumulates dx0 and the scalars, overwrites dx"
   // dx aliasing dout gives the same dx.
   std::vector<float> inplace = dout;
   cpu.residual_mix_backward(f32(inplace, s), f32(dx0, s), f32(dresid, {L}), f32(dx0l, {L}),
-                            f32(inplace, s), f32(x, s), f32(x0, s), f32(resid, {L}),
-                            f32(x0l, {L}), layer);
+                            f32(inplace, s), f32(x, s), f32(x0, s), f32(resid, {L}), f32(x0l, {L}),
+                            layer);
   CHECK(inplace == dx);
 }
 

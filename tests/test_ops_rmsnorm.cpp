@@ -31,8 +31,7 @@ TEST_CASE("rmsnorm backward matches finite differences", "[ops]") {
   std::vector<float> x = randn(B * T * C, rng), w = randn(B * T * C, rng);
   std::vector<float> out(x.size()), rstd(B * T), dx(x.size());
   cpu.rmsnorm_forward(f32(out, {B, T, C}), f32(rstd, {B, T}), f32(x, {B, T, C}));
-  cpu.rmsnorm_backward(f32(dx, {B, T, C}), f32(w, {B, T, C}), f32(x, {B, T, C}),
-                       f32(rstd, {B, T}));
+  cpu.rmsnorm_backward(f32(dx, {B, T, C}), f32(w, {B, T, C}), f32(x, {B, T, C}), f32(rstd, {B, T}));
   check_gradient("x", x, dx, [&] {
     cpu.rmsnorm_forward(f32(out, {B, T, C}), f32(rstd, {B, T}), f32(x, {B, T, C}));
     return weighted_sum(w, out);

@@ -47,8 +47,8 @@ TEST_CASE("softcap cross-entropy gradient matches finite differences", "[ops]") 
   std::vector<float> scratch;
   check_gradient("logits", logits, grad, [&] {
     scratch = logits;
-    cpu.softcap_cross_entropy(f32(scratch, {N, Vp}), f32(losses, {N}), i32(tgt, {N}), int(V),
-                              kCap, 0.f);
+    cpu.softcap_cross_entropy(f32(scratch, {N, Vp}), f32(losses, {N}), i32(tgt, {N}), int(V), kCap,
+                              0.f);
     double sum = 0.0;
     for (float l : losses) sum += l;
     return grad_scale * sum;
@@ -59,18 +59,18 @@ TEST_CASE("softcap cross-entropy rejects bad targets and shapes", "[ops]") {
   CpuBackend cpu;
   std::vector<float> logits(2 * 8), losses(2), losses3(3);
   std::vector<int32_t> ok{1, -1}, too_big{1, 6}, negative{-2, 0};
-  CHECK_NOTHROW(cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}), i32(ok, {2}), 6,
-                                          15.f, 1.f));
+  CHECK_NOTHROW(
+      cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}), i32(ok, {2}), 6, 15.f, 1.f));
   CHECK_THROWS_AS(cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}),
                                             i32(too_big, {2}), 6, 15.f, 1.f),
                   Error);
   CHECK_THROWS_AS(cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}),
                                             i32(negative, {2}), 6, 15.f, 1.f),
                   Error);
-  CHECK_THROWS_AS(cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}), i32(ok, {2}),
-                                            9, 15.f, 1.f),
-                  Error);
-  CHECK_THROWS_AS(cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses3, {3}), i32(ok, {2}),
-                                            6, 15.f, 1.f),
-                  Error);
+  CHECK_THROWS_AS(
+      cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses, {2}), i32(ok, {2}), 9, 15.f, 1.f),
+      Error);
+  CHECK_THROWS_AS(
+      cpu.softcap_cross_entropy(f32(logits, {2, 8}), f32(losses3, {3}), i32(ok, {2}), 6, 15.f, 1.f),
+      Error);
 }

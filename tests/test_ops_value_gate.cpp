@@ -11,7 +11,9 @@ struct GateCase {
   std::vector<float> v, xn, gate_w, ve;
 
   explicit GateCase(std::mt19937& rng)
-      : v(randn(N * Hkv * D, rng)), xn(randn(N * C, rng)), gate_w(randn(Hkv * G, rng)),
+      : v(randn(N * Hkv * D, rng)),
+        xn(randn(N * C, rng)),
+        gate_w(randn(Hkv * G, rng)),
         ve(randn(N * Hkv * D, rng)) {}
 };
 
@@ -22,9 +24,8 @@ TEST_CASE("value_gate forward matches the formula", "[ops]") {
   std::mt19937 rng(19);
   GateCase c(rng);
   std::vector<float> v = c.v, gate(c.N * c.Hkv);
-  cpu.value_gate_forward(f32(v, {c.N, c.Hkv * c.D}), f32(gate, {c.N, c.Hkv}),
-                         f32(c.xn, {c.N, c.C}), f32(c.gate_w, {c.Hkv, c.G}),
-                         f32(c.ve, {c.N, c.Hkv * c.D}));
+  cpu.value_gate_forward(f32(v, {c.N, c.Hkv * c.D}), f32(gate, {c.N, c.Hkv}), f32(c.xn, {c.N, c.C}),
+                         f32(c.gate_w, {c.Hkv, c.G}), f32(c.ve, {c.N, c.Hkv * c.D}));
   std::vector<double> want_v(v.size()), want_gate(gate.size());
   for (int64_t n = 0; n < c.N; ++n)
     for (int64_t h = 0; h < c.Hkv; ++h) {

@@ -53,22 +53,22 @@ class Backend {
   // Bytes held in this backend's Buffers now, and the most held at any one time.
   size_t bytes_in_use() const { return usage_->in_use; }
   size_t peak_bytes() const { return usage_->peak; }
-  virtual void upload(Tensor dst, const void* host) = 0;    // dst.bytes() from host
-  virtual void download(void* host, Tensor src) = 0;        // src.bytes() to host
+  virtual void upload(Tensor dst, const void* host) = 0;  // dst.bytes() from host
+  virtual void download(void* host, Tensor src) = 0;      // src.bytes() to host
   virtual void synchronize() {}
 
   // ---- elementwise utilities ----
   virtual void fill(Tensor x, float value) = 0;
-  virtual void copy(Tensor dst, Tensor src) = 0;             // same numel; converts dtype
+  virtual void copy(Tensor dst, Tensor src) = 0;                // same numel; converts dtype
   virtual void add(Tensor y, Tensor x, float alpha = 1.f) = 0;  // y += alpha * x
-  virtual void scale(Tensor x, float alpha) = 0;             // x *= alpha
-  virtual double sum_squares(Tensor x) = 0;                  // sum of x^2, in double
+  virtual void scale(Tensor x, float alpha) = 0;                // x *= alpha
+  virtual double sum_squares(Tensor x) = 0;                     // sum of x^2, in double
 
   // ---- matmul: out = alpha * op(a) @ op(b) (+ out when accumulate) ----
   // Rank 2: a (M,K) [or (K,M) with trans_a], b (K,N) [or (N,K) with trans_b], out (M,N).
   // Rank 3: the same, batched over the leading dimension of all three.
-  virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                      bool accumulate, float alpha = 1.f) = 0;
+  virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
+                      float alpha = 1.f) = 0;
 
   // ---- embedding: out (N,C) = table[tokens]; dtable[tokens] += dout ----
   virtual void embedding_forward(Tensor out, Tensor table, Tensor tokens) = 0;
@@ -101,13 +101,12 @@ class Backend {
   // dresid[layer] += sum(dout * x); dx0l[layer] += sum(dout * x0).
   virtual void residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
                                     int layer) = 0;
-  virtual void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
-                                     Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
-                                     int layer) = 0;
+  virtual void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l, Tensor dout,
+                                     Tensor x, Tensor x0, Tensor resid, Tensor x0l, int layer) = 0;
 
-  // ---- value-embedding gate: v (N,Hkv*D) += gate * ve, gate = 2*sigmoid(xn[:, :G] @ gate_w^T) ----
-  // xn (N,C), gate_w (Hkv,G), ve (N,Hkv*D), gate (N,Hkv) f32 saved for backward.
-  // Backward: dxn[:, :G] += ...; dgate_w += ...; dve = gate * dv (overwritten).
+  // ---- value-embedding gate: v (N,Hkv*D) += gate * ve, gate = 2*sigmoid(xn[:, :G] @ gate_w^T)
+  // ---- xn (N,C), gate_w (Hkv,G), ve (N,Hkv*D), gate (N,Hkv) f32 saved for backward. Backward:
+  // dxn[:, :G] += ...; dgate_w += ...; dve = gate * dv (overwritten).
   virtual void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) = 0;
   virtual void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
                                    Tensor gate_w, Tensor ve, Tensor gate) = 0;

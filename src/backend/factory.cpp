@@ -14,7 +14,8 @@ namespace {
 std::unique_ptr<Backend> make_cuda(const std::string& dtype, int device) {
   check(dtype == "bf16" || dtype == "fp32", "run.dtype: expected bf16 or fp32, got \"{}\"", dtype);
   const int count = cuda::device_count();
-  check(device < count, "run.backend: local rank {} has no GPU of its own ({} visible)", device, count);
+  check(device < count, "run.backend: local rank {} has no GPU of its own ({} visible)", device,
+        count);
   cuda::set_device(device);
   return std::make_unique<CudaBackend>(dtype == "bf16" ? DType::bf16 : DType::f32);
 }
@@ -22,7 +23,8 @@ std::unique_ptr<Backend> make_cuda(const std::string& dtype, int device) {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype, int device) {
+std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype,
+                                      int device) {
   if (name == "cpu") return std::make_unique<CpuBackend>();
 #ifdef LMTRAIN_HAVE_CUDA
   if (name == "cuda") {

@@ -6,7 +6,8 @@
 
 namespace lmtrain {
 
-CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend, int batch) {
+CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend,
+                                      int batch) {
   const std::string dir = resolve_checkpoint(path);
   const auto meta = read_checkpoint_meta(dir);
   CheckpointModel m;
@@ -14,9 +15,11 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   m.backend = make_backend(backend.empty() ? m.config.run.backend : backend, m.config.run.dtype);
   m.tokenizer = std::make_unique<Tokenizer>(
       Tokenizer::load((std::filesystem::path(dir) / "tokenizer.json").string()));
-  const int vocab = m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();
+  const int vocab =
+      m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();
   const GptShape shape = GptShape::from(m.config.model, vocab);
-  m.model = std::make_unique<Gpt>(*m.backend, shape, batch > 0 ? batch : m.config.batch.device_batch);
+  m.model =
+      std::make_unique<Gpt>(*m.backend, shape, batch > 0 ? batch : m.config.batch.device_batch);
   load_model_weights(dir, *m.model);
   return m;
 }

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-
 #include <functional>
 #include <memory>
 
@@ -30,6 +29,7 @@ struct CheckpointModel {
   std::unique_ptr<Gpt> model;
 };
 // `batch` 0 takes the checkpoint's device batch.
-CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend, int batch);
+CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend,
+                                      int batch);
 
 }  // namespace lmtrain

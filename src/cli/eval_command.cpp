@@ -27,8 +27,10 @@ int run_eval(const EvalOptions& o) {
 
 void add_eval_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<EvalOptions>();
-  CLI::App* cmd = app.add_subcommand("eval", "loss and bits per byte of a checkpoint on token shards");
-  cmd->add_option("--ckpt", o->ckpt, "checkpoint directory (or a run whose ckpt/latest names one)")->required();
+  CLI::App* cmd =
+      app.add_subcommand("eval", "loss and bits per byte of a checkpoint on token shards");
+  cmd->add_option("--ckpt", o->ckpt, "checkpoint directory (or a run whose ckpt/latest names one)")
+      ->required();
   cmd->add_option("--data", o->data, "a shard file or a directory of val_*.bin shards")->required();
   cmd->add_option("--tokens", o->tokens, "tokens to evaluate (default: the config's eval.tokens)");
   cmd->add_option("--batch", o->batch, "sequences per batch (default: the config's device_batch)");

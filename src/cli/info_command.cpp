@@ -36,17 +36,20 @@ int run_info(const InfoOptions& o) {
                spec.shape.numel());
   }
   const ParamCounts n = count_params(table);
-  fmt::print("\nwte {}\nvalue_embeds {}\nlm_head {}\ntransformer_matrices {}\nscalars {}\ntotal {}\n",
-             n.wte, n.value_embeds, n.lm_head, n.transformer_matrices, n.scalars, n.total);
-  fmt::print("\nwidth {} | heads {} (kv {}) | head_dim {} | T {} | vocab {} (padded {})\n", shape.width,
-             shape.n_head, shape.n_kv_head, shape.head_dim, shape.seq_len, shape.vocab,
+  fmt::print(
+      "\nwte {}\nvalue_embeds {}\nlm_head {}\ntransformer_matrices {}\nscalars {}\ntotal {}\n",
+      n.wte, n.value_embeds, n.lm_head, n.transformer_matrices, n.scalars, n.total);
+  fmt::print("\nwidth {} | heads {} (kv {}) | head_dim {} | T {} | vocab {} (padded {})\n",
+             shape.width, shape.n_head, shape.n_kv_head, shape.head_dim, shape.seq_len, shape.vocab,
              shape.padded_vocab);
   std::string windows;
   for (size_t i = 0; i < shape.windows.size(); ++i) {
-    windows += fmt::format("{}{}{}", i ? " " : "", shape.windows[i], shape.value_embed[i] ? "+ve" : "");
+    windows +=
+        fmt::format("{}{}{}", i ? " " : "", shape.windows[i], shape.value_embed[i] ? "+ve" : "");
   }
   fmt::print("windows per layer (+ve: value embedding): {}\n\n", windows);
-  fmt::print("{}", make_plan(config, shape, 1, o.config_path, /*require_horizon=*/false).describe());
+  fmt::print("{}",
+             make_plan(config, shape, 1, o.config_path, /*require_horizon=*/false).describe());
   return 0;
 }
 

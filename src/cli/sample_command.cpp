@@ -26,11 +26,14 @@ int run_sample(const SampleCommandOptions& o) {
 void add_sample_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<SampleCommandOptions>();
   CLI::App* cmd = app.add_subcommand("sample", "generate text from a checkpoint (KV cache)");
-  cmd->add_option("--ckpt", o->ckpt, "checkpoint directory (or a run whose ckpt/latest names one)")->required();
+  cmd->add_option("--ckpt", o->ckpt, "checkpoint directory (or a run whose ckpt/latest names one)")
+      ->required();
   cmd->add_option("--prompt", o->prompt, "text to continue (a BOS token is put before it)");
-  cmd->add_option("--max-tokens", o->sample.max_tokens, "tokens to generate")->capture_default_str();
+  cmd->add_option("--max-tokens", o->sample.max_tokens, "tokens to generate")
+      ->capture_default_str();
   cmd->add_option("--temperature", o->sample.temperature, "0 for greedy")->capture_default_str();
-  cmd->add_option("--top-k", o->sample.top_k, "sample among the k most likely (0: all)")->capture_default_str();
+  cmd->add_option("--top-k", o->sample.top_k, "sample among the k most likely (0: all)")
+      ->capture_default_str();
   cmd->add_option("--seed", o->sample.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--backend", o->backend, "cpu | cuda | auto (default: the config's)");
   cmd->callback([&action, o] { action = [o] { return run_sample(*o); }; });

@@ -26,7 +26,8 @@ void validate(const Config& c, const std::string& src) {
   };
   auto choice = [&](const std::string& value, const char* key,
                     std::initializer_list<const char*> allowed) {
-    if (!one_of(value, allowed)) fail("{}: {}: expected {}, got \"{}\"", src, key, join(allowed), value);
+    if (!one_of(value, allowed))
+      fail("{}: {}: expected {}, got \"{}\"", src, key, join(allowed), value);
   };
 
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
@@ -41,9 +42,9 @@ void validate(const Config& c, const std::string& src) {
   require(m.head_dim >= 2 && m.head_dim % 2 == 0, "model.head_dim", "an even integer >= 2");
   require(m.sequence_len >= 2, "model.sequence_len", "an integer >= 2");
   require(m.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive size");
-  require(!m.window_pattern.empty() &&
-              m.window_pattern.find_first_not_of("SL") == std::string::npos,
-          "model.window_pattern", "a non-empty string of S and L");
+  require(
+      !m.window_pattern.empty() && m.window_pattern.find_first_not_of("SL") == std::string::npos,
+      "model.window_pattern", "a non-empty string of S and L");
   require(m.softcap > 0, "model.softcap", "a positive number");
   require(m.rope_base > 0, "model.rope_base", "a positive number");
   int64_t width = (int64_t(m.depth) * m.aspect_ratio + m.head_dim - 1) / m.head_dim * m.head_dim;
@@ -62,7 +63,8 @@ void validate(const Config& c, const std::string& src) {
   int horizons = (s.num_iterations > 0) + (s.target_flops > 0) + (s.target_param_data_ratio > 0);
   require(horizons <= 1, "schedule",
           "at most one of num_iterations, target_flops, target_param_data_ratio");
-  require(s.warmup_ratio >= 0 && s.warmup_ratio <= 1, "schedule.warmup_ratio", "a number in [0, 1]");
+  require(s.warmup_ratio >= 0 && s.warmup_ratio <= 1, "schedule.warmup_ratio",
+          "a number in [0, 1]");
   require(s.warmdown_ratio >= 0 && s.warmdown_ratio <= 1, "schedule.warmdown_ratio",
           "a number in [0, 1]");
   require(s.warmup_ratio + s.warmdown_ratio <= 1, "schedule.warmdown_ratio",
@@ -73,18 +75,23 @@ void validate(const Config& c, const std::string& src) {
   choice(o.matrix_optimizer, "optim.matrix_optimizer", {"normuon", "adamw"});
   const auto& mu = o.muon;
   choice(mu.momentum, "optim.muon.momentum", {"lerp", "classic"});
-  require(mu.momentum_start >= 0 && mu.momentum_start < 1, "optim.muon.momentum_start", "a number in [0, 1)");
-  require(mu.momentum_end >= 0 && mu.momentum_end < 1, "optim.muon.momentum_end", "a number in [0, 1)");
+  require(mu.momentum_start >= 0 && mu.momentum_start < 1, "optim.muon.momentum_start",
+          "a number in [0, 1)");
+  require(mu.momentum_end >= 0 && mu.momentum_end < 1, "optim.muon.momentum_end",
+          "a number in [0, 1)");
   require(mu.momentum_warmup_steps >= 0, "optim.muon.momentum_warmup_steps", "an integer >= 0");
-  choice(mu.orthogonalizer, "optim.muon.orthogonalizer", {"polar_express", "newton_schulz5", "none"});
+  choice(mu.orthogonalizer, "optim.muon.orthogonalizer",
+         {"polar_express", "newton_schulz5", "none"});
   require(mu.ortho_steps >= 1, "optim.muon.ortho_steps", "an integer >= 1");
   choice(mu.lr_scale, "optim.muon.lr_scale", {"rectangular", "moonshot", "sqrt_max", "none"});
   require(mu.beta2 >= 0 && mu.beta2 < 1, "optim.muon.beta2", "a number in [0, 1)");
   choice(mu.weight_decay_mode, "optim.muon.weight_decay_mode", {"cautious", "decoupled", "none"});
   require(mu.weight_decay >= 0, "optim.muon.weight_decay", "a number >= 0");
-  require(mu.weight_decay_reference_depth > 0, "optim.muon.weight_decay_reference_depth", "a positive depth");
+  require(mu.weight_decay_reference_depth > 0, "optim.muon.weight_decay_reference_depth",
+          "a positive depth");
   for (size_t i = 0; i < mu.param_overrides.size(); ++i) {
-    require(!mu.param_overrides[i].pattern.empty(), "optim.muon.param_overrides", "a non-empty pattern");
+    require(!mu.param_overrides[i].pattern.empty(), "optim.muon.param_overrides",
+            "a non-empty pattern");
   }
   for (auto [value, key] : {std::pair{o.embedding_lr, "optim.embedding_lr"},
                             {o.unembedding_lr, "optim.unembedding_lr"},
@@ -154,7 +161,8 @@ Config parse_config(const nlohmann::json& input, const std::string& source) {
       !document["optim"]["preset"].get<std::string>().empty()) {
     const std::string path = find_preset(document["optim"]["preset"].get<std::string>(), source);
     nlohmann::json optim = read_json_file(path);
-    check(optim.is_object() && !optim.contains("preset"), "{}: a preset is an optim section without 'preset'", path);
+    check(optim.is_object() && !optim.contains("preset"),
+          "{}: a preset is an optim section without 'preset'", path);
     deep_merge(optim, document["optim"]);
     document["optim"] = optim;
   }
@@ -179,7 +187,8 @@ std::string config_reference() {
   config::Documenter doc;
   defaults.visit(doc);
   std::string out = "| key | default | meaning |\n|---|---|---|\n";
-  for (const auto& row : doc.rows) out += fmt::format("| `{}` | `{}` | {} |\n", row.key, row.value, row.doc);
+  for (const auto& row : doc.rows)
+    out += fmt::format("| `{}` | `{}` | {} |\n", row.key, row.value, row.doc);
   return out;
 }
 

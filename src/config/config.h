@@ -23,7 +23,8 @@ struct RunConfig {
     v("seed", seed, "seed for initialisation, data order and sampling");
     v("backend", backend, "auto | cpu | cuda (auto: cuda when a GPU is present)");
     v("dtype", dtype,
-      "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in fp32)");
+      "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in "
+      "fp32)");
     v("threads", threads, "CPU threads (0: all cores)");
   }
 };
@@ -45,7 +46,8 @@ struct ModelConfig {
     v("depth", depth, "number of transformer layers");
     v("aspect_ratio", aspect_ratio, "width = ceil(depth * aspect_ratio / head_dim) * head_dim");
     v("head_dim", head_dim, "channels per attention head");
-    v("n_kv_head", n_kv_head, "key/value heads for grouped-query attention (0: one per query head)");
+    v("n_kv_head", n_kv_head,
+      "key/value heads for grouped-query attention (0: one per query head)");
     v("sequence_len", sequence_len, "tokens per sequence (T)");
     v("vocab_size", vocab_size, "vocabulary size (0: taken from the tokenizer)");
     v("window_pattern", window_pattern,
@@ -102,7 +104,8 @@ struct ScheduleConfig {
 
 // Decoupled weight decay of the AdamW groups.
 struct AdamWDecayConfig {
-  double embedding = 0.0, value_embeds = 0.0, unembedding = 0.0, resid = 0.0, x0 = 0.0, matrix = 0.0;
+  double embedding = 0.0, value_embeds = 0.0, unembedding = 0.0, resid = 0.0, x0 = 0.0,
+         matrix = 0.0;
   template <class V>
   void visit(V& v) {
     v("embedding", embedding, "AdamW weight decay of wte");
@@ -153,16 +156,19 @@ struct MuonConfig {
     v("orthogonalizer", orthogonalizer, "polar_express | newton_schulz5 | none");
     v("ortho_steps", ortho_steps, "orthogonalizer iterations");
     v("lr_scale", lr_scale,
-      "rectangular sqrt(max(1, m/n)) | moonshot 0.2*sqrt(max(m, n)) | sqrt_max sqrt(max(m, n)) | none");
+      "rectangular sqrt(max(1, m/n)) | moonshot 0.2*sqrt(max(m, n)) | sqrt_max sqrt(max(m, n)) | "
+      "none");
     v("second_moment", second_moment, "NorMuon's per-neuron second moment");
     v("beta2", beta2, "second-moment EMA coefficient");
     v("weight_decay_mode", weight_decay_mode,
       "cautious (where update and weight agree in sign) | decoupled (p *= 1 - lr*wd) | none");
     v("weight_decay", weight_decay, "weight decay at the reference depth, decaying linearly to 0");
-    v("weight_decay_reference_depth", weight_decay_reference_depth, "depth where weight_decay is tuned");
+    v("weight_decay_reference_depth", weight_decay_reference_depth,
+      "depth where weight_decay is tuned");
     v("weight_decay_depth_exponent", weight_decay_depth_exponent,
       "wd scales as (reference_depth / depth)^exponent");
-    v("param_overrides", param_overrides, "per-parameter lr_mul / wd_mul by name pattern (last match wins)");
+    v("param_overrides", param_overrides,
+      "per-parameter lr_mul / wd_mul by name pattern (last match wins)");
   }
 };
 
@@ -235,7 +241,9 @@ struct CheckpointConfig {
 struct LogConfig {
   int every = 1;
   template <class V>
-  void visit(V& v) { v("every", every, "print a console line every this many steps"); }
+  void visit(V& v) {
+    v("every", every, "print a console line every this many steps");
+  }
 };
 
 struct Config {

@@ -64,7 +64,8 @@ void apply_override(json& document, const std::string& assignment) {
   size_t start = 0;
   while (true) {
     size_t dot = path.find('.', start);
-    std::string part = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    std::string part =
+        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
     check(!part.empty(), "--set {}: empty key in path", assignment);
     if (!node->is_object()) *node = json::object();
     if (dot == std::string::npos) {

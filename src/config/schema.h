@@ -4,12 +4,12 @@
 //
 //   struct Batch {
 //     int device_batch = 32;
-//     template <class V> void visit(V& v) { v("device_batch", device_batch, "sequences per micro-step"); }
+//     template <class V> void visit(V& v) { v("device_batch", device_batch, "sequences per
+//     micro-step"); }
 //   };
 #pragma once
 
 #include <nlohmann/json.hpp>
-
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -123,7 +123,8 @@ class Documenter {
   template <class T>
   void operator()(const char* key, T& field, const char* doc) {
     std::string path = prefix.empty() ? key : prefix + "." + key;
-    if constexpr (std::is_arithmetic_v<T> || std::is_same_v<T, std::string> || is_vector<T>::value) {
+    if constexpr (std::is_arithmetic_v<T> || std::is_same_v<T, std::string> ||
+                  is_vector<T>::value) {
       rows.push_back({path, Writer::write(field).dump(), doc});
     } else {
       Documenter nested{{}, path};

@@ -16,9 +16,12 @@ enum class DType : uint8_t { f32, bf16, i32 };
 inline size_t dtype_size(DType t) { return t == DType::bf16 ? 2 : 4; }
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::f32: return "f32";
-    case DType::bf16: return "bf16";
-    case DType::i32: return "i32";
+    case DType::f32:
+      return "f32";
+    case DType::bf16:
+      return "bf16";
+    case DType::i32:
+      return "i32";
   }
   return "?";
 }

@@ -41,7 +41,9 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
   const int64_t n = int64_t(tokens.size()), C = shape_.width, H = shape_.n_head;
   const int64_t Hkv = shape_.n_kv_head, D = shape_.head_dim, end = pos + n;
   auto rows = [n](Tensor t) { return t.slice(0, n * t.shape[-1]).view({n, t.shape[-1]}); };
-  auto heads = [n](Tensor t, int64_t h, int64_t d) { return t.slice(0, n * h * d).view({1, n, h, d}); };
+  auto heads = [n](Tensor t, int64_t h, int64_t d) {
+    return t.slice(0, n * h * d).view({1, n, h, d});
+  };
   auto w = [&](int i, const char* suffix) {
     return model_.weight("transformer.h." + std::to_string(i) + "." + suffix);
   };
@@ -77,8 +79,8 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
     b.copy(v_slot, v);
     Tensor k_all = k_cache_[i].slice(0, end * Hkv * D).view({1, end, Hkv, D});
     Tensor v_all = v_cache_[i].slice(0, end * Hkv * D).view({1, end, Hkv, D});
-    b.attention_forward(y, lse_.slice(0, H * n).view({1, H, n}), q, k_all, v_all,
-                        shape_.windows[i], pos);
+    b.attention_forward(y, lse_.slice(0, H * n).view({1, H, n}), q, k_all, v_all, shape_.windows[i],
+                        pos);
     b.matmul(x_mix, y.view({n, H * D}), w(i, "attn.c_proj.weight"), false, true, true);
     b.rmsnorm_forward(xn, rstd, x_mix);
     b.matmul(hidden, xn, w(i, "mlp.c_fc.weight"), false, true, false);
@@ -100,7 +102,8 @@ int32_t Generator::pick(Rng& rng, const SampleOptions& o) {
   for (float& z : logits) z = float(cap * std::tanh(z / cap));
   std::vector<int32_t> order(logits.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = int32_t(i);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   if (o.temperature <= 0) return order[0];
   size_t k = o.top_k > 0 ? std::min<size_t>(o.top_k, order.size()) : order.size();
   std::vector<double> weights(k);

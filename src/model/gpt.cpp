@@ -144,8 +144,8 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
   for (size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < vocab, "model: token id {} outside the vocabulary of {}",
           tokens[i], vocab);
-    check(targets[i] >= -1 && targets[i] < vocab, "model: target id {} outside the vocabulary of {}",
-          targets[i], vocab);
+    check(targets[i] >= -1 && targets[i] < vocab,
+          "model: target id {} outside the vocabulary of {}", targets[i], vocab);
     loss.count += targets[i] != -1;
   }
   b.upload(tokens_, tokens.data());
@@ -163,7 +163,8 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
     b.rmsnorm_forward(a.xn1, a.rstd1, a.x_mix);
     // Attention: project, rotate, normalise q and k per head, gate in value embeddings.
     b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
-    b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
+    b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true,
+             false);
     b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
     if (shape_.value_embed[i]) {
       b.embedding_forward(a.ve, weight("value_embeds." + std::to_string(i) + ".weight"), tokens_);
@@ -221,7 +222,8 @@ void Gpt::backward() {
     b.add(dxmid_, dx_);
     // Attention output projection.
     b.matmul(dw(i, "attn.c_proj.weight"), dxmid_, a.y.view({N, shape_.q_dim()}), true, false, true);
-    b.matmul(dy_.view({N, shape_.q_dim()}), dxmid_, w(i, "attn.c_proj.weight"), false, false, false);
+    b.matmul(dy_.view({N, shape_.q_dim()}), dxmid_, w(i, "attn.c_proj.weight"), false, false,
+             false);
     b.attention_backward(dq_, dk_, dv_, dy_, a.q, a.k, a.v, a.y, a.lse, shape_.windows[i]);
     b.rmsnorm_backward(dq_, dq_, a.q_raw, a.rstd_q);
     b.rmsnorm_backward(dk_, dk_, a.k_raw, a.rstd_k);
@@ -238,8 +240,8 @@ void Gpt::backward() {
     if (shape_.value_embed[i]) {
       b.value_gate_backward(dxn_, dw(i, "attn.ve_gate.weight"), dve_, dv2, a.xn1,
                             w(i, "attn.ve_gate.weight"), a.ve, a.gate);
-      b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")),
-                           dve_, tokens_);
+      b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), dve_,
+                           tokens_);
     }
     b.rmsnorm_backward(dx_, dxn_, a.x_mix, a.rstd1);
     b.add(dx_, dxmid_);

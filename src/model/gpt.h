@@ -20,7 +20,7 @@ class Gpt {
   int batch() const { return batch_; }
 
   Tensor params() const { return params_; }  // all parameters, flat f32
-  Tensor grads() const { return grads_; }     // all gradients, flat f32, same layout
+  Tensor grads() const { return grads_; }    // all gradients, flat f32, same layout
   Tensor param(const ParamSpec& spec) const { return at(params_, spec); }
   Tensor grad(const ParamSpec& spec) const { return at(grads_, spec); }
   Tensor param(const std::string& name) const { return param(table_.find(name)); }

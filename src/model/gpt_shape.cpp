@@ -12,8 +12,8 @@ GptShape GptShape::from(const ModelConfig& c, int vocab) {
   s.width = (c.depth * c.aspect_ratio + c.head_dim - 1) / c.head_dim * c.head_dim;
   s.n_head = s.width / c.head_dim;
   s.n_kv_head = c.n_kv_head == 0 ? s.n_head : c.n_kv_head;
-  check(s.n_head % s.n_kv_head == 0, "model.n_kv_head: {} does not divide n_head = {}",
-        s.n_kv_head, s.n_head);
+  check(s.n_head % s.n_kv_head == 0, "model.n_kv_head: {} does not divide n_head = {}", s.n_kv_head,
+        s.n_head);
   check(s.width >= kValueGateChannels, "model: width {} is below the {} value-gate channels",
         s.width, kValueGateChannels);
   s.seq_len = c.sequence_len;
@@ -40,12 +40,18 @@ double GptShape::flops_per_token() const {
 
 const char* group_name(ParamGroup group) {
   switch (group) {
-    case ParamGroup::embedding: return "embedding";
-    case ParamGroup::value_embeds: return "value_embeds";
-    case ParamGroup::unembedding: return "unembedding";
-    case ParamGroup::resid: return "resid";
-    case ParamGroup::x0: return "x0";
-    case ParamGroup::matrix: return "matrix";
+    case ParamGroup::embedding:
+      return "embedding";
+    case ParamGroup::value_embeds:
+      return "value_embeds";
+    case ParamGroup::unembedding:
+      return "unembedding";
+    case ParamGroup::resid:
+      return "resid";
+    case ParamGroup::x0:
+      return "x0";
+    case ParamGroup::matrix:
+      return "matrix";
   }
   return "?";
 }
@@ -62,7 +68,8 @@ ParamTable::ParamTable(const GptShape& s) {
     add(p + "attn.c_k.weight", {s.kv_dim(), C}, ParamGroup::matrix);
     add(p + "attn.c_v.weight", {s.kv_dim(), C}, ParamGroup::matrix);
     add(p + "attn.c_proj.weight", {C, s.q_dim()}, ParamGroup::matrix);
-    if (s.value_embed[i]) add(p + "attn.ve_gate.weight", {s.n_kv_head, kValueGateChannels}, ParamGroup::matrix);
+    if (s.value_embed[i])
+      add(p + "attn.ve_gate.weight", {s.n_kv_head, kValueGateChannels}, ParamGroup::matrix);
     add(p + "mlp.c_fc.weight", {4 * C, C}, ParamGroup::matrix);
     add(p + "mlp.c_proj.weight", {C, 4 * C}, ParamGroup::matrix);
   }
@@ -82,7 +89,8 @@ ParamTable::ParamTable(const GptShape& s) {
     auto it = std::find_if(stacks.begin(), stacks.end(), [&](const MatrixStack& m) {
       return m.rows == specs[i].shape[0] && m.cols == specs[i].shape[1];
     });
-    if (it == stacks.end()) it = stacks.insert(stacks.end(), {specs[i].shape[0], specs[i].shape[1], {}, 0});
+    if (it == stacks.end())
+      it = stacks.insert(stacks.end(), {specs[i].shape[0], specs[i].shape[1], {}, 0});
     it->members.push_back(i);
   }
   auto place = [&](size_t i) {
@@ -90,7 +98,8 @@ ParamTable::ParamTable(const GptShape& s) {
     total += specs[i].shape.numel();
   };
   for (size_t i = 0; i < specs.size(); ++i) {
-    if (specs[i].group == ParamGroup::embedding || specs[i].group == ParamGroup::value_embeds) place(i);
+    if (specs[i].group == ParamGroup::embedding || specs[i].group == ParamGroup::value_embeds)
+      place(i);
   }
   for (auto& stack : stacks) {
     stack.offset = total;

@@ -119,14 +119,14 @@ void NorMuon::orthogonalize(Tensor u) {
     b.normalize_matrices(x, 1.0f, 1e-7f);
   }
   for (int i = 0; i < config_.ortho_steps; ++i) {
-    const auto& [ca, cb, cc] = polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)]
-                                     : kNewtonSchulz5;
-    b.matmul(gram, x, x, false, true, false);               // A = X X^T
-    b.matmul(poly, gram, gram, false, false, false, cc);    // B = c A A
-    b.add(poly, gram, cb);                                  //   + b A
+    const auto& [ca, cb, cc] =
+        polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)] : kNewtonSchulz5;
+    b.matmul(gram, x, x, false, true, false);             // A = X X^T
+    b.matmul(poly, gram, gram, false, false, false, cc);  // B = c A A
+    b.add(poly, gram, cb);                                //   + b A
     b.copy(y, x);
-    b.scale(y, ca);                                         // Y = a X
-    b.matmul(y, poly, x, false, false, true);               //   + B X
+    b.scale(y, ca);                            // Y = a X
+    b.matmul(y, poly, x, false, false, true);  //   + B X
     std::swap(x, y);
   }
   if (tall) {
@@ -151,7 +151,8 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
     if (config_.second_moment) b.normuon_second_moment(u, st.second, float(config_.beta2));
     const double scale = lr_scale(config_.lr_scale, st.rows, st.cols);
     const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
-    metrics["muon/update_rms/" + label] = lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
+    metrics["muon/update_rms/" + label] =
+        lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
     for (int64_t k = 0; k < st.count; ++k) {
       const double lr_eff = lr * scale * st.lr_mul[k];
       const double w = wd * st.wd_mul[k];

@@ -13,8 +13,10 @@ std::vector<GroupSettings> make_groups(const OptimConfig& o, int width, double b
   const auto& wd = o.weight_decay;
   std::vector<GroupSettings> groups = {
       {ParamGroup::embedding, "adamw", o.embedding_lr * width_scale, b1, b2, eps, wd.embedding},
-      {ParamGroup::value_embeds, "adamw", o.embedding_lr * width_scale, b1, b2, eps, wd.value_embeds},
-      {ParamGroup::unembedding, "adamw", o.unembedding_lr * width_scale, b1, b2, eps, wd.unembedding},
+      {ParamGroup::value_embeds, "adamw", o.embedding_lr * width_scale, b1, b2, eps,
+       wd.value_embeds},
+      {ParamGroup::unembedding, "adamw", o.unembedding_lr * width_scale, b1, b2, eps,
+       wd.unembedding},
       {ParamGroup::resid, "adamw", o.scalar_lr * 0.01, b1, b2, eps, wd.resid},
       {ParamGroup::x0, "adamw", o.scalar_lr, 0.96, b2, eps, wd.x0},
       {ParamGroup::matrix, o.matrix_optimizer, o.matrix_lr, b1, b2, eps, wd.matrix},
@@ -55,7 +57,8 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
     const bool sharded = world > 1 && specs[i].shape.numel() >= kShardMinElements;
     AdamWState& s = adamw_.emplace_back(
         AdamWState{i, make_part(model.param(specs[i]), model.grad(specs[i]), sharded), {}, {}});
-    const Shape local = sharded ? Shape{s.part.shard.chunk_rows, s.part.shard.row_len} : specs[i].shape;
+    const Shape local =
+        sharded ? Shape{s.part.shard.chunk_rows, s.part.shard.row_len} : specs[i].shape;
     if (sharded) chunk(s.part, local);
     plan.add(s.m, local, DType::f32);
     plan.add(s.v, local, DType::f32);
@@ -89,7 +92,8 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
   }
   int64_t staging = 1;
   for (const auto& s : adamw_)
-    if (s.part.sharded) staging = std::max(staging, s.part.shard.padded_rows() * s.part.shard.row_len);
+    if (s.part.sharded)
+      staging = std::max(staging, s.part.shard.padded_rows() * s.part.shard.row_len);
   for (const auto& p : muon_parts_)
     if (p.sharded) staging = std::max(staging, p.shard.padded_rows() * p.shard.row_len);
   TensorPlan staging_plan;
@@ -122,7 +126,8 @@ void Optimizer::reduce(const Part& part) {
   // This rank's rows of the weights, zero where the chunk runs past the real rows.
   const int64_t owned = s.owned() * s.row_len, chunk = s.chunk_rows * s.row_len;
   const Tensor local = part.param.view({chunk});
-  if (owned > 0) b.copy(local.slice(0, owned), part.model_param.view({n}).slice(s.begin() * s.row_len, owned));
+  if (owned > 0)
+    b.copy(local.slice(0, owned), part.model_param.view({n}).slice(s.begin() * s.row_len, owned));
   if (chunk > owned) b.fill(local.slice(owned, chunk - owned), 0.f);
 }
 
@@ -166,8 +171,8 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
         break;
       }
     }
-    fail("step {}: gradient norm is not finite (first non-finite gradient: {}); stopping",
-         step + 1, first);
+    fail("step {}: gradient norm is not finite (first non-finite gradient: {}); stopping", step + 1,
+         first);
   }
   if (grad_clip > 0 && grad_norm > grad_clip) {
     const float factor = float(grad_clip / grad_norm);
@@ -180,8 +185,8 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
   for (const auto& g : groups_) metrics[std::string("lr/") + group_name(g.group)] = g.lr * lr_mult;
   for (const auto& s : adamw_) {
     const GroupSettings& g = settings(model_.table().specs[s.spec].group);
-    AdamWHyper h{float(g.lr * lr_mult), float(g.beta1), float(g.beta2), float(g.eps),
-                 float(g.weight_decay), updates_};
+    AdamWHyper h{float(g.lr * lr_mult), float(g.beta1),        float(g.beta2),
+                 float(g.eps),          float(g.weight_decay), updates_};
     b.adamw_update(s.part.param, s.part.grad, s.m, s.v, h);
   }
   if (muon_) muon_->step(step, num_iterations_, settings(ParamGroup::matrix).lr * lr_mult, metrics);
@@ -201,7 +206,9 @@ std::vector<StateTensor> Optimizer::state() const {
       if (s.part.sharded) {
         // Only the real rows: padding never reaches a checkpoint.
         const RowShard& r = s.part.shard;
-        st.tensor = tensor.view({r.chunk_rows * r.row_len}).slice(0, r.owned() * r.row_len).view({r.owned(), r.row_len});
+        st.tensor = tensor.view({r.chunk_rows * r.row_len})
+                        .slice(0, r.owned() * r.row_len)
+                        .view({r.owned(), r.row_len});
         st.row_begin = r.begin();
         st.rows_total = r.rows;
       } else {

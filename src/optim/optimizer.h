@@ -9,9 +9,8 @@
 // owns, and the updated weights are all-gathered.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 

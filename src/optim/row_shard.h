@@ -14,7 +14,10 @@ struct RowShard {
 
   RowShard() = default;
   RowShard(int64_t rows_, int64_t row_len_, int rank_, int world_)
-      : rows(rows_), row_len(row_len_), chunk_rows((rows_ + world_ - 1) / world_), rank(rank_),
+      : rows(rows_),
+        row_len(row_len_),
+        chunk_rows((rows_ + world_ - 1) / world_),
+        rank(rank_),
         world(world_) {}
 
   int64_t padded_rows() const { return chunk_rows * world; }

@@ -43,7 +43,8 @@ void read_into(const SafetensorsFile& file, const std::string& name, Backend& ba
 }
 
 std::string shard_name(int rank, int world) {
-  return world == 1 ? "optimizer.safetensors" : fmt::format("optimizer.rank{:05d}.safetensors", rank);
+  return world == 1 ? "optimizer.safetensors"
+                    : fmt::format("optimizer.rank{:05d}.safetensors", rank);
 }
 
 std::string loader_name(int rank) { return fmt::format("loader.rank{:05d}.json", rank); }
@@ -72,9 +73,12 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
   }
   auto path = [&](const std::string& file) { return staging + "/" + file; };
 
-  nlohmann::json meta = {{"format_version", kFormatVersion}, {"config", resolved_config},
-                         {"step", loop.step},  {"world_size", world},
-                         {"loader", loop.loader}, {"extra", loop.extra}};
+  nlohmann::json meta = {{"format_version", kFormatVersion},
+                         {"config", resolved_config},
+                         {"step", loop.step},
+                         {"world_size", world},
+                         {"loader", loop.loader},
+                         {"extra", loop.extra}};
   if (optimizer) {
     SafetensorsWriter state;
     for (const StateTensor& st : optimizer->state()) {
@@ -187,10 +191,12 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
       const Shape shape = shape_of(info, shard.path());
       int64_t begin = 0;
       auto it = shard.metadata().find("rows." + st.name);
-      if (it != shard.metadata().end()) begin = std::stoll(it->second.substr(0, it->second.find(',')));
+      if (it != shard.metadata().end())
+        begin = std::stoll(it->second.substr(0, it->second.find(',')));
       const int64_t end = begin + shape[0];
-      check(shape.numel() / shape[0] == row_len, "{}: tensor '{}' has shape {}, expected rows of {}",
-            shard.path(), st.name, shape.str(), row_len);
+      check(shape.numel() / shape[0] == row_len,
+            "{}: tensor '{}' has shape {}, expected rows of {}", shard.path(), st.name, shape.str(),
+            row_len);
       const int64_t lo = std::max(begin, want_begin), hi = std::min(end, want_end);
       if (lo >= hi) continue;
       const auto values = shard.read_f32(st.name);
@@ -198,8 +204,9 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
                 host.begin() + (lo - want_begin) * row_len);
       covered += hi - lo;
     }
-    check(covered == rows, "{}: optimizer state '{}' rows [{}, {}) are not all saved (found {} of {})",
-          dir, st.name, want_begin, want_end, covered, rows);
+    check(covered == rows,
+          "{}: optimizer state '{}' rows [{}, {}) are not all saved (found {} of {})", dir, st.name,
+          want_begin, want_end, covered, rows);
     backend.upload(st.tensor, host.data());
   }
   auto meta = read_checkpoint_meta(dir);

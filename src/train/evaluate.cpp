@@ -13,13 +13,15 @@ EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const To
   const int64_t batch_tokens = int64_t(B) * T;
   // Windows the shards hold for this rank without wrapping around to their start.
   int64_t available = 0;
-  for (const auto& path : shards) available += (int64_t(TokenShard(path).size()) - 1) / batch_tokens;
+  for (const auto& path : shards)
+    available += (int64_t(TokenShard(path).size()) - 1) / batch_tokens;
   available /= world;
   check(available >= 1, "{}: validation data too small for one batch of {} x {} tokens per rank",
         shards.front(), B, T);
   const int64_t batches = std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
 
-  TokenLoader loader({shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false});
+  TokenLoader loader(
+      {shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false});
   std::vector<int32_t> inputs(batch_tokens), targets(batch_tokens);
   std::vector<float> losses(batch_tokens);
   EvalResult result;

@@ -1,9 +1,8 @@
 // Per-step metrics: one console line and one JSON object per line in <run>/metrics.jsonl.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace lmtrain {

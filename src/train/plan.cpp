@@ -8,12 +8,13 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const 
                        bool require_horizon) {
   TrainingPlan p;
   p.tokens_per_micro_step = int64_t(c.batch.device_batch) * shape.seq_len * world;
-  p.batch_tokens = c.batch.total_batch_tokens == -1 ? p.tokens_per_micro_step
-                                                      : c.batch.total_batch_tokens;
+  p.batch_tokens =
+      c.batch.total_batch_tokens == -1 ? p.tokens_per_micro_step : c.batch.total_batch_tokens;
   check(p.batch_tokens % p.tokens_per_micro_step == 0,
         "{}: batch.total_batch_tokens: {} is not a multiple of device_batch {} x sequence_len {} x "
         "ranks {} = {}",
-        source, p.batch_tokens, c.batch.device_batch, shape.seq_len, world, p.tokens_per_micro_step);
+        source, p.batch_tokens, c.batch.device_batch, shape.seq_len, world,
+        p.tokens_per_micro_step);
   p.grad_accum = int(p.batch_tokens / p.tokens_per_micro_step);
   p.flops_per_token = shape.flops_per_token();
   p.scaling_params = count_params(ParamTable(shape)).scaling();
@@ -27,7 +28,8 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const 
     p.num_iterations =
         int(std::nearbyint(s.target_param_data_ratio * double(p.scaling_params) / p.batch_tokens));
   } else if (require_horizon) {
-    fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio", source);
+    fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio",
+         source);
   }
   if (require_horizon) {
     check(p.num_iterations >= 1, "{}: schedule: the horizon comes to {} steps; raise the budget",
@@ -43,7 +45,8 @@ std::string TrainingPlan::describe() const {
       batch_tokens, tokens_per_micro_step, grad_accum, flops_per_token);
   if (num_iterations > 0) {
     s += fmt::format(
-        "horizon: {} steps, {:.4e} tokens, {:.4e} FLOPs, {:.2f} tokens per scaling parameter ({})\n",
+        "horizon: {} steps, {:.4e} tokens, {:.4e} FLOPs, {:.2f} tokens per scaling parameter "
+        "({})\n",
         num_iterations, total_tokens(), total_flops(), tokens_per_param(), scaling_params);
   }
   return s;

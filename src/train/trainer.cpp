@@ -68,7 +68,8 @@ int train(const TrainOptions& options) {
   const nlohmann::json resolved = to_json(config);
   const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
-  check(!(options.resume && !options.init_from.empty()), "train: use --resume or --init-from, not both");
+  check(!(options.resume && !options.init_from.empty()),
+        "train: use --resume or --init-from, not both");
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
   std::string resume_dir;
@@ -84,7 +85,9 @@ int train(const TrainOptions& options) {
                                                patch[0]["path"].get<std::string>());
       std::string key = where.to_string().substr(1);
       std::replace(key.begin(), key.end(), '/', '.');
-      auto show = [&](const nlohmann::json& c) { return c.contains(where) ? c.at(where).dump() : "absent"; };
+      auto show = [&](const nlohmann::json& c) {
+        return c.contains(where) ? c.at(where).dump() : "absent";
+      };
       fail("{}/meta.json: {} is {} in the checkpoint but {} now; a resumed run needs the same {}",
            resume_dir, key, show(saved), show(resolved), section);
     }
@@ -112,8 +115,8 @@ int train(const TrainOptions& options) {
 
   Gpt model(*backend, shape, B);
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
-  TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing), B,
-                      T, rank, world, config.run.seed, tokenizer.bos_id()});
+  TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
+                      B, T, rank, world, config.run.seed, tokenizer.bos_id()});
   const auto val_shards = list_shards(config.data.val, "val");
   Buffer scalar_memory = backend->allocate(4 * sizeof(float));
   const Tensor scalars = scalar_memory.tensor({4}, DType::f32);
@@ -173,7 +176,8 @@ int train(const TrainOptions& options) {
     const bool last = step == N;
     if (e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
       EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens / world, rank, world);
-      std::vector<float> sums = {float(r.nats), float(r.text_nats), float(r.bytes), float(r.tokens)};
+      std::vector<float> sums = {float(r.nats), float(r.text_nats), float(r.bytes),
+                                 float(r.tokens)};
       all_reduce_sum(*comm, *backend, scalars, sums);
       r = {sums[0], sums[1], sums[2], sums[3]};
       spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss(), r.bpb());
@@ -214,11 +218,12 @@ int train(const TrainOptions& options) {
     const double eta = trained_seconds / (step + 1 - first_step) * (N - step - 1);
     const double grad_norm = optim_metrics["grad_norm"];
     if (step % config.log.every == 0 || step + 1 == N) {
-      spdlog::info("step {}/{} | loss {:.4f} | lrm {:.3f} | grad norm {:.3f} | {:.0f} tok/s | mfu {} | "
-                   "{} elapsed | eta {}",
-                   step + 1, N, train_loss, lrm, grad_norm, tokens_per_second,
-                   peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a",
-                   format_duration(trained_seconds), format_duration(eta));
+      spdlog::info(
+          "step {}/{} | loss {:.4f} | lrm {:.3f} | grad norm {:.3f} | {:.0f} tok/s | mfu {} | "
+          "{} elapsed | eta {}",
+          step + 1, N, train_loss, lrm, grad_norm, tokens_per_second,
+          peak > 0 ? fmt::format("{:.1f}%", 100 * mfu) : "n/a", format_duration(trained_seconds),
+          format_duration(eta));
     }
     if (lead) {
       nlohmann::json record = {{"step", step + 1},

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <catch2/catch.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -134,9 +133,10 @@ inline void require_identical(const std::string& what, const std::vector<float>&
   }
   const bool ok = a.size() == b.size() && differ == 0;
   if (!ok)
-    std::printf("FAIL %-58s not deterministic: %zu of %zu elements differ, first [%zu] %.9g vs %.9g\n",
-                what.c_str(), differ, a.size(), first, first < a.size() ? a[first] : NAN,
-                first < b.size() ? b[first] : NAN);
+    std::printf(
+        "FAIL %-58s not deterministic: %zu of %zu elements differ, first [%zu] %.9g vs %.9g\n",
+        what.c_str(), differ, a.size(), first, first < a.size() ? a[first] : NAN,
+        first < b.size() ? b[first] : NAN);
   INFO(what << ": " << differ << " of " << a.size() << " elements differ between two runs");
   CHECK(ok);
 }

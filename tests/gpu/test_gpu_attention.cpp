@@ -23,11 +23,11 @@ using namespace lmtrain;
 
 namespace {
 
-#define ATTN_CUDA(call)                                                                   \
-  do {                                                                                    \
-    cudaError_t status_ = (call);                                                         \
-    INFO(#call << ": " << cudaGetErrorString(status_));                                   \
-    REQUIRE(status_ == cudaSuccess);                                                      \
+#define ATTN_CUDA(call)                                 \
+  do {                                                  \
+    cudaError_t status_ = (call);                       \
+    INFO(#call << ": " << cudaGetErrorString(status_)); \
+    REQUIRE(status_ == cudaSuccess);                    \
   } while (0)
 
 bool have_gpu() {
@@ -71,7 +71,8 @@ struct DevArray {
 
   DevArray(size_t count, bool is_bf16) : n(count), bf16(is_bf16) {
     ATTN_CUDA(cudaMalloc(&ptr, std::max<size_t>(bytes(), 1)));
-    ATTN_CUDA(cudaMemset(ptr, 0xff, std::max<size_t>(bytes(), 1)));  // NaN garbage: must be overwritten
+    ATTN_CUDA(
+        cudaMemset(ptr, 0xff, std::max<size_t>(bytes(), 1)));  // NaN garbage: must be overwritten
   }
   DevArray(const std::vector<float>& host, bool is_bf16) : DevArray(host.size(), is_bf16) {
     upload(host);
@@ -108,7 +109,9 @@ struct DevArray {
     return r;
   }
   template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
 };
 
 struct Case {
@@ -172,7 +175,9 @@ void expect_close(const char* name, const std::vector<float>& gpu, const std::ve
                      << " relative error " << rel << " > tolerance " << tol);
 }
 
-Tensor host_tensor(std::vector<float>& x, Shape shape) { return Tensor{x.data(), shape, DType::f32}; }
+Tensor host_tensor(std::vector<float>& x, Shape shape) {
+  return Tensor{x.data(), shape, DType::f32};
+}
 
 struct Inputs {
   std::vector<float> q, k, v;
@@ -191,14 +196,13 @@ Inputs make_inputs(const Case& c, uint32_t seed) {
 void gpu_forward(const Case& c, DevArray& out, DevArray& lse, const DevArray& q, const DevArray& k,
                  const DevArray& v) {
   if (c.bf16)
-    cuda::attention_forward<__nv_bfloat16>(out.as<__nv_bfloat16>(), lse.as<float>(),
-                                           q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
-                                           v.as<__nv_bfloat16>(), c.B, c.Tq, c.Tk, c.H, c.Hkv,
-                                           c.D, c.window, c.q_offset, nullptr);
+    cuda::attention_forward<__nv_bfloat16>(
+        out.as<__nv_bfloat16>(), lse.as<float>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+        v.as<__nv_bfloat16>(), c.B, c.Tq, c.Tk, c.H, c.Hkv, c.D, c.window, c.q_offset, nullptr);
   else
-    cuda::attention_forward<float>(out.as<float>(), lse.as<float>(), q.as<float>(),
-                                   k.as<float>(), v.as<float>(), c.B, c.Tq, c.Tk, c.H, c.Hkv, c.D,
-                                   c.window, c.q_offset, nullptr);
+    cuda::attention_forward<float>(out.as<float>(), lse.as<float>(), q.as<float>(), k.as<float>(),
+                                   v.as<float>(), c.B, c.Tq, c.Tk, c.H, c.Hkv, c.D, c.window,
+                                   c.q_offset, nullptr);
   ATTN_CUDA(cudaDeviceSynchronize());
 }
 
@@ -259,13 +263,13 @@ void check_backward(const Case& c, uint32_t seed) {
       cuda::attention_backward<__nv_bfloat16>(
           dq.as<__nv_bfloat16>(), dk.as<__nv_bfloat16>(), dv.as<__nv_bfloat16>(),
           g.as<__nv_bfloat16>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
-          v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv,
-          c.D, c.window, ws.ptr, nullptr);
+          v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv, c.D,
+          c.window, ws.ptr, nullptr);
     else
-      cuda::attention_backward<float>(dq.as<float>(), dk.as<float>(), dv.as<float>(),
-                                      g.as<float>(), q.as<float>(), k.as<float>(), v.as<float>(),
-                                      o.as<float>(), l.as<float>(), c.B, c.Tq, c.H, c.Hkv, c.D,
-                                      c.window, ws.ptr, nullptr);
+      cuda::attention_backward<float>(dq.as<float>(), dk.as<float>(), dv.as<float>(), g.as<float>(),
+                                      q.as<float>(), k.as<float>(), v.as<float>(), o.as<float>(),
+                                      l.as<float>(), c.B, c.Tq, c.H, c.Hkv, c.D, c.window, ws.ptr,
+                                      nullptr);
     ATTN_CUDA(cudaDeviceSynchronize());
   };
   run();
@@ -289,7 +293,8 @@ TEST_CASE("gpu attention forward matches the CPU reference", "[gpu][attention]")
     for (int D : {16, 32, 64, 128})
       for (auto [H, Hkv] : {std::pair<int, int>{2, 2}, {6, 2}})
         for (int T : {37, 130})
-          for (int window : {0, 1, 7, T / 2, T}) check_forward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
+          for (int window : {0, 1, 7, T / 2, T})
+            check_forward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
   worst_seen.print("attention forward");
 }
 
@@ -320,7 +325,8 @@ TEST_CASE("gpu attention backward matches the CPU reference", "[gpu][attention]"
     for (int D : {16, 32, 64, 128})
       for (auto [H, Hkv] : {std::pair<int, int>{2, 2}, {6, 2}})
         for (int T : {37, 130})
-          for (int window : {0, 1, 7, T / 2, T}) check_backward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
+          for (int window : {0, 1, 7, T / 2, T})
+            check_backward({2, T, T, H, Hkv, D, window, 0, bf16}, seed++);
   // A longer sequence with a window spanning several tiles on both sides, and a single position.
   for (bool bf16 : {false, true}) {
     check_backward({1, 300, 300, 3, 1, 64, 70, 0, bf16}, seed++);
@@ -374,10 +380,10 @@ TEST_CASE("gpu attention rejects unsupported head dims", "[gpu][attention]") {
     WARN("no CUDA device: skipped");
     return;
   }
-  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4,
-                                              4, 2, 2, 48, 4, 0, nullptr));
-  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4,
-                                              3, 2, 2, 64, 4, 0, nullptr));  // Tq > Tk
+  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4, 4,
+                                              2, 2, 48, 4, 0, nullptr));
+  CHECK_THROWS(cuda::attention_forward<float>(nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4, 3,
+                                              2, 2, 64, 4, 0, nullptr));  // Tq > Tk
 }
 
 // ---- cuDNN's fused SDPA (src/backend/cuda/attention_cudnn.cpp), the bf16 training path ----
@@ -522,8 +528,7 @@ TEST_CASE("cudnn attention (bf16) matches the CPU reference", "[gpu][attention][
     CHECK(check_cudnn_forward(c, seed++));
     CHECK(check_cudnn_backward(c, seed++));
   }
-  std::printf("cuDNN attention: %d graphs accepted, %d rejected\n", cudnn_accepted,
-              cudnn_rejected);
+  std::printf("cuDNN attention: %d graphs accepted, %d rejected\n", cudnn_accepted, cudnn_rejected);
   worst_seen.print("cudnn attention");
 }
 
@@ -574,10 +579,9 @@ TEST_CASE("attention timing at the d12 shape", "[.][timing]") {
       const cuda::AttentionShape s{B, T, H, Hkv, D, window};
       auto fwd = [&] {
         if (impl == 0)
-          cuda::attention_forward<__nv_bfloat16>(o.as<__nv_bfloat16>(), l.as<float>(),
-                                                 q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
-                                                 v.as<__nv_bfloat16>(), B, T, T, H, Hkv, D,
-                                                 window, 0, nullptr);
+          cuda::attention_forward<__nv_bfloat16>(
+              o.as<__nv_bfloat16>(), l.as<float>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
+              v.as<__nv_bfloat16>(), B, T, T, H, Hkv, D, window, 0, nullptr);
         else
           REQUIRE(cudnn_attention()->forward(o.ptr, l.as<float>(), q.ptr, k.ptr, v.ptr, s,
                                              workspace_fn()));
@@ -587,8 +591,8 @@ TEST_CASE("attention timing at the d12 shape", "[.][timing]") {
           cuda::attention_backward<__nv_bfloat16>(
               dq.as<__nv_bfloat16>(), dk.as<__nv_bfloat16>(), dv.as<__nv_bfloat16>(),
               g.as<__nv_bfloat16>(), q.as<__nv_bfloat16>(), k.as<__nv_bfloat16>(),
-              v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), B, T, H, Hkv, D,
-              window, ws.ptr, nullptr);
+              v.as<__nv_bfloat16>(), o.as<__nv_bfloat16>(), l.as<float>(), B, T, H, Hkv, D, window,
+              ws.ptr, nullptr);
         else
           REQUIRE(cudnn_attention()->backward(dq.ptr, dk.ptr, dv.ptr, g.ptr, q.ptr, k.ptr, v.ptr,
                                               o.ptr, l.as<float>(), s, workspace_fn()));
@@ -613,10 +617,11 @@ TEST_CASE("attention timing at the d12 shape", "[.][timing]") {
       double pairs = 0;
       for (int i = 0; i < T; ++i) pairs += std::min(i, window) + 1;
       const double fflop = 4.0 * B * H * D * pairs;
-      std::printf("timing %-6s window %4d: forward %7.2f ms (%5.0f TFLOP/s), backward %7.2f ms "
-                  "(%5.0f TFLOP/s)\n",
-                  impl ? "cudnn" : "own", window, f_ms, fflop / f_ms * 1e-9, b_ms,
-                  2.5 * fflop / b_ms * 1e-9);
+      std::printf(
+          "timing %-6s window %4d: forward %7.2f ms (%5.0f TFLOP/s), backward %7.2f ms "
+          "(%5.0f TFLOP/s)\n",
+          impl ? "cudnn" : "own", window, f_ms, fflop / f_ms * 1e-9, b_ms,
+          2.5 * fflop / b_ms * 1e-9);
     }
   cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
 }

@@ -11,7 +11,6 @@
 // comparison therefore runs that preset with decoupled decay; the cautious update itself is
 // checked op by op in test_gpu_ops.cpp.
 #include <catch2/catch.hpp>
-
 #include <random>
 #include <string>
 #include <vector>
@@ -131,11 +130,10 @@ TEST_CASE("gpu training steps match the CPU under every optimizer preset", "[gpu
   const SafetensorsFile file = golden_file();
   constexpr int kSteps = 10;
   for (const char* preset : {"normuon", "adamw", "muon-basic", "muon-moonshot"}) {
-    const Config config =
-        load_config(test_support::source_path("tests/golden/gpt_tiny.json"),
-                    {std::string("optim.preset=") + preset,
-                     "schedule.num_iterations=" + std::to_string(kSteps),
-                     "optim.muon.weight_decay_mode=decoupled"});
+    const Config config = load_config(
+        test_support::source_path("tests/golden/gpt_tiny.json"),
+        {std::string("optim.preset=") + preset, "schedule.num_iterations=" + std::to_string(kSteps),
+         "optim.muon.weight_decay_mode=decoupled"});
     const GptShape shape = GptShape::from(config.model, config.model.vocab_size);
     const int B = config.batch.device_batch;
     const size_t N = size_t(B) * shape.seq_len;
@@ -154,7 +152,8 @@ TEST_CASE("gpu training steps match the CPU under every optimizer preset", "[gpu
     Gpt cpu_model(cpu, shape, B);
     load_params(cpu_model, file);
     dist::LocalCommunicator cpu_comm(cpu);
-    Optimizer cpu_opt(cpu_model, config.optim, double(config.batch.total_batch_tokens), kSteps, cpu_comm);
+    Optimizer cpu_opt(cpu_model, config.optim, double(config.batch.total_batch_tokens), kSteps,
+                      cpu_comm);
     std::vector<double> cpu_losses;
     for (int s = 0; s < kSteps; ++s) {
       cpu_model.zero_grads();

@@ -7,9 +7,8 @@
 //                computed from the same bf16 inputs
 //   kBf16        activation outputs stored in bf16 (2^-8 relative rounding, plus what it feeds)
 //   kTf32        f32 matmuls in bf16 mode, which run on TF32 tensor cores (10-bit mantissa)
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -46,26 +45,25 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
         .add("back", {n}, Kind::f32, poison(n))
         .add("fx", {n}, Kind::f32, randn(n))
         .add("fy", {n}, Kind::f32, randn(n));
-    c.check(
-        "fill/copy/add/scale",
-        [](Backend& b, const Args& t) {
-          b.fill(t["a"], 0.37f);
-          b.fill(t["f"], -2.5f);
-          b.copy(t["conv"], t["src"]);   // f32 -> activation dtype
-          b.copy(t["back"], t["conv"]);  // and back
-          b.add(t["y"], t["x"], -0.75f);
-          b.scale(t["x"], 1.5f);
-          b.add(t["fy"], t["fx"], 0.25f);
-          b.scale(t["fx"], -3.f);
-        },
-        {{"a", kExact, kBf16},
-         {"f", kExact, kExact},
-         {"conv", kExact, kBf16},
-         {"back", kExact, kBf16},
-         {"y", kElementwise, kBf16},
-         {"x", kElementwise, kBf16},
-         {"fy", kElementwise, kElementwise},
-         {"fx", kElementwise, kElementwise}});
+    c.check("fill/copy/add/scale",
+            [](Backend& b, const Args& t) {
+              b.fill(t["a"], 0.37f);
+              b.fill(t["f"], -2.5f);
+              b.copy(t["conv"], t["src"]);   // f32 -> activation dtype
+              b.copy(t["back"], t["conv"]);  // and back
+              b.add(t["y"], t["x"], -0.75f);
+              b.scale(t["x"], 1.5f);
+              b.add(t["fy"], t["fx"], 0.25f);
+              b.scale(t["fx"], -3.f);
+            },
+            {{"a", kExact, kBf16},
+             {"f", kExact, kExact},
+             {"conv", kExact, kBf16},
+             {"back", kExact, kBf16},
+             {"y", kElementwise, kBf16},
+             {"x", kElementwise, kBf16},
+             {"fy", kElementwise, kElementwise},
+             {"fx", kElementwise, kElementwise}});
     // The GPU's f32 -> bf16 conversion must round to nearest even, exactly as the host does.
     if (act == DType::bf16) {
       OpCase src(act);
@@ -92,8 +90,9 @@ TEST_CASE("gpu sum_squares matches the CPU and is deterministic", "[gpu][ops]") 
         c.run(cpu, [&](Backend& b, const Args& t) { cpu_sum = b.sum_squares(t["x"]); });
         c.run(backend(act), [&](Backend& b, const Args& t) { gpu_sum = b.sum_squares(t["x"]); });
         c.run(backend(act), [&](Backend& b, const Args& t) { gpu_again = b.sum_squares(t["x"]); });
-        const std::string what = std::string("[") + mode_name(act) + "] sum_squares n=" +
-                                 std::to_string(n) + (kind == Kind::f32 ? " f32" : " act");
+        const std::string what = std::string("[") + mode_name(act) +
+                                 "] sum_squares n=" + std::to_string(n) +
+                                 (kind == Kind::f32 ? " f32" : " act");
         compare_scalar(what, gpu_sum, cpu_sum, kReduction);
         INFO(what << ": two runs gave " << gpu_sum << " and " << gpu_again);
         CHECK(gpu_sum == gpu_again);
@@ -125,21 +124,21 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
               .add("fa", sa, Kind::f32, randn(size_t(sa.numel())))
               .add("fb", sb, Kind::f32, randn(size_t(sb.numel())))
               .add("fout", so, Kind::f32, randn(size_t(so.numel())));
-          const std::string label = "matmul b" + std::to_string(s.batch) + " " + std::to_string(s.M) +
-                                    "x" + std::to_string(s.K) + "x" + std::to_string(s.N) +
-                                    (ta ? " a^T" : "") + (tb ? " b^T" : "");
-          c.check(
-              label,
-              [&](Backend& b, const Args& t) {
-                b.matmul(t["out"], t["a"], t["b"], ta, tb, false);
-                b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
-                b.matmul(t["grad"], t["a"], t["b"], ta, tb, true);  // act inputs, f32 accumulator
-                b.matmul(t["fout"], t["fa"], t["fb"], ta, tb, true, -1.5f);  // optimizer matmul
-              },
-              {{"out", kReduction, kBf16},
-               {"acc", kReduction, kBf16},
-               {"grad", kReduction, kReduction},
-               {"fout", kReduction, kTf32}});
+          const std::string label = "matmul b" + std::to_string(s.batch) + " " +
+                                    std::to_string(s.M) + "x" + std::to_string(s.K) + "x" +
+                                    std::to_string(s.N) + (ta ? " a^T" : "") + (tb ? " b^T" : "");
+          c.check(label,
+                  [&](Backend& b, const Args& t) {
+                    b.matmul(t["out"], t["a"], t["b"], ta, tb, false);
+                    b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
+                    b.matmul(t["grad"], t["a"], t["b"], ta, tb,
+                             true);  // act inputs, f32 accumulator
+                    b.matmul(t["fout"], t["fa"], t["fb"], ta, tb, true, -1.5f);  // optimizer matmul
+                  },
+                  {{"out", kReduction, kBf16},
+                   {"acc", kReduction, kBf16},
+                   {"grad", kReduction, kReduction},
+                   {"fout", kReduction, kTf32}});
         }
       }
     }
@@ -158,14 +157,13 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
         .add("out", {N, C}, Kind::act, poison(size_t(N * C)))
         .add("dtable", {V, C}, Kind::f32, randn(size_t(V * C)))
         .add("dout", {N, C}, Kind::act, randn(size_t(N * C)));
-    c.check(
-        "embedding",
-        [](Backend& b, const Args& t) {
-          b.embedding_forward(t["out"], t["table"], t["tokens"]);
-          b.embedding_backward(t["dtable"], t["dout"], t["tokens"]);
-        },
-        // Same additions in the same (token) order as the CPU.
-        {{"out", kExact, kExact}, {"dtable", kExact, kExact}});
+    c.check("embedding",
+            [](Backend& b, const Args& t) {
+              b.embedding_forward(t["out"], t["table"], t["tokens"]);
+              b.embedding_backward(t["dtable"], t["dout"], t["tokens"]);
+            },
+            // Same additions in the same (token) order as the CPU.
+            {{"out", kExact, kExact}, {"dtable", kExact, kExact}});
   }
 }
 
@@ -183,20 +181,19 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
           .add("dx", {N, C}, Kind::act, poison(size_t(N * C)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f));
-      c.check(
-          "rmsnorm C=" + std::to_string(C),
-          [](Backend& b, const Args& t) {
-            b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
-            b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
-            b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
-            b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
-          },
-          {{"out", kReduction, kBf16},
-           {"rstd", kReduction, kReduction},
-           {"xi", kReduction, kBf16},
-           {"rstd_i", kReduction, kReduction},
-           {"dx", kReduction, kBf16},
-           {"g_in_place", kReduction, kBf16}});
+      c.check("rmsnorm C=" + std::to_string(C),
+              [](Backend& b, const Args& t) {
+                b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
+                b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
+                b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
+                b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
+              },
+              {{"out", kReduction, kBf16},
+               {"rstd", kReduction, kReduction},
+               {"xi", kReduction, kBf16},
+               {"rstd_i", kReduction, kReduction},
+               {"dx", kReduction, kBf16},
+               {"g_in_place", kReduction, kBf16}});
     }
   }
 }
@@ -215,13 +212,12 @@ TEST_CASE("gpu rope matches the CPU", "[gpu][ops]") {
           .add("dx", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
           .add("cos", {Tmax, D / 2}, Kind::f32, cos)
           .add("sin", {Tmax, D / 2}, Kind::f32, sin);
-      c.check(
-          "rope D=" + std::to_string(D),
-          [](Backend& b, const Args& t) {
-            b.rope_forward(t["x"], t["cos"], t["sin"], 3);
-            b.rope_backward(t["dx"], t["cos"], t["sin"], 5);
-          },
-          {{"x", kElementwise, kBf16}, {"dx", kElementwise, kBf16}});
+      c.check("rope D=" + std::to_string(D),
+              [](Backend& b, const Args& t) {
+                b.rope_forward(t["x"], t["cos"], t["sin"], 3);
+                b.rope_backward(t["dx"], t["cos"], t["sin"], 5);
+              },
+              {{"x", kElementwise, kBf16}, {"dx", kElementwise, kBf16}});
     }
   }
 }
@@ -245,21 +241,20 @@ TEST_CASE("gpu attention through the backend matches the CPU", "[gpu][ops][atten
             .add("q9", {B, 9, H, D}, Kind::act, randn(size_t(B * 9 * H * D)))
             .add("out9", {B, 9, H, D}, Kind::act, poison(size_t(B * 9 * H * D)))
             .add("lse9", {B, H, 9}, Kind::f32, poison(size_t(B * H * 9)));
-        c.check(
-            "attention D=" + std::to_string(D) + " window=" + std::to_string(window),
-            [&](Backend& b, const Args& t) {
-              b.attention_forward(t["out"], t["lse"], t["q"], t["k"], t["v"], window, 0);
-              b.attention_backward(t["dq"], t["dk"], t["dv"], t["dout"], t["q"], t["k"], t["v"],
-                                   t["out"], t["lse"], window);
-              b.attention_forward(t["out9"], t["lse9"], t["q9"], t["k"], t["v"], window, 24);
-            },
-            {{"out", kReduction, kBf16},
-             {"lse", kReduction, kReduction},
-             {"dq", kReduction, kBf16},
-             {"dk", kReduction, kBf16},
-             {"dv", kReduction, kBf16},
-             {"out9", kReduction, kBf16},
-             {"lse9", kReduction, kReduction}});
+        c.check("attention D=" + std::to_string(D) + " window=" + std::to_string(window),
+                [&](Backend& b, const Args& t) {
+                  b.attention_forward(t["out"], t["lse"], t["q"], t["k"], t["v"], window, 0);
+                  b.attention_backward(t["dq"], t["dk"], t["dv"], t["dout"], t["q"], t["k"], t["v"],
+                                       t["out"], t["lse"], window);
+                  b.attention_forward(t["out9"], t["lse9"], t["q9"], t["k"], t["v"], window, 24);
+                },
+                {{"out", kReduction, kBf16},
+                 {"lse", kReduction, kReduction},
+                 {"dq", kReduction, kBf16},
+                 {"dk", kReduction, kBf16},
+                 {"dv", kReduction, kBf16},
+                 {"out9", kReduction, kBf16},
+                 {"lse9", kReduction, kReduction}});
       }
     }
   }
@@ -274,14 +269,15 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
         .add("dout", {n}, Kind::act, randn(size_t(n)))
         .add("dx", {n}, Kind::act, poison(size_t(n)))
         .add("g_in_place", {n}, Kind::act, randn(size_t(n)));
-    c.check(
-        "relu2",
-        [](Backend& b, const Args& t) {
-          b.relu2_forward(t["out"], t["x"]);
-          b.relu2_backward(t["dx"], t["dout"], t["x"]);
-          b.relu2_backward(t["g_in_place"], t["g_in_place"], t["x"]);
-        },
-        {{"out", kElementwise, kBf16}, {"dx", kElementwise, kBf16}, {"g_in_place", kElementwise, kBf16}});
+    c.check("relu2",
+            [](Backend& b, const Args& t) {
+              b.relu2_forward(t["out"], t["x"]);
+              b.relu2_backward(t["dx"], t["dout"], t["x"]);
+              b.relu2_backward(t["g_in_place"], t["g_in_place"], t["x"]);
+            },
+            {{"out", kElementwise, kBf16},
+             {"dx", kElementwise, kBf16},
+             {"g_in_place", kElementwise, kBf16}});
   }
 }
 
@@ -301,21 +297,20 @@ TEST_CASE("gpu residual_mix matches the CPU", "[gpu][ops]") {
           .add("dresid", {L}, Kind::f32, randn(size_t(L)))
           .add("dx0l", {L}, Kind::f32, randn(size_t(L)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)));
-      c.check(
-          "residual_mix N=" + std::to_string(N),
-          [](Backend& b, const Args& t) {
-            b.residual_mix_forward(t["out"], t["x"], t["x0"], t["resid"], t["x0l"], 1);
-            b.residual_mix_backward(t["dx"], t["dx0"], t["dresid"], t["dx0l"], t["dout"], t["x"],
-                                    t["x0"], t["resid"], t["x0l"], 1);
-            b.residual_mix_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
-                                    t["g_in_place"], t["x"], t["x0"], t["resid"], t["x0l"], 2);
-          },
-          {{"out", kElementwise, kBf16},
-           {"dx", kElementwise, kBf16},
-           {"dx0", kElementwise, kBf16},
-           {"dresid", kReduction, kReduction},
-           {"dx0l", kReduction, kReduction},
-           {"g_in_place", kElementwise, kBf16}});
+      c.check("residual_mix N=" + std::to_string(N),
+              [](Backend& b, const Args& t) {
+                b.residual_mix_forward(t["out"], t["x"], t["x0"], t["resid"], t["x0l"], 1);
+                b.residual_mix_backward(t["dx"], t["dx0"], t["dresid"], t["dx0l"], t["dout"],
+                                        t["x"], t["x0"], t["resid"], t["x0l"], 1);
+                b.residual_mix_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
+                                        t["g_in_place"], t["x"], t["x0"], t["resid"], t["x0l"], 2);
+              },
+              {{"out", kElementwise, kBf16},
+               {"dx", kElementwise, kBf16},
+               {"dx0", kElementwise, kBf16},
+               {"dresid", kReduction, kReduction},
+               {"dx0l", kReduction, kReduction},
+               {"g_in_place", kElementwise, kBf16}});
     }
   }
 }
@@ -335,18 +330,17 @@ TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
           .add("dxn", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("dgate_w", {Hkv, G}, Kind::f32, randn(size_t(Hkv * G)))
           .add("dve", {N, Hkv * D}, Kind::act, poison(size_t(N * Hkv * D)));
-      c.check(
-          "value_gate N=" + std::to_string(N),
-          [](Backend& b, const Args& t) {
-            b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["ve"]);
-            b.value_gate_backward(t["dxn"], t["dgate_w"], t["dve"], t["dv"], t["xn"],
-                                  t["gate_w"], t["ve"], t["gate_in"]);
-          },
-          {{"v", kElementwise, kBf16},
-           {"gate", kReduction, kReduction},
-           {"dxn", kReduction, kBf16},
-           {"dgate_w", kReduction, kReduction},
-           {"dve", kElementwise, kBf16}});
+      c.check("value_gate N=" + std::to_string(N),
+              [](Backend& b, const Args& t) {
+                b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["ve"]);
+                b.value_gate_backward(t["dxn"], t["dgate_w"], t["dve"], t["dv"], t["xn"],
+                                      t["gate_w"], t["ve"], t["gate_in"]);
+              },
+              {{"v", kElementwise, kBf16},
+               {"gate", kReduction, kReduction},
+               {"dxn", kReduction, kBf16},
+               {"dgate_w", kReduction, kReduction},
+               {"dve", kElementwise, kBf16}});
     }
   }
 }
@@ -364,17 +358,17 @@ TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
           .add("losses", {N}, Kind::f32, poison(size_t(N)))
           .add("eval_logits", {N, Vp}, Kind::act, randn(size_t(N * Vp), 10.f))
           .add("eval_losses", {N}, Kind::f32, poison(size_t(N)));
-      c.check(
-          "softcap_cross_entropy vocab=" + std::to_string(vocab),
-          [&](Backend& b, const Args& t) {
-            b.softcap_cross_entropy(t["logits"], t["losses"], t["targets"], vocab, 15.f, 1.f / 17);
-            b.softcap_cross_entropy(t["eval_logits"], t["eval_losses"], t["targets"], vocab, 15.f,
-                                    0.f);
-          },
-          {{"losses", kReduction, kReduction},
-           {"logits", kReduction, kBf16},
-           {"eval_losses", kReduction, kReduction},
-           {"eval_logits", kExact, kExact}});
+      c.check("softcap_cross_entropy vocab=" + std::to_string(vocab),
+              [&](Backend& b, const Args& t) {
+                b.softcap_cross_entropy(t["logits"], t["losses"], t["targets"], vocab, 15.f,
+                                        1.f / 17);
+                b.softcap_cross_entropy(t["eval_logits"], t["eval_losses"], t["targets"], vocab,
+                                        15.f, 0.f);
+              },
+              {{"losses", kReduction, kReduction},
+               {"logits", kReduction, kBf16},
+               {"eval_losses", kReduction, kReduction},
+               {"eval_logits", kExact, kExact}});
     }
   }
 }
@@ -387,7 +381,8 @@ TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
         .add("g", {n}, Kind::f32, randn(size_t(n), 0.01f))
         .add("m", {n}, Kind::f32, randn(size_t(n), 0.01f))
         .add("v", {n}, Kind::f32, uniform(size_t(n), 0.f, 1e-4f));
-    for (const char* buf : {"buf0", "buf1", "buf2", "buf3"}) c.add(buf, {n}, Kind::f32, randn(size_t(n)));
+    for (const char* buf : {"buf0", "buf1", "buf2", "buf3"})
+      c.add(buf, {n}, Kind::f32, randn(size_t(n)));
     c.add("u", {n}, Kind::f32, poison(size_t(n)))
         .add("u1", {n}, Kind::f32, poison(size_t(n)))
         .add("u2", {n}, Kind::f32, poison(size_t(n)))
@@ -395,30 +390,30 @@ TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
         .add("pc", {n}, Kind::f32, randn(size_t(n)))
         .add("pd", {n}, Kind::f32, randn(size_t(n)))
         .add("x", {n}, Kind::f32, randn(size_t(n)));
-    c.check(
-        "adamw/muon_momentum/muon_apply",
-        [](Backend& b, const Args& t) {
-          b.adamw_update(t["p"], t["g"], t["m"], t["v"], AdamWHyper{0.01f, 0.8f, 0.95f, 1e-10f, 0.1f, 3});
-          b.muon_momentum(t["u"], t["buf0"], t["g"], 0.9f, false, false);
-          b.muon_momentum(t["u1"], t["buf1"], t["g"], 0.9f, false, true);
-          b.muon_momentum(t["u2"], t["buf2"], t["g"], 0.9f, true, false);
-          b.muon_momentum(t["u3"], t["buf3"], t["g"], 0.9f, true, true);
-          b.muon_apply(t["pc"], t["x"], 0.02f, 0.003f, true);
-          b.muon_apply(t["pd"], t["x"], 0.02f, 0.003f, false);
-        },
-        {{"p", kElementwise, kElementwise},
-         {"m", kElementwise, kElementwise},
-         {"v", kElementwise, kElementwise},
-         {"u", kElementwise, kElementwise},
-         {"buf0", kElementwise, kElementwise},
-         {"u1", kElementwise, kElementwise},
-         {"buf1", kElementwise, kElementwise},
-         {"u2", kElementwise, kElementwise},
-         {"buf2", kElementwise, kElementwise},
-         {"u3", kElementwise, kElementwise},
-         {"buf3", kElementwise, kElementwise},
-         {"pc", kElementwise, kElementwise},
-         {"pd", kElementwise, kElementwise}});
+    c.check("adamw/muon_momentum/muon_apply",
+            [](Backend& b, const Args& t) {
+              b.adamw_update(t["p"], t["g"], t["m"], t["v"],
+                             AdamWHyper{0.01f, 0.8f, 0.95f, 1e-10f, 0.1f, 3});
+              b.muon_momentum(t["u"], t["buf0"], t["g"], 0.9f, false, false);
+              b.muon_momentum(t["u1"], t["buf1"], t["g"], 0.9f, false, true);
+              b.muon_momentum(t["u2"], t["buf2"], t["g"], 0.9f, true, false);
+              b.muon_momentum(t["u3"], t["buf3"], t["g"], 0.9f, true, true);
+              b.muon_apply(t["pc"], t["x"], 0.02f, 0.003f, true);
+              b.muon_apply(t["pd"], t["x"], 0.02f, 0.003f, false);
+            },
+            {{"p", kElementwise, kElementwise},
+             {"m", kElementwise, kElementwise},
+             {"v", kElementwise, kElementwise},
+             {"u", kElementwise, kElementwise},
+             {"buf0", kElementwise, kElementwise},
+             {"u1", kElementwise, kElementwise},
+             {"buf1", kElementwise, kElementwise},
+             {"u2", kElementwise, kElementwise},
+             {"buf2", kElementwise, kElementwise},
+             {"u3", kElementwise, kElementwise},
+             {"buf3", kElementwise, kElementwise},
+             {"pc", kElementwise, kElementwise},
+             {"pd", kElementwise, kElementwise}});
   }
 }
 
@@ -434,18 +429,17 @@ TEST_CASE("gpu Muon matrix ops match the CPU", "[gpu][ops][optim]") {
           .add("xt", {s.K, s.cols, s.rows}, Kind::f32, poison(size_t(size)))
           .add("y", {s.K, s.rows, s.cols}, Kind::f32, randn(size_t(size)))
           .add("state", {s.K, slots}, Kind::f32, uniform(size_t(s.K * slots), 0.f, 2.f));
-      c.check(
-          "muon matrices " + std::to_string(s.K) + "x" + std::to_string(s.rows) + "x" +
-              std::to_string(s.cols),
-          [](Backend& b, const Args& t) {
-            b.transpose_matrices(t["xt"], t["x"]);
-            b.normalize_matrices(t["x"], 1.02f, 1e-6f);
-            b.normuon_second_moment(t["y"], t["state"], 0.95f);
-          },
-          {{"xt", kExact, kExact},
-           {"x", kReduction, kReduction},
-           {"y", kReduction, kReduction},
-           {"state", kReduction, kReduction}});
+      c.check("muon matrices " + std::to_string(s.K) + "x" + std::to_string(s.rows) + "x" +
+                  std::to_string(s.cols),
+              [](Backend& b, const Args& t) {
+                b.transpose_matrices(t["xt"], t["x"]);
+                b.normalize_matrices(t["x"], 1.02f, 1e-6f);
+                b.normuon_second_moment(t["y"], t["state"], 0.95f);
+              },
+              {{"xt", kExact, kExact},
+               {"x", kReduction, kReduction},
+               {"y", kReduction, kReduction},
+               {"state", kReduction, kReduction}});
     }
   }
 }

@@ -18,13 +18,12 @@ void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
   check(q.shape.rank == 4 && k.shape.rank == 4, "{}: q {} and k {} must be (B, T, heads, D)", op,
         q.shape.str(), k.shape.str());
   check(k.shape == v.shape, "{}: v {} does not match k {}", op, v.shape.str(), k.shape.str());
-  check(out.shape == q.shape, "{}: out {} does not match q {}", op, out.shape.str(),
-        q.shape.str());
+  check(out.shape == q.shape, "{}: out {} does not match q {}", op, out.shape.str(), q.shape.str());
   check(k.dim(0) == q.dim(0) && k.dim(3) == q.dim(3) && k.dim(2) > 0 && q.dim(2) % k.dim(2) == 0,
         "{}: k {} does not pair with q {} (same B and D, heads dividing the query heads)", op,
         k.shape.str(), q.shape.str());
-  check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}",
-        op, lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
+  check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}", op,
+        lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
   check(window >= 0, "{}: window {} must be non-negative", op, window);
 }
 
@@ -36,14 +35,14 @@ float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v,
-                                   int window, int q_offset) {
+void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
+                                   int q_offset) {
   check_attention("attention_forward", out, lse, q, k, v, window);
   int64_t B = q.dim(0), Tq = q.dim(1), H = q.dim(2), D = q.dim(3);
   int64_t Tk = k.dim(1), Hkv = k.dim(2), group = H / Hkv;
   check(q_offset >= 0 && q_offset + Tq <= Tk,
-        "attention_forward: queries at positions [{}, {}) need keys up to there, have {}",
-        q_offset, q_offset + Tq, Tk);
+        "attention_forward: queries at positions [{}, {}) need keys up to there, have {}", q_offset,
+        q_offset + Tq, Tk);
   float scale = 1.f / std::sqrt(float(D));
 
 #pragma omp parallel

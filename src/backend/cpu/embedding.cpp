@@ -11,16 +11,16 @@ namespace {
 // Shapes and token ids are checked up front: an exception cannot leave an OpenMP loop.
 void check_embedding(const char* op, Tensor rows, Tensor table, Tensor tokens) {
   check(rows.dtype == DType::f32 && table.dtype == DType::f32 && tokens.dtype == DType::i32,
-        "{}: rows and table must be f32 and tokens i32, got {}, {}, {}", op,
-        dtype_name(rows.dtype), dtype_name(table.dtype), dtype_name(tokens.dtype));
+        "{}: rows and table must be f32 and tokens i32, got {}, {}, {}", op, dtype_name(rows.dtype),
+        dtype_name(table.dtype), dtype_name(tokens.dtype));
   check(table.shape.rank == 2 && rows.shape.rank >= 1 && rows.dim(-1) == table.dim(1) &&
             rows.rows() == tokens.numel(),
         "{}: rows {} do not fit table {} and tokens {}", op, rows.shape.str(), table.shape.str(),
         tokens.shape.str());
   const int32_t* ids = tokens.i32();
   for (int64_t n = 0; n < tokens.numel(); ++n)
-    check(ids[n] >= 0 && ids[n] < table.dim(0), "{}: token id {} at {} is outside the table {}",
-          op, ids[n], n, table.shape.str());
+    check(ids[n] >= 0 && ids[n] < table.dim(0), "{}: token id {} at {} is outside the table {}", op,
+          ids[n], n, table.shape.str());
 }
 
 }  // namespace

@@ -6,8 +6,8 @@
 
 namespace lmtrain {
 
-void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                        bool accumulate, float alpha) {
+void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
+                        float alpha) {
   check(out.dtype == DType::f32 && a.dtype == DType::f32 && b.dtype == DType::f32,
         "matmul: out, a and b must be f32 on the cpu backend, got {}, {}, {}",
         dtype_name(out.dtype), dtype_name(a.dtype), dtype_name(b.dtype));

@@ -9,8 +9,8 @@ namespace lmtrain {
 namespace {
 
 void check_stack(const char* op, Tensor x) {
-  check(x.dtype == DType::f32 && x.shape.rank == 3, "{}: expected an f32 stack (K, m, n), got {} {}",
-        op, x.shape.str(), dtype_name(x.dtype));
+  check(x.dtype == DType::f32 && x.shape.rank == 3,
+        "{}: expected an f32 stack (K, m, n), got {} {}", op, x.shape.str(), dtype_name(x.dtype));
 }
 
 double frobenius(const float* x, int64_t n) {
@@ -21,7 +21,8 @@ double frobenius(const float* x, int64_t n) {
 
 }  // namespace
 
-void CpuBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp, bool nesterov) {
+void CpuBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
+                               bool nesterov) {
   for (Tensor t : {u, buf})
     check(t.dtype == DType::f32 && t.numel() == grad.numel(),
           "muon_momentum: u, buf and grad must be f32 of {} elements", grad.numel());
@@ -73,8 +74,8 @@ void CpuBackend::normuon_second_moment(Tensor x, Tensor state, float beta2) {
   const bool per_row = rows >= cols;
   const int64_t slots = per_row ? rows : cols;
   check(state.dtype == DType::f32 && state.numel() == K * slots,
-        "normuon_second_moment: state must be f32 (K, {}) = {} elements for x {}, got {}",
-        slots, K * slots, x.shape.str(), state.shape.str());
+        "normuon_second_moment: state must be f32 (K, {}) = {} elements for x {}, got {}", slots,
+        K * slots, x.shape.str(), state.shape.str());
 #pragma omp parallel for
   for (int64_t k = 0; k < K; ++k) {
     float* m = x.f32() + k * size;
@@ -82,13 +83,15 @@ void CpuBackend::normuon_second_moment(Tensor x, Tensor state, float beta2) {
     const double norm_before = frobenius(m, size);
     std::vector<double> mean(slots, 0.0);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) mean[per_row ? r : c] += double(m[r * cols + c]) * m[r * cols + c];
+      for (int64_t c = 0; c < cols; ++c)
+        mean[per_row ? r : c] += double(m[r * cols + c]) * m[r * cols + c];
     for (int64_t j = 0; j < slots; ++j) {
       float v = float(mean[j] / double(per_row ? cols : rows));
       s[j] = s[j] + (1.f - beta2) * (v - s[j]);
     }
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) m[r * cols + c] *= 1.f / std::sqrt(std::max(s[per_row ? r : c], 1e-10f));
+      for (int64_t c = 0; c < cols; ++c)
+        m[r * cols + c] *= 1.f / std::sqrt(std::max(s[per_row ? r : c], 1e-10f));
     const double norm_after = frobenius(m, size);
     const float rescale = float(norm_before / std::max(norm_after, 1e-10));
     for (int64_t i = 0; i < size; ++i) m[i] *= rescale;

@@ -6,8 +6,8 @@ namespace lmtrain {
 namespace {
 
 void check_relu2(const char* op, Tensor y, const char* y_name, Tensor x) {
-  check(y.dtype == DType::f32 && x.dtype == DType::f32, "{}: {} and x must be f32, got {}, {}",
-        op, y_name, dtype_name(y.dtype), dtype_name(x.dtype));
+  check(y.dtype == DType::f32 && x.dtype == DType::f32, "{}: {} and x must be f32, got {}, {}", op,
+        y_name, dtype_name(y.dtype), dtype_name(x.dtype));
   check(y.shape == x.shape, "{}: {} {} does not match x {}", op, y_name, y.shape.str(),
         x.shape.str());
 }

@@ -19,8 +19,8 @@ void check_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
 }
 
 void check_like(const char* op, const char* name, Tensor t, Tensor x) {
-  check(t.dtype == DType::f32 && t.shape == x.shape, "{}: {} {} {} must be f32 like x {}", op,
-        name, t.shape.str(), dtype_name(t.dtype), x.shape.str());
+  check(t.dtype == DType::f32 && t.shape == x.shape, "{}: {} {} {} must be f32 like x {}", op, name,
+        t.shape.str(), dtype_name(t.dtype), x.shape.str());
 }
 
 }  // namespace

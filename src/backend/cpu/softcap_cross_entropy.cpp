@@ -17,8 +17,8 @@ void CpuBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targ
         dtype_name(logits.dtype), dtype_name(losses.dtype), dtype_name(targets.dtype));
   int64_t N = logits.rows(), Vp = logits.dim(-1);
   check(losses.numel() == N && targets.numel() == N,
-        "{}: losses {} and targets {} need one entry per row of logits {}", op,
-        losses.shape.str(), targets.shape.str(), logits.shape.str());
+        "{}: losses {} and targets {} need one entry per row of logits {}", op, losses.shape.str(),
+        targets.shape.str(), logits.shape.str());
   check(vocab > 0 && vocab <= Vp, "{}: vocab {} must be in [1, {}]", op, vocab, Vp);
   check(softcap > 0.f, "{}: softcap {} must be positive", op, softcap);
   const int32_t* tgt = targets.i32();

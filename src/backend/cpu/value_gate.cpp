@@ -15,14 +15,14 @@ int64_t check_value_gate(const char* op, Tensor v, Tensor gate, Tensor xn, Tenso
   for (Tensor t : {v, gate, xn, gate_w, ve})
     check(t.dtype == DType::f32, "{}: every tensor must be f32, got {}", op, dtype_name(t.dtype));
   check(gate_w.shape.rank == 2 && xn.shape.rank >= 1 && gate_w.dim(1) <= xn.dim(-1),
-        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op,
-        gate_w.shape.str(), xn.shape.str());
+        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op, gate_w.shape.str(),
+        xn.shape.str());
   int64_t N = xn.rows(), Hkv = gate_w.dim(0);
-  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op,
-        gate.shape.str(), N, Hkv);
+  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op, gate.shape.str(),
+        N, Hkv);
   check(ve.shape == v.shape && N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
-        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op,
-        v.shape.str(), ve.shape.str(), N, Hkv);
+        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op, v.shape.str(),
+        ve.shape.str(), N, Hkv);
   return v.numel() / (N * Hkv);
 }
 

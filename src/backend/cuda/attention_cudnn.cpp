@@ -18,26 +18,25 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/error.h"
-
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "core/error.h"
 
 #ifdef LMTRAIN_HAVE_CUDNN
 // The frontend reaches cuDNN (and, for engines we never use, NVRTC) through dlopen: no link-time
 // dependency, and a machine without cuDNN runs our own kernel.
 #define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
 #include <cudnn.h>
+#include <cudnn_frontend.h>
 #include <dlfcn.h>
 
 #include <cmath>
 #include <map>
 #include <tuple>
 #include <unordered_map>
-
-#include <cudnn_frontend.h>
 #endif
 
 #ifdef LMTRAIN_HAVE_CUDNN
@@ -66,9 +65,10 @@ Mode mode_from_env() {
     return Mode::deterministic;
   if (!std::strcmp(e, "nondeterministic")) return Mode::nondeterministic;
   if (!std::strcmp(e, "0") || !std::strcmp(e, "off")) return Mode::off;
-  spdlog::warn("LMTRAIN_CUDNN_ATTENTION={} is not one of 0, off, 1, deterministic, "
-               "nondeterministic: using deterministic",
-               e);
+  spdlog::warn(
+      "LMTRAIN_CUDNN_ATTENTION={} is not one of 0, off, 1, deterministic, "
+      "nondeterministic: using deterministic",
+      e);
   return Mode::deterministic;
 }
 
@@ -126,8 +126,8 @@ struct CudnnAttention::Impl {
   }
 
   static std::string describe(const AttentionShape& s, bool backward) {
-    return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}",
-                       backward ? "backward" : "forward", s.B, s.T, s.H, s.Hkv, s.D, s.window);
+    return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}", backward ? "backward" : "forward",
+                       s.B, s.T, s.H, s.Hkv, s.D, s.window);
   }
 
   // validate -> operation graph -> heuristics (mode A) -> support check -> plan build; the first
@@ -251,7 +251,8 @@ struct CudnnAttention::Impl {
 std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t stream) {
   const Mode mode = mode_from_env();
   if (mode == Mode::off) {
-    spdlog::info("cuDNN attention off (LMTRAIN_CUDNN_ATTENTION): bf16 attention uses the own kernel");
+    spdlog::info(
+        "cuDNN attention off (LMTRAIN_CUDNN_ATTENTION): bf16 attention uses the own kernel");
     return nullptr;
   }
   if (!fe::cudnn_dlhandle) {
@@ -259,9 +260,10 @@ std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t stream) {
       if ((fe::cudnn_dlhandle = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
     if (!fe::cudnn_dlhandle) {
       const char* why = dlerror();
-      spdlog::warn("cuDNN attention unavailable: cannot load libcudnn.so.9 ({}); bf16 attention "
-                   "uses the own kernel",
-                   why ? why : "not found");
+      spdlog::warn(
+          "cuDNN attention unavailable: cannot load libcudnn.so.9 ({}); bf16 attention "
+          "uses the own kernel",
+          why ? why : "not found");
       return nullptr;
     }
   }
@@ -281,9 +283,10 @@ std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t stream) {
     return nullptr;
   }
   if (st != CUDNN_STATUS_SUCCESS) {
-    spdlog::warn("cuDNN attention unavailable (cudnnCreate: status {}): bf16 attention uses the "
-                 "own kernel",
-                 int(st));
+    spdlog::warn(
+        "cuDNN attention unavailable (cudnnCreate: status {}): bf16 attention uses the "
+        "own kernel",
+        int(st));
     return nullptr;
   }
   spdlog::info("cuDNN attention: cuDNN {} at run time (headers {}), {} backward", version,

@@ -20,17 +20,20 @@ inline void expect_dtype(const char* op, const char* name, Tensor t, DType want)
 
 inline void expect_shape(const char* op, const char* name, Tensor t, const char* like_name,
                          Tensor like) {
-  check(t.shape == like.shape, "{}: {} {} does not match {} {}", op, name, t.shape.str(),
-        like_name, like.shape.str());
+  check(t.shape == like.shape, "{}: {} {} does not match {} {}", op, name, t.shape.str(), like_name,
+        like.shape.str());
 }
 
 // Calls f(T{}) with T = float for f32 and __nv_bfloat16 for bf16.
 template <typename F>
 void dispatch(const char* op, DType dtype, F&& f) {
   switch (dtype) {
-    case DType::f32: return f(float{});
-    case DType::bf16: return f(__nv_bfloat16{});
-    case DType::i32: break;
+    case DType::f32:
+      return f(float{});
+    case DType::bf16:
+      return f(__nv_bfloat16{});
+    case DType::i32:
+      break;
   }
   fail("{}: expected f32 or bf16 data, got {}", op, dtype_name(dtype));
 }

@@ -55,10 +55,11 @@ Buffer CudaBackend::allocate(size_t bytes) {
     cudaGetLastError();  // clear the error so that later calls do not report it again
     size_t free = 0, total = 0;
     cudaMemGetInfo(&free, &total);
-    fail("allocate: cudaMalloc of {} bytes ({:.1f} MiB) failed on {}: {} ({:.1f} MiB free of "
-         "{:.1f} MiB)",
-         bytes, bytes / 1048576.0, device_name_, cudaGetErrorString(status), free / 1048576.0,
-         total / 1048576.0);
+    fail(
+        "allocate: cudaMalloc of {} bytes ({:.1f} MiB) failed on {}: {} ({:.1f} MiB free of "
+        "{:.1f} MiB)",
+        bytes, bytes / 1048576.0, device_name_, cudaGetErrorString(status), free / 1048576.0,
+        total / 1048576.0);
   }
   return track(ptr, bytes, [](void* p) { cudaFree(p); });
 }
@@ -76,9 +77,7 @@ void CudaBackend::download(void* host, Tensor src) {
   cuda_check(cudaStreamSynchronize(stream_.get()), "download (stream synchronize)");
 }
 
-void CudaBackend::synchronize() {
-  cuda_check(cudaStreamSynchronize(stream_.get()), "synchronize");
-}
+void CudaBackend::synchronize() { cuda_check(cudaStreamSynchronize(stream_.get()), "synchronize"); }
 
 void* CudaBackend::scratch(size_t bytes) {
   if (bytes > scratch_.bytes()) {
@@ -105,9 +104,9 @@ void CudaBackend::copy(Tensor dst, Tensor src) {
     const char* d = static_cast<const char*>(dst.data);
     const char* s = static_cast<const char*>(src.data);
     check(d + dst.bytes() <= s || s + src.bytes() <= d, "copy: dst and src overlap");
-    cuda_check(cudaMemcpyAsync(dst.data, src.data, dst.bytes(), cudaMemcpyDeviceToDevice,
-                               stream_.get()),
-               "copy");
+    cuda_check(
+        cudaMemcpyAsync(dst.data, src.data, dst.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
+        "copy");
   } else if (dst.dtype == DType::bf16 && src.dtype == DType::f32) {
     cuda::convert(ptr<__nv_bfloat16>(dst), ptr<float>(src), dst.numel(), stream_.get());
   } else if (dst.dtype == DType::f32 && src.dtype == DType::bf16) {

@@ -85,7 +85,8 @@ class CudaBackend final : public Backend {
                              float grad_scale) override;
 
   void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) override;
-  void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp, bool nesterov) override;
+  void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
+                     bool nesterov) override;
   void normalize_matrices(Tensor x, float norm_mult, float eps) override;
   void transpose_matrices(Tensor out, Tensor x) override;
   void normuon_second_moment(Tensor x, Tensor state, float beta2) override;

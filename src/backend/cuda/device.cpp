@@ -34,7 +34,7 @@ double dense_bf16_peak_flops(const std::string& name) {
     double flops;
   };
   static const Entry table[] = {{"H200", 989e12}, {"H100", 989e12}, {"A100", 312e12},
-                                {"L40S", 362e12}, {"A10", 125e12}, {"4090", 165e12}};
+                                {"L40S", 362e12}, {"A10", 125e12},  {"4090", 165e12}};
   for (const auto& e : table) {
     if (name.find(e.key) != std::string::npos) return e.flops;
   }

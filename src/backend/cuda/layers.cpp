@@ -68,9 +68,10 @@ void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
         k.shape.str(), q.shape.str());
   const int64_t D = q.dim(3);
   check(D == 16 || D == 32 || D == 64 || D == 128,
-        "{}: head_dim {} is not supported by the cuda attention kernels (16, 32, 64 or 128)", op, D);
-  check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}",
-        op, lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
+        "{}: head_dim {} is not supported by the cuda attention kernels (16, 32, 64 or 128)", op,
+        D);
+  check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}", op,
+        lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
   check(window >= 0, "{}: window {} must be non-negative", op, window);
 }
 
@@ -104,14 +105,14 @@ cuda::ValueGateShape check_value_gate(const char* op, Tensor v, Tensor gate, Ten
   expect_dtype(op, "ve", ve, act);
   expect_dtype(op, "gate", gate, DType::f32);
   check(gate_w.shape.rank == 2 && xn.shape.rank >= 1 && gate_w.dim(1) <= xn.dim(-1),
-        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op,
-        gate_w.shape.str(), xn.shape.str());
+        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op, gate_w.shape.str(),
+        xn.shape.str());
   const int64_t N = xn.rows(), Hkv = gate_w.dim(0);
-  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op,
-        gate.shape.str(), N, Hkv);
+  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op, gate.shape.str(),
+        N, Hkv);
   check(ve.shape == v.shape && N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
-        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op,
-        v.shape.str(), ve.shape.str(), N, Hkv);
+        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op, v.shape.str(),
+        ve.shape.str(), N, Hkv);
   return {N, xn.dim(-1), Hkv, gate_w.dim(1), v.numel() / (N * Hkv)};
 }
 
@@ -176,8 +177,8 @@ void CudaBackend::rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) {
   check_rope("rope_backward", dx, cos, sin, pos0, activation_);
   dispatch("rope_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::rope_rotate(ptr<T>(dx), ptr<float>(cos), ptr<float>(sin), dx.dim(0), dx.dim(1),
-                      dx.dim(2), dx.dim(3), pos0, -1.f, stream_.get());
+    cuda::rope_rotate(ptr<T>(dx), ptr<float>(cos), ptr<float>(sin), dx.dim(0), dx.dim(1), dx.dim(2),
+                      dx.dim(3), pos0, -1.f, stream_.get());
   });
 }
 
@@ -208,8 +209,8 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
                                      Tensor k, Tensor v, Tensor out, Tensor lse, int window) {
   const char* op = "attention_backward";
   check_attention(op, out, lse, q, k, v, window, activation_);
-  check(q.dim(1) == k.dim(1), "{}: q {} and k {} must cover the same positions", op,
-        q.shape.str(), k.shape.str());
+  check(q.dim(1) == k.dim(1), "{}: q {} and k {} must cover the same positions", op, q.shape.str(),
+        k.shape.str());
   check_like(op, "dq", dq, q, activation_);
   check_like(op, "dk", dk, k, activation_);
   check_like(op, "dv", dv, v, activation_);
@@ -224,9 +225,9 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
   void* work = scratch(cuda::attention_backward_workspace_bytes(B, Tn, H, Hkv, D));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::attention_backward(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q),
-                             ptr<T>(k), ptr<T>(v), ptr<T>(out), ptr<float>(lse), B, Tn, H, Hkv, D,
-                             window, work, stream_.get());
+    cuda::attention_backward(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q), ptr<T>(k),
+                             ptr<T>(v), ptr<T>(out), ptr<float>(lse), B, Tn, H, Hkv, D, window,
+                             work, stream_.get());
   });
 }
 
@@ -287,8 +288,8 @@ void CudaBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor ga
   const cuda::ValueGateShape s = check_value_gate(op, v, gate, xn, gate_w, ve, activation_);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve),
-                             s, stream_.get());
+    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve), s,
+                             stream_.get());
   });
 }
 
@@ -305,9 +306,8 @@ void CudaBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Te
   void* work = scratch(cuda::value_gate_backward_scratch_bytes(s));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), ptr<T>(dv),
-                              ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve), ptr<float>(gate), s, work,
-                              stream_.get());
+    cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), ptr<T>(dv), ptr<T>(xn),
+                              ptr<T>(gate_w), ptr<T>(ve), ptr<float>(gate), s, work, stream_.get());
   });
 }
 
@@ -319,8 +319,8 @@ void CudaBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor tar
   expect_dtype(op, "targets", targets, DType::i32);
   const int64_t N = logits.rows(), Vp = logits.dim(-1);
   check(losses.numel() == N && targets.numel() == N,
-        "{}: losses {} and targets {} need one entry per row of logits {}", op,
-        losses.shape.str(), targets.shape.str(), logits.shape.str());
+        "{}: losses {} and targets {} need one entry per row of logits {}", op, losses.shape.str(),
+        targets.shape.str(), logits.shape.str());
   check(vocab > 0 && vocab <= Vp, "{}: vocab {} must be in [1, {}]", op, vocab, Vp);
   check(softcap > 0.f, "{}: softcap {} must be positive", op, softcap);
   dispatch(op, activation_, [&](auto tag) {

@@ -36,10 +36,11 @@ int alignment(const void* p) {
 
 size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
   size_t h = 0;
-  auto mix = [&h](int64_t v) { h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2); };
-  for (int64_t v : {k.m, k.n, k.k, k.batch, int64_t(k.trans_a), int64_t(k.trans_b),
-                    int64_t(k.in), int64_t(k.out), int64_t(k.align_a), int64_t(k.align_b),
-                    int64_t(k.align_out)})
+  auto mix = [&h](int64_t v) {
+    h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  };
+  for (int64_t v : {k.m, k.n, k.k, k.batch, int64_t(k.trans_a), int64_t(k.trans_b), int64_t(k.in),
+                    int64_t(k.out), int64_t(k.align_a), int64_t(k.align_b), int64_t(k.align_out)})
     mix(v);
   return h;
 }
@@ -98,8 +99,9 @@ const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
   for (int i = 0; i < 4; ++i)
-    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(aligns[i])),
-             "matmul alignment preference");
+    lt_check(
+        cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(aligns[i])),
+        "matmul alignment preference");
 
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
@@ -134,16 +136,25 @@ void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool tran
   // give f32 outputs; activation inputs give activations or f32 parameter gradients.
   check(a.dtype == b.dtype && (a.dtype == activation_ || a.dtype == DType::f32) &&
             (out.dtype == DType::f32 || (out.dtype == activation_ && a.dtype == activation_)),
-        "matmul: unsupported dtypes out {}, a {}, b {} with {} activations",
-        dtype_name(out.dtype), dtype_name(a.dtype), dtype_name(b.dtype), dtype_name(activation_));
+        "matmul: unsupported dtypes out {}, a {}, b {} with {} activations", dtype_name(out.dtype),
+        dtype_name(a.dtype), dtype_name(b.dtype), dtype_name(activation_));
   if (batch * M * N == 0) return;
   if (K == 0) {
     if (!accumulate) fill(out, 0.f);
     return;
   }
 
-  const MatmulKey key{M, N, K, batch, trans_a, trans_b, a.dtype, out.dtype,
-                      alignment(a.data), alignment(b.data), alignment(out.data)};
+  const MatmulKey key{M,
+                      N,
+                      K,
+                      batch,
+                      trans_a,
+                      trans_b,
+                      a.dtype,
+                      out.dtype,
+                      alignment(a.data),
+                      alignment(b.data),
+                      alignment(out.data)};
   const MatmulPlan& plan = matmul_plan(key);
   const float beta = accumulate ? 1.f : 0.f;
   lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data,

@@ -11,8 +11,8 @@ using namespace cuda_ops;
 namespace {
 
 void check_stack(const char* op, Tensor x) {
-  check(x.dtype == DType::f32 && x.shape.rank == 3, "{}: expected an f32 stack (K, m, n), got {} {}",
-        op, x.shape.str(), dtype_name(x.dtype));
+  check(x.dtype == DType::f32 && x.shape.rank == 3,
+        "{}: expected an f32 stack (K, m, n), got {} {}", op, x.shape.str(), dtype_name(x.dtype));
 }
 
 }  // namespace
