@@ -45,7 +45,7 @@ TEST_CASE("config errors name the key and what was expected", "[config]") {
             .find("optim.muon.param_overrides[0].patern") != std::string::npos);
 }
 
-TEST_CASE("--set overrides parse JSON values and create nested keys", "[config]") {
+TEST_CASE("set overrides parse JSON values and create nested keys", "[config]") {
   json document = {{"model", {{"depth", 4}}}};
   config::apply_override(document, "model.depth=6");
   config::apply_override(document, "data.packing=bos_bestfit");
