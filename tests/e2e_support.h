@@ -23,6 +23,8 @@
 #include <thread>
 #include <vector>
 
+#include "test_support.h"
+
 namespace lmtrain::e2e {
 
 namespace fs = std::filesystem;
@@ -64,31 +66,7 @@ inline std::vector<std::string> lines_of(const std::string& text) {
   return lines;
 }
 
-// A fresh directory under the system temp dir, removed (with everything in it) at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    std::random_device rd;
-    for (int attempt = 0;; ++attempt) {
-      path_ = fs::temp_directory_path() /
-              ("lmtrain_e2e_" + std::to_string(::getpid()) + "_" + std::to_string(rd()));
-      if (fs::create_directory(path_)) break;
-      if (attempt > 100) throw std::runtime_error("cannot create a temporary directory");
-    }
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const fs::path& path() const { return path_; }
-  std::string operator/(const std::string& relative) const { return (path_ / relative).string(); }
-
- private:
-  fs::path path_;
-};
+using test_support::TempDir;
 
 struct Result {
   int code = -1;  // exit status, or 128 + signal when the process was killed by a signal

@@ -12,22 +12,13 @@
 #include "core/error.h"
 #include "data/loader.h"
 #include "data/shard.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using namespace lmtrain;
+using lmtrain::test_support::TempDir;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("lmtrain_" + name)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // Distinct random tokens from [base, base + n), so a token identifies its position in the stream.
 std::vector<uint32_t> distinct_tokens(size_t n, uint64_t seed, uint32_t base = 1000) {
@@ -66,17 +57,17 @@ std::string write_docs(const TempDir& dir, const std::string& name,
                        const std::vector<std::vector<uint32_t>>& docs, size_t first, size_t last) {
   std::vector<uint32_t> tokens;
   for (size_t i = first; i < last; ++i) tokens.insert(tokens.end(), docs[i].begin(), docs[i].end());
-  write_shard(dir.file(name), tokens);
-  return dir.file(name);
+  write_shard(dir / name, tokens);
+  return dir / name;
 }
 
 }  // namespace
 
 TEST_CASE("contiguous batches are llm.c's overlapping windows", "[data][loader]") {
-  TempDir dir("loader_contiguous");
+  TempDir dir;
   const auto tokens = distinct_tokens(10000, 1);
-  write_shard(dir.file("train_000000.bin"), tokens);
-  LoaderOptions o{.shards = {dir.file("train_000000.bin")}, .batch = 4, .seq = 16, .seed = 3};
+  write_shard(dir / "train_000000.bin", tokens);
+  LoaderOptions o{.shards = {dir / "train_000000.bin"}, .batch = 4, .seq = 16, .seed = 3};
   TokenLoader loader(o);
   const size_t bt = 64, batches_per_epoch = (tokens.size() - 1) / bt;
   for (size_t k = 0; k < batches_per_epoch + 3; ++k) {
@@ -91,17 +82,14 @@ TEST_CASE("contiguous batches are llm.c's overlapping windows", "[data][loader]"
 }
 
 TEST_CASE("contiguous ranks read disjoint batches that cover the data", "[data][loader]") {
-  TempDir dir("loader_ranks");
+  TempDir dir;
   const auto tokens = distinct_tokens(3 * 10 * 32 + 1, 2);  // exactly 30 batches of B*T = 32
-  write_shard(dir.file("train_000000.bin"), tokens);
+  write_shard(dir / "train_000000.bin", tokens);
   std::map<int32_t, int> first_tokens;  // a batch's first input identifies it
   const int world = 3;
   for (int rank = 0; rank < world; ++rank) {
-    LoaderOptions o{.shards = {dir.file("train_000000.bin")},
-                    .batch = 2,
-                    .seq = 16,
-                    .rank = rank,
-                    .world = world};
+    LoaderOptions o{
+        .shards = {dir / "train_000000.bin"}, .batch = 2, .seq = 16, .rank = rank, .world = world};
     TokenLoader loader(o);
     for (int k = 0; k < 10; ++k) {
       const Batch b = next(loader, o);
@@ -118,12 +106,12 @@ TEST_CASE("contiguous ranks read disjoint batches that cover the data", "[data][
 
 TEST_CASE("contiguous loader skips short shard tails and visits every shard each epoch",
           "[data][loader]") {
-  TempDir dir("loader_shards");
+  TempDir dir;
   std::vector<std::string> paths;
   std::vector<std::vector<uint32_t>> data;
   for (int s = 0; s < 3; ++s) {
     data.push_back(distinct_tokens(100 + 37 * s, 10 + s, 1000 * (s + 1)));
-    paths.push_back(dir.file(fmt::format("train_{:06d}.bin", s)));
+    paths.push_back(dir / fmt::format("train_{:06d}.bin", s));
     write_shard(paths.back(), data.back());
   }
   LoaderOptions o{.shards = paths, .batch = 3, .seq = 10, .seed = 7};
@@ -155,7 +143,7 @@ TEST_CASE("contiguous loader skips short shard tails and visits every shard each
 }
 
 TEST_CASE("bos_bestfit rows start with BOS and lose only cropped tokens", "[data][loader]") {
-  TempDir dir("loader_bestfit");
+  TempDir dir;
   const auto docs = make_docs(6000, 100, 4);
   const std::vector<std::string> paths = {write_docs(dir, "train_000000.bin", docs, 0, 3000),
                                           write_docs(dir, "train_000001.bin", docs, 3000, 6000)};
@@ -214,7 +202,7 @@ TEST_CASE("bos_bestfit rows start with BOS and lose only cropped tokens", "[data
 }
 
 TEST_CASE("bos_bestfit is deterministic for a seed", "[data][loader]") {
-  TempDir dir("loader_bestfit_seed");
+  TempDir dir;
   const auto docs = make_docs(900, 300, 5);
   const std::vector<std::string> paths = {write_docs(dir, "a.bin", docs, 0, 300),
                                           write_docs(dir, "b.bin", docs, 300, 600),
@@ -226,7 +214,7 @@ TEST_CASE("bos_bestfit is deterministic for a seed", "[data][loader]") {
 }
 
 TEST_CASE("a restored loader continues with the same batches", "[data][loader]") {
-  TempDir dir("loader_restore");
+  TempDir dir;
   const auto docs = make_docs(400, 200, 6);
   const std::vector<std::string> paths = {write_docs(dir, "train_000000.bin", docs, 0, 150),
                                           write_docs(dir, "train_000001.bin", docs, 150, 400)};
@@ -260,10 +248,10 @@ TEST_CASE("a restored loader continues with the same batches", "[data][loader]")
 }
 
 TEST_CASE("impossible loader shapes fail clearly", "[data][loader]") {
-  TempDir dir("loader_errors");
+  TempDir dir;
   const auto tokens = distinct_tokens(100, 8);
-  write_shard(dir.file("train_000000.bin"), tokens);
-  const std::string path = dir.file("train_000000.bin");
+  write_shard(dir / "train_000000.bin", tokens);
+  const std::string path = dir / "train_000000.bin";
   CHECK_THROWS_WITH(TokenLoader(LoaderOptions{.shards = {path}, .batch = 0, .seq = 8}),
                     "data loader: batch size and sequence length must be positive, got B=0 T=8");
   CHECK_THROWS_WITH(
@@ -283,8 +271,8 @@ TEST_CASE("impossible loader shapes fail clearly", "[data][loader]") {
 
   // One document shared by two ranks: rank 1 never gets one.
   const std::vector<uint32_t> one_doc = {0, 5, 6, 7};
-  write_shard(dir.file("one.bin"), one_doc);
-  LoaderOptions o{.shards = {dir.file("one.bin")},
+  write_shard(dir / "one.bin", one_doc);
+  LoaderOptions o{.shards = {dir / "one.bin"},
                   .packing = Packing::bos_bestfit,
                   .batch = 1,
                   .seq = 4,

@@ -8,23 +8,13 @@
 
 #include "core/error.h"
 #include "data/shard.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using namespace lmtrain;
+using lmtrain::test_support::TempDir;
 
 namespace {
-
-// A fresh, empty directory under the system temp dir, removed when the test ends.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("lmtrain_" + name)) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 std::vector<uint32_t> random_tokens(size_t n, uint32_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -55,10 +45,10 @@ std::string error_of(const std::string& path) {
 }  // namespace
 
 TEST_CASE("shards round-trip uint16 and uint32 tokens", "[data][shard]") {
-  TempDir dir("shard_roundtrip");
+  TempDir dir;
   for (uint32_t vocab : {50257u, 100277u}) {
     const auto tokens = random_tokens(12345, vocab, vocab);
-    const std::string path = dir.file("train_000000.bin");
+    const std::string path = dir / "train_000000.bin";
     write_shard(path, tokens);
     TokenShard shard(path);
     REQUIRE(shard.size() == tokens.size());
@@ -74,8 +64,8 @@ TEST_CASE("shards round-trip uint16 and uint32 tokens", "[data][shard]") {
 }
 
 TEST_CASE("corrupt shards are rejected with one line naming the file", "[data][shard]") {
-  TempDir dir("shard_corrupt");
-  const std::string path = dir.file("bad.bin");
+  TempDir dir;
+  const std::string path = dir / "bad.bin";
 
   write_raw(path, {kShardMagic, 1, 1000}, 1500);
   CHECK(error_of(path) ==
@@ -95,27 +85,26 @@ TEST_CASE("corrupt shards are rejected with one line naming the file", "[data][s
   { std::ofstream(path, std::ios::binary | std::ios::trunc) << "short"; }
   CHECK(error_of(path) ==
         path + ": not a token shard: 5 bytes is shorter than the 1024-byte header");
-  CHECK(error_of(dir.file("missing.bin"))
-            .starts_with(dir.file("missing.bin") + ": cannot open shard"));
+  CHECK(error_of(dir / "missing.bin").starts_with((dir / "missing.bin") + ": cannot open shard"));
 }
 
 TEST_CASE("list_shards accepts a file, a directory or a prefix", "[data][shard]") {
-  TempDir dir("shard_list");
+  TempDir dir;
   const auto tokens = random_tokens(10, 100, 1);
   for (const char* name : {"train_000001.bin", "train_000000.bin", "val_000000.bin"})
-    write_shard(dir.file(name), tokens);
+    write_shard(dir / name, tokens);
 
-  CHECK(list_shards(dir.path.string(), "train") ==
-        std::vector<std::string>{dir.file("train_000000.bin"), dir.file("train_000001.bin")});
-  CHECK(list_shards(dir.path.string(), "val") ==
-        std::vector<std::string>{dir.file("val_000000.bin")});
-  CHECK(list_shards(dir.file("train_000001.bin"), "val") ==
-        std::vector<std::string>{dir.file("train_000001.bin")});
-  CHECK(list_shards(dir.file("train_"), "ignored").size() == 2);
+  CHECK(list_shards(dir.path().string(), "train") ==
+        std::vector<std::string>{dir / "train_000000.bin", dir / "train_000001.bin"});
+  CHECK(list_shards(dir.path().string(), "val") ==
+        std::vector<std::string>{dir / "val_000000.bin"});
+  CHECK(list_shards(dir / "train_000001.bin", "val") ==
+        std::vector<std::string>{dir / "train_000001.bin"});
+  CHECK(list_shards(dir / "train_", "ignored").size() == 2);
 
-  TempDir empty("shard_list_empty");
-  CHECK_THROWS_WITH(list_shards(empty.path.string(), "train"),
-                    empty.path.string() + ": no train_*.bin shards in this directory");
-  CHECK_THROWS_WITH(list_shards(dir.file("nope_"), "train"),
-                    dir.file("nope_") + ": no such shard file, directory or shard prefix");
+  TempDir empty;
+  CHECK_THROWS_WITH(list_shards(empty.path().string(), "train"),
+                    empty.path().string() + ": no train_*.bin shards in this directory");
+  CHECK_THROWS_WITH(list_shards(dir / "nope_", "train"),
+                    (dir / "nope_") + ": no such shard file, directory or shard prefix");
 }

@@ -10,23 +10,14 @@
 #include "dist/gloo_communicator.h"
 #include "dist/socket.h"
 #include "dist/tcp_store.h"
+#include "dist_support.h"
 
 using namespace lmtrain;
 using namespace lmtrain::dist;
+using lmtrain::test_support::rank_info;
 using namespace std::chrono_literals;
 
 namespace {
-
-RankInfo rank_info(int rank, int world, int port) {
-  RankInfo info;
-  info.rank = rank;
-  info.world_size = world;
-  info.local_rank = rank;
-  info.local_world_size = world;
-  info.master_addr = "127.0.0.1";
-  info.master_port = port;
-  return info;
-}
 
 std::vector<float> normal_data(int seed, size_t n) {
   std::mt19937 rng(seed);

@@ -1,5 +1,3 @@
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <set>
@@ -7,6 +5,7 @@
 
 #include "core/error.h"
 #include "io/atomic_dir.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -14,23 +13,9 @@ using lmtrain::AtomicDir;
 using lmtrain::read_file;
 using lmtrain::read_latest;
 using lmtrain::write_file_synced;
+using lmtrain::test_support::TempDir;
 
 namespace {
-
-// A fresh directory per test, removed afterwards.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int counter = 0;
-    path = (fs::temp_directory_path() /
-            fmt::format("lmtrain-test-atomic-{}-{}", ::getpid(), counter++))
-               .string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 std::set<std::string> entries(const std::string& dir) {
   std::set<std::string> out;
@@ -60,45 +45,47 @@ TEST_CASE("AtomicDir commit creates the directory and the latest pointer", "[io]
 TEST_CASE("AtomicDir destroyed without commit leaves no trace", "[io]") {
   TempDir tmp;
   try {
-    AtomicDir dir(tmp.path, "step-1");
+    AtomicDir dir(tmp.path().string(), "step-1");
     write_file_synced(dir.path("weights.bin"), "partial");
     CHECK(fs::exists(dir.staging_dir()));
     throw std::runtime_error("interrupted save");
   } catch (const std::runtime_error&) {
   }
-  CHECK(entries(tmp.path).empty());
-  CHECK(read_latest(tmp.path) == std::nullopt);
+  CHECK(entries(tmp.path().string()).empty());
+  CHECK(read_latest(tmp.path().string()) == std::nullopt);
 }
 
 TEST_CASE("AtomicDir re-committing a name replaces the old directory", "[io]") {
   TempDir tmp;
   {
-    AtomicDir dir(tmp.path, "step-5");
+    AtomicDir dir(tmp.path().string(), "step-5");
     write_file_synced(dir.path("weights.bin"), "old");
     write_file_synced(dir.path("only-in-old.txt"), "x");
     dir.commit();
   }
-  commit_checkpoint(tmp.path, "step-5", "new");
-  CHECK(entries(tmp.path) == std::set<std::string>{"step-5", "latest"});  // nothing set aside
+  commit_checkpoint(tmp.path().string(), "step-5", "new");
+  CHECK(entries(tmp.path().string()) ==
+        std::set<std::string>{"step-5", "latest"});  // nothing set aside
   CHECK(entries(tmp / "step-5") == std::set<std::string>{"weights.bin"});
   CHECK(read_file(tmp / "step-5/weights.bin") == "new");
 }
 
 TEST_CASE("AtomicDir latest points at the newest commit", "[io]") {
   TempDir tmp;
-  commit_checkpoint(tmp.path, "step-1", "a");
-  commit_checkpoint(tmp.path, "step-2", "b");
-  CHECK(read_latest(tmp.path) == "step-2");
-  commit_checkpoint(tmp.path, "best", "c", /*update_latest=*/false);
-  CHECK(read_latest(tmp.path) == "step-2");
-  CHECK(entries(tmp.path) == std::set<std::string>{"step-1", "step-2", "best", "latest"});
+  commit_checkpoint(tmp.path().string(), "step-1", "a");
+  commit_checkpoint(tmp.path().string(), "step-2", "b");
+  CHECK(read_latest(tmp.path().string()) == "step-2");
+  commit_checkpoint(tmp.path().string(), "best", "c", /*update_latest=*/false);
+  CHECK(read_latest(tmp.path().string()) == "step-2");
+  CHECK(entries(tmp.path().string()) ==
+        std::set<std::string>{"step-1", "step-2", "best", "latest"});
 }
 
 TEST_CASE("AtomicDir rejects unsafe names and double commits", "[io]") {
   TempDir tmp;
   for (const char* name : {"", "a/b", ".hidden", "latest", ".."})
-    CHECK_THROWS_AS(AtomicDir(tmp.path, name), lmtrain::Error);
-  AtomicDir dir(tmp.path, "step-1");
+    CHECK_THROWS_AS(AtomicDir(tmp.path().string(), name), lmtrain::Error);
+  AtomicDir dir(tmp.path().string(), "step-1");
   dir.commit();
   CHECK_THROWS_WITH(dir.commit(), Contains("already committed"));
 }
@@ -108,10 +95,10 @@ TEST_CASE("Stale staging directories of a crashed process do not confuse read_la
   // What a process killed mid-save leaves behind: a hidden staging dir, maybe a latest.tmp.
   fs::create_directories(tmp / ".step-2.tmp-999999");
   write_file_synced(tmp / ".step-2.tmp-999999/weights.bin", "half");
-  CHECK(read_latest(tmp.path) == std::nullopt);
-  commit_checkpoint(tmp.path, "step-1", "a");
+  CHECK(read_latest(tmp.path().string()) == std::nullopt);
+  commit_checkpoint(tmp.path().string(), "step-1", "a");
   write_file_synced(tmp / "latest.tmp", "step-2\n");
-  CHECK(read_latest(tmp.path) == "step-1");
+  CHECK(read_latest(tmp.path().string()) == "step-1");
 }
 
 TEST_CASE("File helpers and read_latest errors name the path", "[io]") {
@@ -121,8 +108,10 @@ TEST_CASE("File helpers and read_latest errors name the path", "[io]") {
   CHECK_THROWS_WITH(write_file_synced(missing, "x"), Contains(missing));
 
   write_file_synced(tmp / "latest", "step-9\n");
-  CHECK_THROWS_WITH(read_latest(tmp.path), Contains(tmp / "latest") && Contains("'step-9'") &&
-                                               Contains("not a directory"));
+  CHECK_THROWS_WITH(read_latest(tmp.path().string()), Contains(tmp / "latest") &&
+                                                          Contains("'step-9'") &&
+                                                          Contains("not a directory"));
   write_file_synced(tmp / "latest", "../etc\n");
-  CHECK_THROWS_WITH(read_latest(tmp.path), Contains(tmp / "latest") && Contains("'../etc'"));
+  CHECK_THROWS_WITH(read_latest(tmp.path().string()),
+                    Contains(tmp / "latest") && Contains("'../etc'"));
 }

@@ -1,5 +1,4 @@
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstdint>
@@ -12,27 +11,15 @@
 #include "core/error.h"
 #include "io/atomic_dir.h"
 #include "io/safetensors.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using lmtrain::SafetensorsFile;
 using lmtrain::SafetensorsWriter;
+using lmtrain::test_support::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int counter = 0;
-    path = (fs::temp_directory_path() /
-            fmt::format("lmtrain-test-safetensors-{}-{}", ::getpid(), counter++))
-               .string();
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 // A file in the on-disk layout with an arbitrary (possibly broken) header and data section.
 void write_raw(const std::string& path, const std::string& header, size_t data_bytes) {

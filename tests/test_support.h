@@ -1,9 +1,15 @@
-// Helpers shared by the model-level tests.
+// Helpers shared by the tests.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <filesystem>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "backend/backend.h"
@@ -35,5 +41,32 @@ inline double max_relative_error(const std::vector<float>& a, const std::vector<
   }
   return scale > 0 ? diff / scale : diff;
 }
+
+// A fresh, empty directory under the system temp dir, unique to this instance (pid + counter),
+// removed with everything in it at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    static std::atomic<unsigned> counter{0};
+    for (int attempt = 0;; ++attempt) {
+      path_ = std::filesystem::temp_directory_path() /
+              ("lmtrain_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+      if (std::filesystem::create_directory(path_)) break;
+      if (attempt > 100) throw std::runtime_error("cannot create a temporary directory");
+    }
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  const std::filesystem::path& path() const { return path_; }
+  std::string operator/(const std::string& relative) const { return (path_ / relative).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
 
 }  // namespace lmtrain::test_support

@@ -8,9 +8,11 @@
 #include "core/error.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "test_support.h"
 
 namespace fs = std::filesystem;
 using namespace lmtrain;
+using lmtrain::test_support::TempDir;
 
 namespace {
 
@@ -116,7 +118,8 @@ TEST_CASE("tokenizer round-trips text and counts bytes", "[data][tokenizer]") {
 TEST_CASE("tokenizer.json outside the supported subset is rejected", "[data][tokenizer]") {
   if (!data_prepared()) return;
   const auto original = read_json(kData / "tokenizer.json");
-  const fs::path path = fs::temp_directory_path() / "lmtrain_tokenizer_unsupported.json";
+  TempDir tmp;
+  const fs::path path = tmp.path() / "tokenizer_unsupported.json";
   auto rejects = [&](nlohmann::json j, const std::string& message) {
     std::ofstream(path) << j.dump();
     CHECK_THROWS_WITH(Tokenizer::load(path.string()), path.string() + ": " + message);
@@ -134,7 +137,6 @@ TEST_CASE("tokenizer.json outside the supported subset is rejected", "[data][tok
   j = original;
   j["added_tokens"] = nlohmann::json::array();
   rejects(j, "no <|bos|> or <|endoftext|> added token to use as BOS");
-  fs::remove(path);
   CHECK_THROWS_WITH(Tokenizer::load("no/such/tokenizer.json"),
                     "no/such/tokenizer.json: cannot open tokenizer");
 }
