@@ -87,3 +87,16 @@ TEST_CASE("KV-cache generation equals greedy decoding with the full forward pass
   }
   CHECK(std::vector<int32_t>(sequence.begin() + prompt.size(), sequence.end()) == cached);
 }
+
+TEST_CASE("a batch whose activations do not fit is refused before allocating", "[model]") {
+  // A CPU backend that reports a small device, as a GPU with little free memory would.
+  struct SmallDevice : CpuBackend {
+    size_t free_bytes() const override { return 8 << 20; }
+  } backend;
+  const Config c = test_support::golden_config();
+  const GptShape shape = GptShape::from(c.model, c.model.vocab_size);
+  CHECK_NOTHROW(Gpt(backend, shape, 2));
+  CHECK_THROWS_WITH(Gpt(backend, shape, 4096),
+                    Catch::Contains("out of memory: batch.device_batch 4096") &&
+                        Catch::Contains("lower batch.device_batch"));
+}

@@ -11,6 +11,7 @@
 // - Shapes are checked by the backend and a mismatch throws lmtrain::Error naming the op.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -50,6 +51,8 @@ class Backend {
   // ---- memory ----
   // Every Buffer comes from allocate(); implementations wrap their allocations with track().
   virtual Buffer allocate(size_t bytes) = 0;
+  // Bytes the device can still hand out (the CPU reports no limit).
+  virtual size_t free_bytes() const { return SIZE_MAX; }
   // Bytes held in this backend's Buffers now, and the most held at any one time.
   size_t bytes_in_use() const { return usage_->in_use; }
   size_t peak_bytes() const { return usage_->peak; }

@@ -74,6 +74,14 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
   plan.add(dk_, {batch, T, Hkv, D}, act);
   plan.add(dv_, {batch, T, Hkv, D}, act);
   plan.add(dve_, {N, Hkv * D}, act);
+  // Say what does not fit before trying: the activations scale with the batch.
+  const size_t free = backend.free_bytes();
+  check(plan.bytes() <= free,
+        "out of memory: batch.device_batch {} x sequence_len {} needs {:.2f} GiB of activations, "
+        "the {} device has {:.2f} GiB free after {:.2f} GiB of parameters, gradients and weights; "
+        "lower batch.device_batch (gradient accumulation keeps the global batch)",
+        batch, shape.seq_len, plan.bytes() / 1073741824.0, backend.name(), free / 1073741824.0,
+        backend.bytes_in_use() / 1073741824.0);
   act_memory_ = plan.allocate(backend);
 
   // RoPE tables in fp32: inv_freq = base^(-2i/D), angle = t * inv_freq.

@@ -6,7 +6,7 @@
 
 namespace lmtrain {
 
-class CpuBackend final : public Backend {
+class CpuBackend : public Backend {
  public:
   std::string name() const override { return "cpu"; }
   DType activation_dtype() const override { return DType::f32; }

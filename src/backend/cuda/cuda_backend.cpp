@@ -48,6 +48,12 @@ CudaBackend::CudaBackend(DType activation) : activation_(activation) {
 // the Buffers' owners) and the stream go away.
 CudaBackend::~CudaBackend() { cudaStreamSynchronize(stream_.get()); }
 
+size_t CudaBackend::free_bytes() const {
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
+  return free;
+}
+
 Buffer CudaBackend::allocate(size_t bytes) {
   void* ptr = nullptr;
   const cudaError_t status = cudaMalloc(&ptr, bytes);

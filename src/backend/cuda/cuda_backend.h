@@ -42,6 +42,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream() const { return stream_.get(); }
 
   Buffer allocate(size_t bytes) override;
+  size_t free_bytes() const override;
   void upload(Tensor dst, const void* host) override;
   void download(void* host, Tensor src) override;
   void synchronize() override;
