@@ -4,19 +4,11 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
 namespace {
-
-void check_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
-  check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&
-            resid.shape == x0l.shape,
-        "{}: resid {} {} and x0l {} {} must be 1-D f32 of length n_layer", op, resid.shape.str(),
-        dtype_name(resid.dtype), x0l.shape.str(), dtype_name(x0l.dtype));
-  check(layer >= 0 && layer < resid.dim(0), "{}: layer {} outside the {} layers", op, layer,
-        resid.dim(0));
-}
 
 void check_like(const char* op, const char* name, Tensor t, Tensor x) {
   check(t.dtype == DType::f32 && t.shape == x.shape, "{}: {} {} {} must be f32 like x {}", op, name,
@@ -27,7 +19,7 @@ void check_like(const char* op, const char* name, Tensor t, Tensor x) {
 
 void CpuBackend::residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
                                       int layer) {
-  check_scalars("residual_mix_forward", resid, x0l, layer);
+  check_layer_scalars("residual_mix_forward", resid, x0l, layer);
   check_like("residual_mix_forward", "x", x, x);
   check_like("residual_mix_forward", "x0", x0, x);
   check_like("residual_mix_forward", "out", out, x);
@@ -44,8 +36,8 @@ void CpuBackend::residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Ten
                                        Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
                                        int layer) {
   const char* op = "residual_mix_backward";
-  check_scalars(op, resid, x0l, layer);
-  check_scalars(op, dresid, dx0l, layer);
+  check_layer_scalars(op, resid, x0l, layer);
+  check_layer_scalars(op, dresid, dx0l, layer);
   check(dresid.shape == resid.shape, "{}: dresid {} does not match resid {}", op,
         dresid.shape.str(), resid.shape.str());
   check_like(op, "x0", x0, x);

@@ -1,24 +1,11 @@
 // Half-split rotary embedding, in place on (B, T, H, D): channel i pairs with channel i + D/2
 // and the pair is rotated by the angle of (position, i), read from the cos/sin tables.
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
 namespace {
-
-void check_rope(const char* op, Tensor x, Tensor cos, Tensor sin, int pos0) {
-  check(x.dtype == DType::f32 && cos.dtype == DType::f32 && sin.dtype == DType::f32,
-        "{}: x, cos and sin must be f32, got {}, {}, {}", op, dtype_name(x.dtype),
-        dtype_name(cos.dtype), dtype_name(sin.dtype));
-  check(x.shape.rank == 4 && x.dim(3) % 2 == 0, "{}: x {} must be (B, T, H, D) with D even", op,
-        x.shape.str());
-  check(cos.shape.rank == 2 && cos.shape == sin.shape && cos.dim(1) == x.dim(3) / 2,
-        "{}: cos {} and sin {} must both be (T_max, {})", op, cos.shape.str(), sin.shape.str(),
-        x.dim(3) / 2);
-  check(pos0 >= 0 && pos0 + x.dim(1) <= cos.dim(0),
-        "{}: positions [{}, {}) exceed the {} rows of the tables", op, pos0, pos0 + x.dim(1),
-        cos.dim(0));
-}
 
 // y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos. The backward is the transposed rotation, which
 // is the same rotation with sin negated.
@@ -45,12 +32,12 @@ void rotate(Tensor x, Tensor cos, Tensor sin, int pos0, float sign) {
 }  // namespace
 
 void CpuBackend::rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) {
-  check_rope("rope_forward", x, cos, sin, pos0);
+  check_rope_args("rope_forward", x, cos, sin, pos0, DType::f32);
   rotate(x, cos, sin, pos0, 1.f);
 }
 
 void CpuBackend::rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) {
-  check_rope("rope_backward", dx, cos, sin, pos0);
+  check_rope_args("rope_backward", dx, cos, sin, pos0, DType::f32);
   rotate(dx, cos, sin, pos0, -1.f);
 }
 

@@ -7,6 +7,7 @@
 #include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/checks.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/op_checks.h"
 #include "embedding.cuh"
 #include "relu2.cuh"
 #include "residual_mix.cuh"
@@ -38,20 +39,6 @@ void check_rmsnorm(const char* op, Tensor y, const char* y_name, Tensor x, Tenso
         rstd.shape.str(), x.shape.str());
 }
 
-void check_rope(const char* op, Tensor x, Tensor cos, Tensor sin, int pos0, DType act) {
-  expect_dtype(op, "x", x, act);
-  expect_dtype(op, "cos", cos, DType::f32);
-  expect_dtype(op, "sin", sin, DType::f32);
-  check(x.shape.rank == 4 && x.dim(3) % 2 == 0, "{}: x {} must be (B, T, H, D) with D even", op,
-        x.shape.str());
-  check(cos.shape.rank == 2 && cos.shape == sin.shape && cos.dim(1) == x.dim(3) / 2,
-        "{}: cos {} and sin {} must both be (T_max, {})", op, cos.shape.str(), sin.shape.str(),
-        x.dim(3) / 2);
-  check(pos0 >= 0 && pos0 + x.dim(1) <= cos.dim(0),
-        "{}: positions [{}, {}) exceed the {} rows of the tables", op, pos0, pos0 + x.dim(1),
-        cos.dim(0));
-}
-
 void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v,
                      int window, DType act) {
   expect_dtype(op, "out", out, act);
@@ -79,15 +66,6 @@ void check_relu2(const char* op, Tensor y, const char* y_name, Tensor x, DType a
   expect_dtype(op, "x", x, act);
   expect_dtype(op, y_name, y, act);
   expect_shape(op, y_name, y, "x", x);
-}
-
-void check_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
-  check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&
-            resid.shape == x0l.shape,
-        "{}: resid {} {} and x0l {} {} must be 1-D f32 of length n_layer", op, resid.shape.str(),
-        dtype_name(resid.dtype), x0l.shape.str(), dtype_name(x0l.dtype));
-  check(layer >= 0 && layer < resid.dim(0), "{}: layer {} outside the {} layers", op, layer,
-        resid.dim(0));
 }
 
 // t must be an activation-dtype tensor shaped like `like`.
@@ -165,7 +143,7 @@ void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd
 }
 
 void CudaBackend::rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) {
-  check_rope("rope_forward", x, cos, sin, pos0, activation_);
+  check_rope_args("rope_forward", x, cos, sin, pos0, activation_);
   dispatch("rope_forward", activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::rope_rotate(ptr<T>(x), ptr<float>(cos), ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2),
@@ -174,7 +152,7 @@ void CudaBackend::rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) {
 }
 
 void CudaBackend::rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) {
-  check_rope("rope_backward", dx, cos, sin, pos0, activation_);
+  check_rope_args("rope_backward", dx, cos, sin, pos0, activation_);
   dispatch("rope_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::rope_rotate(ptr<T>(dx), ptr<float>(cos), ptr<float>(sin), dx.dim(0), dx.dim(1), dx.dim(2),
@@ -251,7 +229,7 @@ void CudaBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
 void CudaBackend::residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
                                        int layer) {
   const char* op = "residual_mix_forward";
-  check_scalars(op, resid, x0l, layer);
+  check_layer_scalars(op, resid, x0l, layer);
   check_like(op, "x", x, x, activation_);
   check_like(op, "x0", x0, x, activation_);
   check_like(op, "out", out, x, activation_);
@@ -266,8 +244,8 @@ void CudaBackend::residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Te
                                         Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
                                         int layer) {
   const char* op = "residual_mix_backward";
-  check_scalars(op, resid, x0l, layer);
-  check_scalars(op, dresid, dx0l, layer);
+  check_layer_scalars(op, resid, x0l, layer);
+  check_layer_scalars(op, dresid, dx0l, layer);
   expect_shape(op, "dresid", dresid, "resid", resid);
   check_like(op, "x", x, x, activation_);
   check_like(op, "x0", x0, x, activation_);

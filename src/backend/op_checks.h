@@ -1,0 +1,34 @@
+// Argument checks that mean the same on every backend; `act` is the backend's activation dtype.
+// Each names the op and what was expected.
+#pragma once
+
+#include "backend/backend.h"
+
+namespace lmtrain {
+
+// x (B, T, H, D) in `act` with D even; cos/sin f32 (T_max, D/2) covering positions [pos0, pos0+T).
+inline void check_rope_args(const char* op, Tensor x, Tensor cos, Tensor sin, int pos0, DType act) {
+  check(x.dtype == act && cos.dtype == DType::f32 && sin.dtype == DType::f32,
+        "{}: x must be {} and cos, sin f32, got {}, {}, {}", op, dtype_name(act),
+        dtype_name(x.dtype), dtype_name(cos.dtype), dtype_name(sin.dtype));
+  check(x.shape.rank == 4 && x.dim(3) % 2 == 0, "{}: x {} must be (B, T, H, D) with D even", op,
+        x.shape.str());
+  check(cos.shape.rank == 2 && cos.shape == sin.shape && cos.dim(1) == x.dim(3) / 2,
+        "{}: cos {} and sin {} must both be (T_max, {})", op, cos.shape.str(), sin.shape.str(),
+        x.dim(3) / 2);
+  check(pos0 >= 0 && pos0 + x.dim(1) <= cos.dim(0),
+        "{}: positions [{}, {}) exceed the {} rows of the tables", op, pos0, pos0 + x.dim(1),
+        cos.dim(0));
+}
+
+// The per-layer residual scalars: 1-D f32 vectors of length n_layer, and a layer inside them.
+inline void check_layer_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
+  check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&
+            resid.shape == x0l.shape,
+        "{}: resid {} {} and x0l {} {} must be 1-D f32 of length n_layer", op, resid.shape.str(),
+        dtype_name(resid.dtype), x0l.shape.str(), dtype_name(x0l.dtype));
+  check(layer >= 0 && layer < resid.dim(0), "{}: layer {} outside the {} layers", op, layer,
+        resid.dim(0));
+}
+
+}  // namespace lmtrain
