@@ -87,11 +87,13 @@ NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const Muon
     if (config.second_moment) backend.fill(st.second, 0.f);
   }
   TensorPlan scratch;
+  const DType work = backend.activation_dtype();
   scratch.add(scratch_u_, {largest}, DType::f32);
-  scratch.add(scratch_x_, {largest}, DType::f32);
-  scratch.add(scratch_y_, {largest}, DType::f32);
-  scratch.add(scratch_a_, {largest_square}, DType::f32);
-  scratch.add(scratch_b_, {largest_square}, DType::f32);
+  scratch.add(work_x_, {largest}, work);
+  scratch.add(work_y_, {largest}, work);
+  scratch.add(work_gram_, {largest_square}, work);
+  scratch.add(work_poly_, {largest_square}, work);
+  if (work != DType::f32) scratch.add(staging_, {largest}, DType::f32);
   scratch_memory_ = scratch.allocate(backend);
 }
 
@@ -103,21 +105,25 @@ void NorMuon::orthogonalize(Tensor u) {
   // Iterate on the wide orientation (r <= c) so that X X^T is the smaller Gram matrix.
   const bool tall = rows > cols;
   const int64_t r = tall ? cols : rows, c = tall ? rows : cols;
-  Tensor x = scratch_x_.slice(0, K * r * c).view({K, r, c});
-  Tensor y = scratch_y_.slice(0, K * r * c).view({K, r, c});
-  Tensor gram = scratch_a_.slice(0, K * r * r).view({K, r, r});
-  Tensor poly = scratch_b_.slice(0, K * r * r).view({K, r, r});
+  Tensor x = work_x_.slice(0, K * r * c).view({K, r, c});
+  Tensor y = work_y_.slice(0, K * r * c).view({K, r, c});
+  Tensor gram = work_gram_.slice(0, K * r * r).view({K, r, r});
+  Tensor poly = work_poly_.slice(0, K * r * r).view({K, r, r});
+  // Normalise in fp32; iterate in the work dtype (bf16 on the GPU, where the matmuls dominate).
+  const bool staged = x.dtype != DType::f32;
+  const Tensor x32 = staged ? staging_.slice(0, K * r * c).view({K, r, c}) : x;
   if (tall) {
-    b.transpose_matrices(x, u);
+    b.transpose_matrices(x32, u);
   } else {
-    b.copy(x, u);
+    b.copy(x32, u);
   }
   const bool polar = kind == "polar_express";
   if (polar) {
-    b.normalize_matrices(x, 1.02f, 1e-6f);
+    b.normalize_matrices(x32, 1.02f, 1e-6f);
   } else {
-    b.normalize_matrices(x, 1.0f, 1e-7f);
+    b.normalize_matrices(x32, 1.0f, 1e-7f);
   }
+  if (staged) b.copy(x, x32);
   for (int i = 0; i < config_.ortho_steps; ++i) {
     const auto& [ca, cb, cc] =
         polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)] : kNewtonSchulz5;
@@ -129,10 +135,15 @@ void NorMuon::orthogonalize(Tensor u) {
     b.matmul(y, poly, x, false, false, true);  //   + B X
     std::swap(x, y);
   }
+  Tensor result = x;
+  if (staged) {
+    b.copy(x32, x);
+    result = x32;
+  }
   if (tall) {
-    b.transpose_matrices(u, x);
+    b.transpose_matrices(u, result);
   } else {
-    b.copy(u, x);
+    b.copy(u, result);
   }
 }
 

@@ -50,7 +50,9 @@ class NorMuon {
   int depth_;
   std::vector<Stack> stacks_;
   Buffer state_memory_, scratch_memory_;
-  Tensor scratch_u_, scratch_x_, scratch_y_, scratch_a_, scratch_b_;  // flat, largest stack
+  // Flat scratch sized for the largest stack: the f32 update, the orthogonalizer's work
+  // tensors in the backend's activation dtype, and an f32 staging copy when that is bf16.
+  Tensor scratch_u_, work_x_, work_y_, work_gram_, work_poly_, staging_;
 };
 
 }  // namespace lmtrain
