@@ -51,7 +51,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np  # noqa: E402
 # The parameter groups and the preset merge are the reference's own definitions.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "reference"))
-from adamw_reference import group_of  # noqa: E402
+from adamw_reference import group_of, lr_multiplier  # noqa: E402
 from normuon_reference import deep_merge  # noqa: E402
 
 import torch  # noqa: E402
@@ -225,23 +225,9 @@ def load_optim_schedule(path: str) -> tuple[dict, dict]:
         if optim["muon"][key] != want:
             raise InputError(f"{path}: optim.muon.{key} = {optim['muon'][key]!r}: this benchmark "
                              f"reference implements only {want!r}")
-    if optim["grad_clip"] > 0:
-        raise InputError(f"{path}: optim.grad_clip > 0 is not implemented by this reference")
     schedule = deep_merge(SCHEDULE_DEFAULTS, {k: v for k, v in doc.get("schedule", {}).items()
                                               if k in SCHEDULE_DEFAULTS})
     return optim, schedule
-
-
-def lr_multiplier(it: int, n: int, schedule: dict) -> float:
-    """Linear warmup, flat, linear warmdown to final_lr_frac (it 0-based), as lmtrain."""
-    warmup = round(schedule["warmup_ratio"] * n)
-    warmdown = round(schedule["warmdown_ratio"] * n)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it <= n - warmdown:
-        return 1.0
-    progress = (n - it) / warmdown
-    return progress + (1.0 - progress) * schedule["final_lr_frac"]
 
 
 # --------------------------------------------------------------------------
@@ -465,6 +451,7 @@ class MuonAdamW:
         m = model.m
         self.m, self.optim, self.schedule, self.n = m, optim, schedule, num_iterations
         self.muon = optim["muon"]
+        self.parameters = list(model.parameters())
         width_scale = (m.width / optim["lr_reference_width"]) ** -0.5
         batch_scale = math.sqrt(batch_tokens / optim["lr_reference_batch"])
         base = {"embedding": optim["embedding_lr"] * width_scale,
@@ -526,7 +513,10 @@ class MuonAdamW:
     @torch.no_grad()
     def step(self, step: int) -> None:
         """One update (step 0-based) from every parameter's .grad."""
-        lrm = lr_multiplier(step, self.n, self.schedule)
+        if self.optim["grad_clip"] > 0:
+            # lmtrain clips by the global norm too (it scales by clip / norm; torch adds 1e-6).
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.optim["grad_clip"])
+        lrm = lr_multiplier(step, {**self.schedule, "num_iterations": self.n})
         for group in self.adamw.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         self.adamw.step()
