@@ -205,7 +205,7 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
   return loss;
 }
 
-void Gpt::backward() {
+void Gpt::backward(const GradsReady& ready) {
   Backend& b = backend_;
   const int64_t N = tokens_.numel();
   const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
@@ -255,11 +255,13 @@ void Gpt::backward() {
     b.add(dx_, dxmid_);
     // Residual mix: dx_ now holds d(x_mix); turn it into d(x_in), accumulating into dx0.
     b.residual_mix_backward(dx_, dx0_, dresid, dx0l, dx_, a.x_in, x0_, resid, x0l, i);
+    if (ready) ready(i);
   }
   // x0 = norm(wte[tokens]), and layer 0's x_in is x0 as well.
   b.add(dx_, dx0_);
   b.rmsnorm_backward(dtmp_, dx_, emb_, rstd_emb_);
   b.embedding_backward(grad(table_.find("transformer.wte.weight")), dtmp_, tokens_);
+  if (ready) ready(-1);
 }
 
 }  // namespace lmtrain

@@ -2,6 +2,7 @@
 // activations of one micro-batch live in buffers planned up front from the shape and batch.
 #pragma once
 
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -44,7 +45,12 @@ class Gpt {
   Loss forward(std::span<const int32_t> tokens, std::span<const int32_t> targets, bool need_grad,
                float loss_scale = 1.f);
   // Accumulates parameter gradients of the last forward(need_grad = true) into grads().
-  void backward();
+  // `ready`, when given, is called as gradients become final so that their reduction across
+  // ranks can start while the rest of the backward runs: ready(i) once block i's gradients
+  // (its matrices, value embedding and gate) and everything above it (lm_head) are complete,
+  // in the order i = depth-1 .. 0, and ready(-1) at the end, when all are (wte, scalars).
+  using GradsReady = std::function<void(int layer)>;
+  void backward(const GradsReady& ready = {});
   // Per-token losses of the last forward, (batch * T) f32 on the device.
   Tensor token_losses() const { return losses_; }
   // Logits of the last forward, (batch * T, padded_vocab); overwritten by their gradient when
