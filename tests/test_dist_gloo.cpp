@@ -1,5 +1,6 @@
 // GlooCommunicator with 2 and 4 ranks as threads on 127.0.0.1, against the serial computation.
 #include <catch2/catch.hpp>
+#include <future>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -153,4 +154,71 @@ TEST_CASE("rendezvous with a missing rank times out with a clear error", "[dist]
       Catch::Matchers::Contains("rendezvous: rank 0 waited 1 s for key") &&
           Catch::Matchers::Contains("are all WORLD_SIZE=2 ranks started"));
   CHECK(std::chrono::duration<double>(Clock::now() - start).count() < 5.0);
+}
+
+TEST_CASE("started collectives do not block the caller, run in order, and report errors at wait",
+          "[dist]") {
+  const int port = free_port("127.0.0.1");
+  // Rank 1 joins only after rank 0 has started all three collectives and computed something:
+  // if starting blocked, rank 0 would never get there (a bounded wait turns that into a failure).
+  std::promise<void> rank0_started;
+  std::vector<std::string> errors;
+  std::mutex mutex;
+  std::vector<float> reduced[2], scattered[2], gathered[2];
+  auto rank_main = [&](int rank) {
+    try {
+      GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, 2, port), 20s));
+      std::vector<float> a = normal_data(10 + rank, 8), b = normal_data(20 + rank, 8);
+      std::vector<float> chunk(4), c = normal_data(30 + rank, 4), whole(8);
+      if (rank == 1) rank0_started.get_future().wait();
+      PendingPtr sum = comm.start_all_reduce_sum(tensor(a, {8}));
+      PendingPtr scatter = comm.start_reduce_scatter_mean(tensor(chunk, {4}), tensor(b, {8}));
+      PendingPtr gather = comm.start_all_gather(tensor(whole, {8}), tensor(c, {4}));
+      if (rank == 0) rank0_started.set_value();
+      gather->wait();  // waiting on the last waits for the earlier ones too
+      scatter->wait();
+      sum->wait();
+      std::lock_guard lock(mutex);
+      reduced[rank] = a, scattered[rank] = chunk, gathered[rank] = whole;
+    } catch (const std::exception& e) {
+      std::lock_guard lock(mutex);
+      errors.push_back(e.what());
+    }
+  };
+  std::thread r0(rank_main, 0), r1(rank_main, 1);
+  r0.join();
+  r1.join();
+  INFO((errors.empty() ? "" : errors[0]));
+  REQUIRE(errors.empty());
+  std::vector<double> sum(8), mean(8);
+  std::vector<float> gathered_expected;
+  for (int r = 0; r < 2; ++r) {
+    auto a = normal_data(10 + r, 8), b = normal_data(20 + r, 8), c = normal_data(30 + r, 4);
+    for (int i = 0; i < 8; ++i) sum[i] += a[i], mean[i] += b[i] / 2.0;
+    gathered_expected.insert(gathered_expected.end(), c.begin(), c.end());
+  }
+  for (int r = 0; r < 2; ++r) {
+    CHECK(near(reduced[r], sum));
+    CHECK(near(scattered[r], std::vector<double>(mean.begin() + 4 * r, mean.begin() + 4 * r + 4)));
+    CHECK(gathered[r] == gathered_expected);
+  }
+}
+
+TEST_CASE("a collective whose peer is gone fails at wait, naming the collective", "[dist]") {
+  const int port = free_port("127.0.0.1");
+  std::string error;
+  std::thread peer([&] {
+    // Joins the job, then leaves without taking part in the collective.
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(1, 2, port), 20s));
+  });
+  try {
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(0, 2, port), 5s));
+    std::vector<float> a(1 << 16, 1.f);
+    PendingPtr pending = comm.start_all_reduce_sum(tensor(a, {int64_t(a.size())}));
+    pending->wait();
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  peer.join();
+  CHECK_THAT(error, Catch::Matchers::Contains("gloo all_reduce_sum (rank 0 of 2)"));
 }

@@ -26,25 +26,44 @@ void check_sharded(const char* op, Tensor whole, Tensor chunk, int world_size) {
         whole.shape.str(), world_size, chunk.shape.str());
 }
 
-void LocalCommunicator::all_reduce_sum(Tensor x) { check_dtype("all_reduce_sum", x, true); }
+namespace {
 
-void LocalCommunicator::all_reduce_mean(Tensor x) { check_dtype("all_reduce_mean", x, false); }
+struct Done final : Pending {
+  void wait() override {}
+};
 
-void LocalCommunicator::reduce_scatter_mean(Tensor out, Tensor in) {
+PendingPtr done() { return std::make_unique<Done>(); }
+
+}  // namespace
+
+PendingPtr LocalCommunicator::start_all_reduce_sum(Tensor x) {
+  check_dtype("all_reduce_sum", x, true);
+  return done();
+}
+
+PendingPtr LocalCommunicator::start_all_reduce_mean(Tensor x) {
+  check_dtype("all_reduce_mean", x, false);
+  return done();
+}
+
+PendingPtr LocalCommunicator::start_reduce_scatter_mean(Tensor out, Tensor in) {
   check_dtype("reduce_scatter_mean", in, false);
   check_sharded("reduce_scatter_mean", in, out, 1);
   if (out.data != in.data) backend_.copy(out, in);
+  return done();
 }
 
-void LocalCommunicator::all_gather(Tensor out, Tensor in) {
+PendingPtr LocalCommunicator::start_all_gather(Tensor out, Tensor in) {
   check_dtype("all_gather", in, true);
   check_sharded("all_gather", out, in, 1);
   if (out.data != in.data) backend_.copy(out, in);
+  return done();
 }
 
-void LocalCommunicator::broadcast(Tensor x, int root) {
+PendingPtr LocalCommunicator::start_broadcast(Tensor x, int root) {
   check_dtype("broadcast", x, true);
   check(root == 0, "broadcast: root {} is not a rank of a world of 1", root);
+  return done();
 }
 
 std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,

@@ -8,8 +8,16 @@
 // are whole rows: whole matrices of a NorMuon stack (K, m, n), whole rows of an AdamW parameter.
 //
 // Every call is collective: all ranks make the same calls in the same order with the same shapes.
-// Results are bit-identical on all ranks. NCCL calls are asynchronous on the backend's stream, so
-// they order with the ops around them like any other backend op; Gloo calls return when done.
+// Results are bit-identical on all ranks.
+//
+// Each collective has an asynchronous form that returns a Pending, so that communication can run
+// while the backend computes (gradients of late layers travel while early layers run their
+// backward; updated weights travel while the next stack's update is computed). A started
+// collective reads its input and writes its output until wait(): neither may be touched before.
+// NCCL runs collectives on a communication stream of its own, and wait() makes the backend's
+// stream wait for it without blocking the host; Gloo runs them in order on a communication
+// thread, and wait() blocks until done and rethrows its error. The blocking forms are start +
+// wait, so the two mix freely and keep one order.
 #pragma once
 
 #include <chrono>
@@ -23,6 +31,14 @@ namespace lmtrain::dist {
 
 class TcpStore;
 
+// A started collective. Destroying one that was not waited for waits, dropping its error.
+class Pending {
+ public:
+  virtual ~Pending() = default;
+  virtual void wait() = 0;
+};
+using PendingPtr = std::unique_ptr<Pending>;
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -31,16 +47,22 @@ class Communicator {
   virtual int world_size() const = 0;
 
   // In place on every rank: x = sum (or mean) of x over ranks. Sum: f32 or i32; mean: f32.
-  virtual void all_reduce_sum(Tensor x) = 0;
-  virtual void all_reduce_mean(Tensor x) = 0;
+  virtual PendingPtr start_all_reduce_sum(Tensor x) = 0;
+  virtual PendingPtr start_all_reduce_mean(Tensor x) = 0;
   // out (chunk) = mean over ranks of this rank's chunk of `in` (whole); f32.
-  virtual void reduce_scatter_mean(Tensor out, Tensor in) = 0;
+  virtual PendingPtr start_reduce_scatter_mean(Tensor out, Tensor in) = 0;
   // out (whole) = every rank's `in` (chunk) in rank order; f32 or i32.
-  virtual void all_gather(Tensor out, Tensor in) = 0;
+  virtual PendingPtr start_all_gather(Tensor out, Tensor in) = 0;
   // In place: x = root's x; f32 or i32.
-  virtual void broadcast(Tensor x, int root) = 0;
-  // Returns once every rank has called it (after this rank's queued collectives complete).
+  virtual PendingPtr start_broadcast(Tensor x, int root) = 0;
+  // Returns once every rank has called it (after this rank's started collectives complete).
   virtual void barrier() = 0;
+
+  void all_reduce_sum(Tensor x) { start_all_reduce_sum(x)->wait(); }
+  void all_reduce_mean(Tensor x) { start_all_reduce_mean(x)->wait(); }
+  void reduce_scatter_mean(Tensor out, Tensor in) { start_reduce_scatter_mean(out, in)->wait(); }
+  void all_gather(Tensor out, Tensor in) { start_all_gather(out, in)->wait(); }
+  void broadcast(Tensor x, int root) { start_broadcast(x, root)->wait(); }
 };
 
 // Rows of dim 0 rounded up to a multiple of world_size, so chunks hold whole rows.
@@ -54,18 +76,18 @@ void check_sharded(const char* op, Tensor whole, Tensor chunk, int world_size);
 // Checks that a tensor has one of the dtypes an op supports.
 void check_dtype(const char* op, Tensor x, bool allow_i32);
 
-// World size 1: every collective is the identity (copies where out and in differ).
+// World size 1: every collective is the identity (copies where out and in differ), done at once.
 class LocalCommunicator final : public Communicator {
  public:
   explicit LocalCommunicator(Backend& backend) : backend_(backend) {}
   std::string name() const override { return "local"; }
   int rank() const override { return 0; }
   int world_size() const override { return 1; }
-  void all_reduce_sum(Tensor x) override;
-  void all_reduce_mean(Tensor x) override;
-  void reduce_scatter_mean(Tensor out, Tensor in) override;
-  void all_gather(Tensor out, Tensor in) override;
-  void broadcast(Tensor x, int root) override;
+  PendingPtr start_all_reduce_sum(Tensor x) override;
+  PendingPtr start_all_reduce_mean(Tensor x) override;
+  PendingPtr start_reduce_scatter_mean(Tensor out, Tensor in) override;
+  PendingPtr start_all_gather(Tensor out, Tensor in) override;
+  PendingPtr start_broadcast(Tensor x, int root) override;
   void barrier() override {}
 
  private:

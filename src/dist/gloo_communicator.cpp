@@ -79,48 +79,64 @@ GlooCommunicator::GlooCommunicator(std::shared_ptr<TcpStore> store)
 
 GlooCommunicator::~GlooCommunicator() = default;
 
-void GlooCommunicator::all_reduce(const char* op, void* in, void* out, Tensor x) {
-  if (x.numel() == 0) return;
-  gloo_call(op, rank_, world_size_, [&] {
-    gloo::AllreduceOptions opts(context_);
-    if (x.dtype == DType::i32) {
-      opts.setInput(static_cast<int32_t*>(in), size_t(x.numel()));
-      opts.setOutput(static_cast<int32_t*>(out), size_t(x.numel()));
-      opts.setReduceFunction(static_cast<ReduceFn>(&gloo::sum<int32_t>));
-    } else {
-      opts.setInput(static_cast<float*>(in), size_t(x.numel()));
-      opts.setOutput(static_cast<float*>(out), size_t(x.numel()));
-      opts.setReduceFunction(static_cast<ReduceFn>(&gloo::sum<float>));
+PendingPtr GlooCommunicator::start(const char* op, std::function<void()> job) {
+  struct Queued final : Pending {
+    std::future<void> done;
+    ~Queued() override {
+      if (done.valid()) done.wait();
     }
-    gloo::allreduce(opts);
+    void wait() override { done.get(); }
+  };
+  auto pending = std::make_unique<Queued>();
+  pending->done =
+      worker_.submit([this, op, job = std::move(job)] { gloo_call(op, rank_, world_size_, job); });
+  return pending;
+}
+
+void GlooCommunicator::all_reduce(void* in, void* out, Tensor x) {
+  if (x.numel() == 0) return;
+  gloo::AllreduceOptions opts(context_);
+  if (x.dtype == DType::i32) {
+    opts.setInput(static_cast<int32_t*>(in), size_t(x.numel()));
+    opts.setOutput(static_cast<int32_t*>(out), size_t(x.numel()));
+    opts.setReduceFunction(static_cast<ReduceFn>(&gloo::sum<int32_t>));
+  } else {
+    opts.setInput(static_cast<float*>(in), size_t(x.numel()));
+    opts.setOutput(static_cast<float*>(out), size_t(x.numel()));
+    opts.setReduceFunction(static_cast<ReduceFn>(&gloo::sum<float>));
+  }
+  gloo::allreduce(opts);
+}
+
+PendingPtr GlooCommunicator::start_all_reduce_sum(Tensor x) {
+  check_dtype("all_reduce_sum", x, true);
+  return start("all_reduce_sum", [this, x] { all_reduce(x.data, x.data, x); });
+}
+
+PendingPtr GlooCommunicator::start_all_reduce_mean(Tensor x) {
+  check_dtype("all_reduce_mean", x, false);
+  return start("all_reduce_mean", [this, x] {
+    all_reduce(x.data, x.data, x);
+    divide(x, world_size_);
   });
 }
 
-void GlooCommunicator::all_reduce_sum(Tensor x) {
-  check_dtype("all_reduce_sum", x, true);
-  all_reduce("all_reduce_sum", x.data, x.data, x);
-}
-
-void GlooCommunicator::all_reduce_mean(Tensor x) {
-  check_dtype("all_reduce_mean", x, false);
-  all_reduce("all_reduce_mean", x.data, x.data, x);
-  divide(x, world_size_);
-}
-
-void GlooCommunicator::reduce_scatter_mean(Tensor out, Tensor in) {
+PendingPtr GlooCommunicator::start_reduce_scatter_mean(Tensor out, Tensor in) {
   check_dtype("reduce_scatter_mean", in, false);
   check_sharded("reduce_scatter_mean", in, out, world_size_);
-  scratch_.resize(size_t(in.numel()));
-  all_reduce("reduce_scatter_mean", in.data, scratch_.data(), in);
-  std::memcpy(out.data, scratch_.data() + rank_ * out.numel(), out.bytes());
-  divide(out, world_size_);
+  return start("reduce_scatter_mean", [this, out, in] {
+    scratch_.resize(size_t(in.numel()));
+    all_reduce(in.data, scratch_.data(), in);
+    std::memcpy(out.data, scratch_.data() + rank_ * out.numel(), out.bytes());
+    divide(out, world_size_);
+  });
 }
 
-void GlooCommunicator::all_gather(Tensor out, Tensor in) {
+PendingPtr GlooCommunicator::start_all_gather(Tensor out, Tensor in) {
   check_dtype("all_gather", in, true);
   check_sharded("all_gather", out, in, world_size_);
-  if (in.numel() == 0) return;
-  gloo_call("all_gather", rank_, world_size_, [&] {
+  return start("all_gather", [this, out, in] {
+    if (in.numel() == 0) return;
     gloo::AllgatherOptions opts(context_);
     // Element type only sets the element size; f32 and i32 are both 4 bytes.
     opts.setInput(static_cast<float*>(in.data), size_t(in.numel()));
@@ -129,12 +145,12 @@ void GlooCommunicator::all_gather(Tensor out, Tensor in) {
   });
 }
 
-void GlooCommunicator::broadcast(Tensor x, int root) {
+PendingPtr GlooCommunicator::start_broadcast(Tensor x, int root) {
   check_dtype("broadcast", x, true);
   check(root >= 0 && root < world_size_, "broadcast: root {} is not a rank of a world of {}", root,
         world_size_);
-  if (x.numel() == 0) return;
-  gloo_call("broadcast", rank_, world_size_, [&] {
+  return start("broadcast", [this, x, root] {
+    if (x.numel() == 0) return;
     gloo::BroadcastOptions opts(context_);
     opts.setOutput(static_cast<float*>(x.data), size_t(x.numel()));
     opts.setRoot(root);
@@ -143,10 +159,10 @@ void GlooCommunicator::broadcast(Tensor x, int root) {
 }
 
 void GlooCommunicator::barrier() {
-  gloo_call("barrier", rank_, world_size_, [&] {
+  start("barrier", [this] {
     gloo::BarrierOptions opts(context_);
     gloo::barrier(opts);
-  });
+  })->wait();
 }
 
 }  // namespace lmtrain::dist

@@ -147,7 +147,8 @@ void NorMuon::orthogonalize(Tensor u) {
   }
 }
 
-void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metrics) {
+void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metrics,
+                   const std::function<void(size_t stack)>& updated) {
   Backend& b = backend_;
   const double mu = muon_momentum(step, config_);
   const double wd = muon_weight_decay(step, num_iterations, depth_, config_);
@@ -155,7 +156,8 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
   const std::string& mode = config_.weight_decay_mode;
   metrics["muon/momentum"] = mu;
   metrics["muon/weight_decay"] = mode == "none" ? 0.0 : wd;
-  for (auto& st : stacks_) {
+  for (size_t si = 0; si < stacks_.size(); ++si) {
+    Stack& st = stacks_[si];
     Tensor u = scratch_u_.slice(0, st.spec.params.numel()).view(st.spec.params.shape);
     b.muon_momentum(u, st.momentum, st.spec.grads, float(mu), lerp, config_.nesterov);
     orthogonalize(u);
@@ -174,6 +176,7 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
         b.muon_apply(p, x, float(lr_eff), mode == "decoupled" ? float(lr * w) : 0.f, false);
       }
     }
+    if (updated) updated(si);
   }
 }
 

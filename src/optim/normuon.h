@@ -4,6 +4,7 @@
 // gives the math of every switch.
 #pragma once
 
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -28,7 +29,10 @@ class NorMuon {
   NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config, int depth);
 
   // One update of every stack. lr is the matrix group's LR after the schedule multiplier.
-  void step(int step, int num_iterations, double lr, nlohmann::json& metrics);
+  // `updated`, when given, is called with each stack's index as soon as its parameters are
+  // updated (the optimizer starts their all-gather while the next stack is computed).
+  void step(int step, int num_iterations, double lr, nlohmann::json& metrics,
+            const std::function<void(size_t stack)>& updated = {});
   // Momentum buffers and second moments, named per parameter.
   std::vector<StateTensor> state() const;
 

@@ -1,6 +1,7 @@
 #include "optim/optimizer.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "backend/tensor_plan.h"
 
@@ -25,15 +26,31 @@ std::vector<GroupSettings> make_groups(const OptimConfig& o, int width, double b
   return groups;
 }
 
-Optimizer::Part Optimizer::make_part(Tensor model_param, Tensor model_grad, bool sharded) const {
-  Part p;
+namespace {
+
+// The layer after whose backward a parameter's gradient is final (Gpt::backward's contract):
+// a block's own parameters and value embedding with the block, lm_head before every block,
+// the rest (wte, scalars) at the end.
+int ready_layer(const ParamSpec& spec, int depth) {
+  for (const char* prefix : {"transformer.h.", "value_embeds."}) {
+    if (spec.name.starts_with(prefix)) return std::stoi(spec.name.substr(std::strlen(prefix)));
+  }
+  return spec.group == ParamGroup::unembedding ? depth : -1;
+}
+
+}  // namespace
+
+Optimizer::Bucket Optimizer::make_bucket(Tensor model_param, Tensor model_grad, bool sharded,
+                                         int ready) const {
+  Bucket bucket;
   const int64_t rows = model_param.dim(0), row_len = model_param.numel() / rows;
-  p.sharded = sharded;
-  p.shard = sharded ? RowShard(rows, row_len, comm_.rank(), comm_.world_size())
-                    : RowShard(rows, row_len, 0, 1);
-  p.model_param = p.param = model_param;
-  p.model_grad = p.grad = model_grad;
-  return p;
+  bucket.sharded = sharded;
+  bucket.shard = sharded ? RowShard(rows, row_len, comm_.rank(), comm_.world_size())
+                         : RowShard(rows, row_len, 0, 1);
+  bucket.ready_layer = ready;
+  bucket.model_param = bucket.param = model_param.view({rows, row_len});
+  bucket.model_grad = bucket.grad = model_grad.view({rows, row_len});
+  return bucket;
 }
 
 Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, int num_iterations,
@@ -42,67 +59,101 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
       comm_(comm),
       groups_(make_groups(optim, model.shape().width, batch_tokens)),
       num_iterations_(num_iterations) {
-  const int world = comm.world_size();
+  const int world = comm.world_size(), rank = comm.rank(), depth = model.shape().depth;
   const auto& specs = model.table().specs;
   TensorPlan plan;
-  // Chunk buffers of sharded parts; the plan fills in their pointers when it allocates.
-  auto chunk = [&](Part& p, Shape shape) {
-    plan.add(p.param, shape, DType::f32);
-    plan.add(p.grad, shape, DType::f32);
+  // The buffers of sharded buckets; the plan fills in their pointers when it allocates, so
+  // buckets_ and stack_chunks_ are sized before any is planned.
+  auto plan_chunk = [&](Bucket& b) {
+    if (!b.sharded) return;
+    const RowShard& s = b.shard;
+    plan.add(b.param, {s.chunk_rows, s.row_len}, DType::f32);
+    plan.add(b.grad, {s.chunk_rows, s.row_len}, DType::f32);
+    if (s.padded_rows() > s.rows) plan.add(b.staging, {s.padded_rows(), s.row_len}, DType::f32);
   };
 
-  adamw_.reserve(specs.size());  // the plan holds pointers into adamw_ and muon_parts_
+  std::vector<MuonStackSpec> stacks;
+  if (optim.matrix_optimizer == "normuon") stacks = model_stacks(model);
+  size_t num_buckets = 0;
+  for (const auto& spec : specs) num_buckets += settings(spec.group).kind == "adamw";
+  for (const auto& s : stacks)
+    if (world > 1) num_buckets += size_t(dist::padded_rows(s.params.dim(0), world) / world);
+  buckets_.reserve(num_buckets);
+  adamw_.reserve(specs.size());
   for (size_t i = 0; i < specs.size(); ++i) {
     if (settings(specs[i].group).kind != "adamw") continue;
     const bool sharded = world > 1 && specs[i].shape.numel() >= kShardMinElements;
-    AdamWState& s = adamw_.emplace_back(
-        AdamWState{i, make_part(model.param(specs[i]), model.grad(specs[i]), sharded), {}, {}});
-    const Shape local =
-        sharded ? Shape{s.part.shard.chunk_rows, s.part.shard.row_len} : specs[i].shape;
-    if (sharded) chunk(s.part, local);
+    Bucket& b = buckets_.emplace_back(make_bucket(model.param(specs[i]), model.grad(specs[i]),
+                                                  sharded, ready_layer(specs[i], depth)));
+    plan_chunk(b);
+    AdamWState& s = adamw_.emplace_back(AdamWState{i, buckets_.size() - 1, {}, {}});
+    const Shape local = sharded ? Shape{b.shard.chunk_rows, b.shard.row_len} : b.param.shape;
     plan.add(s.m, local, DType::f32);
     plan.add(s.v, local, DType::f32);
   }
-  std::vector<MuonStackSpec> stacks;
-  if (optim.matrix_optimizer == "normuon") {
-    stacks = model_stacks(model);
-    muon_parts_.reserve(stacks.size());
-    for (const MuonStackSpec& s : stacks) {
-      Part& p = muon_parts_.emplace_back(make_part(s.params, s.grads, world > 1));
-      if (p.sharded) chunk(p, {p.shard.chunk_rows, s.params.dim(1), s.params.dim(2)});
+  // NorMuon: with W ranks, bucket j of a stack is its matrices [jW, jW + W), rank r owning
+  // matrix jW + r as row j of its chunk. A bucket is ready with the lowest layer among them.
+  stack_chunks_.resize(stacks.size());
+  for (size_t si = 0; si < stacks.size(); ++si) {
+    const MuonStackSpec& s = stacks[si];
+    StackChunk& chunk = stack_chunks_[si];
+    stack_buckets_.push_back(buckets_.size());
+    const int64_t K = s.params.dim(0), m = s.params.dim(1), n = s.params.dim(2);
+    if (world == 1) {
+      chunk = {s.params, s.grads};
+      continue;
+    }
+    const int64_t local = dist::padded_rows(K, world) / world;
+    plan.add(chunk.param, {local, m, n}, DType::f32);
+    plan.add(chunk.grad, {local, m, n}, DType::f32);
+    for (int64_t j = 0; j < local; ++j) {
+      const int64_t first = j * world, count = std::min<int64_t>(world, K - first);
+      int ready = depth;
+      for (int64_t k = first; k < first + count; ++k) {
+        const ParamSpec& spec = model.table().find(s.names[k]);
+        ready = std::min(ready, ready_layer(spec, depth));
+      }
+      auto matrices = [&](Tensor t) {
+        return t.slice(first * m * n, count * m * n).view({count, m * n});
+      };
+      Bucket& b =
+          buckets_.emplace_back(make_bucket(matrices(s.params), matrices(s.grads), true, ready));
+      if (b.shard.padded_rows() > b.shard.rows) {
+        plan.add(b.staging, {b.shard.padded_rows(), b.shard.row_len}, DType::f32);
+      }
     }
   }
+  stack_buckets_.push_back(buckets_.size());
   plan.add(norm_, {1}, DType::f32);
   memory_ = plan.allocate(model.backend());
 
   if (!stacks.empty()) {
     // Each rank runs NorMuon on the matrices it owns; padding matrices have no name.
     std::vector<MuonStackSpec> owned;
-    for (size_t i = 0; i < stacks.size(); ++i) {
-      const Part& p = muon_parts_[i];
-      MuonStackSpec spec{p.param, p.grad, {}};
-      for (int64_t k = 0; k < p.shard.chunk_rows; ++k) {
-        const int64_t row = p.shard.rank * p.shard.chunk_rows + k;
-        spec.names.push_back(row < p.shard.rows ? stacks[i].names[row] : "");
+    for (size_t si = 0; si < stacks.size(); ++si) {
+      const StackChunk& chunk = stack_chunks_[si];
+      MuonStackSpec spec{chunk.param, chunk.grad, {}};
+      for (int64_t j = 0; j < chunk.param.dim(0); ++j) {
+        const int64_t k = j * world + rank;
+        spec.names.push_back(k < stacks[si].params.dim(0) ? stacks[si].names[k] : "");
+        if (world == 1) continue;
+        Bucket& b = buckets_[stack_buckets_[si] + j];
+        const Shape row = {1, b.shard.row_len};
+        b.param = chunk.param[j].view(row);
+        b.grad = chunk.grad[j].view(row);
       }
       owned.push_back(std::move(spec));
     }
-    muon_ = std::make_unique<NorMuon>(model.backend(), std::move(owned), optim.muon,
-                                      model.shape().depth);
+    muon_ = std::make_unique<NorMuon>(model.backend(), std::move(owned), optim.muon, depth);
   }
-  int64_t staging = 1;
-  for (const auto& s : adamw_)
-    if (s.part.sharded)
-      staging = std::max(staging, s.part.shard.padded_rows() * s.part.shard.row_len);
-  for (const auto& p : muon_parts_)
-    if (p.sharded) staging = std::max(staging, p.shard.padded_rows() * p.shard.row_len);
-  TensorPlan staging_plan;
-  staging_plan.add(staging_, {staging}, DType::f32);
-  staging_memory_ = staging_plan.allocate(model.backend());
   for (auto& s : adamw_) {
     model.backend().fill(s.m, 0.f);
     model.backend().fill(s.v, 0.f);
   }
+}
+
+Optimizer::~Optimizer() {
+  for (Bucket& b : buckets_) b.pending.reset();
 }
 
 const GroupSettings& Optimizer::settings(ParamGroup group) const {
@@ -111,48 +162,78 @@ const GroupSettings& Optimizer::settings(ParamGroup group) const {
   fail("optimizer: no settings for group {}", group_name(group));
 }
 
-void Optimizer::reduce(const Part& part) {
-  if (!part.sharded) {
-    comm_.all_reduce_mean(part.grad);
+Gpt::GradsReady Optimizer::reduce_as_ready() {
+  return [this](int layer) { start_reductions(layer); };
+}
+
+void Optimizer::start_reductions(int layer) {
+  if (comm_.world_size() == 1) return;
+  for (Bucket& b : buckets_) {
+    if (!b.reducing && b.ready_layer >= layer) start_reduce(b);
+  }
+}
+
+void Optimizer::start_reduce(Bucket& bucket) {
+  bucket.reducing = true;
+  if (!bucket.sharded) {
+    bucket.pending = comm_.start_all_reduce_mean(bucket.grad);
     return;
   }
   Backend& b = model_.backend();
-  const RowShard& s = part.shard;
-  const int64_t n = s.rows * s.row_len, padded = s.padded_rows() * s.row_len;
-  b.copy(staging_.slice(0, n), part.model_grad.view({n}));
-  if (padded > n) b.fill(staging_.slice(n, padded - n), 0.f);
-  comm_.reduce_scatter_mean(part.grad.view({s.chunk_rows, s.row_len}),
-                            staging_.slice(0, padded).view({s.padded_rows(), s.row_len}));
+  const RowShard& s = bucket.shard;
+  Tensor whole = bucket.model_grad;
+  if (bucket.staging.data) {
+    const int64_t n = s.rows * s.row_len;
+    whole = bucket.staging;
+    b.copy(whole.view({whole.numel()}).slice(0, n), bucket.model_grad.view({n}));
+    b.fill(whole.view({whole.numel()}).slice(n, whole.numel() - n), 0.f);
+  }
+  bucket.pending = comm_.start_reduce_scatter_mean(bucket.grad, whole);
   // This rank's rows of the weights, zero where the chunk runs past the real rows.
   const int64_t owned = s.owned() * s.row_len, chunk = s.chunk_rows * s.row_len;
-  const Tensor local = part.param.view({chunk});
-  if (owned > 0)
-    b.copy(local.slice(0, owned), part.model_param.view({n}).slice(s.begin() * s.row_len, owned));
+  const Tensor local = bucket.param.view({chunk});
+  if (owned > 0) {
+    b.copy(local.slice(0, owned),
+           bucket.model_param.view({s.rows * s.row_len}).slice(s.begin() * s.row_len, owned));
+  }
   if (chunk > owned) b.fill(local.slice(owned, chunk - owned), 0.f);
 }
 
-void Optimizer::gather(const Part& part) {
-  if (!part.sharded) return;
-  const RowShard& s = part.shard;
-  const int64_t n = s.rows * s.row_len, padded = s.padded_rows() * s.row_len;
-  comm_.all_gather(staging_.slice(0, padded).view({s.padded_rows(), s.row_len}),
-                   part.param.view({s.chunk_rows, s.row_len}));
-  model_.backend().copy(part.model_param.view({n}), staging_.slice(0, n));
+void Optimizer::start_gather(Bucket& bucket) {
+  if (!bucket.sharded) return;
+  const Tensor whole = bucket.staging.data ? bucket.staging : bucket.model_param;
+  bucket.pending = comm_.start_all_gather(whole, bucket.param);
+}
+
+void Optimizer::finish_gather(Bucket& bucket) {
+  if (!bucket.sharded) return;
+  bucket.pending->wait();
+  bucket.pending.reset();
+  if (bucket.staging.data) {
+    const int64_t n = bucket.shard.rows * bucket.shard.row_len;
+    model_.backend().copy(bucket.model_param.view({n}),
+                          bucket.staging.view({bucket.staging.numel()}).slice(0, n));
+  }
 }
 
 nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
   Backend& b = model_.backend();
-  for (const auto& s : adamw_) reduce(s.part);
-  for (const auto& p : muon_parts_) reduce(p);
+  start_reductions(-1);
+  for (Bucket& bucket : buckets_) {
+    if (bucket.pending) bucket.pending->wait();
+    bucket.pending.reset();
+    bucket.reducing = false;
+  }
 
   // Global gradient norm: sharded chunks are disjoint across ranks; replicated gradients are
   // equal on every rank and counted by rank 0 alone.
   double local = 0;
   const bool counts_replicated = comm_.rank() == 0;
-  for (const auto& s : adamw_)
-    if (s.part.sharded || counts_replicated) local += b.sum_squares(s.part.grad);
-  for (const auto& p : muon_parts_)
-    if (p.sharded || counts_replicated) local += b.sum_squares(p.grad);
+  for (const Bucket& bucket : buckets_)
+    if (bucket.sharded || counts_replicated) local += b.sum_squares(bucket.grad);
+  if (comm_.world_size() == 1) {
+    for (const StackChunk& chunk : stack_chunks_) local += b.sum_squares(chunk.grad);
+  }
   double total = local;
   if (comm_.world_size() > 1) {
     const float value = float(local);
@@ -176,22 +257,31 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
   }
   if (grad_clip > 0 && grad_norm > grad_clip) {
     const float factor = float(grad_clip / grad_norm);
-    for (const auto& s : adamw_) b.scale(s.part.grad, factor);
-    for (const auto& p : muon_parts_) b.scale(p.grad, factor);
+    for (const Bucket& bucket : buckets_) b.scale(bucket.grad, factor);
+    if (comm_.world_size() == 1) {
+      for (const StackChunk& chunk : stack_chunks_) b.scale(chunk.grad, factor);
+    }
   }
 
   ++updates_;
   nlohmann::json metrics = {{"grad_norm", grad_norm}};
   for (const auto& g : groups_) metrics[std::string("lr/") + group_name(g.group)] = g.lr * lr_mult;
-  for (const auto& s : adamw_) {
+  for (auto& s : adamw_) {
     const GroupSettings& g = settings(model_.table().specs[s.spec].group);
     AdamWHyper h{float(g.lr * lr_mult), float(g.beta1),        float(g.beta2),
                  float(g.eps),          float(g.weight_decay), updates_};
-    b.adamw_update(s.part.param, s.part.grad, s.m, s.v, h);
+    Bucket& bucket = buckets_[s.bucket];
+    b.adamw_update(bucket.param, bucket.grad, s.m, s.v, h);
+    start_gather(bucket);
   }
-  if (muon_) muon_->step(step, num_iterations_, settings(ParamGroup::matrix).lr * lr_mult, metrics);
-  for (const auto& s : adamw_) gather(s.part);
-  for (const auto& p : muon_parts_) gather(p);
+  if (muon_) {
+    muon_->step(step, num_iterations_, settings(ParamGroup::matrix).lr * lr_mult, metrics,
+                [this](size_t stack) {
+                  for (size_t i = stack_buckets_[stack]; i < stack_buckets_[stack + 1]; ++i)
+                    start_gather(buckets_[i]);
+                });
+  }
+  for (Bucket& bucket : buckets_) finish_gather(bucket);
   model_.refresh_weights();
   return metrics;
 }
@@ -201,11 +291,12 @@ std::vector<StateTensor> Optimizer::state() const {
   const bool replicated = comm_.world_size() > 1;
   for (const auto& s : adamw_) {
     const ParamSpec& spec = model_.table().specs[s.spec];
+    const Bucket& bucket = buckets_[s.bucket];
     for (const auto& [kind, tensor] : {std::pair{"exp_avg.", s.m}, {"exp_avg_sq.", s.v}}) {
-      StateTensor st{kind + spec.name, tensor.view(s.part.param.shape)};
-      if (s.part.sharded) {
+      StateTensor st{kind + spec.name, tensor};
+      if (bucket.sharded) {
         // Only the real rows: padding never reaches a checkpoint.
-        const RowShard& r = s.part.shard;
+        const RowShard& r = bucket.shard;
         st.tensor = tensor.view({r.chunk_rows * r.row_len})
                         .slice(0, r.owned() * r.row_len)
                         .view({r.owned(), r.row_len});

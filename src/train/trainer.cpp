@@ -197,7 +197,9 @@ int train(const TrainOptions& options) {
       check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}{}); stopping", step + 1,
             loss.sum, micro, world > 1 ? fmt::format(", rank {}", rank) : "");
       loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
-      model.backward();
+      // The last micro-step's gradients are the step's: reduce them while the backward runs.
+      model.backward(micro + 1 == plan.grad_accum ? optimizer.reduce_as_ready()
+                                                  : Gpt::GradsReady{});
     }
     const double lrm = lr_multiplier(step, N, config.schedule);
     backend->synchronize();

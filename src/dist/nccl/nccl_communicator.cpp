@@ -16,6 +16,35 @@ void nccl_check(ncclResult_t result, const char* op, int rank, int world) {
 
 ncclDataType_t nccl_type(Tensor x) { return x.dtype == DType::i32 ? ncclInt32 : ncclFloat32; }
 
+void cuda_check(cudaError_t err, const char* what, int rank, int world) {
+  check(err == cudaSuccess, "nccl {} (rank {} of {}): {}", what, rank, world,
+        cudaGetErrorString(err));
+}
+
+// An event the backend's stream waits on when the collective behind it is waited for.
+class EventPending final : public Pending {
+ public:
+  EventPending(cudaStream_t waiter, int rank, int world) : waiter_(waiter) {
+    cuda_check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "event", rank, world);
+  }
+  ~EventPending() override {
+    // The event may be destroyed while pending: CUDA releases it once it completes. The
+    // buffers stay valid because nothing is freed during a step.
+    cudaEventDestroy(event_);
+  }
+  EventPending(const EventPending&) = delete;
+  EventPending& operator=(const EventPending&) = delete;
+  cudaEvent_t event() const { return event_; }
+  void wait() override {
+    cudaError_t err = cudaStreamWaitEvent(waiter_, event_, 0);
+    check(err == cudaSuccess, "nccl wait: {}", cudaGetErrorString(err));
+  }
+
+ private:
+  cudaStream_t waiter_;
+  cudaEvent_t event_ = nullptr;
+};
+
 }  // namespace
 
 NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t stream)
@@ -36,56 +65,77 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
         key, published.size(), sizeof id.internal);
   std::memcpy(id.internal, published.data(), sizeof id.internal);
   nccl_check(ncclCommInitRank(&comm_, world_size_, id, rank_), "init", rank_, world_size_);
+  cuda_check(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking), "stream", rank_,
+             world_size_);
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  // Pending collectives on the stream must finish before the communicator goes.
-  cudaStreamSynchronize(stream_);
+  // Started collectives must finish before the communicator goes.
+  cudaStreamSynchronize(comm_stream_);
   ncclCommDestroy(comm_);
+  cudaStreamDestroy(comm_stream_);
 }
 
-void NcclCommunicator::all_reduce_sum(Tensor x) {
+template <typename Enqueue>
+PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
+  // The inputs are written by the backend's stream: start after what it has queued so far.
+  EventPending inputs_ready(comm_stream_, rank_, world_size_);
+  cuda_check(cudaEventRecord(inputs_ready.event(), stream_), op, rank_, world_size_);
+  inputs_ready.wait();
+  nccl_check(enqueue(), op, rank_, world_size_);
+  auto done = std::make_unique<EventPending>(stream_, rank_, world_size_);
+  cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);
+  return done;
+}
+
+PendingPtr NcclCommunicator::start_all_reduce_sum(Tensor x) {
   check_dtype("all_reduce_sum", x, true);
-  nccl_check(
-      ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x), ncclSum, comm_, stream_),
-      "all_reduce_sum", rank_, world_size_);
+  return start("all_reduce_sum", [&] {
+    return ncclAllReduce(x.data, x.data, size_t(x.numel()), nccl_type(x), ncclSum, comm_,
+                         comm_stream_);
+  });
 }
 
-void NcclCommunicator::all_reduce_mean(Tensor x) {
+PendingPtr NcclCommunicator::start_all_reduce_mean(Tensor x) {
   check_dtype("all_reduce_mean", x, false);
-  nccl_check(ncclAllReduce(x.data, x.data, size_t(x.numel()), ncclFloat32, ncclAvg, comm_, stream_),
-             "all_reduce_mean", rank_, world_size_);
+  return start("all_reduce_mean", [&] {
+    return ncclAllReduce(x.data, x.data, size_t(x.numel()), ncclFloat32, ncclAvg, comm_,
+                         comm_stream_);
+  });
 }
 
-void NcclCommunicator::reduce_scatter_mean(Tensor out, Tensor in) {
+PendingPtr NcclCommunicator::start_reduce_scatter_mean(Tensor out, Tensor in) {
   check_dtype("reduce_scatter_mean", in, false);
   check_sharded("reduce_scatter_mean", in, out, world_size_);
-  nccl_check(ncclReduceScatter(in.data, out.data, size_t(out.numel()), ncclFloat32, ncclAvg, comm_,
-                               stream_),
-             "reduce_scatter_mean", rank_, world_size_);
+  return start("reduce_scatter_mean", [&] {
+    return ncclReduceScatter(in.data, out.data, size_t(out.numel()), ncclFloat32, ncclAvg, comm_,
+                             comm_stream_);
+  });
 }
 
-void NcclCommunicator::all_gather(Tensor out, Tensor in) {
+PendingPtr NcclCommunicator::start_all_gather(Tensor out, Tensor in) {
   check_dtype("all_gather", in, true);
   check_sharded("all_gather", out, in, world_size_);
-  nccl_check(ncclAllGather(in.data, out.data, size_t(in.numel()), nccl_type(in), comm_, stream_),
-             "all_gather", rank_, world_size_);
+  return start("all_gather", [&] {
+    return ncclAllGather(in.data, out.data, size_t(in.numel()), nccl_type(in), comm_, comm_stream_);
+  });
 }
 
-void NcclCommunicator::broadcast(Tensor x, int root) {
+PendingPtr NcclCommunicator::start_broadcast(Tensor x, int root) {
   check_dtype("broadcast", x, true);
   check(root >= 0 && root < world_size_, "broadcast: root {} is not a rank of a world of {}", root,
         world_size_);
-  nccl_check(ncclBroadcast(x.data, x.data, size_t(x.numel()), nccl_type(x), root, comm_, stream_),
-             "broadcast", rank_, world_size_);
+  return start("broadcast", [&] {
+    return ncclBroadcast(x.data, x.data, size_t(x.numel()), nccl_type(x), root, comm_,
+                         comm_stream_);
+  });
 }
 
 void NcclCommunicator::barrier() {
   // Drain this rank's queued work, then meet the others through the store: NCCL has no barrier,
   // and a store barrier needs no device buffer.
-  cudaError_t err = cudaStreamSynchronize(stream_);
-  check(err == cudaSuccess, "nccl barrier (rank {} of {}): {}", rank_, world_size_,
-        cudaGetErrorString(err));
+  cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
+  cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
   store_->barrier("nccl");
 }
 

@@ -1,6 +1,9 @@
 // Collectives on CUDA tensors through NCCL. Compiled only in CUDA builds (CMake adds
 // src/dist/nccl/ to lmtrain_cuda). Rank 0 creates the ncclUniqueId and publishes it in the
 // rendezvous store; every rank reads it and joins the communicator on its LOCAL_RANK's device.
+// Collectives run on a communication stream of their own, ordered after the backend's stream
+// at the point they were started, and wait() orders the backend's stream after them: the two
+// streams overlap in between, and the host never blocks.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,9 +18,8 @@ namespace lmtrain::dist {
 
 class NcclCommunicator final : public Communicator {
  public:
-  // `stream` is the CUDA backend's stream: collectives are enqueued on it, so they order with
-  // the backend's ops without host synchronization. The current device must already be the
-  // rank's device (the backend is created on it).
+  // `stream` is the CUDA backend's stream. The current device must already be the rank's
+  // device (the backend is created on it).
   NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t stream);
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
@@ -26,16 +28,22 @@ class NcclCommunicator final : public Communicator {
   std::string name() const override { return "nccl"; }
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
-  void all_reduce_sum(Tensor x) override;
-  void all_reduce_mean(Tensor x) override;
-  void reduce_scatter_mean(Tensor out, Tensor in) override;
-  void all_gather(Tensor out, Tensor in) override;
-  void broadcast(Tensor x, int root) override;
+  PendingPtr start_all_reduce_sum(Tensor x) override;
+  PendingPtr start_all_reduce_mean(Tensor x) override;
+  PendingPtr start_reduce_scatter_mean(Tensor out, Tensor in) override;
+  PendingPtr start_all_gather(Tensor out, Tensor in) override;
+  PendingPtr start_broadcast(Tensor x, int root) override;
   void barrier() override;
 
  private:
+  // Orders the communication stream after the backend's stream, runs `enqueue` (one NCCL
+  // call on comm_stream_) and returns the Pending that orders the backend's stream after it.
+  template <typename Enqueue>
+  PendingPtr start(const char* op, Enqueue&& enqueue);
+
   std::shared_ptr<TcpStore> store_;
-  cudaStream_t stream_;
+  cudaStream_t stream_;  // the backend's
+  cudaStream_t comm_stream_ = nullptr;
   int rank_ = 0, world_size_ = 1;
   ncclComm_t comm_ = nullptr;
 };
