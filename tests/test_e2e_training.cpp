@@ -79,3 +79,39 @@ TEST_CASE("e2e: a diverging run stops with an error naming the step", "[e2e]") {
          r.err.find("not finite") != std::string::npos));
   CHECK_FALSE(fs::exists(run.ckpt));
 }
+
+// run.recompute_activations changes the memory a run needs, not the run: the same losses step
+// for step, a falling validation loss, and a lower peak.
+TEST_CASE("e2e: recomputed activations train to the same losses in less memory", "[e2e]") {
+  TempDir tmp;
+  const json patch = {{"schedule", {{"num_iterations", 10}}},
+                      {"eval", {{"every", 10}}},
+                      {"optim", {{"lr_reference_batch", 1024}}}};
+  auto train = [&](bool recompute) {
+    const std::string out_dir = tmp / (recompute ? "recomputed" : "kept");
+    const std::string config = write_config(tmp, tiny_config(out_dir, patch));
+    const Result r =
+        run_lmtrain({"train", "--config", config, "--set",
+                     std::string("run.recompute_activations=") + (recompute ? "true" : "false")},
+                    tmp);
+    INFO(r.all());
+    REQUIRE(r.code == 0);
+    return read_metrics(RunPaths(out_dir, "e2e").metrics);
+  };
+  const auto kept = train(false), recomputed = train(true);
+  auto values = [](const std::vector<json>& records, const char* key) {
+    std::vector<double> out;
+    for (const auto& rec : records)
+      if (rec.contains(key)) out.push_back(rec[key].get<double>());
+    return out;
+  };
+  const auto losses = values(recomputed, "train_loss"), val = values(recomputed, "val/loss");
+  REQUIRE(losses.size() == 10);
+  CHECK(losses == values(kept, "train_loss"));
+  REQUIRE(val.size() == 2);  // steps 0 and 10
+  CHECK(val == values(kept, "val/loss"));
+  CHECK(val.back() < val.front() - 0.5);
+  const auto peak = values(recomputed, "peak_memory_bytes");
+  REQUIRE(peak.size() == 1);
+  CHECK(peak[0] < values(kept, "peak_memory_bytes").at(0));
+}

@@ -1,5 +1,6 @@
 // The CPU backend against the PyTorch reference (tests/reference, goldens in tests/golden):
-// logits, loss, every parameter gradient, and the weights after 3 AdamW steps.
+// logits, loss, every parameter gradient (also with the memory options), and the weights after
+// 3 AdamW steps.
 #include <catch2/catch.hpp>
 #include <cmath>
 
@@ -41,12 +42,17 @@ TEST_CASE("gpt forward and backward match the PyTorch reference", "[golden]") {
   Golden g;
   CpuBackend backend;
   const GptShape shape = GptShape::from(g.config.model, g.config.model.vocab_size);
-  Gpt model(backend, shape, g.config.batch.device_batch);
+  // The defaults (one chunk of 32 rows), a loss in chunks of 5 rows, and recomputation.
+  const GptOptions options = GENERATE(GptOptions{}, GptOptions{.loss_chunk_rows = 5},
+                                      GptOptions{.recompute_activations = true});
+  INFO("loss_chunk_rows " << options.loss_chunk_rows << ", recompute_activations "
+                          << options.recompute_activations);
+  Gpt model(backend, shape, g.config.batch.device_batch, options);
   load_params(model, g, "param.");
   const auto tokens = g.ints("tokens"), targets = g.ints("targets");
 
   Gpt::Loss eval = model.forward(tokens, targets, /*need_grad=*/false);
-  auto logits = test_support::download(backend, model.logits());
+  const auto logits = test_support::logits(model);
   const auto want_logits = g.file.read_f32("logits");
   const int V = shape.vocab, Vp = shape.padded_vocab;
   std::vector<float> capped(want_logits.size());

@@ -1,4 +1,5 @@
-// matmul against a naive triple loop, for every transpose combination, batched and accumulating.
+// matmul against a naive triple loop, for every transpose combination, batched and accumulating,
+// and matmul_add with its addend apart from or aliasing out.
 #include "op_check.h"
 
 using namespace lmtrain;
@@ -50,6 +51,29 @@ TEST_CASE("matmul matches a naive loop for all transposes, batched and accumulat
                         want, 1e-5);
         }
   }
+}
+
+TEST_CASE("matmul_add adds a separate addend, or in place, and checks it", "[ops]") {
+  CpuBackend cpu;
+  std::mt19937 rng(4);
+  const int64_t M = 6, N = 4, K = 5;
+  for (bool tb : {false, true}) {
+    std::vector<float> a = randn(M * K, rng), b = randn(K * N, rng), addend = randn(M * N, rng);
+    const std::vector<float> addend_before = addend;
+    std::vector<float> out = randn(M * N, rng);
+    const auto want = naive_matmul(a, b, addend, 1, M, N, K, false, tb, 1.f, 1.f);
+    const Tensor tb_shape = f32(b, tb ? Shape{N, K} : Shape{K, N});
+    cpu.matmul_add(f32(out, {M, N}), f32(a, {M, K}), tb_shape, false, tb, f32(addend, {M, N}));
+    require_close(fmt::format("matmul_add tb {}", tb), out, want, 1e-5);
+    CHECK(addend == addend_before);  // read, not written
+    cpu.matmul_add(f32(addend, {M, N}), f32(a, {M, K}), tb_shape, false, tb, f32(addend, {M, N}));
+    require_close(fmt::format("matmul_add in place tb {}", tb), addend, want, 1e-5);
+  }
+  std::vector<float> a(12), b(12), out(16), wrong(12);
+  CHECK_THROWS_WITH(
+      cpu.matmul_add(f32(out, {4, 4}), f32(a, {4, 3}), f32(b, {3, 4}), false, false,
+                     f32(wrong, {4, 3})),
+      Catch::Matchers::Contains("matmul_add: addend (4, 3) f32 must have out's shape"));
 }
 
 TEST_CASE("matmul rejects shapes that do not multiply", "[ops]") {

@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "model/gpt.h"
 
 namespace lmtrain::test_support {
 
@@ -28,6 +29,17 @@ inline std::vector<float> download(Backend& backend, Tensor t) {
   std::vector<float> host(t.numel());
   backend.download(host.data(), t);
   return host;
+}
+
+// The logits of a model's last forward, (batch * T, padded_vocab), on the host (f32 backends).
+inline std::vector<float> logits(Gpt& model) {
+  Backend& backend = model.backend();
+  const int64_t rows = int64_t(model.batch()) * model.shape().seq_len;
+  const int64_t cols = model.shape().padded_vocab;
+  const Buffer memory = backend.allocate(size_t(rows * cols) * sizeof(float));
+  const Tensor out = memory.tensor({rows, cols}, DType::f32);
+  model.logits(out);
+  return download(backend, out);
 }
 
 // max |a - b| / max |b|: the error relative to the tensor's scale, so that elements near zero

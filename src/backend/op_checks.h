@@ -21,6 +21,13 @@ inline void check_rope_args(const char* op, Tensor x, Tensor cos, Tensor sin, in
         cos.dim(0));
 }
 
+// matmul_add's addend stands in for out: the same shape and dtype.
+inline void check_matmul_addend(Tensor out, Tensor addend) {
+  check(addend.shape == out.shape && addend.dtype == out.dtype,
+        "matmul_add: addend {} {} must have out's shape and dtype, {} {}", addend.shape.str(),
+        dtype_name(addend.dtype), out.shape.str(), dtype_name(out.dtype));
+}
+
 // The per-layer residual scalars: 1-D f32 vectors of length n_layer, and a layer inside them.
 inline void check_layer_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
   check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&

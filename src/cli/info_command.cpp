@@ -13,6 +13,22 @@ struct InfoOptions {
   bool keys = false;
 };
 
+// What the model's activations take on a GPU (in run.dtype; the CPU computes in fp32), both
+// ways of run.recompute_activations: what decides the device batch that fits.
+void print_activation_memory(const Config& config, const GptShape& shape) {
+  const DType dtype = config.run.dtype == "bf16" ? DType::bf16 : DType::f32;
+  const int batch = config.batch.device_batch;
+  auto gib = [&](bool recompute) {
+    return double(
+               Gpt::activation_bytes(shape, batch, dtype, {.recompute_activations = recompute})) /
+           1073741824.0;
+  };
+  fmt::print(
+      "activations per rank at batch.device_batch {} in {}: {:.2f} GiB kept, {:.2f} GiB "
+      "recomputed (run.recompute_activations: {})\n",
+      batch, config.run.dtype, gib(false), gib(true), config.run.recompute_activations);
+}
+
 int run_info(const InfoOptions& o) {
   if (o.keys) {
     fmt::print("{}", config_reference());
@@ -47,7 +63,9 @@ int run_info(const InfoOptions& o) {
     windows +=
         fmt::format("{}{}{}", i ? " " : "", shape.windows[i], shape.value_embed[i] ? "+ve" : "");
   }
-  fmt::print("windows per layer (+ve: value embedding): {}\n\n", windows);
+  fmt::print("windows per layer (+ve: value embedding): {}\n", windows);
+  print_activation_memory(config, shape);
+  fmt::print("\n");
   fmt::print("{}",
              make_plan(config, shape, 1, o.config_path, /*require_horizon=*/false).describe());
   return 0;

@@ -85,8 +85,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
     b.rmsnorm_forward(xn, rstd, x_mix);
     b.matmul(hidden, xn, w(i, "mlp.c_fc.weight"), false, true, false);
     b.relu2_forward(hidden, hidden);
-    b.copy(x, x_mix);
-    b.matmul(x, hidden, w(i, "mlp.c_proj.weight"), false, true, true);
+    b.matmul_add(x, hidden, w(i, "mlp.c_proj.weight"), false, true, x_mix);
   }
   Tensor last = x.slice((n - 1) * C, C).view({1, C});
   Tensor last_normed = xn.slice(0, C).view({1, C});

@@ -1,17 +1,99 @@
 #include "model/gpt.h"
 
+#include <algorithm>
 #include <cmath>
 
-#include "backend/tensor_plan.h"
 #include "core/rng.h"
 
 namespace lmtrain {
 
-Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
-    : backend_(backend), shape_(shape), table_(shape), batch_(batch) {
-  check(batch >= 1, "model: batch must be >= 1, got {}", batch);
+namespace {
+
+// Rows [begin, begin + n) of a tensor viewed as (rows, last dimension).
+Tensor rows(Tensor t, int64_t begin, int64_t n) {
+  const int64_t width = t.shape[-1];
+  return t.slice(begin * width, n * width).view({n, width});
+}
+
+// Rows per chunk of the fused lm_head and loss: the option, or what fits in kLossChunkBytes.
+int64_t loss_chunk_rows(const GptShape& shape, int64_t N, DType act, const GptOptions& options) {
+  check(options.loss_chunk_rows >= 0, "model: loss_chunk_rows must be >= 0, got {}",
+        options.loss_chunk_rows);
+  if (options.loss_chunk_rows > 0) return std::min(options.loss_chunk_rows, N);
+  // Whole multiples of 128 rows keep the matmul tiles full.
+  const int64_t fit =
+      int64_t(Gpt::kLossChunkBytes / (size_t(shape.padded_vocab) * dtype_size(act)));
+  return std::min(N, std::max<int64_t>(128, fit / 128 * 128));
+}
+
+}  // namespace
+
+TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act,
+                     const GptOptions& options) {
   const int64_t N = int64_t(batch) * shape.seq_len, C = shape.width, T = shape.seq_len;
   const int64_t H = shape.n_head, Hkv = shape.n_kv_head, D = shape.head_dim;
+  const DType f32 = DType::f32;
+  TensorPlan plan;
+  plan.add(a.tokens, {N}, DType::i32);
+  plan.add(a.targets, {N}, DType::i32);
+  plan.add(a.emb, {N, C}, act);
+  plan.add(a.rstd_emb, {N}, f32);
+  plan.add(a.x0, {N, C}, act);
+  plan.add(a.xf, {N, C}, act);
+  plan.add(a.rstd_f, {N}, f32);
+  plan.add(a.logits, {loss_chunk_rows(shape, N, act, options), shape.padded_vocab}, act);
+  plan.add(a.losses, {N}, f32);
+  plan.add(a.rope_cos, {T, D / 2}, f32);
+  plan.add(a.rope_sin, {T, D / 2}, f32);
+  const bool shared = options.recompute_activations;
+  a.blocks.resize(shared ? 1 : shape.depth);
+  for (size_t i = 0; i < a.blocks.size(); ++i) {
+    BlockActs& set = a.blocks[i];
+    plan.add(set.x_mix, {N, C}, act);
+    plan.add(set.xn1, {N, C}, act);
+    plan.add(set.rstd1, {N}, f32);
+    plan.add(set.q_raw, {batch, T, H, D}, act);
+    plan.add(set.rstd_q, {N * H}, f32);
+    plan.add(set.q, {batch, T, H, D}, act);
+    plan.add(set.k_raw, {batch, T, Hkv, D}, act);
+    plan.add(set.rstd_k, {N * Hkv}, f32);
+    plan.add(set.k, {batch, T, Hkv, D}, act);
+    plan.add(set.v, {batch, T, Hkv, D}, act);
+    const auto& ve = shape.value_embed;
+    if (shared ? std::ranges::find(ve, true) != ve.end() : bool(ve[i])) {
+      plan.add(set.ve, {N, Hkv * D}, act);
+      plan.add(set.gate, {N, Hkv}, f32);
+    }
+    plan.add(set.y, {batch, T, H, D}, act);
+    plan.add(set.lse, {batch, H, T}, f32);
+    plan.add(set.x_mid, {N, C}, act);
+    plan.add(set.xn2, {N, C}, act);
+    plan.add(set.rstd2, {N}, f32);
+    plan.add(set.fc, {N, 4 * C}, act);
+    plan.add(set.act, {N, 4 * C}, act);
+  }
+  a.block_out.resize(shape.depth);
+  for (Tensor& out : a.block_out) plan.add(out, {N, C}, act);
+  for (Tensor* t : {&a.dx, &a.dx0, &a.dxf, &a.dxmid, &a.dxn}) plan.add(*t, {N, C}, act);
+  plan.add(a.dhidden, {N, 4 * C}, act);
+  plan.add(a.dy, {batch, T, H, D}, act);
+  plan.add(a.dq, {batch, T, H, D}, act);
+  plan.add(a.dk, {batch, T, Hkv, D}, act);
+  plan.add(a.dv, {batch, T, Hkv, D}, act);
+  plan.add(a.dve, {N, Hkv * D}, act);
+  return plan;
+}
+
+size_t Gpt::activation_bytes(const GptShape& shape, int batch, DType dtype,
+                             const GptOptions& options) {
+  Activations a;
+  return plan(a, shape, batch, dtype, options).bytes();
+}
+
+Gpt::Gpt(Backend& backend, const GptShape& shape, int batch, const GptOptions& options)
+    : backend_(backend), shape_(shape), table_(shape), batch_(batch), options_(options) {
+  check(batch >= 1, "model: batch must be >= 1, got {}", batch);
+  const int64_t T = shape.seq_len, D = shape.head_dim;
   const DType act = backend.activation_dtype(), f32 = DType::f32;
 
   param_memory_ = backend.allocate(table_.total * sizeof(float));
@@ -25,64 +107,9 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
     weights_ = weight_memory_.tensor({int64_t(table_.total)}, act);
   }
 
-  TensorPlan plan;
-  plan.add(tokens_, {N}, DType::i32);
-  plan.add(targets_, {N}, DType::i32);
-  plan.add(emb_, {N, C}, act);
-  plan.add(rstd_emb_, {N}, f32);
-  plan.add(x0_, {N, C}, act);
-  plan.add(xf_, {N, C}, act);
-  plan.add(rstd_f_, {N}, f32);
-  plan.add(logits_, {N, shape.padded_vocab}, act);
-  plan.add(losses_, {N}, f32);
-  plan.add(rope_cos_, {T, D / 2}, f32);
-  plan.add(rope_sin_, {T, D / 2}, f32);
-  layers_.resize(shape.depth);
-  for (int i = 0; i < shape.depth; ++i) {
-    LayerActs& a = layers_[i];
-    plan.add(a.x_mix, {N, C}, act);
-    plan.add(a.xn1, {N, C}, act);
-    plan.add(a.rstd1, {N}, f32);
-    plan.add(a.q_raw, {batch, T, H, D}, act);
-    plan.add(a.rstd_q, {N * H}, f32);
-    plan.add(a.q, {batch, T, H, D}, act);
-    plan.add(a.k_raw, {batch, T, Hkv, D}, act);
-    plan.add(a.rstd_k, {N * Hkv}, f32);
-    plan.add(a.k, {batch, T, Hkv, D}, act);
-    plan.add(a.v, {batch, T, Hkv, D}, act);
-    if (shape.value_embed[i]) {
-      plan.add(a.ve, {N, Hkv * D}, act);
-      plan.add(a.gate, {N, Hkv}, f32);
-    }
-    plan.add(a.y, {batch, T, H, D}, act);
-    plan.add(a.lse, {batch, H, T}, f32);
-    plan.add(a.x_mid, {N, C}, act);
-    plan.add(a.xn2, {N, C}, act);
-    plan.add(a.rstd2, {N}, f32);
-    plan.add(a.fc, {N, 4 * C}, act);
-    plan.add(a.act, {N, 4 * C}, act);
-    plan.add(a.x_out, {N, C}, act);
-  }
-  plan.add(dx_, {N, C}, act);
-  plan.add(dx0_, {N, C}, act);
-  plan.add(dtmp_, {N, C}, act);
-  plan.add(dxmid_, {N, C}, act);
-  plan.add(dxn_, {N, C}, act);
-  plan.add(dhidden_, {N, 4 * C}, act);
-  plan.add(dy_, {batch, T, H, D}, act);
-  plan.add(dq_, {batch, T, H, D}, act);
-  plan.add(dk_, {batch, T, Hkv, D}, act);
-  plan.add(dv_, {batch, T, Hkv, D}, act);
-  plan.add(dve_, {N, Hkv * D}, act);
-  // Say what does not fit before trying: the activations scale with the batch.
-  const size_t free = backend.free_bytes();
-  check(plan.bytes() <= free,
-        "out of memory: batch.device_batch {} x sequence_len {} needs {:.2f} GiB of activations, "
-        "the {} device has {:.2f} GiB free after {:.2f} GiB of parameters, gradients and weights; "
-        "lower batch.device_batch (gradient accumulation keeps the global batch)",
-        batch, shape.seq_len, plan.bytes() / 1073741824.0, backend.name(), free / 1073741824.0,
-        backend.bytes_in_use() / 1073741824.0);
-  act_memory_ = plan.allocate(backend);
+  const TensorPlan planned = plan(acts_, shape, batch, act, options);
+  check_fits(planned.bytes());
+  act_memory_ = planned.allocate(backend);
 
   // RoPE tables in fp32: inv_freq = base^(-2i/D), angle = t * inv_freq.
   std::vector<float> cos_table(T * (D / 2)), sin_table(T * (D / 2));
@@ -94,9 +121,32 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch)
       sin_table[t * (D / 2) + i] = std::sin(angle);
     }
   }
-  backend.upload(rope_cos_, cos_table.data());
-  backend.upload(rope_sin_, sin_table.data());
-  host_tokens_.resize(N);
+  backend.upload(acts_.rope_cos, cos_table.data());
+  backend.upload(acts_.rope_sin, sin_table.data());
+}
+
+// Says what does not fit before trying: the activations scale with the batch.
+void Gpt::check_fits(size_t bytes) const {
+  const size_t free = backend_.free_bytes();
+  if (bytes <= free) return;
+  constexpr double GiB = 1073741824.0;
+  std::string remedy = "lower batch.device_batch (gradient accumulation keeps the global batch)";
+  if (!options_.recompute_activations) {
+    GptOptions recompute = options_;
+    recompute.recompute_activations = true;
+    const size_t recomputed =
+        activation_bytes(shape_, batch_, backend_.activation_dtype(), recompute);
+    remedy += fmt::format(
+        " or set run.recompute_activations=true ({:.2f} GiB: one block's activations, "
+        "recomputed in the backward)",
+        recomputed / GiB);
+  }
+  fail(
+      "out of memory: batch.device_batch {} x sequence_len {} needs {:.2f} GiB of activations, "
+      "the {} device has {:.2f} GiB free after {:.2f} GiB of parameters, gradients and weights; "
+      "{}",
+      batch_, shape_.seq_len, bytes / GiB, backend_.name(), free / GiB,
+      backend_.bytes_in_use() / GiB, remedy);
 }
 
 Tensor Gpt::w(int layer, const char* suffix) const {
@@ -140,13 +190,11 @@ void Gpt::init_weights(uint64_t seed) {
   refresh_weights();
 }
 
-Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t> targets,
-                       bool need_grad, float loss_scale) {
-  const int64_t N = tokens_.numel();
+Gpt::Loss Gpt::upload_batch(std::span<const int32_t> tokens, std::span<const int32_t> targets) {
+  const int64_t N = acts_.tokens.numel();
   check(int64_t(tokens.size()) == N && int64_t(targets.size()) == N,
         "model: expected {} tokens and targets (batch {} x T {}), got {} and {}", N, batch_,
         shape_.seq_len, tokens.size(), targets.size());
-  Backend& b = backend_;
   const int vocab = shape_.vocab;
   Loss loss;
   for (size_t i = 0; i < tokens.size(); ++i) {
@@ -156,112 +204,147 @@ Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t>
           "model: target id {} outside the vocabulary of {}", targets[i], vocab);
     loss.count += targets[i] != -1;
   }
-  b.upload(tokens_, tokens.data());
-  b.upload(targets_, targets.data());
-  host_tokens_.assign(tokens.begin(), tokens.end());
+  backend_.upload(acts_.tokens, tokens.data());
+  backend_.upload(acts_.targets, targets.data());
+  return loss;
+}
 
-  const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
-  b.embedding_forward(emb_, weight("transformer.wte.weight"), tokens_);
-  b.rmsnorm_forward(x0_, rstd_emb_, emb_);
-  Tensor x = x0_;
-  for (int i = 0; i < shape_.depth; ++i) {
-    LayerActs& a = layers_[i];
-    a.x_in = x;
-    b.residual_mix_forward(a.x_mix, x, x0_, resid, x0l, i);
-    b.rmsnorm_forward(a.xn1, a.rstd1, a.x_mix);
-    // Attention: project, rotate, normalise q and k per head, gate in value embeddings.
-    b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
-    b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true,
-             false);
-    b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
-    if (shape_.value_embed[i]) {
-      b.embedding_forward(a.ve, weight("value_embeds." + std::to_string(i) + ".weight"), tokens_);
-      b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1,
-                           w(i, "attn.ve_gate.weight"), a.ve);
-    }
-    b.rope_forward(a.q_raw, rope_cos_, rope_sin_, 0);
-    b.rope_forward(a.k_raw, rope_cos_, rope_sin_, 0);
-    b.rmsnorm_forward(a.q, a.rstd_q, a.q_raw);
-    b.rmsnorm_forward(a.k, a.rstd_k, a.k_raw);
-    b.attention_forward(a.y, a.lse, a.q, a.k, a.v, shape_.windows[i], 0);
-    b.copy(a.x_mid, a.x_mix);
-    b.matmul(a.x_mid, a.y.view({N, shape_.q_dim()}), w(i, "attn.c_proj.weight"), false, true, true);
-    // MLP with ReLU squared.
-    b.rmsnorm_forward(a.xn2, a.rstd2, a.x_mid);
-    b.matmul(a.fc, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
-    b.relu2_forward(a.act, a.fc);
-    b.copy(a.x_out, a.x_mid);
-    b.matmul(a.x_out, a.act, w(i, "mlp.c_proj.weight"), false, true, true);
-    x = a.x_out;
-  }
-  b.rmsnorm_forward(xf_, rstd_f_, x);
-  b.matmul(logits_, xf_, weight("lm_head.weight"), false, true, false);
-  float grad_scale = need_grad && loss.count > 0 ? loss_scale / float(loss.count) : 0.f;
-  b.softcap_cross_entropy(logits_, losses_, targets_, vocab, float(shape_.softcap), grad_scale);
+Gpt::Loss Gpt::forward(std::span<const int32_t> tokens, std::span<const int32_t> targets,
+                       bool need_grad, float loss_scale) {
+  Backend& b = backend_;
+  Loss loss = upload_batch(tokens, targets);
+  b.embedding_forward(acts_.emb, weight("transformer.wte.weight"), acts_.tokens);
+  b.rmsnorm_forward(acts_.x0, acts_.rstd_emb, acts_.emb);
+  for (int i = 0; i < shape_.depth; ++i) forward_block(i, /*with_output=*/true);
+  b.rmsnorm_forward(acts_.xf, acts_.rstd_f, acts_.block_out.back());
+  head_and_loss(need_grad, need_grad && loss.count > 0 ? loss_scale / float(loss.count) : 0.f);
 
-  std::vector<float> host_losses(N);
-  b.download(host_losses.data(), losses_);
+  std::vector<float> host_losses(acts_.losses.numel());
+  b.download(host_losses.data(), acts_.losses);
   for (float l : host_losses) loss.sum += l;
   return loss;
 }
 
+// Block i from block_in(i) into block(i). backward() recomputes a block without its output
+// (the MLP's output projection), which the forward kept.
+void Gpt::forward_block(int i, bool with_output) {
+  Backend& b = backend_;
+  const int64_t N = acts_.tokens.numel();
+  const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
+  BlockActs& a = block(i);
+  b.residual_mix_forward(a.x_mix, block_in(i), acts_.x0, resid, x0l, i);
+  b.rmsnorm_forward(a.xn1, a.rstd1, a.x_mix);
+  // Attention: project, rotate, normalise q and k per head, gate in value embeddings.
+  b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
+  b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
+  b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
+  if (shape_.value_embed[i]) {
+    b.embedding_forward(a.ve, weight("value_embeds." + std::to_string(i) + ".weight"),
+                        acts_.tokens);
+    b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
+                         a.ve);
+  }
+  b.rope_forward(a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
+  b.rope_forward(a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
+  b.rmsnorm_forward(a.q, a.rstd_q, a.q_raw);
+  b.rmsnorm_forward(a.k, a.rstd_k, a.k_raw);
+  b.attention_forward(a.y, a.lse, a.q, a.k, a.v, shape_.windows[i], 0);
+  b.matmul_add(a.x_mid, a.y.view({N, shape_.q_dim()}), w(i, "attn.c_proj.weight"), false, true,
+               a.x_mix);
+  // MLP with ReLU squared.
+  b.rmsnorm_forward(a.xn2, a.rstd2, a.x_mid);
+  b.matmul(a.fc, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
+  b.relu2_forward(a.act, a.fc);
+  if (!with_output) return;
+  b.matmul_add(acts_.block_out[i], a.act, w(i, "mlp.c_proj.weight"), false, true, a.x_mid);
+}
+
+// The lm_head and the softcapped cross-entropy, a chunk of rows at a time. With a gradient, a
+// chunk's logits turn into dlogits in place and go through the lm_head's backward at once:
+// d(lm_head) += dlogits^T xf, d(xf) = dlogits lm_head.
+void Gpt::head_and_loss(bool need_grad, float grad_scale) {
+  Backend& b = backend_;
+  const int64_t N = acts_.tokens.numel(), chunk = acts_.logits.dim(0);
+  const Tensor head = weight("lm_head.weight"), dhead = grad(table_.find("lm_head.weight"));
+  for (int64_t r = 0; r < N; r += chunk) {
+    const int64_t n = std::min(chunk, N - r);
+    const Tensor logits = rows(acts_.logits, 0, n), xf = rows(acts_.xf, r, n);
+    b.matmul(logits, xf, head, false, true, false);
+    b.softcap_cross_entropy(logits, acts_.losses.slice(r, n), acts_.targets.slice(r, n),
+                            shape_.vocab, float(shape_.softcap), grad_scale);
+    if (grad_scale == 0.f) continue;
+    b.matmul(dhead, logits, xf, true, false, true);
+    b.matmul(rows(acts_.dxf, r, n), logits, head, false, false, false);
+  }
+  if (need_grad && grad_scale == 0.f) b.fill(acts_.dxf, 0.f);  // no counted target: no gradient
+}
+
+void Gpt::logits(Tensor out) {
+  backend_.matmul(out, acts_.xf, weight("lm_head.weight"), false, true, false);
+}
+
 void Gpt::backward(const GradsReady& ready) {
   Backend& b = backend_;
-  const int64_t N = tokens_.numel();
-  const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
-  const Tensor dresid = grad(table_.find("resid_lambdas")), dx0l = grad(table_.find("x0_lambdas"));
-
-  // logits_ holds dlogits after the fused softcapped cross-entropy.
-  b.matmul(grad(table_.find("lm_head.weight")), logits_, xf_, true, false, true);
-  b.matmul(dtmp_, logits_, weight("lm_head.weight"), false, false, false);
-  b.rmsnorm_backward(dx_, dtmp_, layers_.back().x_out, rstd_f_);
-  b.fill(dx0_, 0.f);
-
+  b.rmsnorm_backward(acts_.dx, acts_.dxf, acts_.block_out.back(), acts_.rstd_f);
+  b.fill(acts_.dx0, 0.f);
   for (int i = shape_.depth - 1; i >= 0; --i) {
-    LayerActs& a = layers_[i];
-    // MLP: x_out = x_mid + act @ Wproj^T, act = relu2(norm(x_mid) @ Wfc^T). dx_ is d(x_out),
-    // which is also the gradient of the MLP branch.
-    b.matmul(dw(i, "mlp.c_proj.weight"), dx_, a.act, true, false, true);
-    b.matmul(dhidden_, dx_, w(i, "mlp.c_proj.weight"), false, false, false);
-    b.relu2_backward(dhidden_, dhidden_, a.fc);
-    b.matmul(dw(i, "mlp.c_fc.weight"), dhidden_, a.xn2, true, false, true);
-    b.matmul(dxn_, dhidden_, w(i, "mlp.c_fc.weight"), false, false, false);
-    b.rmsnorm_backward(dxmid_, dxn_, a.x_mid, a.rstd2);
-    b.add(dxmid_, dx_);
-    // Attention output projection.
-    b.matmul(dw(i, "attn.c_proj.weight"), dxmid_, a.y.view({N, shape_.q_dim()}), true, false, true);
-    b.matmul(dy_.view({N, shape_.q_dim()}), dxmid_, w(i, "attn.c_proj.weight"), false, false,
-             false);
-    b.attention_backward(dq_, dk_, dv_, dy_, a.q, a.k, a.v, a.y, a.lse, shape_.windows[i]);
-    b.rmsnorm_backward(dq_, dq_, a.q_raw, a.rstd_q);
-    b.rmsnorm_backward(dk_, dk_, a.k_raw, a.rstd_k);
-    b.rope_backward(dq_, rope_cos_, rope_sin_, 0);
-    b.rope_backward(dk_, rope_cos_, rope_sin_, 0);
-    const Tensor dq2 = dq_.view({N, shape_.q_dim()}), dk2 = dk_.view({N, shape_.kv_dim()});
-    const Tensor dv2 = dv_.view({N, shape_.kv_dim()});
-    b.matmul(dw(i, "attn.c_q.weight"), dq2, a.xn1, true, false, true);
-    b.matmul(dw(i, "attn.c_k.weight"), dk2, a.xn1, true, false, true);
-    b.matmul(dw(i, "attn.c_v.weight"), dv2, a.xn1, true, false, true);
-    b.matmul(dxn_, dq2, w(i, "attn.c_q.weight"), false, false, false);
-    b.matmul(dxn_, dk2, w(i, "attn.c_k.weight"), false, false, true);
-    b.matmul(dxn_, dv2, w(i, "attn.c_v.weight"), false, false, true);
-    if (shape_.value_embed[i]) {
-      b.value_gate_backward(dxn_, dw(i, "attn.ve_gate.weight"), dve_, dv2, a.xn1,
-                            w(i, "attn.ve_gate.weight"), a.ve, a.gate);
-      b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), dve_,
-                           tokens_);
-    }
-    b.rmsnorm_backward(dx_, dxn_, a.x_mix, a.rstd1);
-    b.add(dx_, dxmid_);
-    // Residual mix: dx_ now holds d(x_mix); turn it into d(x_in), accumulating into dx0.
-    b.residual_mix_backward(dx_, dx0_, dresid, dx0l, dx_, a.x_in, x0_, resid, x0l, i);
+    // The shared set still holds the last block's activations from the forward.
+    if (options_.recompute_activations && i < shape_.depth - 1) forward_block(i, false);
+    backward_block(i);
     if (ready) ready(i);
   }
-  // x0 = norm(wte[tokens]), and layer 0's x_in is x0 as well.
-  b.add(dx_, dx0_);
-  b.rmsnorm_backward(dtmp_, dx_, emb_, rstd_emb_);
-  b.embedding_backward(grad(table_.find("transformer.wte.weight")), dtmp_, tokens_);
+  // x0 = norm(wte[tokens]), and block 0's input is x0 as well.
+  b.add(acts_.dx, acts_.dx0);
+  b.rmsnorm_backward(acts_.dx, acts_.dx, acts_.emb, acts_.rstd_emb);
+  b.embedding_backward(grad(table_.find("transformer.wte.weight")), acts_.dx, acts_.tokens);
   if (ready) ready(-1);
+}
+
+// Block i's backward: acts_.dx holds d(block output) on entry and d(block input) on exit;
+// d(x0) accumulates into acts_.dx0.
+void Gpt::backward_block(int i) {
+  Backend& b = backend_;
+  const int64_t N = acts_.tokens.numel();
+  const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
+  const Tensor dresid = grad(table_.find("resid_lambdas")), dx0l = grad(table_.find("x0_lambdas"));
+  const BlockActs& a = block(i);
+  Activations& d = acts_;  // the activation gradients live beside the activations
+  // MLP: x_out = x_mid + act @ Wproj^T, act = relu2(norm(x_mid) @ Wfc^T). dx is d(x_out), which
+  // is also the gradient of the MLP branch.
+  b.matmul(dw(i, "mlp.c_proj.weight"), d.dx, a.act, true, false, true);
+  b.matmul(d.dhidden, d.dx, w(i, "mlp.c_proj.weight"), false, false, false);
+  b.relu2_backward(d.dhidden, d.dhidden, a.fc);
+  b.matmul(dw(i, "mlp.c_fc.weight"), d.dhidden, a.xn2, true, false, true);
+  b.matmul(d.dxn, d.dhidden, w(i, "mlp.c_fc.weight"), false, false, false);
+  b.rmsnorm_backward(d.dxmid, d.dxn, a.x_mid, a.rstd2);
+  b.add(d.dxmid, d.dx);
+  // Attention output projection.
+  b.matmul(dw(i, "attn.c_proj.weight"), d.dxmid, a.y.view({N, shape_.q_dim()}), true, false, true);
+  b.matmul(d.dy.view({N, shape_.q_dim()}), d.dxmid, w(i, "attn.c_proj.weight"), false, false,
+           false);
+  b.attention_backward(d.dq, d.dk, d.dv, d.dy, a.q, a.k, a.v, a.y, a.lse, shape_.windows[i]);
+  b.rmsnorm_backward(d.dq, d.dq, a.q_raw, a.rstd_q);
+  b.rmsnorm_backward(d.dk, d.dk, a.k_raw, a.rstd_k);
+  b.rope_backward(d.dq, d.rope_cos, d.rope_sin, 0);
+  b.rope_backward(d.dk, d.rope_cos, d.rope_sin, 0);
+  const Tensor dq2 = d.dq.view({N, shape_.q_dim()}), dk2 = d.dk.view({N, shape_.kv_dim()});
+  const Tensor dv2 = d.dv.view({N, shape_.kv_dim()});
+  b.matmul(dw(i, "attn.c_q.weight"), dq2, a.xn1, true, false, true);
+  b.matmul(dw(i, "attn.c_k.weight"), dk2, a.xn1, true, false, true);
+  b.matmul(dw(i, "attn.c_v.weight"), dv2, a.xn1, true, false, true);
+  b.matmul(d.dxn, dq2, w(i, "attn.c_q.weight"), false, false, false);
+  b.matmul(d.dxn, dk2, w(i, "attn.c_k.weight"), false, false, true);
+  b.matmul(d.dxn, dv2, w(i, "attn.c_v.weight"), false, false, true);
+  if (shape_.value_embed[i]) {
+    b.value_gate_backward(d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1,
+                          w(i, "attn.ve_gate.weight"), a.ve, a.gate);
+    b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), d.dve,
+                         d.tokens);
+  }
+  b.rmsnorm_backward(d.dx, d.dxn, a.x_mix, a.rstd1);
+  b.add(d.dx, d.dxmid);
+  // Residual mix: dx now holds d(x_mix); turn it into d(x_in), accumulating into dx0.
+  b.residual_mix_backward(d.dx, d.dx0, dresid, dx0l, d.dx, block_in(i), d.x0, resid, x0l, i);
 }
 
 }  // namespace lmtrain

@@ -7,13 +7,34 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/tensor_plan.h"
 #include "model/gpt_shape.h"
 
 namespace lmtrain {
 
+// Memory options; the defaults suit inference and plain training.
+struct GptOptions {
+  // Keep only each block's output through the forward pass and recompute the block's other
+  // activations just before its backward: one block's activations in memory instead of depth
+  // blocks', for a second forward pass of all blocks but the last (without the MLP output
+  // projection, whose result was kept).
+  bool recompute_activations = false;
+  // Rows of the (rows, padded_vocab) logits that the fused lm_head and loss hold at once
+  // (0: as many as fit in kLossChunkBytes).
+  int64_t loss_chunk_rows = 0;
+};
+
 class Gpt {
  public:
-  Gpt(Backend& backend, const GptShape& shape, int batch);
+  // Target size of one chunk of logits: small next to the activations, large enough that the
+  // lm_head matmuls of a chunk still fill the device.
+  static constexpr size_t kLossChunkBytes = size_t(256) << 20;
+
+  Gpt(Backend& backend, const GptShape& shape, int batch, const GptOptions& options = {});
+  // Bytes of the activations planned for `batch` sequences in `dtype` (what the constructor
+  // allocates beside parameters, gradients and weight copies).
+  static size_t activation_bytes(const GptShape& shape, int batch, DType dtype,
+                                 const GptOptions& options = {});
 
   const GptShape& shape() const { return shape_; }
   const ParamTable& table() const { return table_; }
@@ -36,15 +57,20 @@ class Gpt {
   void zero_grads() { backend_.fill(grads_, 0.f); }
 
   // Runs the forward pass on (batch, T) tokens and targets (-1: ignored) and returns the summed
-  // loss and the number of counted targets. With need_grad, also prepares the loss gradient for
-  // backward(): d(loss_scale * mean loss), the mean over this micro-batch's counted targets.
+  // loss and the number of counted targets. The lm_head and the loss run fused, a chunk of rows
+  // at a time, so the full (batch * T, padded_vocab) logits never exist. With need_grad, each
+  // chunk's loss gradient d(loss_scale * mean loss) (the mean over this micro-batch's counted
+  // targets) goes straight through the lm_head: lm_head's gradient is accumulated into grads()
+  // and complete when forward() returns, and the gradient of the final hidden states is kept
+  // for backward().
   struct Loss {
     double sum = 0;
     int64_t count = 0;
   };
   Loss forward(std::span<const int32_t> tokens, std::span<const int32_t> targets, bool need_grad,
                float loss_scale = 1.f);
-  // Accumulates parameter gradients of the last forward(need_grad = true) into grads().
+  // Accumulates the remaining parameter gradients of the last forward(need_grad = true) into
+  // grads(); with recompute_activations, recomputes each block's activations before its backward.
   // `ready`, when given, is called as gradients become final so that their reduction across
   // ranks can start while the rest of the backward runs: ready(i) once block i's gradients
   // (its matrices, value embedding and gate) and everything above it (lm_head) are complete,
@@ -52,39 +78,55 @@ class Gpt {
   using GradsReady = std::function<void(int layer)>;
   void backward(const GradsReady& ready = {});
   // Per-token losses of the last forward, (batch * T) f32 on the device.
-  Tensor token_losses() const { return losses_; }
-  // Logits of the last forward, (batch * T, padded_vocab); overwritten by their gradient when
-  // the forward ran with need_grad.
-  Tensor logits() const { return logits_; }
+  Tensor token_losses() const { return acts_.losses; }
+  // Computes the logits of the last forward again into `out` (batch * T, padded_vocab), in the
+  // activation dtype: forward() keeps only a chunk of them at a time.
+  void logits(Tensor out);
 
   // RoPE tables (T_max, head_dim/2), shared with inference.
-  Tensor rope_cos() const { return rope_cos_; }
-  Tensor rope_sin() const { return rope_sin_; }
+  Tensor rope_cos() const { return acts_.rope_cos; }
+  Tensor rope_sin() const { return acts_.rope_sin; }
 
  private:
-  struct LayerActs {
-    Tensor x_in, x_mix, xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
-    Tensor x_mid, xn2, rstd2, fc, act, x_out;
+  // What backward() reads of one block besides its input.
+  struct BlockActs {
+    Tensor x_mix, xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
+    Tensor x_mid, xn2, rstd2, fc, act;
   };
+  // Every tensor of a micro-batch, planned into one allocation by plan().
+  struct Activations {
+    Tensor tokens, targets, emb, rstd_emb, x0, xf, rstd_f, losses, rope_cos, rope_sin;
+    Tensor logits;                  // one chunk of rows
+    std::vector<BlockActs> blocks;  // one set per block, or one shared set with recompute
+    std::vector<Tensor> block_out;  // each block's output: the next block's input
+    // Backward scratch; dxf carries d(xf) from forward() to backward().
+    Tensor dx, dx0, dxf, dxmid, dxn, dhidden, dy, dq, dk, dv, dve;
+  };
+  static TensorPlan plan(Activations& a, const GptShape& shape, int batch, DType act,
+                         const GptOptions& options);
   static Tensor at(Tensor flat, const ParamSpec& spec) {
     return flat.slice(spec.offset, spec.shape.numel()).view(spec.shape);
   }
   Tensor w(int layer, const char* suffix) const;
   Tensor dw(int layer, const char* suffix) const;
+  BlockActs& block(int i) { return acts_.blocks[options_.recompute_activations ? 0 : i]; }
+  Tensor block_in(int i) const { return i == 0 ? acts_.x0 : acts_.block_out[i - 1]; }
+
+  void check_fits(size_t activation_bytes) const;
+  Loss upload_batch(std::span<const int32_t> tokens, std::span<const int32_t> targets);
+  void forward_block(int i, bool with_output);
+  void head_and_loss(bool need_grad, float grad_scale);
+  void backward_block(int i);
 
   Backend& backend_;
   GptShape shape_;
   ParamTable table_;
   int batch_;
+  GptOptions options_;
 
   Buffer param_memory_, grad_memory_, weight_memory_, act_memory_;
   Tensor params_, grads_, weights_;
-  Tensor tokens_, targets_, emb_, rstd_emb_, x0_, xf_, rstd_f_, logits_, losses_;
-  Tensor rope_cos_, rope_sin_;
-  std::vector<LayerActs> layers_;
-  // Backward scratch.
-  Tensor dx_, dx0_, dtmp_, dxmid_, dxn_, dhidden_, dy_, dq_, dk_, dv_, dve_;
-  std::vector<int32_t> host_tokens_;
+  Activations acts_;
 };
 
 }  // namespace lmtrain

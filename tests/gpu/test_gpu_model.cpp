@@ -1,5 +1,6 @@
 // The whole GPT on the GPU against the CPU reference: the forward loss, logits and every
-// parameter gradient on the PyTorch golden model (tests/golden/gpt_tiny.*), then 10 training
+// parameter gradient on the PyTorch golden model (tests/golden/gpt_tiny.*), the same with the
+// loss in chunks and recomputed activations (bit-identical to kept ones), then 10 training
 // steps under each optimizer preset with per-step losses and the final weights compared. Each
 // runs in fp32 mode (tight: only summation order differs) and bf16 mode (loose: activations,
 // weight copies and logits are rounded to bf16 at every op). docs/CUDA.md explains the numbers.
@@ -61,6 +62,18 @@ std::vector<float> fetch(Backend& b, Tensor t) {
   return host;
 }
 
+// The logits of a model's last forward, on the host.
+std::vector<float> fetch_logits(Gpt& model) {
+  Backend& b = model.backend();
+  const int64_t rows = int64_t(model.batch()) * model.shape().seq_len;
+  const int64_t cols = model.shape().padded_vocab;
+  const DType act = b.activation_dtype();
+  const Buffer memory = b.allocate(size_t(rows * cols) * dtype_size(act));
+  const Tensor out = memory.tensor({rows, cols}, act);
+  model.logits(out);
+  return fetch(b, out);
+}
+
 SafetensorsFile golden_file() {
   return SafetensorsFile::open(test_support::source_path("tests/golden/gpt_tiny.safetensors"));
 }
@@ -80,20 +93,35 @@ void load_params(Gpt& model, const SafetensorsFile& file) {
   model.refresh_weights();
 }
 
+// The golden config's shape and batch with the weights they were made with.
+struct GoldenBatch {
+  SafetensorsFile file = golden_file();
+  GptShape shape = [] {
+    const Config config = test_support::golden_config();
+    return GptShape::from(config.model, config.model.vocab_size);
+  }();
+  std::vector<int32_t> tokens = golden_ints(file, "tokens"), targets = golden_ints(file, "targets");
+  int B = test_support::golden_config().batch.device_batch;
+};
+
+// Every parameter gradient of `model` against the CPU model's.
+void compare_grads(const std::string& what, Gpt& model, Gpt& cpu_model, double tol) {
+  for (const auto& spec : model.table().specs)
+    compare(what + "grad " + spec.name, fetch(model.backend(), model.grad(spec)),
+            fetch(cpu_model.backend(), cpu_model.grad(spec)), tol);
+}
+
 }  // namespace
 
 TEST_CASE("gpu GPT forward and backward match the CPU", "[gpu][model]") {
-  const Config config = test_support::golden_config();
-  const SafetensorsFile file = golden_file();
-  const GptShape shape = GptShape::from(config.model, config.model.vocab_size);
-  const auto tokens = golden_ints(file, "tokens"), targets = golden_ints(file, "targets");
-  const int B = config.batch.device_batch;
+  const GoldenBatch golden;
+  const auto& [file, shape, tokens, targets, B] = golden;
 
   CpuBackend cpu;
   Gpt cpu_model(cpu, shape, B);
   load_params(cpu_model, file);
   const Gpt::Loss cpu_eval = cpu_model.forward(tokens, targets, false);
-  const auto cpu_logits = fetch(cpu, cpu_model.logits());
+  const auto cpu_logits = fetch_logits(cpu_model);
   cpu_model.zero_grads();
   const Gpt::Loss cpu_loss = cpu_model.forward(tokens, targets, true);
   cpu_model.backward();
@@ -106,7 +134,7 @@ TEST_CASE("gpu GPT forward and backward match the CPU", "[gpu][model]") {
     const Gpt::Loss eval = model.forward(tokens, targets, false);
     compare_scalar(prefix(act) + "gpt eval loss", eval.sum / eval.count,
                    cpu_eval.sum / cpu_eval.count, tol.loss);
-    compare(prefix(act) + "gpt logits", fetch(gpu, model.logits()), cpu_logits, tol.logits);
+    compare(prefix(act) + "gpt logits", fetch_logits(model), cpu_logits, tol.logits);
 
     model.zero_grads();
     const Gpt::Loss loss = model.forward(tokens, targets, true);
@@ -114,15 +142,57 @@ TEST_CASE("gpu GPT forward and backward match the CPU", "[gpu][model]") {
                    cpu_loss.sum / cpu_loss.count, tol.loss);
     model.backward();
     const auto grads = fetch(gpu, model.grads());
-    for (const auto& spec : model.table().specs)
-      compare(prefix(act) + "grad " + spec.name, fetch(gpu, model.grad(spec)),
-              fetch(cpu, cpu_model.grad(spec)), tol.grads);
+    compare_grads(prefix(act), model, cpu_model, tol.grads);
 
     // The same step again must give bit-identical gradients.
     model.zero_grads();
     model.forward(tokens, targets, true);
     model.backward();
     require_identical(prefix(act) + "gpt gradients, second run", fetch(gpu, model.grads()), grads);
+  }
+}
+
+// The memory options on the GPU: the loss in chunks of 5 rows (32 rows: a partial last chunk),
+// with activations kept or recomputed, matches the CPU's single chunk like the plain model
+// does, and recomputation changes no bit of the losses or gradients.
+TEST_CASE("gpu GPT with a chunked loss and recomputed activations matches the CPU",
+          "[gpu][model]") {
+  const GoldenBatch golden;
+  const auto& [file, shape, tokens, targets, B] = golden;
+
+  CpuBackend cpu;
+  Gpt cpu_model(cpu, shape, B);
+  load_params(cpu_model, file);
+  cpu_model.zero_grads();
+  const Gpt::Loss cpu_loss = cpu_model.forward(tokens, targets, true);
+  const auto cpu_losses = fetch(cpu, cpu_model.token_losses());
+  cpu_model.backward();
+
+  for (DType act : kModes) {
+    const Tolerances tol = tolerances(act);
+    Backend& gpu = backend(act);
+    std::vector<float> kept_losses, kept_grads;
+    for (bool recompute : {false, true}) {
+      const std::string what =
+          prefix(act) + (recompute ? "recomputed" : "kept") + ", 5-row loss chunks: ";
+      Gpt model(gpu, shape, B, {.recompute_activations = recompute, .loss_chunk_rows = 5});
+      load_params(model, file);
+      model.zero_grads();
+      const Gpt::Loss loss = model.forward(tokens, targets, true);
+      compare_scalar(what + "loss", loss.sum / loss.count, cpu_loss.sum / cpu_loss.count, tol.loss);
+      const auto losses = fetch(gpu, model.token_losses());
+      compare(what + "token losses", losses, cpu_losses, tol.logits);
+      model.backward();
+      compare_grads(what, model, cpu_model, tol.grads);
+      const auto grads = fetch(gpu, model.grads());
+      if (!recompute) {
+        kept_losses = losses;
+        kept_grads = grads;
+        continue;
+      }
+      require_identical(what + "token losses as kept", losses, kept_losses);
+      require_identical(what + "gradients as kept", grads, kept_grads);
+    }
   }
 }
 

@@ -120,6 +120,8 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
               .add("b", sb, Kind::act, randn(size_t(sb.numel())))
               .add("out", so, Kind::act, poison(size_t(so.numel())))
               .add("acc", so, Kind::act, randn(size_t(so.numel())))
+              .add("addend", so, Kind::act, randn(size_t(so.numel())))
+              .add("sum", so, Kind::act, poison(size_t(so.numel())))
               .add("grad", so, Kind::f32, randn(size_t(so.numel())))
               .add("fa", sa, Kind::f32, randn(size_t(sa.numel())))
               .add("fb", sb, Kind::f32, randn(size_t(sb.numel())))
@@ -131,12 +133,14 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
                   [&](Backend& b, const Args& t) {
                     b.matmul(t["out"], t["a"], t["b"], ta, tb, false);
                     b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
+                    b.matmul_add(t["sum"], t["a"], t["b"], ta, tb, t["addend"]);
                     b.matmul(t["grad"], t["a"], t["b"], ta, tb,
                              true);  // act inputs, f32 accumulator
                     b.matmul(t["fout"], t["fa"], t["fb"], ta, tb, true, -1.5f);  // optimizer matmul
                   },
                   {{"out", kReduction, kBf16},
                    {"acc", kReduction, kBf16},
+                   {"sum", kReduction, kBf16},
                    {"grad", kReduction, kReduction},
                    {"fout", kReduction, kTf32}});
         }

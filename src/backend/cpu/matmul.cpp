@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
@@ -33,6 +34,13 @@ void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans
                 a.f32() + i * M * K, int(lda), b.f32() + i * K * N, int(ldb),
                 accumulate ? 1.f : 0.f, out.f32() + i * M * N, int(N));
   }
+}
+
+void CpuBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
+                            Tensor addend) {
+  check_matmul_addend(out, addend);
+  if (out.data != addend.data) copy(out, addend);
+  matmul(out, a, b, trans_a, trans_b, true);
 }
 
 }  // namespace lmtrain

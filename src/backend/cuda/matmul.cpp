@@ -1,4 +1,4 @@
-// out = alpha * op(a) @ op(b) (+ out) through cuBLASLt.
+// out = alpha * op(a) @ op(b) (+ out, or + another addend) through cuBLASLt.
 //
 // cuBLASLt is column-major. A row-major (r, c) array is the column-major (c, r) array holding its
 // transpose, so the row-major product out = op(a) op(b) is computed as the column-major product
@@ -8,10 +8,12 @@
 // Compute is fp32 (CUBLAS_COMPUTE_32F). With f32 activations (the mode that is compared with the
 // CPU) f32 matmuls stay true fp32; with bf16 activations the f32 matmuls (the optimizer's
 // orthogonalization) may use TF32 tensor cores, which Polar Express / Newton-Schulz tolerate.
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
@@ -119,6 +121,17 @@ const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
 
 void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
                          bool accumulate, float alpha) {
+  gemm(out, a, b, trans_a, trans_b, accumulate ? out : Tensor{}, alpha);
+}
+
+void CudaBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
+                             Tensor addend) {
+  check_matmul_addend(out, addend);
+  gemm(out, a, b, trans_a, trans_b, addend, 1.f);
+}
+
+void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
+                       float alpha) {
   const int rank = out.shape.rank;
   check((rank == 2 || rank == 3) && a.shape.rank == rank && b.shape.rank == rank,
         "matmul: out {}, a {} and b {} must all be rank 2 or all rank 3", out.shape.str(),
@@ -139,8 +152,10 @@ void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool tran
         "matmul: unsupported dtypes out {}, a {}, b {} with {} activations", dtype_name(out.dtype),
         dtype_name(a.dtype), dtype_name(b.dtype), dtype_name(activation_));
   if (batch * M * N == 0) return;
+  const bool accumulate = addend.data != nullptr;
   if (K == 0) {
     if (!accumulate) fill(out, 0.f);
+    if (accumulate && addend.data != out.data) copy(out, addend);
     return;
   }
 
@@ -154,12 +169,13 @@ void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool tran
                       out.dtype,
                       alignment(a.data),
                       alignment(b.data),
-                      alignment(out.data)};
+                      std::min(alignment(out.data), accumulate ? alignment(addend.data) : 256)};
   const MatmulPlan& plan = matmul_plan(key);
   const float beta = accumulate ? 1.f : 0.f;
   lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data,
-                          plan.b.get(), &beta, out.data, plan.out.get(), out.data, plan.out.get(),
-                          &plan.algo, lt_workspace_.data(), lt_workspace_.bytes(), stream_.get()),
+                          plan.b.get(), &beta, accumulate ? addend.data : out.data, plan.out.get(),
+                          out.data, plan.out.get(), &plan.algo, lt_workspace_.data(),
+                          lt_workspace_.bytes(), stream_.get()),
            "cublasLtMatmul");
 }
 
