@@ -6,7 +6,8 @@
 //   activations are in activation_dtype(); parameters, gradients and optimizer state are f32.
 // - Activation gradients are overwritten (dx = ...); parameter gradients are accumulated
 //   (dW += ...), so micro-batches add up without extra passes. Where an op differs it says so.
-// - Row-wise and elementwise ops (rmsnorm, rope, relu2, residual_mix) may run in place: out may
+// - Row-wise and elementwise ops (rmsnorm, norm_rope, relu2, residual_mix) may run in place: out
+// may
 //   alias x in the forward and dx may alias dout in the backward.
 // - Shapes are checked by the backend and a mismatch throws lmtrain::Error naming the op.
 #pragma once
@@ -85,10 +86,14 @@ class Backend {
   virtual void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) = 0;
   virtual void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) = 0;
 
-  // ---- rotary embedding, half-split, in place on x (B,T,H,D) ----
-  // cos/sin are (T_max, D/2) f32 tables; position of row t is pos0 + t.
-  virtual void rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) = 0;
-  virtual void rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) = 0;
+  // ---- per-head RMSNorm, then rotary embedding (half-split), on queries or keys ----
+  // x (B,T,H,D): out = rope(x * rstd) with rstd (B*T*H) f32 saved; cos/sin are (T_max, D/2) f32
+  // tables and row t sits at position pos0 + t. The rotation keeps norms, so this is RMSNorm of
+  // the rotated x in one pass. out may alias x; dx may alias dout.
+  virtual void norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
+                                 int pos0) = 0;
+  virtual void norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor cos,
+                                  Tensor sin, int pos0) = 0;
 
   // ---- causal attention with a sliding window, GQA ----
   // q (B,Tq,H,D), k/v (B,Tk,Hkv,D), out (B,Tq,H,D), lse (B,H,Tq) f32. Query t sits at absolute

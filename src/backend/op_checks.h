@@ -6,11 +6,19 @@
 
 namespace lmtrain {
 
-// x (B, T, H, D) in `act` with D even; cos/sin f32 (T_max, D/2) covering positions [pos0, pos0+T).
-inline void check_rope_args(const char* op, Tensor x, Tensor cos, Tensor sin, int pos0, DType act) {
-  check(x.dtype == act && cos.dtype == DType::f32 && sin.dtype == DType::f32,
-        "{}: x must be {} and cos, sin f32, got {}, {}, {}", op, dtype_name(act),
-        dtype_name(x.dtype), dtype_name(cos.dtype), dtype_name(sin.dtype));
+// x (B, T, H, D) in `act` with D even, y (out, dout or dx) like x, rstd f32 with one entry per
+// head row; cos/sin f32 (T_max, D/2) covering positions [pos0, pos0 + T).
+inline void check_norm_rope_args(const char* op, Tensor y, const char* y_name, Tensor x,
+                                 Tensor rstd, Tensor cos, Tensor sin, int pos0, DType act) {
+  check(x.dtype == act && y.dtype == act && rstd.dtype == DType::f32 && cos.dtype == DType::f32 &&
+            sin.dtype == DType::f32,
+        "{}: x and {} must be {}, rstd, cos and sin f32, got {}, {}, {}, {}, {}", op, y_name,
+        dtype_name(act), dtype_name(x.dtype), dtype_name(y.dtype), dtype_name(rstd.dtype),
+        dtype_name(cos.dtype), dtype_name(sin.dtype));
+  check(y.shape == x.shape, "{}: {} {} does not match x {}", op, y_name, y.shape.str(),
+        x.shape.str());
+  check(rstd.numel() == x.rows(), "{}: rstd {} needs one entry per head row of x {}", op,
+        rstd.shape.str(), x.shape.str());
   check(x.shape.rank == 4 && x.dim(3) % 2 == 0, "{}: x {} must be (B, T, H, D) with D even", op,
         x.shape.str());
   check(cos.shape.rank == 2 && cos.shape == sin.shape && cos.dim(1) == x.dim(3) / 2,

@@ -69,13 +69,12 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
       b.value_gate_forward(v.view({n, Hkv * D}), gate_.slice(0, n * Hkv).view({n, Hkv}), xn,
                            w(i, "attn.ve_gate.weight"), ve);
     }
-    b.rope_forward(q, model_.rope_cos(), model_.rope_sin(), pos);
-    b.rope_forward(k, model_.rope_cos(), model_.rope_sin(), pos);
-    b.rmsnorm_forward(q, rstd_q_.slice(0, n * H), q);
+    b.norm_rope_forward(q, rstd_q_.slice(0, n * H), q, model_.rope_cos(), model_.rope_sin(), pos);
     // Normalised keys and the values go straight into the cache at their positions.
     Tensor k_slot = k_cache_[i].slice(pos * Hkv * D, n * Hkv * D).view({1, n, Hkv, D});
     Tensor v_slot = v_cache_[i].slice(pos * Hkv * D, n * Hkv * D).view({1, n, Hkv, D});
-    b.rmsnorm_forward(k_slot, rstd_k_.slice(0, n * Hkv), k);
+    b.norm_rope_forward(k_slot, rstd_k_.slice(0, n * Hkv), k, model_.rope_cos(), model_.rope_sin(),
+                        pos);
     b.copy(v_slot, v);
     Tensor k_all = k_cache_[i].slice(0, end * Hkv * D).view({1, end, Hkv, D});
     Tensor v_all = v_cache_[i].slice(0, end * Hkv * D).view({1, end, Hkv, D});

@@ -234,7 +234,7 @@ void Gpt::forward_block(int i, bool with_output) {
   BlockActs& a = block(i);
   b.residual_mix_forward(a.x_mix, block_in(i), acts_.x0, resid, x0l, i);
   b.rmsnorm_forward(a.xn1, a.rstd1, a.x_mix);
-  // Attention: project, rotate, normalise q and k per head, gate in value embeddings.
+  // Attention: project, normalise q and k per head and rotate them, gate in value embeddings.
   b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
   b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
   b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
@@ -244,10 +244,8 @@ void Gpt::forward_block(int i, bool with_output) {
     b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
                          a.ve);
   }
-  b.rope_forward(a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
-  b.rope_forward(a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
-  b.rmsnorm_forward(a.q, a.rstd_q, a.q_raw);
-  b.rmsnorm_forward(a.k, a.rstd_k, a.k_raw);
+  b.norm_rope_forward(a.q, a.rstd_q, a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
+  b.norm_rope_forward(a.k, a.rstd_k, a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
   b.attention_forward(a.y, a.lse, a.q, a.k, a.v, shape_.windows[i], 0);
   b.matmul_add(a.x_mid, a.y.view({N, shape_.q_dim()}), w(i, "attn.c_proj.weight"), false, true,
                a.x_mix);
@@ -323,10 +321,8 @@ void Gpt::backward_block(int i) {
   b.matmul(d.dy.view({N, shape_.q_dim()}), d.dxmid, w(i, "attn.c_proj.weight"), false, false,
            false);
   b.attention_backward(d.dq, d.dk, d.dv, d.dy, a.q, a.k, a.v, a.y, a.lse, shape_.windows[i]);
-  b.rmsnorm_backward(d.dq, d.dq, a.q_raw, a.rstd_q);
-  b.rmsnorm_backward(d.dk, d.dk, a.k_raw, a.rstd_k);
-  b.rope_backward(d.dq, d.rope_cos, d.rope_sin, 0);
-  b.rope_backward(d.dk, d.rope_cos, d.rope_sin, 0);
+  b.norm_rope_backward(d.dq, d.dq, a.q_raw, a.rstd_q, d.rope_cos, d.rope_sin, 0);
+  b.norm_rope_backward(d.dk, d.dk, a.k_raw, a.rstd_k, d.rope_cos, d.rope_sin, 0);
   const Tensor dq2 = d.dq.view({N, shape_.q_dim()}), dk2 = d.dk.view({N, shape_.kv_dim()});
   const Tensor dv2 = d.dv.view({N, shape_.kv_dim()});
   b.matmul(dw(i, "attn.c_q.weight"), dq2, a.xn1, true, false, true);

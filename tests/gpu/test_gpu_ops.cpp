@@ -171,6 +171,12 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
   }
 }
 
+// The outputs of the normalisation tests: forward, forward in place, backward, backward in place.
+const std::vector<Expect> kNormOutputs = {
+    {"out", kReduction, kBf16}, {"rstd", kReduction, kReduction},
+    {"xi", kReduction, kBf16},  {"rstd_i", kReduction, kReduction},
+    {"dx", kReduction, kBf16},  {"g_in_place", kReduction, kBf16}};
+
 TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     for (int64_t C : {16, 96, 333, 1536}) {
@@ -185,43 +191,50 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
           .add("dx", {N, C}, Kind::act, poison(size_t(N * C)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f));
-      c.check("rmsnorm C=" + std::to_string(C),
-              [](Backend& b, const Args& t) {
-                b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
-                b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
-                b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
-                b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
-              },
-              {{"out", kReduction, kBf16},
-               {"rstd", kReduction, kReduction},
-               {"xi", kReduction, kBf16},
-               {"rstd_i", kReduction, kReduction},
-               {"dx", kReduction, kBf16},
-               {"g_in_place", kReduction, kBf16}});
+      c.check(
+          "rmsnorm C=" + std::to_string(C),
+          [](Backend& b, const Args& t) {
+            b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
+            b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
+            b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
+            b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
+          },
+          kNormOutputs);
     }
   }
 }
 
-TEST_CASE("gpu rope matches the CPU", "[gpu][ops]") {
+TEST_CASE("gpu norm_rope matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t D : {16, 64, 128}) {
-      const int64_t B = 2, T = 7, H = 3, Tmax = 12;
+    for (int64_t D : {16, 64, 128, 192}) {
+      const int64_t B = 2, T = 7, H = 3, Tmax = 12, n = B * T * H * D;
       std::vector<float> angle = uniform(size_t(Tmax * D / 2), -3.f, 3.f), cos(angle), sin(angle);
       for (size_t i = 0; i < angle.size(); ++i) {
         cos[i] = std::cos(angle[i]);
         sin[i] = std::sin(angle[i]);
       }
       OpCase c(act);
-      c.add("x", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
-          .add("dx", {B, T, H, D}, Kind::act, randn(size_t(B * T * H * D)))
+      c.add("x", {B, T, H, D}, Kind::act, randn(size_t(n)))
+          .add("out", {B, T, H, D}, Kind::act, poison(size_t(n)))
+          .add("rstd", {B * T * H}, Kind::f32, poison(size_t(B * T * H)))
+          .add("xi", {B, T, H, D}, Kind::act, randn(size_t(n)))
+          .add("rstd_i", {B * T * H}, Kind::f32, poison(size_t(B * T * H)))
+          .add("dout", {B, T, H, D}, Kind::act, randn(size_t(n)))
+          .add("r", {B * T * H}, Kind::f32, uniform(size_t(B * T * H), 0.5f, 2.f))
+          .add("dx", {B, T, H, D}, Kind::act, poison(size_t(n)))
+          .add("g_in_place", {B, T, H, D}, Kind::act, randn(size_t(n)))
           .add("cos", {Tmax, D / 2}, Kind::f32, cos)
           .add("sin", {Tmax, D / 2}, Kind::f32, sin);
-      c.check("rope D=" + std::to_string(D),
-              [](Backend& b, const Args& t) {
-                b.rope_forward(t["x"], t["cos"], t["sin"], 3);
-                b.rope_backward(t["dx"], t["cos"], t["sin"], 5);
-              },
-              {{"x", kElementwise, kBf16}, {"dx", kElementwise, kBf16}});
+      c.check(
+          "norm_rope D=" + std::to_string(D),
+          [](Backend& b, const Args& t) {
+            b.norm_rope_forward(t["out"], t["rstd"], t["x"], t["cos"], t["sin"], 3);
+            b.norm_rope_forward(t["xi"], t["rstd_i"], t["xi"], t["cos"], t["sin"], 5);
+            b.norm_rope_backward(t["dx"], t["dout"], t["x"], t["r"], t["cos"], t["sin"], 4);
+            b.norm_rope_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"], t["cos"],
+                                 t["sin"], 5);
+          },
+          kNormOutputs);
     }
   }
 }

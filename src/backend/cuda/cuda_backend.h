@@ -64,8 +64,10 @@ class CudaBackend final : public Backend {
   void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) override;
   void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) override;
 
-  void rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) override;
-  void rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) override;
+  void norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
+                         int pos0) override;
+  void norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor cos, Tensor sin,
+                          int pos0) override;
 
   void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
                          int q_offset) override;

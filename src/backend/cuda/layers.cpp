@@ -9,10 +9,10 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/op_checks.h"
 #include "embedding.cuh"
+#include "norm_rope.cuh"
 #include "relu2.cuh"
 #include "residual_mix.cuh"
 #include "rmsnorm.cuh"
-#include "rope.cuh"
 #include "softcap_cross_entropy.cuh"
 #include "value_gate.cuh"
 
@@ -142,21 +142,26 @@ void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd
   });
 }
 
-void CudaBackend::rope_forward(Tensor x, Tensor cos, Tensor sin, int pos0) {
-  check_rope_args("rope_forward", x, cos, sin, pos0, activation_);
-  dispatch("rope_forward", activation_, [&](auto tag) {
+void CudaBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
+                                    int pos0) {
+  check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, activation_);
+  dispatch("norm_rope_forward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::rope_rotate(ptr<T>(x), ptr<float>(cos), ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2),
-                      x.dim(3), pos0, 1.f, stream_.get());
+    cuda::norm_rope_forward(ptr<T>(out), ptr<float>(rstd), ptr<T>(x), ptr<float>(cos),
+                            ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2), x.dim(3), pos0,
+                            stream_.get());
   });
 }
 
-void CudaBackend::rope_backward(Tensor dx, Tensor cos, Tensor sin, int pos0) {
-  check_rope_args("rope_backward", dx, cos, sin, pos0, activation_);
-  dispatch("rope_backward", activation_, [&](auto tag) {
+void CudaBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor cos,
+                                     Tensor sin, int pos0) {
+  check_norm_rope_args("norm_rope_backward", dout, "dout", x, rstd, cos, sin, pos0, activation_);
+  check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, activation_);
+  dispatch("norm_rope_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::rope_rotate(ptr<T>(dx), ptr<float>(cos), ptr<float>(sin), dx.dim(0), dx.dim(1), dx.dim(2),
-                      dx.dim(3), pos0, -1.f, stream_.get());
+    cuda::norm_rope_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), ptr<float>(rstd), ptr<float>(cos),
+                             ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2), x.dim(3), pos0,
+                             stream_.get());
   });
 }
 
