@@ -49,10 +49,12 @@ from dataclasses import dataclass, field
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np  # noqa: E402
-# The parameter groups and the preset merge are the reference's own definitions.
+# The model's shape and parameter table, the FLOPs count, the parameter groups, the preset merge
+# and the Polar Express coefficients are the reference's own definitions.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "reference"))
 from adamw_reference import group_of, lr_multiplier  # noqa: E402
-from normuon_reference import deep_merge  # noqa: E402
+from gpt_reference import VE_GATE_CHANNELS, GPTConfig, flops_per_token  # noqa: E402
+from normuon_reference import POLAR_EXPRESS_COEFFS, deep_merge  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -64,21 +66,12 @@ EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
 
 RMS_EPS = torch.finfo(torch.float32).eps
-VE_GATE_CHANNELS = 32
 SHARD_MAGIC = 20240520
 SHARD_HEADER_INTS = 256
 
 # Dense bf16 tensor-core peaks, the table of src/backend/cuda/device.cpp (first match wins).
 PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
               ("A10", 125e12), ("4090", 165e12)]
-
-POLAR_EXPRESS_COEFFS = [
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-]
 
 
 class InputError(Exception):
@@ -89,47 +82,8 @@ class InputError(Exception):
 # Configuration: the model shape and the optimizer settings of an lmtrain config
 # --------------------------------------------------------------------------
 
-@dataclass
-class ModelShape:
-    depth: int
-    vocab_size: int
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    n_kv_head: int = 0
-    sequence_len: int = 2048
-    window_pattern: str = "SSSL"
-    softcap: float = 15.0
-    rope_base: float = 10000.0
-
-    @property
-    def width(self) -> int:
-        return math.ceil(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim
-
-    @property
-    def n_head(self) -> int:
-        return self.width // self.head_dim
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head if self.n_kv_head > 0 else self.n_head
-
-    @property
-    def padded_vocab(self) -> int:
-        return math.ceil(self.vocab_size / 64) * 64
-
-    def window(self, layer: int) -> int:
-        T = self.sequence_len
-        if layer == self.depth - 1:
-            return T
-        ch = self.window_pattern[layer % len(self.window_pattern)]
-        if ch == "L":
-            return T
-        if ch == "S":
-            return T // 2
-        raise InputError(f"model.window_pattern: bad character {ch!r} (expected S or L)")
-
-    def has_value_embeds(self, layer: int) -> bool:
-        return layer % 2 == (self.depth - 1) % 2
+class ModelShape(GPTConfig):
+    """The reference's model shape, checked as a benchmark input."""
 
     def validate(self) -> None:
         if self.depth < 1 or self.head_dim < 2 or self.head_dim % 2 or self.sequence_len < 2:
@@ -138,39 +92,11 @@ class ModelShape:
             raise InputError(f"model.n_kv_head: {self.kv_heads} does not divide n_head {self.n_head}")
         if self.width < VE_GATE_CHANNELS:
             raise InputError(f"model: width {self.width} is below {VE_GATE_CHANNELS}")
-        for i in range(self.depth):
-            self.window(i)
-
-
-def param_shapes(m: ModelShape) -> dict[str, tuple[int, ...]]:
-    """Every parameter (nanochat state_dict name) and its shape, as gpt_reference.param_shapes."""
-    C, D, H, Hkv, Vp = m.width, m.head_dim, m.n_head, m.kv_heads, m.padded_vocab
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (Vp, C)}
-    for i in range(m.depth):
-        p = f"transformer.h.{i}"
-        shapes[f"{p}.attn.c_q.weight"] = (H * D, C)
-        shapes[f"{p}.attn.c_k.weight"] = (Hkv * D, C)
-        shapes[f"{p}.attn.c_v.weight"] = (Hkv * D, C)
-        shapes[f"{p}.attn.c_proj.weight"] = (C, H * D)
-        if m.has_value_embeds(i):
-            shapes[f"{p}.attn.ve_gate.weight"] = (Hkv, VE_GATE_CHANNELS)
-        shapes[f"{p}.mlp.c_fc.weight"] = (4 * C, C)
-        shapes[f"{p}.mlp.c_proj.weight"] = (C, 4 * C)
-    for i in range(m.depth):
-        if m.has_value_embeds(i):
-            shapes[f"value_embeds.{i}.weight"] = (Vp, Hkv * D)
-    shapes["resid_lambdas"] = (m.depth,)
-    shapes["x0_lambdas"] = (m.depth,)
-    shapes["lm_head.weight"] = (Vp, C)
-    return shapes
-
-
-def flops_per_token(m: ModelShape) -> float:
-    """lmtrain's GptShape::flops_per_token: 6 x (block matrices + lm_head) + attention."""
-    matmul = sum(math.prod(s) for n, s in param_shapes(m).items()
-                 if n.startswith("transformer.h.") or n == "lm_head.weight")
-    attn = sum(12 * m.n_head * m.head_dim * min(m.window(i), m.sequence_len) for i in range(m.depth))
-    return 6.0 * matmul + attn
+        try:
+            for i in range(self.depth):
+                self.window(i)
+        except ValueError as e:
+            raise InputError(f"model.window_pattern: {e} (expected S or L)") from None
 
 
 # Defaults of src/config/config.h (OptimConfig, MuonConfig, ScheduleConfig).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/rng.h"
 
@@ -279,6 +280,13 @@ void Gpt::head_and_loss(bool need_grad, float grad_scale) {
 
 void Gpt::logits(Tensor out) {
   backend_.matmul(out, acts_.xf, weight("lm_head.weight"), false, true, false);
+}
+
+int Gpt::grads_final_after(const ParamSpec& spec) const {
+  for (const char* prefix : {"transformer.h.", "value_embeds."}) {
+    if (spec.name.starts_with(prefix)) return std::stoi(spec.name.substr(std::strlen(prefix)));
+  }
+  return spec.group == ParamGroup::unembedding ? shape_.depth : -1;
 }
 
 void Gpt::backward(const GradsReady& ready) {

@@ -77,6 +77,9 @@ class Gpt {
   // in the order i = depth-1 .. 0, and ready(-1) at the end, when all are (wte, scalars).
   using GradsReady = std::function<void(int layer)>;
   void backward(const GradsReady& ready = {});
+  // The `ready` call after which a parameter's gradient is final: depth for lm_head (final
+  // before the first call), i for block i's parameters and value embedding, -1 for the rest.
+  int grads_final_after(const ParamSpec& spec) const;
   // Per-token losses of the last forward, (batch * T) f32 on the device.
   Tensor token_losses() const { return acts_.losses; }
   // Computes the logits of the last forward again into `out` (batch * T, padded_vocab), in the

@@ -1,7 +1,6 @@
 #include "optim/optimizer.h"
 
 #include <cmath>
-#include <cstring>
 
 #include "backend/tensor_plan.h"
 
@@ -25,20 +24,6 @@ std::vector<GroupSettings> make_groups(const OptimConfig& o, int width, double b
   for (auto& g : groups) g.lr *= batch_scale;
   return groups;
 }
-
-namespace {
-
-// The layer after whose backward a parameter's gradient is final (Gpt::backward's contract):
-// a block's own parameters and value embedding with the block, lm_head before every block,
-// the rest (wte, scalars) at the end.
-int ready_layer(const ParamSpec& spec, int depth) {
-  for (const char* prefix : {"transformer.h.", "value_embeds."}) {
-    if (spec.name.starts_with(prefix)) return std::stoi(spec.name.substr(std::strlen(prefix)));
-  }
-  return spec.group == ParamGroup::unembedding ? depth : -1;
-}
-
-}  // namespace
 
 Optimizer::Bucket Optimizer::make_bucket(Tensor model_param, Tensor model_grad, bool sharded,
                                          int ready) const {
@@ -84,7 +69,7 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
     if (settings(specs[i].group).kind != "adamw") continue;
     const bool sharded = world > 1 && specs[i].shape.numel() >= kShardMinElements;
     Bucket& b = buckets_.emplace_back(make_bucket(model.param(specs[i]), model.grad(specs[i]),
-                                                  sharded, ready_layer(specs[i], depth)));
+                                                  sharded, model.grads_final_after(specs[i])));
     plan_chunk(b);
     AdamWState& s = adamw_.emplace_back(AdamWState{i, buckets_.size() - 1, {}, {}});
     const Shape local = sharded ? Shape{b.shard.chunk_rows, b.shard.row_len} : b.param.shape;
@@ -111,7 +96,7 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
       int ready = depth;
       for (int64_t k = first; k < first + count; ++k) {
         const ParamSpec& spec = model.table().find(s.names[k]);
-        ready = std::min(ready, ready_layer(spec, depth));
+        ready = std::min(ready, model.grads_final_after(spec));
       }
       auto matrices = [&](Tensor t) {
         return t.slice(first * m * n, count * m * n).view({count, m * n});
@@ -226,14 +211,15 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
   }
 
   // Global gradient norm: sharded chunks are disjoint across ranks; replicated gradients are
-  // equal on every rank and counted by rank 0 alone.
+  // equal on every rank and counted by rank 0 alone. A NorMuon stack's buckets are rows of its
+  // chunk, which is summed whole: one reduction (and, on the GPU, one readback) per stack.
   double local = 0;
   const bool counts_replicated = comm_.rank() == 0;
-  for (const Bucket& bucket : buckets_)
+  for (const AdamWState& s : adamw_) {
+    const Bucket& bucket = buckets_[s.bucket];
     if (bucket.sharded || counts_replicated) local += b.sum_squares(bucket.grad);
-  if (comm_.world_size() == 1) {
-    for (const StackChunk& chunk : stack_chunks_) local += b.sum_squares(chunk.grad);
   }
+  for (const StackChunk& chunk : stack_chunks_) local += b.sum_squares(chunk.grad);
   double total = local;
   if (comm_.world_size() > 1) {
     const float value = float(local);
@@ -257,10 +243,8 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
   }
   if (grad_clip > 0 && grad_norm > grad_clip) {
     const float factor = float(grad_clip / grad_norm);
-    for (const Bucket& bucket : buckets_) b.scale(bucket.grad, factor);
-    if (comm_.world_size() == 1) {
-      for (const StackChunk& chunk : stack_chunks_) b.scale(chunk.grad, factor);
-    }
+    for (const AdamWState& s : adamw_) b.scale(buckets_[s.bucket].grad, factor);
+    for (const StackChunk& chunk : stack_chunks_) b.scale(chunk.grad, factor);
   }
 
   ++updates_;

@@ -46,6 +46,19 @@ inline float bf16_value(uint16_t b) {
 }
 inline float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
 
+// Any float tensor of a backend as host floats (bf16 widened exactly).
+inline std::vector<float> fetch(lmtrain::Backend& b, lmtrain::Tensor t) {
+  std::vector<float> host(size_t(t.numel()));
+  if (t.dtype == DType::bf16) {
+    std::vector<uint16_t> bits(host.size());
+    b.download(bits.data(), t);
+    for (size_t i = 0; i < bits.size(); ++i) host[i] = bf16_value(bits[i]);
+  } else {
+    b.download(host.data(), t);
+  }
+  return host;
+}
+
 // max |got - want| / max |want| (the error relative to the tensor's scale, so that elements near
 // zero do not dominate), with the worst element named. NaN or a size mismatch fails.
 struct Comparison {

@@ -49,19 +49,6 @@ Tolerances tolerances(DType act) {
 
 std::string prefix(DType act) { return std::string("[") + mode_name(act) + "] "; }
 
-// Any float tensor of a backend as host floats (bf16 widened exactly).
-std::vector<float> fetch(Backend& b, Tensor t) {
-  std::vector<float> host(size_t(t.numel()));
-  if (t.dtype == DType::bf16) {
-    std::vector<uint16_t> bits(host.size());
-    b.download(bits.data(), t);
-    for (size_t i = 0; i < bits.size(); ++i) host[i] = bf16_value(bits[i]);
-  } else {
-    b.download(host.data(), t);
-  }
-  return host;
-}
-
 // The logits of a model's last forward, on the host.
 std::vector<float> fetch_logits(Gpt& model) {
   Backend& b = model.backend();

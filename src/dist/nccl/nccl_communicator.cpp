@@ -67,21 +67,24 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
   nccl_check(ncclCommInitRank(&comm_, world_size_, id, rank_), "init", rank_, world_size_);
   cuda_check(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking), "stream", rank_,
              world_size_);
+  cuda_check(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "event", rank_,
+             world_size_);
 }
 
 NcclCommunicator::~NcclCommunicator() {
   // Started collectives must finish before the communicator goes.
   cudaStreamSynchronize(comm_stream_);
   ncclCommDestroy(comm_);
+  cudaEventDestroy(inputs_ready_);
   cudaStreamDestroy(comm_stream_);
 }
 
 template <typename Enqueue>
 PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
-  // The inputs are written by the backend's stream: start after what it has queued so far.
-  EventPending inputs_ready(comm_stream_, rank_, world_size_);
-  cuda_check(cudaEventRecord(inputs_ready.event(), stream_), op, rank_, world_size_);
-  inputs_ready.wait();
+  // The inputs are written by the backend's stream: start after what it has queued so far. One
+  // event serves every start: a stream wait takes the event as it is when the wait is queued.
+  cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
+  cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
   nccl_check(enqueue(), op, rank_, world_size_);
   auto done = std::make_unique<EventPending>(stream_, rank_, world_size_);
   cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);

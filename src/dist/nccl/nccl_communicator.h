@@ -44,6 +44,7 @@ class NcclCommunicator final : public Communicator {
   std::shared_ptr<TcpStore> store_;
   cudaStream_t stream_;  // the backend's
   cudaStream_t comm_stream_ = nullptr;
+  cudaEvent_t inputs_ready_ = nullptr;  // recorded on stream_ at each start
   int rank_ = 0, world_size_ = 1;
   ncclComm_t comm_ = nullptr;
 };
