@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace lmtrain::cuda {
 
@@ -68,5 +69,75 @@ __device__ __forceinline__ float block_max(float v) {
 inline unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 constexpr int kThreads = 256;  // the default block size of elementwise kernels
+
+// ---- packed access ----
+// Memory-bound kernels move V consecutive elements per access, 16 bytes (8 bf16, 4 floats):
+// one element of 2 bytes per load keeps too few bytes in flight per multiprocessor to come near
+// the memory bandwidth. Kernels take V as a template parameter; V = 1 is the fallback for
+// pointers or row lengths that do not allow packs.
+template <typename T>
+constexpr int kPack = int(16 / sizeof(T));
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// f[0, count) = p[0, count) in fp32, the rest 0: a whole pack in one access, a partial one (the
+// tail of an array) element by element.
+template <int V, typename T>
+__device__ __forceinline__ void load(float (&f)[V], const T* p, int count = V) {
+  if (count == V) {
+    const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = to_float(pack.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) f[k] = k < count ? to_float(p[k]) : 0.f;
+  }
+}
+
+// p[0, count) = f[0, count), rounded to T.
+template <int V, typename T>
+__device__ __forceinline__ void store(T* p, const float (&f)[V], int count = V) {
+  if (count == V) {
+    Pack<T, V> pack;
+#pragma unroll
+    for (int k = 0; k < V; ++k) pack.v[k] = from_float<T>(f[k]);
+    *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  } else {
+    for (int k = 0; k < count; ++k) p[k] = from_float<T>(f[k]);
+  }
+}
+
+// Elementwise kernels: thread t handles elements [t * V, t * V + V), fewer in the array's tail.
+template <int V>
+__device__ __forceinline__ int64_t pack_start() {
+  return (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+}
+
+// Host side: whether every pointer can be accessed in packs of `bytes` (null pointers, for
+// optional arguments, always can).
+template <typename... P>
+bool packs_aligned(size_t bytes, const P*... ptrs) {
+  return ((reinterpret_cast<uintptr_t>(ptrs) % bytes == 0) && ...);
+}
+
+// Whether rows of C elements of T can move in packs: C a multiple of the pack, every pointer
+// aligned.
+template <typename T, typename... P>
+bool rows_packed(int64_t C, const P*... ptrs) {
+  return C % kPack<T> == 0 && packs_aligned(16, ptrs...);
+}
+
+// Calls launch(std::integral_constant<int, V>{}) with V = Wide when `packed`, else V = 1.
+template <int Wide, typename F>
+void launch_packed(bool packed, F&& launch) {
+  if (packed) {
+    launch(std::integral_constant<int, Wide>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
 
 }  // namespace lmtrain::cuda

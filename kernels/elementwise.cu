@@ -7,28 +7,49 @@ namespace lmtrain::cuda {
 
 namespace {
 
-template <typename T>
+template <int V, typename T>
 __global__ void fill_kernel(T* x, int64_t n, float value) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) x[i] = from_float<T>(value);
+  const int64_t i = pack_start<V>();
+  if (i >= n) return;
+  float v[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) v[k] = value;
+  store(x + i, v, int(min(int64_t(V), n - i)));
 }
 
-template <typename Dst, typename Src>
+template <int V, typename Dst, typename Src>
 __global__ void convert_kernel(Dst* dst, const Src* src, int64_t n) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) dst[i] = from_float<Dst>(to_float(src[i]));
+  const int64_t i = pack_start<V>();
+  if (i >= n) return;
+  const int count = int(min(int64_t(V), n - i));
+  float v[V];
+  load(v, src + i, count);
+  store(dst + i, v, count);
 }
 
-template <typename T>
+template <int V, typename T>
 __global__ void add_kernel(T* y, const T* x, int64_t n, float alpha) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) y[i] = from_float<T>(to_float(y[i]) + alpha * to_float(x[i]));
+  const int64_t i = pack_start<V>();
+  if (i >= n) return;
+  const int count = int(min(int64_t(V), n - i));
+  float a[V], b[V];
+  load(a, y + i, count);
+  load(b, x + i, count);
+#pragma unroll
+  for (int k = 0; k < V; ++k) a[k] += alpha * b[k];
+  store(y + i, a, count);
 }
 
-template <typename T>
+template <int V, typename T>
 __global__ void scale_kernel(T* x, int64_t n, float alpha) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) x[i] = from_float<T>(to_float(x[i]) * alpha);
+  const int64_t i = pack_start<V>();
+  if (i >= n) return;
+  const int count = int(min(int64_t(V), n - i));
+  float a[V];
+  load(a, x + i, count);
+#pragma unroll
+  for (int k = 0; k < V; ++k) a[k] *= alpha;
+  store(x + i, a, count);
 }
 
 }  // namespace
@@ -36,28 +57,41 @@ __global__ void scale_kernel(T* x, int64_t n, float alpha) {
 template <typename T>
 void fill(T* x, int64_t n, float value, cudaStream_t stream) {
   if (n == 0) return;
-  fill_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, value);
+  launch_packed<kPack<T>>(packs_aligned(16, x), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    fill_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(x, n, value);
+  });
   launch_check("fill", stream);
 }
 
+// Packs of 4: 16 bytes of floats, 8 of bf16.
 template <typename Dst, typename Src>
 void convert(Dst* dst, const Src* src, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  convert_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(dst, src, n);
+  launch_packed<4>(packs_aligned(16, dst, src), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    convert_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(dst, src, n);
+  });
   launch_check("copy (dtype conversion)", stream);
 }
 
 template <typename T>
 void add(T* y, const T* x, int64_t n, float alpha, cudaStream_t stream) {
   if (n == 0) return;
-  add_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(y, x, n, alpha);
+  launch_packed<kPack<T>>(packs_aligned(16, y, x), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    add_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(y, x, n, alpha);
+  });
   launch_check("add", stream);
 }
 
 template <typename T>
 void scale(T* x, int64_t n, float alpha, cudaStream_t stream) {
   if (n == 0) return;
-  scale_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, alpha);
+  launch_packed<kPack<T>>(packs_aligned(16, x), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    scale_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(x, n, alpha);
+  });
   launch_check("scale", stream);
 }
 

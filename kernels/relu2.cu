@@ -6,20 +6,32 @@ namespace lmtrain::cuda {
 
 namespace {
 
-template <typename T>
+template <int V, typename T>
 __global__ void relu2_forward_kernel(T* out, const T* x, int64_t n) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = pack_start<V>();
   if (i >= n) return;
-  const float r = fmaxf(to_float(x[i]), 0.f);
-  out[i] = from_float<T>(r * r);
+  const int count = int(min(int64_t(V), n - i));
+  float v[V];
+  load(v, x + i, count);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float r = fmaxf(v[k], 0.f);
+    v[k] = r * r;
+  }
+  store(out + i, v, count);
 }
 
-template <typename T>
+template <int V, typename T>
 __global__ void relu2_backward_kernel(T* dx, const T* dout, const T* x, int64_t n) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = pack_start<V>();
   if (i >= n) return;
-  const float r = fmaxf(to_float(x[i]), 0.f);
-  dx[i] = from_float<T>(2.f * r * to_float(dout[i]));
+  const int count = int(min(int64_t(V), n - i));
+  float g[V], v[V];
+  load(g, dout + i, count);
+  load(v, x + i, count);
+#pragma unroll
+  for (int k = 0; k < V; ++k) g[k] *= 2.f * fmaxf(v[k], 0.f);
+  store(dx + i, g, count);
 }
 
 }  // namespace
@@ -27,14 +39,20 @@ __global__ void relu2_backward_kernel(T* dx, const T* dout, const T* x, int64_t 
 template <typename T>
 void relu2_forward(T* out, const T* x, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  relu2_forward_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(out, x, n);
+  launch_packed<kPack<T>>(packs_aligned(16, out, x), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    relu2_forward_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(out, x, n);
+  });
   launch_check("relu2_forward", stream);
 }
 
 template <typename T>
 void relu2_backward(T* dx, const T* dout, const T* x, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  relu2_backward_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(dx, dout, x, n);
+  launch_packed<kPack<T>>(packs_aligned(16, dx, dout, x), [&](auto V) {
+    constexpr int v = decltype(V)::value;
+    relu2_backward_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(dx, dout, x, n);
+  });
   launch_check("relu2_backward", stream);
 }
 

@@ -12,9 +12,11 @@ namespace lmtrain::cuda {
 // out may alias x.
 template <typename T>
 void rmsnorm_forward(T* out, float* rstd, const T* x, int64_t N, int64_t C, cudaStream_t stream);
-// dx = rstd * (dout - x * rstd^2 * mean(dout * x)); dx may alias dout.
+
+// dx = rstd * (dout - x * rstd^2 * mean(dout * x)), plus residual unless it is null (a skip
+// connection's gradient joined in the same pass). dx may alias dout or residual.
 template <typename T>
-void rmsnorm_backward(T* dx, const T* dout, const T* x, const float* rstd, int64_t N, int64_t C,
-                      cudaStream_t stream);
+void rmsnorm_backward(T* dx, const T* dout, const T* x, const float* rstd, const T* residual,
+                      int64_t N, int64_t C, cudaStream_t stream);
 
 }  // namespace lmtrain::cuda

@@ -6,9 +6,8 @@
 //   activations are in activation_dtype(); parameters, gradients and optimizer state are f32.
 // - Activation gradients are overwritten (dx = ...); parameter gradients are accumulated
 //   (dW += ...), so micro-batches add up without extra passes. Where an op differs it says so.
-// - Row-wise and elementwise ops (rmsnorm, norm_rope, relu2, residual_mix) may run in place: out
-// may
-//   alias x in the forward and dx may alias dout in the backward.
+// - Row-wise and elementwise ops (rmsnorm, norm_rope, relu2) may run in place: out may alias x in
+//   the forward and dx may alias dout in the backward.
 // - Shapes are checked by the backend and a mismatch throws lmtrain::Error naming the op.
 #pragma once
 
@@ -84,7 +83,10 @@ class Backend {
 
   // ---- RMSNorm without weight over the last dimension; rstd (rows) f32 is saved ----
   virtual void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) = 0;
-  virtual void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) = 0;
+  // dx = the gradient through the norm, plus `residual` unless it is empty: the gradient of a
+  // skip connection around the norm's branch, joined in the same pass. dx may alias dout or
+  // residual.
+  virtual void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor residual) = 0;
 
   // ---- per-head RMSNorm, then rotary embedding (half-split), on queries or keys ----
   // x (B,T,H,D): out = rope(x * rstd) with rstd (B*T*H) f32 saved; cos/sin are (T_max, D/2) f32
@@ -108,13 +110,17 @@ class Backend {
   virtual void relu2_forward(Tensor out, Tensor x) = 0;
   virtual void relu2_backward(Tensor dx, Tensor dout, Tensor x) = 0;
 
-  // ---- residual mix: out = resid[layer] * x + x0l[layer] * x0 ----
-  // Backward: dx = resid[layer] * dout (dx may alias dout); dx0 += x0l[layer] * dout;
-  // dresid[layer] += sum(dout * x); dx0l[layer] += sum(dout * x0).
-  virtual void residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
-                                    int layer) = 0;
-  virtual void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l, Tensor dout,
-                                     Tensor x, Tensor x0, Tensor resid, Tensor x0l, int layer) = 0;
+  // ---- residual mix, then RMSNorm: the top of every block ----
+  // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved.
+  virtual void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x,
+                                         Tensor x0, Tensor resid, Tensor x0l, int layer) = 0;
+  // Backward through both. dmixed is the gradient mixed receives besides the norm (the block's
+  // skip connection): g = rmsnorm_backward(dnormed) + dmixed, dx = resid[layer] * g (overwritten),
+  // dx0 += x0l[layer] * g, dresid[layer] += sum(g * x), dx0l[layer] += sum(g * x0). mixed is
+  // recomputed from x and x0 rather than read. dx may alias dnormed or dmixed.
+  virtual void residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
+                                          Tensor dnormed, Tensor dmixed, Tensor x, Tensor x0,
+                                          Tensor rstd, Tensor resid, Tensor x0l, int layer) = 0;
 
   // ---- value-embedding gate: v (N,Hkv*D) += gate * ve, gate = 2*sigmoid(xn[:, :G] @ gate_w^T)
   // ---- xn (N,C), gate_w (Hkv,G), ve (N,Hkv*D), gate (N,Hkv) f32 saved for backward. Backward:

@@ -62,6 +62,8 @@ struct Tensor {
   int64_t dim(int i) const { return shape[i]; }
   // Rows when viewed as a matrix whose last dimension is the row length.
   int64_t rows() const { return numel() / shape[-1]; }
+  // A default-constructed Tensor stands for "none" where an op's argument is optional.
+  bool empty() const { return data == nullptr; }
 
   float* f32() const { return static_cast<float*>(data); }
   int32_t* i32() const { return static_cast<int32_t*>(data); }

@@ -58,8 +58,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
   b.copy(x, x0);
   const Tensor resid = model_.param("resid_lambdas"), x0l = model_.param("x0_lambdas");
   for (int i = 0; i < shape_.depth; ++i) {
-    b.residual_mix_forward(x_mix, x, x0, resid, x0l, i);
-    b.rmsnorm_forward(xn, rstd, x_mix);
+    b.residual_mix_norm_forward(x_mix, xn, rstd, x, x0, resid, x0l, i);
     b.matmul(q.view({n, H * D}), xn, w(i, "attn.c_q.weight"), false, true, false);
     b.matmul(k.view({n, Hkv * D}), xn, w(i, "attn.c_k.weight"), false, true, false);
     b.matmul(v.view({n, Hkv * D}), xn, w(i, "attn.c_v.weight"), false, true, false);

@@ -42,6 +42,7 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
   plan.add(a.x0, {N, C}, act);
   plan.add(a.xf, {N, C}, act);
   plan.add(a.rstd_f, {N}, f32);
+  plan.add(a.x_mix, {N, C}, act);
   plan.add(a.logits, {loss_chunk_rows(shape, N, act, options), shape.padded_vocab}, act);
   plan.add(a.losses, {N}, f32);
   plan.add(a.rope_cos, {T, D / 2}, f32);
@@ -50,7 +51,6 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
   a.blocks.resize(shared ? 1 : shape.depth);
   for (size_t i = 0; i < a.blocks.size(); ++i) {
     BlockActs& set = a.blocks[i];
-    plan.add(set.x_mix, {N, C}, act);
     plan.add(set.xn1, {N, C}, act);
     plan.add(set.rstd1, {N}, f32);
     plan.add(set.q_raw, {batch, T, H, D}, act);
@@ -233,8 +233,7 @@ void Gpt::forward_block(int i, bool with_output) {
   const int64_t N = acts_.tokens.numel();
   const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
   BlockActs& a = block(i);
-  b.residual_mix_forward(a.x_mix, block_in(i), acts_.x0, resid, x0l, i);
-  b.rmsnorm_forward(a.xn1, a.rstd1, a.x_mix);
+  b.residual_mix_norm_forward(acts_.x_mix, a.xn1, a.rstd1, block_in(i), acts_.x0, resid, x0l, i);
   // Attention: project, normalise q and k per head and rotate them, gate in value embeddings.
   b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
   b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
@@ -249,7 +248,7 @@ void Gpt::forward_block(int i, bool with_output) {
   b.norm_rope_forward(a.k, a.rstd_k, a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
   b.attention_forward(a.y, a.lse, a.q, a.k, a.v, shape_.windows[i], 0);
   b.matmul_add(a.x_mid, a.y.view({N, shape_.q_dim()}), w(i, "attn.c_proj.weight"), false, true,
-               a.x_mix);
+               acts_.x_mix);
   // MLP with ReLU squared.
   b.rmsnorm_forward(a.xn2, a.rstd2, a.x_mid);
   b.matmul(a.fc, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
@@ -291,7 +290,7 @@ int Gpt::grads_final_after(const ParamSpec& spec) const {
 
 void Gpt::backward(const GradsReady& ready) {
   Backend& b = backend_;
-  b.rmsnorm_backward(acts_.dx, acts_.dxf, acts_.block_out.back(), acts_.rstd_f);
+  b.rmsnorm_backward(acts_.dx, acts_.dxf, acts_.block_out.back(), acts_.rstd_f, {});
   b.fill(acts_.dx0, 0.f);
   for (int i = shape_.depth - 1; i >= 0; --i) {
     // The shared set still holds the last block's activations from the forward.
@@ -301,7 +300,7 @@ void Gpt::backward(const GradsReady& ready) {
   }
   // x0 = norm(wte[tokens]), and block 0's input is x0 as well.
   b.add(acts_.dx, acts_.dx0);
-  b.rmsnorm_backward(acts_.dx, acts_.dx, acts_.emb, acts_.rstd_emb);
+  b.rmsnorm_backward(acts_.dx, acts_.dx, acts_.emb, acts_.rstd_emb, {});
   b.embedding_backward(grad(table_.find("transformer.wte.weight")), acts_.dx, acts_.tokens);
   if (ready) ready(-1);
 }
@@ -322,8 +321,7 @@ void Gpt::backward_block(int i) {
   b.relu2_backward(d.dhidden, d.dhidden, a.fc);
   b.matmul(dw(i, "mlp.c_fc.weight"), d.dhidden, a.xn2, true, false, true);
   b.matmul(d.dxn, d.dhidden, w(i, "mlp.c_fc.weight"), false, false, false);
-  b.rmsnorm_backward(d.dxmid, d.dxn, a.x_mid, a.rstd2);
-  b.add(d.dxmid, d.dx);
+  b.rmsnorm_backward(d.dxmid, d.dxn, a.x_mid, a.rstd2, d.dx);  // + the MLP's skip connection
   // Attention output projection.
   b.matmul(dw(i, "attn.c_proj.weight"), d.dxmid, a.y.view({N, shape_.q_dim()}), true, false, true);
   b.matmul(d.dy.view({N, shape_.q_dim()}), d.dxmid, w(i, "attn.c_proj.weight"), false, false,
@@ -345,10 +343,10 @@ void Gpt::backward_block(int i) {
     b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), d.dve,
                          d.tokens);
   }
-  b.rmsnorm_backward(d.dx, d.dxn, a.x_mix, a.rstd1);
-  b.add(d.dx, d.dxmid);
-  // Residual mix: dx now holds d(x_mix); turn it into d(x_in), accumulating into dx0.
-  b.residual_mix_backward(d.dx, d.dx0, dresid, dx0l, d.dx, block_in(i), d.x0, resid, x0l, i);
+  // The attention's norm, its skip connection and the residual mix: d(block input) into dx,
+  // accumulating into dx0.
+  b.residual_mix_norm_backward(d.dx, d.dx0, dresid, dx0l, d.dxn, d.dxmid, block_in(i), d.x0,
+                               a.rstd1, resid, x0l, i);
 }
 
 }  // namespace lmtrain

@@ -93,13 +93,14 @@ class Gpt {
  private:
   // What backward() reads of one block besides its input.
   struct BlockActs {
-    Tensor x_mix, xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
+    Tensor xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
     Tensor x_mid, xn2, rstd2, fc, act;
   };
   // Every tensor of a micro-batch, planned into one allocation by plan().
   struct Activations {
     Tensor tokens, targets, emb, rstd_emb, x0, xf, rstd_f, losses, rope_cos, rope_sin;
-    Tensor logits;                  // one chunk of rows
+    Tensor logits;  // one chunk of rows
+    Tensor x_mix;   // a block's mixed input: read by the forward only, so one for all blocks
     std::vector<BlockActs> blocks;  // one set per block, or one shared set with recompute
     std::vector<Tensor> block_out;  // each block's output: the next block's input
     // Backward scratch; dxf carries d(xf) from forward() to backward().

@@ -177,6 +177,8 @@ const std::vector<Expect> kNormOutputs = {
     {"xi", kReduction, kBf16},  {"rstd_i", kReduction, kReduction},
     {"dx", kReduction, kBf16},  {"g_in_place", kReduction, kBf16}};
 
+// C = 96 and 1536 take the packed kernels, 16 and 333 (not a multiple of 8) the element ones.
+
 TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     for (int64_t C : {16, 96, 333, 1536}) {
@@ -190,16 +192,25 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
           .add("dout", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("dx", {N, C}, Kind::act, poison(size_t(N * C)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(N * C)))
-          .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f));
+          .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f))
+          .add("res", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("dx_res", {N, C}, Kind::act, poison(size_t(N * C)))
+          .add("res_in_place", {N, C}, Kind::act, randn(size_t(N * C)));
+      std::vector<Expect> outputs = kNormOutputs;
+      outputs.push_back({"dx_res", kReduction, kBf16});
+      outputs.push_back({"res_in_place", kReduction, kBf16});
       c.check(
           "rmsnorm C=" + std::to_string(C),
           [](Backend& b, const Args& t) {
             b.rmsnorm_forward(t["out"], t["rstd"], t["x"]);
             b.rmsnorm_forward(t["xi"], t["rstd_i"], t["xi"]);  // in place
-            b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"]);
-            b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"]);  // in place
+            b.rmsnorm_backward(t["dx"], t["dout"], t["x"], t["r"], {});
+            b.rmsnorm_backward(t["g_in_place"], t["g_in_place"], t["x"], t["r"], {});  // in place
+            // With a skip connection's gradient, also accumulated into it in place.
+            b.rmsnorm_backward(t["dx_res"], t["dout"], t["x"], t["r"], t["res"]);
+            b.rmsnorm_backward(t["res_in_place"], t["dout"], t["x"], t["r"], t["res_in_place"]);
           },
-          kNormOutputs);
+          outputs);
     }
   }
 }
@@ -285,49 +296,65 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
         .add("out", {n}, Kind::act, poison(size_t(n)))
         .add("dout", {n}, Kind::act, randn(size_t(n)))
         .add("dx", {n}, Kind::act, poison(size_t(n)))
-        .add("g_in_place", {n}, Kind::act, randn(size_t(n)));
+        .add("g_in_place", {n}, Kind::act, randn(size_t(n)))
+        .add("shifted", {n}, Kind::act, randn(size_t(n)));
+    // n is not a multiple of the pack (a partial last pack); the shifted views start one
+    // element into their arrays, which rules packs out.
     c.check("relu2",
-            [](Backend& b, const Args& t) {
+            [n](Backend& b, const Args& t) {
               b.relu2_forward(t["out"], t["x"]);
               b.relu2_backward(t["dx"], t["dout"], t["x"]);
               b.relu2_backward(t["g_in_place"], t["g_in_place"], t["x"]);
+              b.relu2_forward(t["shifted"].slice(1, n - 1), t["x"].slice(0, n - 1));
             },
             {{"out", kElementwise, kBf16},
              {"dx", kElementwise, kBf16},
-             {"g_in_place", kElementwise, kBf16}});
+             {"g_in_place", kElementwise, kBf16},
+             {"shifted", kElementwise, kBf16}});
   }
 }
 
-TEST_CASE("gpu residual_mix matches the CPU", "[gpu][ops]") {
+TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t N : {int64_t(41), int64_t(2000)}) {
-      const int64_t C = 73, n = N * C, L = 3;
+    // C = 96 takes the packed kernels, 73 the element ones; N = 2000 gives many row blocks.
+    for (auto [N, C] : {std::pair<int64_t, int64_t>{41, 73}, {2000, 73}, {41, 96}, {2000, 96}}) {
+      const int64_t n = N * C, L = 3;
       OpCase c(act);
       c.add("x", {N, C}, Kind::act, randn(size_t(n)))
           .add("x0", {N, C}, Kind::act, randn(size_t(n)))
-          .add("out", {N, C}, Kind::act, poison(size_t(n)))
+          .add("mixed", {N, C}, Kind::act, poison(size_t(n)))
+          .add("normed", {N, C}, Kind::act, poison(size_t(n)))
+          .add("rstd", {N}, Kind::f32, poison(size_t(N)))
           .add("resid", {L}, Kind::f32, uniform(size_t(L), 0.5f, 1.5f))
           .add("x0l", {L}, Kind::f32, uniform(size_t(L), -0.5f, 0.5f))
-          .add("dout", {N, C}, Kind::act, randn(size_t(n)))
+          .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f))
+          .add("dnormed", {N, C}, Kind::act, randn(size_t(n)))
+          .add("dmixed", {N, C}, Kind::act, randn(size_t(n)))
           .add("dx", {N, C}, Kind::act, poison(size_t(n)))
           .add("dx0", {N, C}, Kind::act, randn(size_t(n)))
           .add("dresid", {L}, Kind::f32, randn(size_t(L)))
           .add("dx0l", {L}, Kind::f32, randn(size_t(L)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)));
-      c.check("residual_mix N=" + std::to_string(N),
+      c.check("residual_mix_norm N=" + std::to_string(N) + " C=" + std::to_string(C),
               [](Backend& b, const Args& t) {
-                b.residual_mix_forward(t["out"], t["x"], t["x0"], t["resid"], t["x0l"], 1);
-                b.residual_mix_backward(t["dx"], t["dx0"], t["dresid"], t["dx0l"], t["dout"],
-                                        t["x"], t["x0"], t["resid"], t["x0l"], 1);
-                b.residual_mix_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
-                                        t["g_in_place"], t["x"], t["x0"], t["resid"], t["x0l"], 2);
+                b.residual_mix_norm_forward(t["mixed"], t["normed"], t["rstd"], t["x"], t["x0"],
+                                            t["resid"], t["x0l"], 1);
+                b.residual_mix_norm_backward(t["dx"], t["dx0"], t["dresid"], t["dx0l"],
+                                             t["dnormed"], t["dmixed"], t["x"], t["x0"], t["r"],
+                                             t["resid"], t["x0l"], 1);
+                // dx aliasing dmixed, for another layer.
+                b.residual_mix_norm_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
+                                             t["dnormed"], t["g_in_place"], t["x"], t["x0"], t["r"],
+                                             t["resid"], t["x0l"], 2);
               },
-              {{"out", kElementwise, kBf16},
-               {"dx", kElementwise, kBf16},
-               {"dx0", kElementwise, kBf16},
+              {{"mixed", kElementwise, kBf16},
+               {"normed", kReduction, kBf16},
+               {"rstd", kReduction, kReduction},
+               {"dx", kReduction, kBf16},
+               {"dx0", kReduction, kBf16},
                {"dresid", kReduction, kReduction},
                {"dx0l", kReduction, kReduction},
-               {"g_in_place", kElementwise, kBf16}});
+               {"g_in_place", kReduction, kBf16}});
     }
   }
 }

@@ -30,7 +30,7 @@ class CpuBackend : public Backend {
   void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) override;
 
   void rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) override;
-  void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) override;
+  void rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor residual) override;
 
   void norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
                          int pos0) override;
@@ -45,10 +45,11 @@ class CpuBackend : public Backend {
   void relu2_forward(Tensor out, Tensor x) override;
   void relu2_backward(Tensor dx, Tensor dout, Tensor x) override;
 
-  void residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
-                            int layer) override;
-  void residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l, Tensor dout,
-                             Tensor x, Tensor x0, Tensor resid, Tensor x0l, int layer) override;
+  void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x, Tensor x0,
+                                 Tensor resid, Tensor x0l, int layer) override;
+  void residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l, Tensor dnormed,
+                                  Tensor dmixed, Tensor x, Tensor x0, Tensor rstd, Tensor resid,
+                                  Tensor x0l, int layer) override;
 
   void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) override;
   void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,

@@ -1,4 +1,6 @@
 // Weightless RMSNorm over the last dimension: out = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps).
+#include "backend/cpu/rmsnorm.h"
+
 #include <cfloat>
 #include <cmath>
 
@@ -23,39 +25,50 @@ void check_rmsnorm(const char* op, Tensor y, const char* y_name, Tensor x, Tenso
 
 }  // namespace
 
-void CpuBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
-  check_rmsnorm("rmsnorm_forward", out, "out", x, rstd);
-  int64_t N = x.rows(), C = x.dim(-1);
-#pragma omp parallel for
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xr = x.f32() + n * C;
-    float* yr = out.f32() + n * C;
-    double ss = 0.0;
-    for (int64_t c = 0; c < C; ++c) ss += double(xr[c]) * xr[c];
-    float r = float(1.0 / std::sqrt(ss / double(C) + kEps));
-    for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * r;
-    rstd.f32()[n] = r;
+namespace cpu {
+
+float rmsnorm_row(float* out, const float* x, int64_t C) {
+  double ss = 0.0;
+  for (int64_t c = 0; c < C; ++c) ss += double(x[c]) * x[c];
+  const float r = float(1.0 / std::sqrt(ss / double(C) + kEps));
+  for (int64_t c = 0; c < C; ++c) out[c] = x[c] * r;
+  return r;
+}
+
+// With y = x * r and dr/dx = -r^3 x / C:  dx = r * (dout - x * r^2 * mean(dout * x)). The dot
+// product is taken before dx is written, and each element reads dout and residual before
+// writing dx, so dx may alias either.
+void rmsnorm_backward_row(float* dx, const float* dout, const float* x, float r,
+                          const float* residual, int64_t C) {
+  double dot = 0.0;
+  for (int64_t c = 0; c < C; ++c) dot += double(dout[c]) * x[c];
+  const float k = float(dot / double(C)) * r * r;
+  for (int64_t c = 0; c < C; ++c) {
+    const float g = r * (dout[c] - x[c] * k);
+    dx[c] = residual ? g + residual[c] : g;
   }
 }
 
-// With y = x * r and dr/dx = -r^3 x / C:  dx = r * (dout - x * r^2 * mean(dout * x)).
-// The dot product is taken before dx is written, so dx may alias dout.
-void CpuBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) {
+}  // namespace cpu
+
+void CpuBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
+  check_rmsnorm("rmsnorm_forward", out, "out", x, rstd);
+  const int64_t N = x.rows(), C = x.dim(-1);
+#pragma omp parallel for
+  for (int64_t n = 0; n < N; ++n)
+    rstd.f32()[n] = cpu::rmsnorm_row(out.f32() + n * C, x.f32() + n * C, C);
+}
+
+void CpuBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor residual) {
   check_rmsnorm("rmsnorm_backward", dout, "dout", x, rstd);
-  check(dx.dtype == DType::f32 && dx.shape == x.shape,
-        "rmsnorm_backward: dx {} {} does not match x {}", dx.shape.str(), dtype_name(dx.dtype),
-        x.shape.str());
-  int64_t N = x.rows(), C = x.dim(-1);
+  check_rmsnorm("rmsnorm_backward", dx, "dx", x, rstd);
+  if (!residual.empty()) check_rmsnorm("rmsnorm_backward", residual, "residual", x, rstd);
+  const int64_t N = x.rows(), C = x.dim(-1);
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
-    const float* xr = x.f32() + n * C;
-    const float* gr = dout.f32() + n * C;
-    float* dr = dx.f32() + n * C;
-    double dot = 0.0;
-    for (int64_t c = 0; c < C; ++c) dot += double(gr[c]) * xr[c];
-    float r = rstd.f32()[n];
-    float k = float(dot / double(C)) * r * r;
-    for (int64_t c = 0; c < C; ++c) dr[c] = r * (gr[c] - xr[c] * k);
+    const float* res = residual.empty() ? nullptr : residual.f32() + n * C;
+    cpu::rmsnorm_backward_row(dx.f32() + n * C, dout.f32() + n * C, x.f32() + n * C, rstd.f32()[n],
+                              res, C);
   }
 }
 

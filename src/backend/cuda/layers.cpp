@@ -11,7 +11,7 @@
 #include "embedding.cuh"
 #include "norm_rope.cuh"
 #include "relu2.cuh"
-#include "residual_mix.cuh"
+#include "residual_mix_norm.cuh"
 #include "rmsnorm.cuh"
 #include "softcap_cross_entropy.cuh"
 #include "value_gate.cuh"
@@ -132,13 +132,15 @@ void CudaBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
   });
 }
 
-void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd) {
-  check_rmsnorm("rmsnorm_backward", dout, "dout", x, rstd, activation_);
-  check_like("rmsnorm_backward", "dx", dx, x, activation_);
-  dispatch("rmsnorm_backward", activation_, [&](auto tag) {
+void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor residual) {
+  const char* op = "rmsnorm_backward";
+  check_rmsnorm(op, dout, "dout", x, rstd, activation_);
+  check_like(op, "dx", dx, x, activation_);
+  if (!residual.empty()) check_like(op, "residual", residual, x, activation_);
+  dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::rmsnorm_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), ptr<float>(rstd), x.rows(),
-                           x.dim(-1), stream_.get());
+    cuda::rmsnorm_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), ptr<float>(rstd), ptr<T>(residual),
+                           x.rows(), x.dim(-1), stream_.get());
   });
 }
 
@@ -231,38 +233,40 @@ void CudaBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
   });
 }
 
-void CudaBackend::residual_mix_forward(Tensor out, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
-                                       int layer) {
-  const char* op = "residual_mix_forward";
+void CudaBackend::residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x,
+                                            Tensor x0, Tensor resid, Tensor x0l, int layer) {
+  const char* op = "residual_mix_norm_forward";
   check_layer_scalars(op, resid, x0l, layer);
-  check_like(op, "x", x, x, activation_);
+  check_rmsnorm(op, normed, "normed", x, rstd, activation_);
   check_like(op, "x0", x0, x, activation_);
-  check_like(op, "out", out, x, activation_);
+  check_like(op, "mixed", mixed, x, activation_);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::residual_mix_forward(ptr<T>(out), ptr<T>(x), ptr<T>(x0), ptr<float>(resid),
-                               ptr<float>(x0l), layer, x.numel(), stream_.get());
+    cuda::residual_mix_norm_forward(ptr<T>(mixed), ptr<T>(normed), ptr<float>(rstd), ptr<T>(x),
+                                    ptr<T>(x0), ptr<float>(resid), ptr<float>(x0l), layer, x.rows(),
+                                    x.dim(-1), stream_.get());
   });
 }
 
-void CudaBackend::residual_mix_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
-                                        Tensor dout, Tensor x, Tensor x0, Tensor resid, Tensor x0l,
-                                        int layer) {
-  const char* op = "residual_mix_backward";
+void CudaBackend::residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
+                                             Tensor dnormed, Tensor dmixed, Tensor x, Tensor x0,
+                                             Tensor rstd, Tensor resid, Tensor x0l, int layer) {
+  const char* op = "residual_mix_norm_backward";
   check_layer_scalars(op, resid, x0l, layer);
   check_layer_scalars(op, dresid, dx0l, layer);
   expect_shape(op, "dresid", dresid, "resid", resid);
-  check_like(op, "x", x, x, activation_);
+  check_rmsnorm(op, dnormed, "dnormed", x, rstd, activation_);
   check_like(op, "x0", x0, x, activation_);
   check_like(op, "dx", dx, x, activation_);
   check_like(op, "dx0", dx0, x, activation_);
-  check_like(op, "dout", dout, x, activation_);
-  void* work = scratch(cuda::residual_mix_backward_scratch_bytes(x.numel()));
+  check_like(op, "dmixed", dmixed, x, activation_);
+  void* work = scratch(cuda::residual_mix_norm_backward_scratch_bytes(x.rows()));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::residual_mix_backward(ptr<T>(dx), ptr<T>(dx0), ptr<float>(dresid), ptr<float>(dx0l),
-                                ptr<T>(dout), ptr<T>(x), ptr<T>(x0), ptr<float>(resid),
-                                ptr<float>(x0l), layer, x.numel(), work, stream_.get());
+    cuda::residual_mix_norm_backward(ptr<T>(dx), ptr<T>(dx0), ptr<float>(dresid), ptr<float>(dx0l),
+                                     ptr<T>(dnormed), ptr<T>(dmixed), ptr<T>(x), ptr<T>(x0),
+                                     ptr<float>(rstd), ptr<float>(resid), ptr<float>(x0l), layer,
+                                     x.rows(), x.dim(-1), work, stream_.get());
   });
 }
 
