@@ -1,6 +1,7 @@
 // One warp per head row (D <= a few hundred), as rmsnorm.cu. Lane l owns the channel pairs
-// (i, i + D/2) with i = l, l + 32, ...: it reads a pair before writing it and no other lane
-// touches it, which is what makes the in-place forms safe.
+// (i, i + D/2) for i in packs of V starting at l * V, l * V + 32 V, ...: it reads its pairs
+// before writing them and no other lane touches them, which is what makes the in-place forms
+// safe. V = 2 fills the 32 lanes at head_dim 128 (64 pairs).
 #include <cfloat>
 
 #include "common.cuh"
@@ -29,58 +30,92 @@ struct HeadRow {
 };
 
 // n = x * r; out1 = n1 cos + n2 sin, out2 = -n1 sin + n2 cos.
-template <typename T>
+template <int V, typename T>
 __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const float* cos,
                                          const float* sin, int64_t rows, int64_t T_, int64_t H,
                                          int64_t d, int pos0) {
   const HeadRow h(cos, sin, T_, H, d, pos0);
   if (h.row >= rows) return;
-  const int lane = h.lane;
-  const float *c = h.cos, *s = h.sin;
   const T* xr = x + h.row * 2 * d;
   T* yr = out + h.row * 2 * d;
   float ss = 0.f;
-  for (int64_t i = lane; i < d; i += 32) {
-    const float a = to_float(xr[i]), e = to_float(xr[i + d]);
-    ss += a * a + e * e;
+  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+    float a[V], e[V];
+    load(a, xr + i);
+    load(e, xr + i + d);
+#pragma unroll
+    for (int k = 0; k < V; ++k) ss += a[k] * a[k] + e[k] * e[k];
   }
   ss = warp_sum(ss);
   const float r = 1.f / sqrtf(ss / float(2 * d) + FLT_EPSILON);
-  for (int64_t i = lane; i < d; i += 32) {
-    const float a = to_float(xr[i]) * r, e = to_float(xr[i + d]) * r;
-    yr[i] = from_float<T>(a * c[i] + e * s[i]);
-    yr[i + d] = from_float<T>(-a * s[i] + e * c[i]);
+  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+    float a[V], e[V], c[V], s[V], y1[V], y2[V];
+    load(a, xr + i);
+    load(e, xr + i + d);
+    load(c, h.cos + i);
+    load(s, h.sin + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      y1[k] = r * (a[k] * c[k] + e[k] * s[k]);
+      y2[k] = r * (-a[k] * s[k] + e[k] * c[k]);
+    }
+    store(yr + i, y1);
+    store(yr + i + d, y2);
   }
-  if (lane == 0) rstd[h.row] = r;
+  if (h.lane == 0) rstd[h.row] = r;
 }
 
 // dn = the transposed rotation of dout; dx = r * (dn - x * r^2 * mean(dn * x)).
-template <typename T>
+template <int V, typename T>
 __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, const float* rstd,
                                           const float* cos, const float* sin, int64_t rows,
                                           int64_t T_, int64_t H, int64_t d, int pos0) {
   const HeadRow h(cos, sin, T_, H, d, pos0);
   if (h.row >= rows) return;
-  const int lane = h.lane;
-  const float *c = h.cos, *s = h.sin;
   const T* xr = x + h.row * 2 * d;
   const T* gr = dout + h.row * 2 * d;
   T* dr = dx + h.row * 2 * d;
   float dot = 0.f;
-  for (int64_t i = lane; i < d; i += 32) {
-    const float g1 = to_float(gr[i]), g2 = to_float(gr[i + d]);
-    dot +=
-        (g1 * c[i] - g2 * s[i]) * to_float(xr[i]) + (g1 * s[i] + g2 * c[i]) * to_float(xr[i + d]);
+  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+    float g1[V], g2[V], a[V], e[V], c[V], s[V];
+    load(g1, gr + i);
+    load(g2, gr + i + d);
+    load(a, xr + i);
+    load(e, xr + i + d);
+    load(c, h.cos + i);
+    load(s, h.sin + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      dot += (g1[k] * c[k] - g2[k] * s[k]) * a[k] + (g1[k] * s[k] + g2[k] * c[k]) * e[k];
   }
   dot = warp_sum(dot);
   const float r = rstd[h.row];
-  const float k = dot / float(2 * d) * r * r;
-  for (int64_t i = lane; i < d; i += 32) {
-    const float g1 = to_float(gr[i]), g2 = to_float(gr[i + d]);
-    const float n1 = g1 * c[i] - g2 * s[i], n2 = g1 * s[i] + g2 * c[i];
-    dr[i] = from_float<T>(r * (n1 - to_float(xr[i]) * k));
-    dr[i + d] = from_float<T>(r * (n2 - to_float(xr[i + d]) * k));
+  const float scale = dot / float(2 * d) * r * r;
+  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+    float g1[V], g2[V], a[V], e[V], c[V], s[V];
+    load(g1, gr + i);
+    load(g2, gr + i + d);
+    load(a, xr + i);
+    load(e, xr + i + d);
+    load(c, h.cos + i);
+    load(s, h.sin + i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float n1 = g1[k] * c[k] - g2[k] * s[k], n2 = g1[k] * s[k] + g2[k] * c[k];
+      a[k] = r * (n1 - a[k] * scale);
+      e[k] = r * (n2 - e[k] * scale);
+    }
+    store(dr + i, a);
+    store(dr + i + d, e);
   }
+}
+
+// Packs of two channels: the half-row length d must be even (so that every row, half row and
+// table row starts on a pack) and every pointer aligned to a pack.
+template <typename T, typename... P>
+bool pairs_packed(int64_t d, const float* cos, const float* sin, const P*... rows) {
+  return d % 2 == 0 && packs_aligned(2 * sizeof(float), cos, sin) &&
+         packs_aligned(2 * sizeof(T), rows...);
 }
 
 }  // namespace
@@ -90,8 +125,11 @@ void norm_rope_forward(T* out, float* rstd, const T* x, const float* cos, const 
                        int64_t B, int64_t T_, int64_t H, int64_t D, int pos0, cudaStream_t stream) {
   const int64_t rows = B * T_ * H;
   if (rows == 0) return;
-  norm_rope_forward_kernel<<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
-      out, rstd, x, cos, sin, rows, T_, H, D / 2, pos0);
+  launch_packed<2>(pairs_packed<T>(D / 2, cos, sin, out, x), [&](auto V) {
+    norm_rope_forward_kernel<decltype(V)::value>
+        <<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(out, rstd, x, cos, sin, rows, T_,
+                                                                   H, D / 2, pos0);
+  });
   launch_check("norm_rope_forward", stream);
 }
 
@@ -101,8 +139,11 @@ void norm_rope_backward(T* dx, const T* dout, const T* x, const float* rstd, con
                         cudaStream_t stream) {
   const int64_t rows = B * T_ * H;
   if (rows == 0) return;
-  norm_rope_backward_kernel<<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
-      dx, dout, x, rstd, cos, sin, rows, T_, H, D / 2, pos0);
+  launch_packed<2>(pairs_packed<T>(D / 2, cos, sin, dx, dout, x), [&](auto V) {
+    norm_rope_backward_kernel<decltype(V)::value>
+        <<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(dx, dout, x, rstd, cos, sin,
+                                                                   rows, T_, H, D / 2, pos0);
+  });
   launch_check("norm_rope_backward", stream);
 }
 
