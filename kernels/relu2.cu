@@ -22,15 +22,15 @@ __global__ void relu2_forward_kernel(T* out, const T* x, int64_t n) {
 }
 
 template <int V, typename T>
-__global__ void relu2_backward_kernel(T* dx, const T* dout, const T* x, int64_t n) {
+__global__ void relu2_backward_kernel(T* dx, const T* dout, const T* out, int64_t n) {
   const int64_t i = pack_start<V>();
   if (i >= n) return;
   const int count = int(min(int64_t(V), n - i));
-  float g[V], v[V];
+  float g[V], y[V];
   load(g, dout + i, count);
-  load(v, x + i, count);
+  load(y, out + i, count);
 #pragma unroll
-  for (int k = 0; k < V; ++k) g[k] *= 2.f * fmaxf(v[k], 0.f);
+  for (int k = 0; k < V; ++k) g[k] *= 2.f * sqrtf(y[k]);
   store(dx + i, g, count);
 }
 
@@ -47,11 +47,12 @@ void relu2_forward(T* out, const T* x, int64_t n, cudaStream_t stream) {
 }
 
 template <typename T>
-void relu2_backward(T* dx, const T* dout, const T* x, int64_t n, cudaStream_t stream) {
+void relu2_backward(T* dx, const T* dout, const T* out, int64_t n, cudaStream_t stream) {
   if (n == 0) return;
-  launch_packed<kPack<T>>(packs_aligned(16, dx, dout, x), [&](auto V) {
+  launch_packed<kPack<T>>(packs_aligned(16, dx, dout, out), [&](auto V) {
     constexpr int v = decltype(V)::value;
-    relu2_backward_kernel<v><<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(dx, dout, x, n);
+    relu2_backward_kernel<v>
+        <<<blocks_for(n, kThreads * v), kThreads, 0, stream>>>(dx, dout, out, n);
   });
   launch_check("relu2_backward", stream);
 }

@@ -106,9 +106,11 @@ class Backend {
   virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
                                   Tensor v, Tensor out, Tensor lse, int window) = 0;
 
-  // ---- ReLU squared ----
+  // ---- ReLU squared: out = max(x, 0)^2 ----
   virtual void relu2_forward(Tensor out, Tensor x) = 0;
-  virtual void relu2_backward(Tensor dx, Tensor dout, Tensor x) = 0;
+  // dx = 2 sqrt(out) dout, from the forward's output rather than its input: max(x, 0) is
+  // sqrt(out), so the forward may run in place and the model keeps one hidden buffer, not two.
+  virtual void relu2_backward(Tensor dx, Tensor dout, Tensor out) = 0;
 
   // ---- residual mix, then RMSNorm: the top of every block ----
   // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved.

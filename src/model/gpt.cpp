@@ -70,8 +70,7 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
     plan.add(set.x_mid, {N, C}, act);
     plan.add(set.xn2, {N, C}, act);
     plan.add(set.rstd2, {N}, f32);
-    plan.add(set.fc, {N, 4 * C}, act);
-    plan.add(set.act, {N, 4 * C}, act);
+    plan.add(set.hidden, {N, 4 * C}, act);
   }
   a.block_out.resize(shape.depth);
   for (Tensor& out : a.block_out) plan.add(out, {N, C}, act);
@@ -251,10 +250,10 @@ void Gpt::forward_block(int i, bool with_output) {
                acts_.x_mix);
   // MLP with ReLU squared.
   b.rmsnorm_forward(a.xn2, a.rstd2, a.x_mid);
-  b.matmul(a.fc, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
-  b.relu2_forward(a.act, a.fc);
+  b.matmul(a.hidden, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
+  b.relu2_forward(a.hidden, a.hidden);
   if (!with_output) return;
-  b.matmul_add(acts_.block_out[i], a.act, w(i, "mlp.c_proj.weight"), false, true, a.x_mid);
+  b.matmul_add(acts_.block_out[i], a.hidden, w(i, "mlp.c_proj.weight"), false, true, a.x_mid);
 }
 
 // The lm_head and the softcapped cross-entropy, a chunk of rows at a time. With a gradient, a
@@ -314,11 +313,11 @@ void Gpt::backward_block(int i) {
   const Tensor dresid = grad(table_.find("resid_lambdas")), dx0l = grad(table_.find("x0_lambdas"));
   const BlockActs& a = block(i);
   Activations& d = acts_;  // the activation gradients live beside the activations
-  // MLP: x_out = x_mid + act @ Wproj^T, act = relu2(norm(x_mid) @ Wfc^T). dx is d(x_out), which
-  // is also the gradient of the MLP branch.
-  b.matmul(dw(i, "mlp.c_proj.weight"), d.dx, a.act, true, false, true);
+  // MLP: x_out = x_mid + hidden @ Wproj^T, hidden = relu2(norm(x_mid) @ Wfc^T). dx is d(x_out),
+  // which is also the gradient of the MLP branch.
+  b.matmul(dw(i, "mlp.c_proj.weight"), d.dx, a.hidden, true, false, true);
   b.matmul(d.dhidden, d.dx, w(i, "mlp.c_proj.weight"), false, false, false);
-  b.relu2_backward(d.dhidden, d.dhidden, a.fc);
+  b.relu2_backward(d.dhidden, d.dhidden, a.hidden);
   b.matmul(dw(i, "mlp.c_fc.weight"), d.dhidden, a.xn2, true, false, true);
   b.matmul(d.dxn, d.dhidden, w(i, "mlp.c_fc.weight"), false, false, false);
   b.rmsnorm_backward(d.dxmid, d.dxn, a.x_mid, a.rstd2, d.dx);  // + the MLP's skip connection

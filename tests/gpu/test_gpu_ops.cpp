@@ -291,9 +291,13 @@ TEST_CASE("gpu attention through the backend matches the CPU", "[gpu][ops][atten
 TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     const int64_t n = 50021;
+    // The backward reads the forward's output: squares of random values, some zero.
+    std::vector<float> y = randn(size_t(n));
+    for (float& v : y) v = v > 0.f ? v * v : 0.f;
     OpCase c(act);
     c.add("x", {n}, Kind::act, randn(size_t(n)))
         .add("out", {n}, Kind::act, poison(size_t(n)))
+        .add("y", {n}, Kind::act, y)
         .add("dout", {n}, Kind::act, randn(size_t(n)))
         .add("dx", {n}, Kind::act, poison(size_t(n)))
         .add("g_in_place", {n}, Kind::act, randn(size_t(n)))
@@ -303,8 +307,8 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
     c.check("relu2",
             [n](Backend& b, const Args& t) {
               b.relu2_forward(t["out"], t["x"]);
-              b.relu2_backward(t["dx"], t["dout"], t["x"]);
-              b.relu2_backward(t["g_in_place"], t["g_in_place"], t["x"]);
+              b.relu2_backward(t["dx"], t["dout"], t["y"]);
+              b.relu2_backward(t["g_in_place"], t["g_in_place"], t["y"]);
               b.relu2_forward(t["shifted"].slice(1, n - 1), t["x"].slice(0, n - 1));
             },
             {{"out", kElementwise, kBf16},

@@ -1,4 +1,7 @@
-// Squared ReLU, the MLP nonlinearity: out = max(x, 0)^2, so dx = 2 max(x, 0) dout.
+// Squared ReLU, the MLP nonlinearity: out = max(x, 0)^2, so dx = 2 max(x, 0) dout = 2 sqrt(out)
+// dout.
+#include <cmath>
+
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
@@ -24,15 +27,12 @@ void CpuBackend::relu2_forward(Tensor out, Tensor x) {
   }
 }
 
-void CpuBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
-  check_relu2("relu2_backward", dout, "dout", x);
-  check_relu2("relu2_backward", dx, "dx", x);
-  int64_t n = x.numel();
+void CpuBackend::relu2_backward(Tensor dx, Tensor dout, Tensor out) {
+  check_relu2("relu2_backward", dout, "dout", out);
+  check_relu2("relu2_backward", dx, "dx", out);
+  int64_t n = out.numel();
 #pragma omp parallel for
-  for (int64_t i = 0; i < n; ++i) {
-    float r = x.f32()[i] > 0.f ? x.f32()[i] : 0.f;
-    dx.f32()[i] = 2.f * r * dout.f32()[i];
-  }
+  for (int64_t i = 0; i < n; ++i) dx.f32()[i] = 2.f * std::sqrt(out.f32()[i]) * dout.f32()[i];
 }
 
 }  // namespace lmtrain

@@ -75,7 +75,7 @@ class CudaBackend final : public Backend {
                           Tensor v, Tensor out, Tensor lse, int window) override;
 
   void relu2_forward(Tensor out, Tensor x) override;
-  void relu2_backward(Tensor dx, Tensor dout, Tensor x) override;
+  void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;
 
   void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x, Tensor x0,
                                  Tensor resid, Tensor x0l, int layer) override;

@@ -224,12 +224,12 @@ void CudaBackend::relu2_forward(Tensor out, Tensor x) {
   });
 }
 
-void CudaBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
-  check_relu2("relu2_backward", dout, "dout", x, activation_);
-  check_relu2("relu2_backward", dx, "dx", x, activation_);
+void CudaBackend::relu2_backward(Tensor dx, Tensor dout, Tensor out) {
+  check_relu2("relu2_backward", dout, "dout", out, activation_);
+  check_relu2("relu2_backward", dx, "dx", out, activation_);
   dispatch("relu2_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::relu2_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), x.numel(), stream_.get());
+    cuda::relu2_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(out), out.numel(), stream_.get());
   });
 }
 
