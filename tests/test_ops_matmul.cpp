@@ -66,6 +66,12 @@ TEST_CASE("matmul_add adds a separate addend, or in place, and checks it", "[ops
     cpu.matmul_add(f32(out, {M, N}), f32(a, {M, K}), tb_shape, false, tb, f32(addend, {M, N}));
     require_close(fmt::format("matmul_add tb {}", tb), out, want, 1e-5);
     CHECK(addend == addend_before);  // read, not written
+    // Scaled terms, as Polar Express uses them: out = alpha a b + beta addend.
+    const auto want_scaled = naive_matmul(a, b, addend, 1, M, N, K, false, tb, -0.75f, 2.5f);
+    cpu.matmul_add(f32(out, {M, N}), f32(a, {M, K}), tb_shape, false, tb, f32(addend, {M, N}),
+                   -0.75f, 2.5f);
+    require_close(fmt::format("matmul_add scaled tb {}", tb), out, want_scaled, 1e-5);
+    CHECK(addend == addend_before);
     cpu.matmul_add(f32(addend, {M, N}), f32(a, {M, K}), tb_shape, false, tb, f32(addend, {M, N}));
     require_close(fmt::format("matmul_add in place tb {}", tb), addend, want, 1e-5);
   }

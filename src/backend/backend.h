@@ -72,10 +72,11 @@ class Backend {
   // Rank 3: the same, batched over the leading dimension of all three.
   virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
                       float alpha = 1.f) = 0;
-  // out = op(a) @ op(b) + addend, addend of out's shape and dtype: a residual connection in one
-  // pass, where copying addend into out and accumulating would take two.
-  virtual void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                          Tensor addend) = 0;
+  // out = alpha * op(a) @ op(b) + beta * addend, addend of out's shape and dtype: a residual
+  // connection (or a polynomial's lower terms) in one pass, where copying addend into out and
+  // accumulating would take two or three.
+  virtual void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
+                          float alpha = 1.f, float beta = 1.f) = 0;
 
   // ---- embedding: out (N,C) = table[tokens]; dtable[tokens] += dout ----
   virtual void embedding_forward(Tensor out, Tensor table, Tensor tokens) = 0;

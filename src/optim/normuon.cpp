@@ -127,12 +127,9 @@ void NorMuon::orthogonalize(Tensor u) {
   for (int i = 0; i < config_.ortho_steps; ++i) {
     const auto& [ca, cb, cc] =
         polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)] : kNewtonSchulz5;
-    b.matmul(gram, x, x, false, true, false);             // A = X X^T
-    b.matmul(poly, gram, gram, false, false, false, cc);  // B = c A A
-    b.add(poly, gram, cb);                                //   + b A
-    b.copy(y, x);
-    b.scale(y, ca);                            // Y = a X
-    b.matmul(y, poly, x, false, false, true);  //   + B X
+    b.matmul(gram, x, x, false, true, false);                    // A = X X^T
+    b.matmul_add(poly, gram, gram, false, false, gram, cc, cb);  // B = c A A + b A
+    b.matmul_add(y, poly, x, false, false, x, 1.f, ca);          // Y = B X + a X
     std::swap(x, y);
   }
   Tensor result = x;

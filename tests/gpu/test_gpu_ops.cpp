@@ -122,6 +122,8 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
               .add("acc", so, Kind::act, randn(size_t(so.numel())))
               .add("addend", so, Kind::act, randn(size_t(so.numel())))
               .add("sum", so, Kind::act, poison(size_t(so.numel())))
+              .add("scaled", so, Kind::act, poison(size_t(so.numel())))
+              .add("fscaled", so, Kind::f32, poison(size_t(so.numel())))
               .add("grad", so, Kind::f32, randn(size_t(so.numel())))
               .add("fa", sa, Kind::f32, randn(size_t(sa.numel())))
               .add("fb", sb, Kind::f32, randn(size_t(sb.numel())))
@@ -134,6 +136,9 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
                     b.matmul(t["out"], t["a"], t["b"], ta, tb, false);
                     b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
                     b.matmul_add(t["sum"], t["a"], t["b"], ta, tb, t["addend"]);
+                    b.matmul_add(t["scaled"], t["a"], t["b"], ta, tb, t["addend"], -0.75f, 2.5f);
+                    // Polar Express's form: f32 matrices, f32 addend.
+                    b.matmul_add(t["fscaled"], t["fa"], t["fb"], ta, tb, t["fout"], 1.25f, -0.5f);
                     b.matmul(t["grad"], t["a"], t["b"], ta, tb,
                              true);  // act inputs, f32 accumulator
                     b.matmul(t["fout"], t["fa"], t["fb"], ta, tb, true, -1.5f);  // optimizer matmul
@@ -141,6 +146,8 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
                   {{"out", kReduction, kBf16},
                    {"acc", kReduction, kBf16},
                    {"sum", kReduction, kBf16},
+                   {"scaled", kReduction, kBf16},
+                   {"fscaled", kReduction, kTf32},
                    {"grad", kReduction, kReduction},
                    {"fout", kReduction, kTf32}});
         }

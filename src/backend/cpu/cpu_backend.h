@@ -21,8 +21,8 @@ class CpuBackend : public Backend {
   void scale(Tensor x, float alpha) override;
   double sum_squares(Tensor x) override;
 
-  void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                  Tensor addend) override;
+  void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
+                  float alpha = 1.f, float beta = 1.f) override;
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
               float alpha = 1.f) override;
 

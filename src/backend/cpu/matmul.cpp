@@ -37,10 +37,11 @@ void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans
 }
 
 void CpuBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                            Tensor addend) {
+                            Tensor addend, float alpha, float beta) {
   check_matmul_addend(out, addend);
   if (out.data != addend.data) copy(out, addend);
-  matmul(out, a, b, trans_a, trans_b, true);
+  if (beta != 1.f) scale(out, beta);
+  matmul(out, a, b, trans_a, trans_b, true, alpha);
 }
 
 }  // namespace lmtrain

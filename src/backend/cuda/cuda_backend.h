@@ -55,8 +55,8 @@ class CudaBackend final : public Backend {
 
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
               float alpha = 1.f) override;
-  void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                  Tensor addend) override;
+  void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
+                  float alpha = 1.f, float beta = 1.f) override;
 
   void embedding_forward(Tensor out, Tensor table, Tensor tokens) override;
   void embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) override;
@@ -128,9 +128,10 @@ class CudaBackend final : public Backend {
     cublasLtMatmulAlgo_t algo;
   };
   const MatmulPlan& matmul_plan(const MatmulKey& key);
-  // out = alpha * op(a) @ op(b) + addend (beta 1) or + 0 (addend empty): cuBLASLt's C is addend
-  // and its D is out, which may be the same memory.
-  void gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend, float alpha);
+  // out = alpha * op(a) @ op(b) + beta * addend, or + 0 when addend is empty: cuBLASLt's C is
+  // addend and its D is out, which may be the same memory.
+  void gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend, float alpha,
+            float beta);
 
   // Device scratch for the ops that need temporary memory. There is one stream, so ops never
   // overlap and can share it; it grows on demand and never shrinks.

@@ -121,17 +121,17 @@ const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
 
 void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
                          bool accumulate, float alpha) {
-  gemm(out, a, b, trans_a, trans_b, accumulate ? out : Tensor{}, alpha);
+  gemm(out, a, b, trans_a, trans_b, accumulate ? out : Tensor{}, alpha, 1.f);
 }
 
 void CudaBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
-                             Tensor addend) {
+                             Tensor addend, float alpha, float beta) {
   check_matmul_addend(out, addend);
-  gemm(out, a, b, trans_a, trans_b, addend, 1.f);
+  gemm(out, a, b, trans_a, trans_b, addend, alpha, beta);
 }
 
 void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
-                       float alpha) {
+                       float alpha, float beta) {
   const int rank = out.shape.rank;
   check((rank == 2 || rank == 3) && a.shape.rank == rank && b.shape.rank == rank,
         "matmul: out {}, a {} and b {} must all be rank 2 or all rank 3", out.shape.str(),
@@ -156,6 +156,7 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
   if (K == 0) {
     if (!accumulate) fill(out, 0.f);
     if (accumulate && addend.data != out.data) copy(out, addend);
+    if (accumulate && beta != 1.f) scale(out, beta);
     return;
   }
 
@@ -171,7 +172,7 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
                       alignment(b.data),
                       std::min(alignment(out.data), accumulate ? alignment(addend.data) : 256)};
   const MatmulPlan& plan = matmul_plan(key);
-  const float beta = accumulate ? 1.f : 0.f;
+  if (!accumulate) beta = 0.f;
   lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data,
                           plan.b.get(), &beta, accumulate ? addend.data : out.data, plan.out.get(),
                           out.data, plan.out.get(), &plan.algo, lt_workspace_.data(),
