@@ -163,10 +163,16 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
     const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
     metrics["muon/update_rms/" + label] =
         lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
-    for (int64_t k = 0; k < st.count; ++k) {
+    // One update per run of matrices with the same multipliers (usually the whole stack).
+    for (int64_t k = 0, end = 0; k < st.count; k = end) {
+      end = k + 1;
+      while (end < st.count && st.lr_mul[end] == st.lr_mul[k] && st.wd_mul[end] == st.wd_mul[k])
+        ++end;
       const double lr_eff = lr * scale * st.lr_mul[k];
       const double w = wd * st.wd_mul[k];
-      const Tensor p = st.spec.params[k], x = u[k];
+      const int64_t size = st.rows * st.cols;
+      const Tensor p = st.spec.params.slice(k * size, (end - k) * size);
+      const Tensor x = u.slice(k * size, (end - k) * size);
       if (mode == "cautious") {
         b.muon_apply(p, x, float(lr_eff), float(lr_eff * w), true);
       } else {
