@@ -6,11 +6,14 @@ data/tiny) it finds the largest device batch lmtrain fits (64, 32, 16, 8, 4: a r
 an out-of-memory error moves to the next smaller), runs `lmtrain train` at that batch with no
 gradient accumulation (total_batch_tokens = B*T) on the data/tiny shards, reads its
 metrics.jsonl, runs the reference at the same batch on the same shards, and prints a table.
-The first --warmup-steps steps of both are left out. Results go to --out (bench-results/):
-results.md, results.json, and every run's log.
+The first --warmup-steps steps of both are left out. Then one short lmtrain run at that batch
+times every op (run.profile_steps) and its op_profile.json is summarised: the top ops by time
+per step and the per-phase totals (--no-profile skips it). Results go to --out
+(bench-results/): results.md, results.json, and every run's log.
 
 Usage (the Makefile's `make bench` passes --lmtrain $(BUILD)/lmtrain):
   python3 scripts/bench/run.py [--quick] [--configs d12,d20] [--steps 30] [--budget-s 480]
+  python3 scripts/bench/run.py --summarize-profile runs/NAME/op_profile.json   # just the summary
 
 Exit code 0 when every config ran on both sides, 1 when something failed (the table says what),
 2 when a prerequisite (binary, data, config) is missing.
@@ -51,6 +54,10 @@ class Prerequisite(Exception):
 
 class BadMetrics(Exception):
     """metrics.jsonl is missing, malformed or too short."""
+
+
+class BadProfile(Exception):
+    """op_profile.json is missing or malformed."""
 
 
 # --------------------------------------------------------------------------
@@ -172,16 +179,18 @@ def summarize_steps(steps: list[dict], warmup: int, batch_tokens: int) -> dict:
 # One config: lmtrain batch search, then the reference
 # --------------------------------------------------------------------------
 
-def lmtrain_command(a, depth: int, B: int, run_dir: str, name: str) -> list[str]:
+def lmtrain_command(a, depth: int, B: int, run_dir: str, name: str, steps: int | None = None,
+                    extra: dict | None = None) -> list[str]:
     T = a.seq_len
     sets = {
         "model.depth": depth, "model.sequence_len": T, "model.head_dim": a.head_dim,
         "model.aspect_ratio": a.aspect_ratio,
         "batch.device_batch": B, "batch.total_batch_tokens": B * T,
-        "schedule.num_iterations": a.steps,
+        "schedule.num_iterations": steps or a.steps,
         "eval.every": -1, "eval.sample_tokens": 0, "checkpoint.save_final": "false",
         "run.backend": a.backend, "run.dtype": "bf16", "run.out_dir": run_dir, "run.name": name,
         "data.train": a.data, "data.val": a.data, "data.tokenizer": a.tokenizer,
+        **(extra or {}),
     }
     cmd = [a.lmtrain, "train", "--config", BENCH_CONFIG]
     for k, v in sets.items():
@@ -255,9 +264,95 @@ def run_torch(a, depth: int, B: int, deadline: float) -> dict:
     return {**res, "status": "ok", **{k: result[k] for k in keep}}
 
 
+# --------------------------------------------------------------------------
+# The op profile: one short lmtrain run with run.profile_steps at the chosen batch
+# --------------------------------------------------------------------------
+
+def short(v: float) -> str:
+    """A rate to about three significant digits: 312, 45.2, 0.093."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2g}"
+
+
+def summarize_op_profile(report: dict, top: int = 10) -> dict:
+    """The per-step totals, the phases and the `top` ops by time of an op_profile.json."""
+    try:
+        ops = sorted(report["ops"], key=lambda o: -o["ms_per_step"])
+        summary = {
+            "profiled_steps": int(report["profiled_steps"]), "complete": bool(report["complete"]),
+            "first_step": report["steps"][0]["step"] if report["steps"] else None,
+            "last_step": report["steps"][-1]["step"] if report["steps"] else None,
+            "step_wall_ms": float(report["step_wall_ms"]), "op_ms": float(report["op_ms"]),
+            "outside_ops_ms": float(report["outside_ops_ms"]),
+            "phases": [{k: p[k] for k in ("phase", "ms_per_step", "percent", "calls_per_step")}
+                       for p in report["phases"]],
+            "labels": len(ops),
+            "top_ops": [],
+        }
+        for o in ops[:top]:
+            rate = (f"{short(o['tflop_per_s'])} TFLOP/s" if o.get("tflop_per_s") is not None else
+                    f"{short(o['gb_per_s'])} GB/s" if o.get("gb_per_s") is not None else "")
+            summary["top_ops"].append({
+                **{k: o[k] for k in ("phase", "op", "key", "calls_per_step", "ms_per_step", "percent")},
+                "rate": rate})
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise BadProfile(f"unexpected op_profile.json layout ({type(e).__name__}: {e})") from None
+    return summary
+
+
+def render_profile_markdown(title: str, p: dict) -> list[str]:
+    """Markdown lines for one summarize_op_profile() result."""
+    wall, op = p["step_wall_ms"], p["op_ms"]
+    lines = [f"### Op profile: {title}, steps {p['first_step']}-{p['last_step']}"
+             + ("" if p["complete"] else " (the run ended inside the profile window)"), "",
+             f"Per step: {op:.1f} ms of op time (device time between events around each op) in "
+             f"{wall:.1f} ms of wall time; {wall - op:.1f} ms "
+             f"({100 * (wall - op) / wall if wall > 0 else 0:.1f}%) outside the ops.", "",
+             "| phase | ms/step | % of op time | calls/step |", "|---|---|---|---|"]
+    for ph in p["phases"]:
+        lines.append(f"| {ph['phase']} | {ph['ms_per_step']:.2f} | {ph['percent']:.1f}% | "
+                     f"{ph['calls_per_step']:.0f} |")
+    lines += ["", f"Top {len(p['top_ops'])} of {p['labels']} labels by time:", "",
+              "| phase | op | shape | calls/step | ms/step | % | rate |", "|---|---|---|---|---|---|---|"]
+    for o in p["top_ops"]:
+        lines.append(f"| {o['phase']} | {o['op']} | {o['key'] or '—'} | {o['calls_per_step']:g} | "
+                     f"{o['ms_per_step']:.3f} | {o['percent']:.1f}% | {o['rate'] or '—'} |")
+    return lines
+
+
+def run_profile(a, depth: int, B: int, deadline: float) -> dict:
+    name = f"d{depth}-b{B}-profile"
+    log = os.path.join(a.out, "logs", f"lmtrain-{name}.log")
+    remaining = deadline - time.monotonic()
+    if remaining < MIN_RUN_SECONDS:
+        return {"status": "skipped", "batch": B, "reason": "time budget spent"}
+    steps = a.profile_start + a.profile_steps - 1
+    extra = {"run.profile_start": a.profile_start, "run.profile_steps": a.profile_steps}
+    tmp = tempfile.mkdtemp(prefix="lmtrain-bench-")
+    try:
+        limit = min(a.lmtrain_timeout, remaining)
+        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name, steps, extra), log, limit)
+        res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
+        if code is None:
+            return {**res, "status": "timeout", "reason": f"over {limit:.0f} s"}
+        if code != 0:
+            return {**res, "status": "failed", "reason": f"exit code {code}"}
+        path = os.path.join(tmp, name, "op_profile.json")
+        try:
+            with open(path) as f:
+                report = json.load(f)
+            kept = os.path.join(a.out, "logs", f"lmtrain-{name}.op_profile.json")
+            shutil.copy(path, kept)
+            summary = summarize_op_profile(report, a.profile_top)
+        except (OSError, json.JSONDecodeError, BadProfile) as e:
+            return {**res, "status": "failed", "reason": f"op_profile.json: {e}"}
+        return {**res, "status": "ok", "file": os.path.relpath(kept, a.out), **summary}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_config(a, depth: int, deadline: float) -> dict:
     row = {"config": f"d{depth}", "depth": depth, "batch": None, "attempts": [],
-           "lmtrain": None, "torch": None}
+           "lmtrain": None, "torch": None, "profile": None}
     print(f"\n=== d{depth}: lmtrain batch search {a.batches} ===", flush=True)
     for B in a.batches:
         r = run_lmtrain(a, depth, B, deadline)
@@ -281,7 +376,26 @@ def bench_config(a, depth: int, deadline: float) -> dict:
         return row
     if a.skip_torch:
         row["torch"] = {"status": "skipped", "reason": "--skip-torch"}
+    else:
+        bench_torch(a, depth, row, deadline)
+    if a.no_profile:
+        row["profile"] = {"status": "skipped", "reason": "--no-profile"}
         return row
+    print(f"=== d{depth}: lmtrain op profile at B={row['batch']} (steps {a.profile_start}.."
+          f"{a.profile_start + a.profile_steps - 1}) ===", flush=True)
+    p = run_profile(a, depth, row["batch"], deadline)
+    row["profile"] = p
+    print(f"profile d{depth} B={row['batch']}: {p['status']}"
+          + (f" ({p['reason']})" if p.get("reason") else "")
+          + (f", {p['op_ms']:.1f} ms of ops in {p['step_wall_ms']:.1f} ms per step"
+             if p["status"] == "ok" else "")
+          + (f" [{p['seconds']} s]" if "seconds" in p else ""), flush=True)
+    if p["status"] in ("failed", "timeout"):
+        print_failure(f"profile d{depth} B={row['batch']} {p['status']}", os.path.join(a.out, p["log"]))
+    return row
+
+
+def bench_torch(a, depth: int, row: dict, deadline: float) -> None:
     print(f"=== d{depth}: torch reference at B={row['batch']} ===", flush=True)
     t = run_torch(a, depth, row["batch"], deadline)
     row["torch"] = t
@@ -291,7 +405,6 @@ def bench_config(a, depth: int, deadline: float) -> dict:
           + (f" [{t['seconds']} s]" if "seconds" in t else ""), flush=True)
     if t["status"] in ("failed", "timeout"):
         print_failure(f"torch d{depth} B={row['batch']} {t['status']}", os.path.join(a.out, t["log"]), 40)
-    return row
 
 
 # --------------------------------------------------------------------------
@@ -353,9 +466,13 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
               "time of the timed steps. OOM / FAILED / TIMEOUT / SKIPPED: see results.json and logs/.",
               "", "Rows for docs/BENCHMARKS.md (lmtrain / torch / ratio):", ""]
     lines += docs_rows
+    for r in rows:
+        p = r.get("profile")
+        if p and p.get("status") == "ok":
+            lines += [""] + render_profile_markdown(f"{r['config']}, batch {p['batch']}", p)
     notes = []
     for r in rows:
-        for side in ("lmtrain", "torch"):
+        for side in ("lmtrain", "torch", "profile"):
             s = r[side]
             if s and s.get("status") != "ok":
                 notes.append(f"- {r['config']} {side}: {s.get('status')}"
@@ -422,6 +539,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-args", default="", help="extra torch_gpt.py arguments, e.g. '--attn hybrid'")
     p.add_argument("--python", default=sys.executable, help="interpreter for torch_gpt.py")
     p.add_argument("--skip-torch", action="store_true", help="run lmtrain only")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the op-profile run (run.profile_steps) after the timed runs")
+    p.add_argument("--profile-start", type=int, default=4, help="first profiled step of that run")
+    p.add_argument("--profile-steps", type=int, default=4, help="profiled steps of that run")
+    p.add_argument("--profile-top", type=int, default=15, help="ops listed per config in results.md")
+    p.add_argument("--summarize-profile", metavar="OP_PROFILE_JSON",
+                   help="only print the results.md summary of this op_profile.json and exit")
     a = p.parse_args(argv)
     names = ["d12"] if a.quick else [c.strip() for c in a.configs.split(",") if c.strip()]
     a.depths = []
@@ -436,6 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batches: {a.batches!r} is not a comma-separated list of integers")
     if not a.batches or any(b < 1 for b in a.batches):
         p.error("--batches: need positive integers")
+    if a.profile_start < 1 or a.profile_steps < 1 or a.profile_top < 1:
+        p.error("--profile-start, --profile-steps and --profile-top must be >= 1")
     if a.steps - a.warmup_steps < 2 or a.warmup_steps < 0:
         p.error(f"--steps {a.steps} with --warmup-steps {a.warmup_steps} leaves fewer than 2 timed steps")
     a.out = os.path.abspath(a.out)
@@ -465,8 +591,22 @@ def preflight(a) -> None:
                                "; use --skip-torch to run lmtrain alone")
 
 
+def summarize_file(path: str, top: int) -> int:
+    try:
+        with open(path) as f:
+            summary = summarize_op_profile(json.load(f), top)
+    except (OSError, json.JSONDecodeError, BadProfile) as e:
+        print(f"bench: error: {path}: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(render_profile_markdown(os.path.basename(os.path.dirname(os.path.abspath(path)))
+                                           or path, summary)))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.summarize_profile:
+        return summarize_file(a.summarize_profile, a.profile_top)
     try:
         preflight(a)
     except Prerequisite as e:
@@ -485,7 +625,9 @@ def main(argv=None) -> int:
                          "steps": a.steps, "warmup_steps": a.warmup_steps, "batches": a.batches,
                          "data": a.data, "grad_accum": 1, "dtype": "bf16", "backend": a.backend,
                          "torch_device": a.torch_device, "torch_args": a.torch_args,
-                         "lmtrain": a.lmtrain}}
+                         "lmtrain": a.lmtrain,
+                         "profile": None if a.no_profile else {"start": a.profile_start,
+                                                               "steps": a.profile_steps}}}
     md = render_markdown(meta, rows)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=2)
@@ -495,7 +637,8 @@ def main(argv=None) -> int:
     print("\n" + md, flush=True)
     print(f"bench: {meta['seconds']:.0f} s; wrote {os.path.join(a.out, 'results.md')} and results.json")
     ok = all(r["lmtrain"] and r["lmtrain"].get("status") == "ok" and
-             (a.skip_torch or (r["torch"] and r["torch"].get("status") == "ok")) for r in rows)
+             (a.skip_torch or (r["torch"] and r["torch"].get("status") == "ok")) and
+             (r["profile"] or {}).get("status") not in ("failed", "timeout") for r in rows)
     return 0 if ok else 1
 
 

@@ -159,7 +159,34 @@ class Backend {
   // otherwise: p = p*(1 - decay) - lr*x.
   virtual void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) = 0;
 
+  // ---- timing points: device-side timestamps for the op profile (backend/timed_backend.h) ----
+  // A TimingEvent is a point in this backend's queue of work: record_timing_event() places it
+  // after everything queued so far, and once synchronize() has returned after two were recorded,
+  // elapsed_ms() gives the time the device took from the first to the second. The CPU runs each
+  // op before returning and reads the host clock; the CUDA backend records a cudaEvent_t on its
+  // stream, taken from a pool that the event returns to when destroyed. An event is used only
+  // with the backend that made it.
+  class TimingEvent {
+   public:
+    // What a backend keeps per event (a host time, a pooled CUDA event); released with it.
+    struct State {
+      virtual ~State() = default;
+    };
+    TimingEvent() = default;
+    explicit TimingEvent(std::unique_ptr<State> state) : state_(std::move(state)) {}
+    State* state() const { return state_.get(); }
+
+   private:
+    std::unique_ptr<State> state_;  // move-only
+  };
+  virtual TimingEvent make_timing_event() = 0;
+  virtual void record_timing_event(TimingEvent& event) = 0;
+  virtual double elapsed_ms(const TimingEvent& start, const TimingEvent& end) = 0;
+
  protected:
+  // For a decorator that allocates through the backend it wraps (TimedBackend): its
+  // bytes_in_use() and peak_bytes() then read the wrapped backend's counts, the true ones.
+  void share_usage(const Backend& inner) { usage_ = inner.usage_; }
   // A Buffer over a fresh allocation whose release also updates the byte counts.
   Buffer track(void* ptr, size_t bytes, std::function<void(void*)> release);
 

@@ -17,6 +17,8 @@ struct RunConfig {
   std::string dtype = "bf16";
   int threads = 0;
   bool recompute_activations = false;
+  int profile_steps = 0;
+  int profile_start = 2;
   template <class V>
   void visit(V& v) {
     v("name", name, "run name; the run directory is out_dir/name");
@@ -31,6 +33,11 @@ struct RunConfig {
       "keep only each block's output through the forward and recompute the block's activations "
       "in the backward: one block's activations in memory instead of depth blocks', for about "
       "20% more FLOPs per step");
+    v("profile_steps", profile_steps,
+      "time every op of this many training steps and write op_profile.json into the run "
+      "directory (0: off)");
+    v("profile_start", profile_start,
+      "first profiled step (1-based; step 1 holds one-time costs such as matmul heuristics)");
   }
 };
 

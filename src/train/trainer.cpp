@@ -10,9 +10,11 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 
 #include "backend/factory.h"
+#include "backend/timed_backend.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
 #include "dist/communicator.h"
@@ -23,6 +25,7 @@
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/metrics.h"
+#include "train/op_profile.h"
 #include "train/plan.h"
 
 namespace lmtrain {
@@ -104,6 +107,12 @@ int train(const TrainOptions& options) {
   const int rank = comm->rank(), world = comm->world_size();
   const bool lead = rank == 0;  // prints, writes metrics and samples
   if (!lead) spdlog::set_level(spdlog::level::warn);
+  // run.profile_steps: the model and the optimizer run on a TimedBackend around the backend;
+  // the communicator, the memory report and the MFU's peak keep the backend itself. Without
+  // profiling nothing is wrapped.
+  std::unique_ptr<TimedBackend> timed;
+  if (config.run.profile_steps > 0) timed = std::make_unique<TimedBackend>(*backend);
+  Backend& ops = timed ? static_cast<Backend&>(*timed) : *backend;
 
   Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
@@ -113,7 +122,7 @@ int train(const TrainOptions& options) {
   const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
 
-  Gpt model(*backend, shape, B, {.recompute_activations = config.run.recompute_activations});
+  Gpt model(ops, shape, B, {.recompute_activations = config.run.recompute_activations});
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
                       B, T, rank, world, config.run.seed, tokenizer.bos_id()});
@@ -166,6 +175,38 @@ int train(const TrainOptions& options) {
     spdlog::info("saved checkpoint {}", dir);
   };
 
+  // The op profile of steps [profile_start, profile_start + profile_steps), 1-based: written
+  // once the window's last step is done, or with what was profiled when the run ends first.
+  const ProfileWindow window{config.run.profile_start, config.run.profile_steps};
+  auto profiled = [&](int step) {  // 0-based, as the loop counts
+    return timed && step + 1 >= window.start && step + 1 < window.start + window.steps;
+  };
+  auto set_phase = [&](const char* phase) {
+    if (timed) timed->set_phase(phase);
+  };
+  bool profile_written = false;
+  auto write_profile = [&] {  // the lead rank's profile; the others time the same ops
+    if (!timed || !lead || profile_written) return;
+    profile_written = true;
+    const size_t done = timed->profile().steps.size();
+    if (done == 0) {
+      spdlog::warn("op profile: no step of [{}, {}) ran; nothing to write", window.start,
+                   window.start + window.steps);
+      return;
+    }
+    if (int(done) < window.steps) {
+      spdlog::warn("op profile: the run ended after {} of the {} profiled steps asked for", done,
+                   window.steps);
+    }
+    const nlohmann::json report = op_profile_report(timed->profile(), window, backend->name());
+    spdlog::info("{}", format_op_profile(report));
+    const std::string path = (fs::path(run_dir) / "op_profile.json").string();
+    std::ofstream file(path, std::ios::trunc);
+    file << report.dump(2) << "\n";
+    check(file.good(), "{}: cannot write the op profile", path);
+    spdlog::info("op profile written to {}", path);
+  };
+
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
 
@@ -189,21 +230,27 @@ int train(const TrainOptions& options) {
     if (last) break;
 
     auto started = Clock::now();
+    const bool profiling = profiled(step);
+    if (profiling) timed->begin_step(step + 1);
+    set_phase("zero_grads");
     model.zero_grads();
     double loss_sum = 0;
     for (int micro = 0; micro < plan.grad_accum; ++micro) {
+      set_phase("forward");
       loader.next_batch(inputs, targets);
       Gpt::Loss loss = model.forward(inputs, targets, true, 1.0f / plan.grad_accum);
       check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}{}); stopping", step + 1,
             loss.sum, micro, world > 1 ? fmt::format(", rank {}", rank) : "");
       loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
       // The last micro-step's gradients are the step's: reduce them while the backward runs.
+      set_phase("backward");
       model.backward(micro + 1 == plan.grad_accum ? optimizer.reduce_as_ready()
                                                   : Gpt::GradsReady{});
     }
     const double lrm = lr_multiplier(step, N, config.schedule);
     backend->synchronize();
     const auto optimizer_started = Clock::now();
+    set_phase("optimizer");
     nlohmann::json optim_metrics = optimizer.step(step, lrm, config.optim.grad_clip);
     backend->synchronize();
     const double optimizer_seconds = seconds_since(optimizer_started);
@@ -215,6 +262,7 @@ int train(const TrainOptions& options) {
 
     const double dt = seconds_since(started);
     trained_seconds += dt;
+    if (profiling) timed->end_step(1e3 * dt);  // after dt: reading the times is not timed
     const double tokens_per_second = plan.batch_tokens / dt;
     const double mfu = peak > 0 ? plan.flops_per_token * tokens_per_second / (peak * world) : 0;
     const double eta = trained_seconds / (step + 1 - first_step) * (N - step - 1);
@@ -238,8 +286,10 @@ int train(const TrainOptions& options) {
       record.update(optim_metrics);
       metrics->write(record);
     }
+    if (profiling && step + 2 == window.start + window.steps) write_profile();
 
     if (stop_signal) {
+      write_profile();
       save(step + 1);
       spdlog::warn("stopped by signal {} after step {}; checkpoint saved", stop_signal, step + 1);
       return 128 + stop_signal;
@@ -248,6 +298,7 @@ int train(const TrainOptions& options) {
       save(step + 1);
     }
   }
+  write_profile();
   if (config.checkpoint.save_final) save(N);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});

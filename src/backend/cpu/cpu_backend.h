@@ -65,6 +65,11 @@ class CpuBackend : public Backend {
   void transpose_matrices(Tensor out, Tensor x) override;
   void normuon_second_moment(Tensor x, Tensor state, float beta2) override;
   void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) override;
+
+  // ---- timing points (timing.cpp): the host clock, since every op has finished on return ----
+  TimingEvent make_timing_event() override;
+  void record_timing_event(TimingEvent& event) override;
+  double elapsed_ms(const TimingEvent& start, const TimingEvent& end) override;
 };
 
 }  // namespace lmtrain

@@ -148,6 +148,22 @@ class CudaBackend final : public Backend {
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
+
+  // ---- timing points (timing.cpp): cudaEvent_t recorded on stream_ ----
+ public:
+  TimingEvent make_timing_event() override;
+  void record_timing_event(TimingEvent& event) override;
+  double elapsed_ms(const TimingEvent& start, const TimingEvent& end) override;
+  // CUDA events created for timing so far. A TimingEvent gives its event back to the pool when
+  // destroyed and make_timing_event() takes from the pool first, so a profiled step creates
+  // events only while the pool is smaller than the step needs: in its first step.
+  size_t timing_events_created() const;
+
+ private:
+  struct EventPool;    // idle events; shared with the TimingEvents, which may outlive this
+  struct PooledEvent;  // a TimingEvent's state: one event and the pool it returns to
+  // Declared last: destroyed first, after the destructor has synchronized the stream.
+  std::shared_ptr<EventPool> event_pool_;
 };
 
 }  // namespace lmtrain
