@@ -65,6 +65,27 @@ __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const 
   if (h.lane == 0) rstd[h.row] = r;
 }
 
+// At the pairs [i, i + V) of a head row: n1, n2 = the transposed rotation of dout's halves, a, e
+// = x's halves.
+template <int V, typename T>
+__device__ __forceinline__ void unrotate(float (&n1)[V], float (&n2)[V], float (&a)[V],
+                                         float (&e)[V], const T* gr, const T* xr, const HeadRow& h,
+                                         int64_t i, int64_t d) {
+  float c[V], s[V];
+  load(n1, gr + i);
+  load(n2, gr + i + d);
+  load(a, xr + i);
+  load(e, xr + i + d);
+  load(c, h.cos + i);
+  load(s, h.sin + i);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float g1 = n1[k], g2 = n2[k];
+    n1[k] = g1 * c[k] - g2 * s[k];
+    n2[k] = g1 * s[k] + g2 * c[k];
+  }
+}
+
 // dn = the transposed rotation of dout; dx = r * (dn - x * r^2 * mean(dn * x)).
 template <int V, typename T>
 __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, const float* rstd,
@@ -77,33 +98,21 @@ __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, cons
   T* dr = dx + h.row * 2 * d;
   float dot = 0.f;
   for (int64_t i = h.lane * V; i < d; i += 32 * V) {
-    float g1[V], g2[V], a[V], e[V], c[V], s[V];
-    load(g1, gr + i);
-    load(g2, gr + i + d);
-    load(a, xr + i);
-    load(e, xr + i + d);
-    load(c, h.cos + i);
-    load(s, h.sin + i);
+    float n1[V], n2[V], a[V], e[V];
+    unrotate(n1, n2, a, e, gr, xr, h, i, d);
 #pragma unroll
-    for (int k = 0; k < V; ++k)
-      dot += (g1[k] * c[k] - g2[k] * s[k]) * a[k] + (g1[k] * s[k] + g2[k] * c[k]) * e[k];
+    for (int k = 0; k < V; ++k) dot += n1[k] * a[k] + n2[k] * e[k];
   }
   dot = warp_sum(dot);
   const float r = rstd[h.row];
   const float scale = dot / float(2 * d) * r * r;
   for (int64_t i = h.lane * V; i < d; i += 32 * V) {
-    float g1[V], g2[V], a[V], e[V], c[V], s[V];
-    load(g1, gr + i);
-    load(g2, gr + i + d);
-    load(a, xr + i);
-    load(e, xr + i + d);
-    load(c, h.cos + i);
-    load(s, h.sin + i);
+    float n1[V], n2[V], a[V], e[V];
+    unrotate(n1, n2, a, e, gr, xr, h, i, d);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const float n1 = g1[k] * c[k] - g2[k] * s[k], n2 = g1[k] * s[k] + g2[k] * c[k];
-      a[k] = r * (n1 - a[k] * scale);
-      e[k] = r * (n2 - e[k] * scale);
+      a[k] = r * (n1[k] - a[k] * scale);
+      e[k] = r * (n2[k] - e[k] * scale);
     }
     store(dr + i, a);
     store(dr + i + d, e);
