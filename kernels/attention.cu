@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "attention.cuh"
@@ -458,6 +459,23 @@ struct Tiles {
 
 void fail_arg(const char* what) { cuda_check(cudaErrorInvalidValue, what); }
 
+// Calls f(std::integral_constant<int, D>{}) for the head dims the kernels are built for.
+template <typename F>
+void with_head_dim(int D, const char* op, F&& f) {
+  switch (D) {
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    default:
+      fail_arg((std::string(op) + ": head dim D must be 16, 32, 64 or 128").c_str());
+  }
+}
+
 unsigned grid_size(int64_t blocks, const char* what) {
   if (blocks > int64_t(0x7fffffff)) fail_arg(what);
   return unsigned(blocks);
@@ -551,18 +569,10 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     fail_arg("attention_forward: need q_offset >= 0 and q_offset + Tq <= Tk");
   if (B == 0 || Tq == 0) return;
   window = std::min(window, Tk);  // keeps window arithmetic far from int overflow
-  switch (D) {
-    case 16:
-      return launch_forward<T, 16>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 32:
-      return launch_forward<T, 32>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 64:
-      return launch_forward<T, 64>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    case 128:
-      return launch_forward<T, 128>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset, stream);
-    default:
-      fail_arg("attention_forward: head dim D must be 16, 32, 64 or 128");
-  }
+  with_head_dim(D, "attention_forward", [&](auto d) {
+    launch_forward<T, decltype(d)::value>(out, lse, q, k, v, B, Tq, Tk, H, Hkv, window, q_offset,
+                                          stream);
+  });
 }
 
 size_t attention_backward_workspace_bytes(int B, int T, int H, int /*Hkv*/, int /*D*/) {
@@ -581,22 +591,10 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T*
   if (workspace == nullptr) fail_arg("attention_backward: workspace is null");
   window = std::min(window, T_);
   float* delta = static_cast<float*>(workspace);
-  switch (D) {
-    case 16:
-      return launch_backward<T, 16>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
-                                    delta, stream);
-    case 32:
-      return launch_backward<T, 32>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
-                                    delta, stream);
-    case 64:
-      return launch_backward<T, 64>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
-                                    delta, stream);
-    case 128:
-      return launch_backward<T, 128>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv, window,
-                                     delta, stream);
-    default:
-      fail_arg("attention_backward: head dim D must be 16, 32, 64 or 128");
-  }
+  with_head_dim(D, "attention_backward", [&](auto d) {
+    launch_backward<T, decltype(d)::value>(dq, dk, dv, dout, q, k, v, out, lse, B, T_, H, Hkv,
+                                           window, delta, stream);
+  });
 }
 
 template void attention_forward<float>(float*, float*, const float*, const float*, const float*,

@@ -198,25 +198,35 @@ def lmtrain_command(a, depth: int, B: int, run_dir: str, name: str, steps: int |
     return cmd
 
 
-def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
-    name = f"d{depth}-b{B}"
+def lmtrain_job(a, depth: int, B: int, deadline: float, name: str, collect,
+                steps: int | None = None, extra: dict | None = None) -> dict:
+    """Runs lmtrain for one config and batch in a scratch output directory, within the budget;
+    when it exits 0, collect(run_dir, res) reads what it wrote and returns the result."""
     log = os.path.join(a.out, "logs", f"lmtrain-{name}.log")
     remaining = deadline - time.monotonic()
     if remaining < MIN_RUN_SECONDS:
         return {"status": "skipped", "batch": B, "reason": "time budget spent"}
     tmp = tempfile.mkdtemp(prefix="lmtrain-bench-")
     try:
-        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name), log,
-                                min(a.lmtrain_timeout, remaining))
+        limit = min(a.lmtrain_timeout, remaining)
+        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name, steps, extra), log, limit)
         res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
         if code is None:
-            return {**res, "status": "timeout", "reason": f"over {min(a.lmtrain_timeout, remaining):.0f} s"}
+            return {**res, "status": "timeout", "reason": f"over {limit:.0f} s"}
         if code != 0:
-            text = tail(log, 60)
-            if OOM_PATTERN.search(text):
+            if OOM_PATTERN.search(tail(log, 60)):
                 return {**res, "status": "oom"}
             return {**res, "status": "failed", "reason": f"exit code {code}"}
-        metrics = os.path.join(tmp, name, "metrics.jsonl")
+        return collect(os.path.join(tmp, name), res)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
+    name = f"d{depth}-b{B}"
+
+    def collect(run_dir: str, res: dict) -> dict:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
         try:
             steps, peak = parse_metrics(metrics)
             shutil.copy(metrics, os.path.join(a.out, "logs", f"lmtrain-{name}.metrics.jsonl"))
@@ -226,8 +236,8 @@ def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
         except BadMetrics as e:
             return {**res, "status": "failed", "reason": f"metrics: {e}"}
         return {**res, "status": "ok", "peak_memory_bytes": peak, **summary}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    return lmtrain_job(a, depth, B, deadline, name, collect)
 
 
 def run_torch(a, depth: int, B: int, deadline: float) -> dict:
@@ -321,22 +331,9 @@ def render_profile_markdown(title: str, p: dict) -> list[str]:
 
 def run_profile(a, depth: int, B: int, deadline: float) -> dict:
     name = f"d{depth}-b{B}-profile"
-    log = os.path.join(a.out, "logs", f"lmtrain-{name}.log")
-    remaining = deadline - time.monotonic()
-    if remaining < MIN_RUN_SECONDS:
-        return {"status": "skipped", "batch": B, "reason": "time budget spent"}
-    steps = a.profile_start + a.profile_steps - 1
-    extra = {"run.profile_start": a.profile_start, "run.profile_steps": a.profile_steps}
-    tmp = tempfile.mkdtemp(prefix="lmtrain-bench-")
-    try:
-        limit = min(a.lmtrain_timeout, remaining)
-        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name, steps, extra), log, limit)
-        res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
-        if code is None:
-            return {**res, "status": "timeout", "reason": f"over {limit:.0f} s"}
-        if code != 0:
-            return {**res, "status": "failed", "reason": f"exit code {code}"}
-        path = os.path.join(tmp, name, "op_profile.json")
+
+    def collect(run_dir: str, res: dict) -> dict:
+        path = os.path.join(run_dir, "op_profile.json")
         try:
             with open(path) as f:
                 report = json.load(f)
@@ -346,8 +343,10 @@ def run_profile(a, depth: int, B: int, deadline: float) -> dict:
         except (OSError, json.JSONDecodeError, BadProfile) as e:
             return {**res, "status": "failed", "reason": f"op_profile.json: {e}"}
         return {**res, "status": "ok", "file": os.path.relpath(kept, a.out), **summary}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    steps = a.profile_start + a.profile_steps - 1
+    extra = {"run.profile_start": a.profile_start, "run.profile_steps": a.profile_steps}
+    return lmtrain_job(a, depth, B, deadline, name, collect, steps, extra)
 
 
 def bench_config(a, depth: int, deadline: float) -> dict:
