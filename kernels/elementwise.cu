@@ -100,7 +100,7 @@ size_t sum_squares_scratch_bytes(int64_t n) {
 }
 
 template <typename T>
-void sum_squares(double* result, const T* x, int64_t n, void* scratch, cudaStream_t stream) {
+void sum_squares(float* result, const T* x, int64_t n, void* scratch, cudaStream_t stream) {
   segment_sum_squares(result, x, 1, n, static_cast<float*>(scratch), stream, "sum_squares");
 }
 
@@ -113,7 +113,7 @@ template void add<float>(float*, const float*, int64_t, float, cudaStream_t);
 template void add<bf16>(bf16*, const bf16*, int64_t, float, cudaStream_t);
 template void scale<float>(float*, int64_t, float, cudaStream_t);
 template void scale<bf16>(bf16*, int64_t, float, cudaStream_t);
-template void sum_squares<float>(double*, const float*, int64_t, void*, cudaStream_t);
-template void sum_squares<bf16>(double*, const bf16*, int64_t, void*, cudaStream_t);
+template void sum_squares<float>(float*, const float*, int64_t, void*, cudaStream_t);
+template void sum_squares<bf16>(float*, const bf16*, int64_t, void*, cudaStream_t);
 
 }  // namespace lmtrain::cuda

@@ -24,6 +24,6 @@ void scale(T* x, int64_t n, float alpha, cudaStream_t stream);
 size_t sum_squares_scratch_bytes(int64_t n);
 // *result (device) = sum of x^2, chunk sums in fp32 added in double, in a fixed order.
 template <typename T>
-void sum_squares(double* result, const T* x, int64_t n, void* scratch, cudaStream_t stream);
+void sum_squares(float* result, const T* x, int64_t n, void* scratch, cudaStream_t stream);
 
 }  // namespace lmtrain::cuda

@@ -30,12 +30,13 @@ __global__ void chunk_sum_squares(float* partials, const T* x, int64_t len, int6
   if (threadIdx.x == 0) partials[segment * chunks + chunk] = acc;
 }
 
-static __global__ void segment_total(double* out, const float* partials, int64_t chunks) {
+template <typename Out>
+__global__ void segment_total(Out* out, const float* partials, int64_t chunks) {
   const int64_t segment = blockIdx.x;
   double acc = 0.0;
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) acc += partials[segment * chunks + c];
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[segment] = acc;
+  if (threadIdx.x == 0) out[segment] = Out(acc);
 }
 
 }  // namespace reduce_detail
@@ -45,15 +46,16 @@ inline int64_t segment_sum_squares_scratch(int64_t count, int64_t len) {
   return count * ((len + reduce_detail::kChunk - 1) / reduce_detail::kChunk);
 }
 
-// out[s] = sum of x[s * len + i]^2 over i < len, for s < count (out is device memory).
-template <typename T>
-void segment_sum_squares(double* out, const T* x, int64_t count, int64_t len, float* scratch,
+// out[s] = sum of x[s * len + i]^2 over i < len, for s < count (out is device memory, double or
+// float; the chunk sums are added in double either way).
+template <typename T, typename Out>
+void segment_sum_squares(Out* out, const T* x, int64_t count, int64_t len, float* scratch,
                          cudaStream_t stream, const char* what) {
   using namespace reduce_detail;
   const int64_t chunks = (len + kChunk - 1) / kChunk;
   if (count == 0) return;
   if (chunks == 0) {
-    cuda_check(cudaMemsetAsync(out, 0, count * sizeof(double), stream), what);
+    cuda_check(cudaMemsetAsync(out, 0, count * sizeof(Out), stream), what);
     return;
   }
   chunk_sum_squares<<<dim3(unsigned(chunks), unsigned(count)), kThreads, 0, stream>>>(scratch, x,

@@ -50,10 +50,14 @@ double weight_distance(const fs::path& a, const fs::path& b) {
 }  // namespace
 
 TEST_CASE("2 and 4 ranks train like 1 rank with the same global batch", "[e2e][ddp]") {
-  // AdamW agrees to fp32 rounding. NorMuon's cautious weight decay masks elements where the
-  // update times the weight is within rounding of zero, so a few elements may take the other
-  // side; the weights then agree to 1e-3 relative (measured 5e-4) and the losses to 1e-5.
-  for (const auto& [preset, tolerance] : {std::pair{"adamw", 1e-5}, {"normuon", 1e-3}}) {
+  // The ranks sum the gradients in another order than one rank does, so they differ by fp32
+  // rounding, which both optimizers can amplify. AdamW (eps 1e-10) turns a gradient element that
+  // cancels to rounding noise into a step of up to the full LR, in either direction: embedding
+  // rows of rare tokens agree to 1e-4 relative (measured 4e-5 on value embeddings; how much
+  // depends on the CPU's BLAS kernels). NorMuon's cautious weight decay masks elements where the
+  // update times the weight is within rounding of zero, so a few elements may take the other side:
+  // 1e-3 (measured 5e-4). The losses agree to 1e-5 with both.
+  for (const auto& [preset, tolerance] : {std::pair{"adamw", 1e-4}, {"normuon", 1e-3}}) {
     TempDir tmp;
     const std::string one = tmp / "one";
     const Result single = run_lmtrain(

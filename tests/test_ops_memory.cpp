@@ -39,7 +39,12 @@ TEST_CASE("cpu fill, copy, add, scale, sum_squares", "[ops]") {
 
   double ss = 0.0;
   for (float v : x) ss += double(v) * v;
-  CHECK(cpu.sum_squares(f32(x, {40000})) == Approx(ss).epsilon(1e-12));
+  std::vector<float> sums = {-1.f, -1.f};
+  cpu.sum_squares(f32(sums, {2}).slice(1, 1), f32(x, {40000}));
+  CHECK(sums[0] == -1.f);  // only the slot asked for is written
+  CHECK(sums[1] == Approx(ss).epsilon(1e-7));
+  CHECK_THROWS_WITH(cpu.sum_squares(f32(sums, {2}), f32(x, {40000})),
+                    Catch::Contains("out must have one element"));
 
   cpu.copy(f32(y, {40000}), f32(x, {200, 200}));
   CHECK(y == x);

@@ -8,11 +8,15 @@ gradient accumulation (total_batch_tokens = B*T) on the data/tiny shards, reads 
 metrics.jsonl, runs the reference at the same batch on the same shards, and prints a table.
 The first --warmup-steps steps of both are left out. Then one short lmtrain run at that batch
 times every op (run.profile_steps) and its op_profile.json is summarised: the top ops by time
-per step and the per-phase totals (--no-profile skips it). Results go to --out
-(bench-results/): results.md, results.json, and every run's log.
+per step and the per-phase totals (--no-profile skips it). Last, each --variant runs lmtrain
+once more at that batch with its own config overrides and environment, compared with the base
+run. Results go to --out (bench-results/): results.md, results.json, and every run's log.
 
 Usage (the Makefile's `make bench` passes --lmtrain $(BUILD)/lmtrain):
   python3 scripts/bench/run.py [--quick] [--configs d12,d20] [--steps 30] [--budget-s 480]
+  python3 scripts/bench/run.py --quick --skip-torch --no-profile \
+      --variant nondet=LMTRAIN_CUDNN_ATTENTION=nondeterministic \
+      --variant recompute=run.recompute_activations=true   # lmtrain alternatives (docs/BENCHMARKS.md)
   python3 scripts/bench/run.py --summarize-profile runs/NAME/op_profile.json   # just the summary
 
 Exit code 0 when every config ran on both sides, 1 when something failed (the table says what),
@@ -104,10 +108,18 @@ def tail(path: str, lines: int = 25) -> str:
         return f"(cannot read {path}: {e})"
 
 
-def print_failure(what: str, log_path: str, lines: int = 25) -> None:
-    print(f"--- {what}: last {lines} lines of {log_path} ---", flush=True)
-    print(tail(log_path, lines).rstrip(), flush=True)
-    print("---", flush=True)
+def report_run(a, label: str, r: dict, ok_detail, failure_lines: int = 25) -> None:
+    """One status line for a run (ok_detail(r) adds to it when the run succeeded), and the tail
+    of its log when it failed or timed out."""
+    print(f"{label}: {r['status']}"
+          + (f" ({r['reason']})" if r.get("reason") else "")
+          + (ok_detail(r) if r["status"] == "ok" else "")
+          + (f" [{r['seconds']} s]" if "seconds" in r else ""), flush=True)
+    if r["status"] in ("failed", "timeout"):
+        log = os.path.join(a.out, r["log"])
+        print(f"--- {label} {r['status']}: last {failure_lines} lines of {log} ---", flush=True)
+        print(tail(log, failure_lines).rstrip(), flush=True)
+        print("---", flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -199,9 +211,10 @@ def lmtrain_command(a, depth: int, B: int, run_dir: str, name: str, steps: int |
 
 
 def lmtrain_job(a, depth: int, B: int, deadline: float, name: str, collect,
-                steps: int | None = None, extra: dict | None = None) -> dict:
-    """Runs lmtrain for one config and batch in a scratch output directory, within the budget;
-    when it exits 0, collect(run_dir, res) reads what it wrote and returns the result."""
+                steps: int | None = None, extra: dict | None = None, env: dict | None = None) -> dict:
+    """Runs lmtrain for one config and batch in a scratch output directory, within the budget,
+    with `extra` config overrides and `env` added to the environment; when it exits 0,
+    collect(run_dir, res) reads what it wrote and returns the result."""
     log = os.path.join(a.out, "logs", f"lmtrain-{name}.log")
     remaining = deadline - time.monotonic()
     if remaining < MIN_RUN_SECONDS:
@@ -209,7 +222,8 @@ def lmtrain_job(a, depth: int, B: int, deadline: float, name: str, collect,
     tmp = tempfile.mkdtemp(prefix="lmtrain-bench-")
     try:
         limit = min(a.lmtrain_timeout, remaining)
-        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name, steps, extra), log, limit)
+        code, secs = run_logged(lmtrain_command(a, depth, B, tmp, name, steps, extra), log, limit,
+                                env={**os.environ, **env} if env else None)
         res = {"batch": B, "seconds": round(secs, 1), "log": os.path.relpath(log, a.out)}
         if code is None:
             return {**res, "status": "timeout", "reason": f"over {limit:.0f} s"}
@@ -222,8 +236,9 @@ def lmtrain_job(a, depth: int, B: int, deadline: float, name: str, collect,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
-    name = f"d{depth}-b{B}"
+def run_lmtrain(a, depth: int, B: int, deadline: float, variant: dict | None = None) -> dict:
+    """The timed run: the bench's settings, or those with a --variant's overrides."""
+    name = f"d{depth}-b{B}" + (f"-variant-{variant['name']}" if variant else "")
 
     def collect(run_dir: str, res: dict) -> dict:
         metrics = os.path.join(run_dir, "metrics.jsonl")
@@ -237,7 +252,8 @@ def run_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
             return {**res, "status": "failed", "reason": f"metrics: {e}"}
         return {**res, "status": "ok", "peak_memory_bytes": peak, **summary}
 
-    return lmtrain_job(a, depth, B, deadline, name, collect)
+    v = variant or {}
+    return lmtrain_job(a, depth, B, deadline, name, collect, extra=v.get("set"), env=v.get("env"))
 
 
 def run_torch(a, depth: int, B: int, deadline: float) -> dict:
@@ -356,15 +372,10 @@ def bench_config(a, depth: int, deadline: float) -> dict:
     for B in a.batches:
         r = run_lmtrain(a, depth, B, deadline)
         row["attempts"].append({k: r.get(k) for k in ("batch", "status", "seconds", "reason")})
-        print(f"lmtrain d{depth} B={B}: {r['status']}"
-              + (f" ({r['reason']})" if r.get("reason") else "")
-              + (f", {r['tokens_per_second']:.0f} tok/s" if r["status"] == "ok" else "")
-              + (f" [{r['seconds']} s]" if "seconds" in r else ""), flush=True)
+        report_run(a, f"lmtrain d{depth} B={B}", r, lambda r: f", {r['tokens_per_second']:.0f} tok/s")
         if r["status"] == "oom":
             continue
         row["lmtrain"] = r
-        if r["status"] in ("failed", "timeout"):
-            print_failure(f"lmtrain d{depth} B={B} {r['status']}", os.path.join(a.out, r["log"]))
         break
     else:
         row["lmtrain"] = {"status": "oom", "reason": f"out of memory at every batch {a.batches}"}
@@ -372,6 +383,9 @@ def bench_config(a, depth: int, deadline: float) -> dict:
     row["batch"] = lm.get("batch")  # where lmtrain ran, or failed for a reason other than memory
     if lm["status"] != "ok":
         row["torch"] = {"status": "skipped", "reason": f"lmtrain {lm['status']}"}
+        if a.variants:
+            row["variants"] = [{**v, "status": "skipped", "reason": f"lmtrain {lm['status']}"}
+                               for v in a.variants]
         return row
     if a.skip_torch:
         row["torch"] = {"status": "skipped", "reason": "--skip-torch"}
@@ -379,31 +393,53 @@ def bench_config(a, depth: int, deadline: float) -> dict:
         bench_torch(a, depth, row, deadline)
     if a.no_profile:
         row["profile"] = {"status": "skipped", "reason": "--no-profile"}
-        return row
+    else:
+        bench_profile(a, depth, row, deadline)
+    if a.variants:
+        row["variants"] = [bench_variant(a, depth, row, v, deadline) for v in a.variants]
+    return row
+
+
+def bench_profile(a, depth: int, row: dict, deadline: float) -> None:
     print(f"=== d{depth}: lmtrain op profile at B={row['batch']} (steps {a.profile_start}.."
           f"{a.profile_start + a.profile_steps - 1}) ===", flush=True)
     p = run_profile(a, depth, row["batch"], deadline)
     row["profile"] = p
-    print(f"profile d{depth} B={row['batch']}: {p['status']}"
-          + (f" ({p['reason']})" if p.get("reason") else "")
-          + (f", {p['op_ms']:.1f} ms of ops in {p['step_wall_ms']:.1f} ms per step"
-             if p["status"] == "ok" else "")
-          + (f" [{p['seconds']} s]" if "seconds" in p else ""), flush=True)
-    if p["status"] in ("failed", "timeout"):
-        print_failure(f"profile d{depth} B={row['batch']} {p['status']}", os.path.join(a.out, p["log"]))
-    return row
+    report_run(a, f"profile d{depth} B={row['batch']}", p,
+               lambda p: f", {p['op_ms']:.1f} ms of ops in {p['step_wall_ms']:.1f} ms per step")
 
 
 def bench_torch(a, depth: int, row: dict, deadline: float) -> None:
     print(f"=== d{depth}: torch reference at B={row['batch']} ===", flush=True)
     t = run_torch(a, depth, row["batch"], deadline)
     row["torch"] = t
-    print(f"torch d{depth} B={row['batch']}: {t['status']}"
-          + (f" ({t['reason']})" if t.get("reason") else "")
-          + (f", {t['tokens_per_second']:.0f} tok/s" if t["status"] == "ok" else "")
-          + (f" [{t['seconds']} s]" if "seconds" in t else ""), flush=True)
-    if t["status"] in ("failed", "timeout"):
-        print_failure(f"torch d{depth} B={row['batch']} {t['status']}", os.path.join(a.out, t["log"]), 40)
+    report_run(a, f"torch d{depth} B={row['batch']}", t,
+               lambda t: f", {t['tokens_per_second']:.0f} tok/s", failure_lines=40)
+
+
+def first_error(log_path: str) -> str | None:
+    """The one line lmtrain prints for the error that stopped it ("error: ..."), if any."""
+    try:
+        with open(log_path, errors="replace") as f:
+            return next((line.strip() for line in f if line.startswith("error:")), None)
+    except OSError:
+        return None
+
+
+def bench_variant(a, depth: int, row: dict, v: dict, deadline: float) -> dict:
+    """One --variant at the base run's batch; the result is v with the run's summary added."""
+    B = row["batch"]
+    print(f"=== d{depth}: variant {v['name']} at B={B}: {v['spec'] or '(base settings)'} ===", flush=True)
+    r = run_lmtrain(a, depth, B, deadline, v)
+    if r["status"] in ("oom", "failed"):
+        error = first_error(os.path.join(a.out, r["log"]))
+        if error:
+            r["reason"] = f"{r['reason']}: {error}" if r.get("reason") else error
+    if r["status"] == "ok":
+        r["ratio_to_base"] = r["tokens_per_second"] / row["lmtrain"]["tokens_per_second"]
+    report_run(a, f"variant {v['name']} d{depth} B={B}", r,
+               lambda r: f", {r['tokens_per_second']:.0f} tok/s, {r['ratio_to_base']:.3f}x base")
+    return {**v, **r}
 
 
 # --------------------------------------------------------------------------
@@ -466,13 +502,17 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
               "", "Rows for docs/BENCHMARKS.md (lmtrain / torch / ratio):", ""]
     lines += docs_rows
     for r in rows:
+        if r.get("variants"):
+            lines += [""] + render_variants_markdown(r)
+    for r in rows:
         p = r.get("profile")
         if p and p.get("status") == "ok":
             lines += [""] + render_profile_markdown(f"{r['config']}, batch {p['batch']}", p)
     notes = []
     for r in rows:
-        for side in ("lmtrain", "torch", "profile"):
-            s = r[side]
+        sides = [(side, r[side]) for side in ("lmtrain", "torch", "profile")]
+        sides += [(f"variant {v['name']}", v) for v in r.get("variants", [])]
+        for side, s in sides:
             if s and s.get("status") != "ok":
                 notes.append(f"- {r['config']} {side}: {s.get('status')}"
                              + (f": {s['reason']}" if s.get("reason") else "")
@@ -480,6 +520,25 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     if notes:
         lines += ["", "Problems:", ""] + notes
     return "\n".join(lines) + "\n"
+
+
+def render_variants_markdown(r: dict) -> list[str]:
+    """Markdown lines comparing a config's --variant runs with its base lmtrain run."""
+    base = r["lmtrain"]
+    lines = [f"### Variants: {r['config']}, batch {r['batch']}", "",
+             "| variant | settings | tok/s | ÷ base | step ms | opt ms | peak mem | final loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    runs = [("base", "(the lmtrain run above)", base)]
+    runs += [(v["name"], f"`{v['spec']}`" if v["spec"] else "(base settings)", v) for v in r["variants"]]
+    for name, settings, s in runs:
+        lines.append("| " + " | ".join([
+            name, settings, cell(s, lambda s: fmt_num(s["tokens_per_second"])),
+            cell(s, lambda s: f"{s['tokens_per_second'] / base['tokens_per_second']:.3f}"),
+            cell(s, lambda s: f"{s['step_ms']['median']:.1f}"),
+            cell(s, lambda s: f"{s['optimizer_ms']['median']:.1f}"),
+            cell(s, lambda s: fmt_gib(s["peak_memory_bytes"])),
+            cell(s, lambda s: f"{s['loss_last']:.3f}")]) + " |")
+    return lines
 
 
 def git_commit() -> str:
@@ -513,6 +572,24 @@ def gpu_name(rows: list[dict], backend: str) -> str:
 # Main
 # --------------------------------------------------------------------------
 
+def parse_variant(text: str) -> dict:
+    """--variant NAME=KEY=VALUE,KEY=VALUE,...: upper-case KEYs (A-Z, 0-9, _) are environment
+    variables, the others lmtrain config keys (--set KEY=VALUE). An empty list reruns the base."""
+    name, eq, spec = text.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KEY=VALUE[,KEY=VALUE...] with a NAME "
+                                         "of letters, digits, '_', '.' and '-'")
+    env, sets = {}, {}
+    for item in spec.split(",") if spec else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not KEY=VALUE")
+        if key in env or key in sets:
+            raise argparse.ArgumentTypeError(f"{text!r}: {key} is given twice")
+        (env if re.fullmatch(r"[A-Z0-9_]+", key) else sets)[key] = value
+    return {"name": name, "spec": spec, "env": env, "set": sets}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -543,6 +620,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-start", type=int, default=4, help="first profiled step of that run")
     p.add_argument("--profile-steps", type=int, default=4, help="profiled steps of that run")
     p.add_argument("--profile-top", type=int, default=15, help="ops listed per config in results.md")
+    p.add_argument("--variant", dest="variants", metavar="NAME=SPEC", type=parse_variant,
+                   action="append", default=[],
+                   help="also time lmtrain at the base run's batch with SPEC, a comma-separated "
+                        "KEY=VALUE list: environment variables (upper-case KEY) and config "
+                        "overrides (e.g. run.recompute_activations=true); repeatable, run last")
     p.add_argument("--summarize-profile", metavar="OP_PROFILE_JSON",
                    help="only print the results.md summary of this op_profile.json and exit")
     a = p.parse_args(argv)
@@ -563,6 +645,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--profile-start, --profile-steps and --profile-top must be >= 1")
     if a.steps - a.warmup_steps < 2 or a.warmup_steps < 0:
         p.error(f"--steps {a.steps} with --warmup-steps {a.warmup_steps} leaves fewer than 2 timed steps")
+    names = [v["name"] for v in a.variants]
+    for n in names:
+        if names.count(n) > 1:
+            p.error(f"--variant: the name {n!r} is used more than once")
     a.out = os.path.abspath(a.out)
     a.lmtrain = os.path.abspath(a.lmtrain)
     return a
@@ -637,7 +723,8 @@ def main(argv=None) -> int:
     print(f"bench: {meta['seconds']:.0f} s; wrote {os.path.join(a.out, 'results.md')} and results.json")
     ok = all(r["lmtrain"] and r["lmtrain"].get("status") == "ok" and
              (a.skip_torch or (r["torch"] and r["torch"].get("status") == "ok")) and
-             (r["profile"] or {}).get("status") not in ("failed", "timeout") for r in rows)
+             all((s or {}).get("status") not in ("failed", "timeout")
+                 for s in [r["profile"], *r.get("variants", [])]) for r in rows)
     return 0 if ok else 1
 
 

@@ -65,7 +65,9 @@ class Backend {
   virtual void copy(Tensor dst, Tensor src) = 0;                // same numel; converts dtype
   virtual void add(Tensor y, Tensor x, float alpha = 1.f) = 0;  // y += alpha * x
   virtual void scale(Tensor x, float alpha) = 0;                // x *= alpha
-  virtual double sum_squares(Tensor x) = 0;                     // sum of x^2, in double
+  // out (one f32 element, e.g. a slot of a vector) = sum of x^2, accumulated in double.
+  // Asynchronous like every other op: many sums go into one vector, read back by one download.
+  virtual void sum_squares(Tensor out, Tensor x) = 0;
 
   // ---- matmul: out = alpha * op(a) @ op(b) (+ out when accumulate) ----
   // Rank 2: a (M,K) [or (K,M) with trans_a], b (K,N) [or (N,K) with trans_b], out (M,N).

@@ -71,7 +71,7 @@ class TimedBackend final : public Backend {
   void copy(Tensor dst, Tensor src) override;
   void add(Tensor y, Tensor x, float alpha = 1.f) override;
   void scale(Tensor x, float alpha) override;
-  double sum_squares(Tensor x) override;
+  void sum_squares(Tensor out, Tensor x) override;
 
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
               float alpha = 1.f) override;

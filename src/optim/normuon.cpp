@@ -94,6 +94,7 @@ NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const Muon
   scratch.add(work_gram_, {largest_square}, work);
   scratch.add(work_poly_, {largest_square}, work);
   if (work != DType::f32) scratch.add(staging_, {largest}, DType::f32);
+  scratch.add(update_sq_, {int64_t(stacks_.size())}, DType::f32);
   scratch_memory_ = scratch.allocate(backend);
 }
 
@@ -159,10 +160,8 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
     b.muon_momentum(u, st.momentum, st.spec.grads, float(mu), lerp, config_.nesterov);
     orthogonalize(u);
     if (config_.second_moment) b.normuon_second_moment(u, st.second, float(config_.beta2));
+    b.sum_squares(update_sq_.slice(int64_t(si), 1), u);
     const double scale = lr_scale(config_.lr_scale, st.rows, st.cols);
-    const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
-    metrics["muon/update_rms/" + label] =
-        lr * scale * std::sqrt(b.sum_squares(u) / double(u.numel()));
     // One update per run of matrices with the same multipliers (usually the whole stack).
     for (int64_t k = 0, end = 0; k < st.count; k = end) {
       end = k + 1;
@@ -180,6 +179,15 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
       }
     }
     if (updated) updated(si);
+  }
+  // The update RMS of every stack, read back at once.
+  std::vector<float> update_sq(stacks_.size());
+  b.download(update_sq.data(), update_sq_);
+  for (size_t si = 0; si < stacks_.size(); ++si) {
+    const Stack& st = stacks_[si];
+    const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
+    metrics["muon/update_rms/" + label] = lr * lr_scale(config_.lr_scale, st.rows, st.cols) *
+                                          std::sqrt(update_sq[si] / double(st.spec.params.numel()));
   }
 }
 

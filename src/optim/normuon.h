@@ -57,6 +57,7 @@ class NorMuon {
   // Flat scratch sized for the largest stack: the f32 update, the orthogonalizer's work
   // tensors in the backend's activation dtype, and an f32 staging copy when that is bf16.
   Tensor scratch_u_, work_x_, work_y_, work_gram_, work_poly_, staging_;
+  Tensor update_sq_;  // f32 per stack: the squared norm of its last update, for the metrics
 };
 
 }  // namespace lmtrain

@@ -109,7 +109,7 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
     }
   }
   stack_buckets_.push_back(buckets_.size());
-  plan.add(norm_, {1}, DType::f32);
+  plan.add(sq_norms_, {int64_t(adamw_.size() + stack_chunks_.size())}, DType::f32);
   memory_ = plan.allocate(model.backend());
 
   if (!stacks.empty()) {
@@ -210,30 +210,33 @@ nlohmann::json Optimizer::step(int step, double lr_mult, double grad_clip) {
     bucket.reducing = false;
   }
 
-  // Global gradient norm: sharded chunks are disjoint across ranks; replicated gradients are
-  // equal on every rank and counted by rank 0 alone. A NorMuon stack's buckets are rows of its
-  // chunk, which is summed whole: one reduction (and, on the GPU, one readback) per stack.
-  double local = 0;
+  // Global gradient norm: one squared norm per AdamW tensor and NorMuon stack (a stack's
+  // buckets are rows of its chunk, summed whole), summed over ranks as a vector and read back
+  // once. Sharded chunks are disjoint across ranks; replicated gradients are equal on every rank
+  // and counted by rank 0 alone.
   const bool counts_replicated = comm_.rank() == 0;
+  b.fill(sq_norms_, 0.f);
+  int64_t slot = 0;
   for (const AdamWState& s : adamw_) {
     const Bucket& bucket = buckets_[s.bucket];
-    if (bucket.sharded || counts_replicated) local += b.sum_squares(bucket.grad);
+    if (bucket.sharded || counts_replicated) b.sum_squares(sq_norms_.slice(slot, 1), bucket.grad);
+    ++slot;
   }
-  for (const StackChunk& chunk : stack_chunks_) local += b.sum_squares(chunk.grad);
-  double total = local;
-  if (comm_.world_size() > 1) {
-    const float value = float(local);
-    b.upload(norm_, &value);
-    comm_.all_reduce_sum(norm_);
-    float summed = 0;
-    b.download(&summed, norm_);
-    total = summed;
-  }
+  for (const StackChunk& chunk : stack_chunks_)
+    b.sum_squares(sq_norms_.slice(slot++, 1), chunk.grad);
+  if (comm_.world_size() > 1) comm_.all_reduce_sum(sq_norms_);
+  std::vector<float> sq_norms(size_t(sq_norms_.numel()));
+  b.download(sq_norms.data(), sq_norms_);
+  double total = 0;
+  for (float s : sq_norms) total += s;
   const double grad_norm = std::sqrt(total);
   if (!std::isfinite(grad_norm)) {
     std::string first = "(none on this rank)";
     for (const auto& spec : model_.table().specs) {
-      if (!std::isfinite(b.sum_squares(model_.grad(spec)))) {
+      float sq = 0;
+      b.sum_squares(sq_norms_.slice(0, 1), model_.grad(spec));
+      b.download(&sq, sq_norms_.slice(0, 1));
+      if (!std::isfinite(sq)) {
         first = spec.name;
         break;
       }

@@ -110,7 +110,7 @@ class Optimizer {
   std::vector<StackChunk> stack_chunks_;
   std::vector<size_t> stack_buckets_;
   Buffer memory_;
-  Tensor norm_;  // one f32: the squared gradient norm, summed over ranks
+  Tensor sq_norms_;  // f32 per AdamW tensor and NorMuon stack: squared gradient norms
   int updates_ = 0;
 };
 

@@ -44,7 +44,12 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
         .add("conv", {n}, Kind::act, poison(n))
         .add("back", {n}, Kind::f32, poison(n))
         .add("fx", {n}, Kind::f32, randn(n))
-        .add("fy", {n}, Kind::f32, randn(n));
+        .add("fy", {n}, Kind::f32, randn(n))
+        .add("s_fill", {n}, Kind::act, randn(n))
+        .add("s_conv", {n}, Kind::act, randn(n))
+        .add("s_y", {n}, Kind::act, randn(n))
+        .add("s_x", {n}, Kind::f32, randn(n));
+    // The s_ arrays are written through views that start one element in: no 16-byte packs.
     c.check("fill/copy/add/scale",
             [](Backend& b, const Args& t) {
               b.fill(t["a"], 0.37f);
@@ -55,6 +60,10 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
               b.scale(t["x"], 1.5f);
               b.add(t["fy"], t["fx"], 0.25f);
               b.scale(t["fx"], -3.f);
+              b.fill(t["s_fill"].slice(1, n - 1), 0.37f);
+              b.copy(t["s_conv"].slice(1, n - 1), t["src"].slice(0, n - 1));
+              b.add(t["s_y"].slice(1, n - 1), t["y"].slice(0, n - 1), -0.75f);
+              b.scale(t["s_x"].slice(1, n - 1), 1.5f);
             },
             {{"a", kExact, kBf16},
              {"f", kExact, kExact},
@@ -63,7 +72,11 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
              {"y", kElementwise, kBf16},
              {"x", kElementwise, kBf16},
              {"fy", kElementwise, kElementwise},
-             {"fx", kElementwise, kElementwise}});
+             {"fx", kElementwise, kElementwise},
+             {"s_fill", kExact, kBf16},
+             {"s_conv", kExact, kBf16},
+             {"s_y", kElementwise, kBf16},
+             {"s_x", kElementwise, kElementwise}});
     // The GPU's f32 -> bf16 conversion must round to nearest even, exactly as the host does.
     if (act == DType::bf16) {
       OpCase src(act);
@@ -85,15 +98,21 @@ TEST_CASE("gpu sum_squares matches the CPU and is deterministic", "[gpu][ops]") 
       for (Kind kind : {Kind::f32, Kind::act}) {
         OpCase c(act);
         c.add("x", {n}, kind, values);
-        double cpu_sum = 0, gpu_sum = 0, gpu_again = 0;
+        c.add("out", {2}, Kind::f32, {-1.f, -1.f});
+        // Two sums queued into one vector before anything is read back, as the optimizer does.
+        auto op = [](Backend& b, const Args& t) {
+          b.sum_squares(t["out"].slice(0, 1), t["x"]);
+          b.sum_squares(t["out"].slice(1, 1), t["x"].slice(0, t["x"].numel() / 2));
+        };
         lmtrain::CpuBackend cpu;
-        c.run(cpu, [&](Backend& b, const Args& t) { cpu_sum = b.sum_squares(t["x"]); });
-        c.run(backend(act), [&](Backend& b, const Args& t) { gpu_sum = b.sum_squares(t["x"]); });
-        c.run(backend(act), [&](Backend& b, const Args& t) { gpu_again = b.sum_squares(t["x"]); });
+        const Results want = c.run(cpu, op), got = c.run(backend(act), op);
+        const Results again = c.run(backend(act), op);
         const std::string what = std::string("[") + mode_name(act) +
                                  "] sum_squares n=" + std::to_string(n) +
                                  (kind == Kind::f32 ? " f32" : " act");
-        compare_scalar(what, gpu_sum, cpu_sum, kReduction);
+        const double gpu_sum = got.at("out")[0], gpu_again = again.at("out")[0];
+        compare_scalar(what, gpu_sum, want.at("out")[0], kReduction);
+        compare_scalar(what + ", first half", got.at("out")[1], want.at("out")[1], kReduction);
         INFO(what << ": two runs gave " << gpu_sum << " and " << gpu_again);
         CHECK(gpu_sum == gpu_again);
       }
@@ -121,6 +140,8 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
               .add("out", so, Kind::act, poison(size_t(so.numel())))
               .add("acc", so, Kind::act, randn(size_t(so.numel())))
               .add("addend", so, Kind::act, randn(size_t(so.numel())))
+              .add("addend_off", {so.numel() + 1}, Kind::act, randn(size_t(so.numel() + 1)))
+              .add("sum_off", so, Kind::act, poison(size_t(so.numel())))
               .add("sum", so, Kind::act, poison(size_t(so.numel())))
               .add("scaled", so, Kind::act, poison(size_t(so.numel())))
               .add("fscaled", so, Kind::f32, poison(size_t(so.numel())))
@@ -137,6 +158,9 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
                     b.matmul(t["acc"], t["a"], t["b"], ta, tb, true, 0.5f);
                     b.matmul_add(t["sum"], t["a"], t["b"], ta, tb, t["addend"]);
                     b.matmul_add(t["scaled"], t["a"], t["b"], ta, tb, t["addend"], -0.75f, 2.5f);
+                    // An addend one element into its buffer: less aligned than out.
+                    b.matmul_add(t["sum_off"], t["a"], t["b"], ta, tb,
+                                 t["addend_off"].slice(1, so.numel()).view(so));
                     // Polar Express's form: f32 matrices, f32 addend.
                     b.matmul_add(t["fscaled"], t["fa"], t["fb"], ta, tb, t["fout"], 1.25f, -0.5f);
                     b.matmul(t["grad"], t["a"], t["b"], ta, tb,
@@ -147,6 +171,7 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
                    {"acc", kReduction, kBf16},
                    {"sum", kReduction, kBf16},
                    {"scaled", kReduction, kBf16},
+                   {"sum_off", kReduction, kBf16},
                    {"fscaled", kReduction, kTf32},
                    {"grad", kReduction, kReduction},
                    {"fout", kReduction, kTf32}});
@@ -184,7 +209,8 @@ const std::vector<Expect> kNormOutputs = {
     {"xi", kReduction, kBf16},  {"rstd_i", kReduction, kReduction},
     {"dx", kReduction, kBf16},  {"g_in_place", kReduction, kBf16}};
 
-// C = 96 and 1536 take the packed kernels, 16 and 333 (not a multiple of 8) the element ones.
+// C = 16, 96 and 1536 take the packed kernels, 333 (not a multiple of the pack) the element
+// ones; the rmsnorm case also runs a view that starts one element in (element kernels).
 
 TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
@@ -202,10 +228,14 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
           .add("r", {N}, Kind::f32, uniform(size_t(N), 0.5f, 1.5f))
           .add("res", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("dx_res", {N, C}, Kind::act, poison(size_t(N * C)))
-          .add("res_in_place", {N, C}, Kind::act, randn(size_t(N * C)));
+          .add("res_in_place", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("shifted", {N, C}, Kind::act, randn(size_t(N * C)))
+          .add("rstd_s", {N}, Kind::f32, randn(size_t(N)));
       std::vector<Expect> outputs = kNormOutputs;
       outputs.push_back({"dx_res", kReduction, kBf16});
       outputs.push_back({"res_in_place", kReduction, kBf16});
+      outputs.push_back({"shifted", kReduction, kBf16});
+      outputs.push_back({"rstd_s", kReduction, kReduction});
       c.check(
           "rmsnorm C=" + std::to_string(C),
           [](Backend& b, const Args& t) {
@@ -216,6 +246,11 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
             // With a skip connection's gradient, also accumulated into it in place.
             b.rmsnorm_backward(t["dx_res"], t["dout"], t["x"], t["r"], t["res"]);
             b.rmsnorm_backward(t["res_in_place"], t["dout"], t["x"], t["r"], t["res_in_place"]);
+            // N - 1 rows from one element in: misaligned rows.
+            const int64_t rows = t["x"].dim(0) - 1, cols = t["x"].dim(1);
+            b.rmsnorm_forward(t["shifted"].slice(1, rows * cols).view({rows, cols}),
+                              t["rstd_s"].slice(0, rows),
+                              t["x"].slice(0, rows * cols).view({rows, cols}));
           },
           outputs);
     }
@@ -308,7 +343,8 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
         .add("dout", {n}, Kind::act, randn(size_t(n)))
         .add("dx", {n}, Kind::act, poison(size_t(n)))
         .add("g_in_place", {n}, Kind::act, randn(size_t(n)))
-        .add("shifted", {n}, Kind::act, randn(size_t(n)));
+        .add("shifted", {n}, Kind::act, randn(size_t(n)))
+        .add("dx_shifted", {n}, Kind::act, randn(size_t(n)));
     // n is not a multiple of the pack (a partial last pack); the shifted views start one
     // element into their arrays, which rules packs out.
     c.check("relu2",
@@ -317,11 +353,14 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
               b.relu2_backward(t["dx"], t["dout"], t["y"]);
               b.relu2_backward(t["g_in_place"], t["g_in_place"], t["y"]);
               b.relu2_forward(t["shifted"].slice(1, n - 1), t["x"].slice(0, n - 1));
+              b.relu2_backward(t["dx_shifted"].slice(1, n - 1), t["dout"].slice(0, n - 1),
+                               t["y"].slice(0, n - 1));
             },
             {{"out", kElementwise, kBf16},
              {"dx", kElementwise, kBf16},
              {"g_in_place", kElementwise, kBf16},
-             {"shifted", kElementwise, kBf16}});
+             {"shifted", kElementwise, kBf16},
+             {"dx_shifted", kElementwise, kBf16}});
   }
 }
 
@@ -345,7 +384,8 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
           .add("dx0", {N, C}, Kind::act, randn(size_t(n)))
           .add("dresid", {L}, Kind::f32, randn(size_t(L)))
           .add("dx0l", {L}, Kind::f32, randn(size_t(L)))
-          .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)));
+          .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)))
+          .add("g_dnormed", {N, C}, Kind::act, randn(size_t(n)));
       c.check("residual_mix_norm N=" + std::to_string(N) + " C=" + std::to_string(C),
               [](Backend& b, const Args& t) {
                 b.residual_mix_norm_forward(t["mixed"], t["normed"], t["rstd"], t["x"], t["x0"],
@@ -357,6 +397,10 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
                 b.residual_mix_norm_backward(t["g_in_place"], t["dx0"], t["dresid"], t["dx0l"],
                                              t["dnormed"], t["g_in_place"], t["x"], t["x0"], t["r"],
                                              t["resid"], t["x0l"], 2);
+                // dx aliasing dnormed.
+                b.residual_mix_norm_backward(t["g_dnormed"], t["dx0"], t["dresid"], t["dx0l"],
+                                             t["g_dnormed"], t["dmixed"], t["x"], t["x0"], t["r"],
+                                             t["resid"], t["x0l"], 0);
               },
               {{"mixed", kElementwise, kBf16},
                {"normed", kReduction, kBf16},
@@ -365,7 +409,8 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
                {"dx0", kReduction, kBf16},
                {"dresid", kReduction, kReduction},
                {"dx0l", kReduction, kReduction},
-               {"g_in_place", kReduction, kBf16}});
+               {"g_in_place", kReduction, kBf16},
+               {"g_dnormed", kReduction, kBf16}});
     }
   }
 }
@@ -402,9 +447,10 @@ TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
 
 TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    // Padded rows take packs (a vocabulary not a multiple of the pack ends inside one); a row
-    // of 77 does not.
-    for (auto [vocab, Vp] : {std::pair<int, int64_t>{100, 128}, {5000, 5120}, {77, 77}}) {
+    // Padded rows take packs (a vocabulary not a multiple of the pack, 4 floats or 8 bf16, ends
+    // inside one); a row of 77 does not.
+    for (auto [vocab, Vp] :
+         {std::pair<int, int64_t>{100, 128}, {101, 128}, {5000, 5120}, {77, 77}}) {
       const int64_t N = 19;
       std::vector<int32_t> targets = random_ids(size_t(N), 0, vocab - 1);
       targets[3] = -1;

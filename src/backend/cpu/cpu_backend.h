@@ -19,7 +19,7 @@ class CpuBackend : public Backend {
   void copy(Tensor dst, Tensor src) override;
   void add(Tensor y, Tensor x, float alpha = 1.f) override;
   void scale(Tensor x, float alpha) override;
-  double sum_squares(Tensor x) override;
+  void sum_squares(Tensor out, Tensor x) override;
 
   void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
                   float alpha = 1.f, float beta = 1.f) override;

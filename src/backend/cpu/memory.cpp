@@ -70,8 +70,10 @@ void CpuBackend::scale(Tensor x, float alpha) {
 
 // Partial sums over fixed-size chunks, added in chunk order: the result is the same for any
 // thread count, which bit-exact training resume depends on (this feeds gradient clipping).
-double CpuBackend::sum_squares(Tensor x) {
+void CpuBackend::sum_squares(Tensor out, Tensor x) {
   check_f32("sum_squares", "x", x);
+  check_f32("sum_squares", "out", out);
+  check(out.numel() == 1, "sum_squares: out must have one element, got {}", out.shape.str());
   constexpr int64_t kChunk = 1 << 14;
   const float* p = x.f32();
   int64_t n = x.numel();
@@ -85,7 +87,7 @@ double CpuBackend::sum_squares(Tensor x) {
   }
   double total = 0.0;
   for (double s : partial) total += s;
-  return total;
+  out.f32()[0] = float(total);
 }
 
 }  // namespace lmtrain

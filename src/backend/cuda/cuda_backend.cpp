@@ -36,9 +36,6 @@ CudaBackend::CudaBackend(DType activation) : activation_(activation) {
         cublasLtGetStatusString(status));
   lt_.reset(lt);
   lt_workspace_ = allocate(kLtWorkspaceBytes);
-  double* host = nullptr;
-  cuda_check(cudaMallocHost(&host, sizeof(double)), "cudaMallocHost");
-  host_result_.reset(host);
   // The fp32 mode keeps our own attention kernel (exact comparison with the CPU; cuDNN's SDPA
   // is bf16/fp16 only).
   if (activation_ == DType::bf16) cudnn_attention_ = cuda::CudnnAttention::create(stream_.get());
@@ -139,21 +136,15 @@ void CudaBackend::scale(Tensor x, float alpha) {
   });
 }
 
-// The device result sits at the start of the scratch, the chunk sums after it.
-double CudaBackend::sum_squares(Tensor x) {
-  constexpr size_t kResult = 256;
-  void* base = scratch(kResult + cuda::sum_squares_scratch_bytes(x.numel()));
-  auto* result = static_cast<double*>(base);
-  void* partials = static_cast<char*>(base) + kResult;
+// The chunk sums go to the scratch: stream order keeps one sum's from the next one's.
+void CudaBackend::sum_squares(Tensor out, Tensor x) {
+  expect_dtype("sum_squares", "out", out, DType::f32);
+  check(out.numel() == 1, "sum_squares: out must have one element, got {}", out.shape.str());
+  void* partials = scratch(cuda::sum_squares_scratch_bytes(x.numel()));
   dispatch("sum_squares", x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cuda::sum_squares(result, ptr<T>(x), x.numel(), partials, stream_.get());
+    cuda::sum_squares(ptr<float>(out), ptr<T>(x), x.numel(), partials, stream_.get());
   });
-  cuda_check(cudaMemcpyAsync(host_result_.get(), result, sizeof(double), cudaMemcpyDeviceToHost,
-                             stream_.get()),
-             "sum_squares (download)");
-  synchronize();
-  return *host_result_;
 }
 
 }  // namespace lmtrain

@@ -6,8 +6,8 @@
 // lse, gate and losses are f32; parameters, parameter gradients and optimizer state are f32.
 // All arithmetic inside kernels is fp32.
 //
-// Everything is asynchronous on the backend's stream except download(), sum_squares() and
-// synchronize(), which wait for it. Ops with reductions are deterministic: the same inputs give
+// Everything is asynchronous on the backend's stream except download() and synchronize(), which
+// wait for it. Ops with reductions are deterministic: the same inputs give
 // bit-identical outputs on the same GPU.
 #pragma once
 
@@ -51,7 +51,7 @@ class CudaBackend final : public Backend {
   void copy(Tensor dst, Tensor src) override;
   void add(Tensor y, Tensor x, float alpha = 1.f) override;
   void scale(Tensor x, float alpha) override;
-  double sum_squares(Tensor x) override;
+  void sum_squares(Tensor out, Tensor x) override;
 
   void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
               float alpha = 1.f) override;
@@ -143,7 +143,6 @@ class CudaBackend final : public Backend {
   Stream stream_;
   LtHandle lt_;
   Buffer lt_workspace_, scratch_;
-  std::unique_ptr<double, decltype(&cudaFreeHost)> host_result_{nullptr, &cudaFreeHost};
   std::unordered_map<MatmulKey, MatmulPlan, MatmulKeyHash> matmul_plans_;
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.

@@ -39,7 +39,8 @@ Backend::TimingEvent CudaBackend::make_timing_event() {
     // Timing enabled (no cudaEventDisableTiming); no blocking sync: elapsed_ms runs after one.
     cuda_check(cudaEventCreateWithFlags(&created, cudaEventDefault), "cudaEventCreate (timing)");
     event.reset(created);
-    ++event_pool_->created;
+    // Room for every event in the idle list: returning one (in a destructor) never allocates.
+    event_pool_->idle.reserve(++event_pool_->created);
   } else {
     event = std::move(event_pool_->idle.back());
     event_pool_->idle.pop_back();
