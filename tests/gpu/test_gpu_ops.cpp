@@ -182,24 +182,39 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
 }
 
 TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
+  struct Case {
+    int64_t N, C;
+    const char* ids;
+  };
+  // The backward adds sorted rows in chunks of 64: runs of one id inside a chunk, across a few
+  // chunks, across most of them, and ending exactly on chunk boundaries. C = 64 moves in packs,
+  // C = 70 does not.
   for (DType act : kModes) {
-    const int64_t V = 50, C = 70, N = 300;
-    // Ids from a small range so that rows repeat many times, plus every other id once or so.
-    std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
-    for (size_t i = 0; i < ids.size(); i += 3) ids[i] = 7;
-    OpCase c(act);
-    c.add_ids("tokens", {N}, ids)
-        .add("table", {V, C}, Kind::act, randn(size_t(V * C)))
-        .add("out", {N, C}, Kind::act, poison(size_t(N * C)))
-        .add("dtable", {V, C}, Kind::f32, randn(size_t(V * C)))
-        .add("dout", {N, C}, Kind::act, randn(size_t(N * C)));
-    c.check("embedding",
-            [](Backend& b, const Args& t) {
-              b.embedding_forward(t["out"], t["table"], t["tokens"]);
-              b.embedding_backward(t["dtable"], t["dout"], t["tokens"]);
-            },
-            // Same additions in the same (token) order as the CPU.
-            {{"out", kExact, kExact}, {"dtable", kExact, kExact}});
+    for (Case s :
+         {Case{300, 70, "every third"}, Case{300, 64, "every third"}, Case{5000, 64, "70%"},
+          Case{5000, 70, "70%"}, Case{640, 64, "blocks of 64"}, Case{1, 64, "one row"}}) {
+      const int64_t V = 50, N = s.N, C = s.C;
+      const std::string pattern = s.ids;
+      std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
+      for (size_t i = 0; i < ids.size(); ++i) {
+        if (pattern == "every third" && i % 3 == 0) ids[i] = 7;
+        if (pattern == "70%" && i % 10 < 7) ids[i] = 3;
+        if (pattern == "blocks of 64") ids[i] = int32_t(i / 64) * 3;  // sorted runs of 64
+      }
+      OpCase c(act);
+      c.add_ids("tokens", {N}, ids)
+          .add("table", {V, C}, Kind::act, randn(size_t(V * C)))
+          .add("out", {N, C}, Kind::act, poison(size_t(N * C)))
+          .add("dtable", {V, C}, Kind::f32, randn(size_t(V * C)))
+          .add("dout", {N, C}, Kind::act, randn(size_t(N * C)));
+      c.check("embedding N=" + std::to_string(N) + " C=" + std::to_string(C) + " " + pattern,
+              [](Backend& b, const Args& t) {
+                b.embedding_forward(t["out"], t["table"], t["tokens"]);
+                b.embedding_backward(t["dtable"], t["dout"], t["tokens"]);
+              },
+              // The forward copies; the backward adds in chunk order, not the CPU's row order.
+              {{"out", kExact, kExact}, {"dtable", kReduction, kReduction}});
+    }
   }
 }
 

@@ -114,7 +114,7 @@ void CudaBackend::embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) 
   expect_dtype(op, "dtable", dtable, DType::f32);
   expect_dtype(op, "dout", dout, activation_);
   const int64_t N = dout.rows(), C = dtable.dim(1), V = dtable.dim(0);
-  const size_t bytes = cuda::embedding_backward_scratch_bytes(N, V);
+  const size_t bytes = cuda::embedding_backward_scratch_bytes(N, C, V);
   void* work = scratch(bytes);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
