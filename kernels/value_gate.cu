@@ -8,8 +8,9 @@ namespace {
 
 constexpr int kWarpsPerBlock = kThreads / 32;
 
-// One warp per (token, kv head).
-template <typename T>
+// One warp per (token, kv head); lane l moves elements [l * W, l * W + W) of each 32 * W of the
+// head's D.
+template <typename T, int W>
 __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const T* gate_w,
                                           const T* ve, ValueGateShape s) {
   const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -24,12 +25,18 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
   if (lane == 0) gate[nh] = sg;
   T* vr = v + nh * s.D;
   const T* er = ve + nh * s.D;
-  for (int64_t d = lane; d < s.D; d += 32)
-    vr[d] = from_float<T>(to_float(vr[d]) + sg * to_float(er[d]));
+  for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
+    float x[W], e[W];
+    load<W>(x, vr + d);
+    load<W>(e, er + d);
+#pragma unroll
+    for (int k = 0; k < W; ++k) x[k] += sg * e[k];
+    store<W>(vr + d, x);
+  }
 }
 
-// One warp per (token, kv head): the gate's logit gradient da, and dve.
-template <typename T>
+// One warp per (token, kv head), lanes as in the forward: the gate's logit gradient da, and dve.
+template <typename T, int W>
 __global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* ve, const float* gate,
                                  ValueGateShape s) {
   const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -37,11 +44,20 @@ __global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* ve, co
   if (nh >= s.N * s.Hkv) return;
   const T* gr = dv + nh * s.D;
   const T* er = ve + nh * s.D;
-  float dgate = 0.f;
-  for (int64_t d = lane; d < s.D; d += 32) dgate += to_float(gr[d]) * to_float(er[d]);
-  dgate = warp_sum(dgate);
   const float sg = gate[nh];
-  for (int64_t d = lane; d < s.D; d += 32) dve[nh * s.D + d] = from_float<T>(sg * to_float(gr[d]));
+  float dgate = 0.f;
+  for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
+    float g[W], e[W];
+    load<W>(g, gr + d);
+    load<W>(e, er + d);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      dgate += g[k] * e[k];
+      g[k] *= sg;
+    }
+    store<W>(dve + nh * s.D + d, g);
+  }
+  dgate = warp_sum(dgate);
   if (lane == 0) da[nh] = dgate * sg * (1.f - 0.5f * sg);
 }
 
@@ -73,8 +89,11 @@ template <typename T>
 void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* ve,
                         const ValueGateShape& s, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
-  value_gate_forward_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(
-      v, gate, xn, gate_w, ve, s);
+  launch_packed<kPack<T>>(rows_packed<T>(s.D, v, ve), [&](auto pack) {
+    value_gate_forward_kernel<T, decltype(pack)::value>
+        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(v, gate, xn, gate_w, ve,
+                                                                           s);
+  });
   launch_check("value_gate_forward", stream);
 }
 
@@ -88,8 +107,11 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
                          cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
   auto* da = static_cast<float*>(scratch);
-  gate_grad_kernel<<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv,
-                                                                                     ve, gate, s);
+  launch_packed<kPack<T>>(rows_packed<T>(s.D, dve, dv, ve), [&](auto pack) {
+    gate_grad_kernel<T, decltype(pack)::value>
+        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, ve, gate,
+                                                                           s);
+  });
   launch_check("value_gate_backward (gate)", stream);
   if (s.G == 0) return;
   dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);

@@ -432,8 +432,9 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
 
 TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t N : {int64_t(37), int64_t(3000)}) {
-      const int64_t C = 40, Hkv = 3, G = 12, D = 16;
+    // D = 16 and 128 move in packs, D = 18 does not.
+    for (auto [N, D] : {std::pair<int64_t, int64_t>{37, 16}, {3000, 16}, {37, 18}, {300, 128}}) {
+      const int64_t C = 40, Hkv = 3, G = 12;
       OpCase c(act);
       c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("gate_w", {Hkv, G}, Kind::act, randn(size_t(Hkv * G), 0.3f))
@@ -445,7 +446,7 @@ TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
           .add("dxn", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("dgate_w", {Hkv, G}, Kind::f32, randn(size_t(Hkv * G)))
           .add("dve", {N, Hkv * D}, Kind::act, poison(size_t(N * Hkv * D)));
-      c.check("value_gate N=" + std::to_string(N),
+      c.check("value_gate N=" + std::to_string(N) + " D=" + std::to_string(D),
               [](Backend& b, const Args& t) {
                 b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["ve"]);
                 b.value_gate_backward(t["dxn"], t["dgate_w"], t["dve"], t["dv"], t["xn"],
