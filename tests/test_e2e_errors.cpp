@@ -76,6 +76,9 @@ TEST_CASE("e2e: impossible config values are refused", "[e2e]") {
   SECTION("unknown optimizer preset") {
     expect_refused({{"optim", {{"preset", "lion"}}}}, {}, {"optim.preset", "lion"});
   }
+  SECTION("negative loss_chunk_rows") {
+    expect_refused({{"run", {{"loss_chunk_rows", -5}}}}, {}, {"run.loss_chunk_rows", ">= 0"});
+  }
 }
 
 // --set goes through the same validation as the file: a bad key or a missing '=' is refused.

@@ -81,24 +81,24 @@ TEST_CASE("e2e: a diverging run stops with an error naming the step", "[e2e]") {
 }
 
 // run.recompute_activations changes the memory a run needs, not the run: the same losses step
-// for step, a falling validation loss, and a lower peak.
+// for step, a falling validation loss, and a lower peak. run.loss_chunk_rows changes only the
+// order in which the lm_head's gradient is summed.
 TEST_CASE("e2e: recomputed activations train to the same losses in less memory", "[e2e]") {
   TempDir tmp;
   const json patch = {{"schedule", {{"num_iterations", 10}}},
                       {"eval", {{"every", 10}}},
                       {"optim", {{"lr_reference_batch", 1024}}}};
-  auto train = [&](bool recompute) {
-    const std::string out_dir = tmp / (recompute ? "recomputed" : "kept");
+  auto train = [&](const std::string& name, const std::string& setting) {
+    const std::string out_dir = tmp / name;
     const std::string config = write_config(tmp, tiny_config(out_dir, patch));
-    const Result r =
-        run_lmtrain({"train", "--config", config, "--set",
-                     std::string("run.recompute_activations=") + (recompute ? "true" : "false")},
-                    tmp);
+    const Result r = run_lmtrain({"train", "--config", config, "--set", setting}, tmp);
     INFO(r.all());
     REQUIRE(r.code == 0);
     return read_metrics(RunPaths(out_dir, "e2e").metrics);
   };
-  const auto kept = train(false), recomputed = train(true);
+  const auto kept = train("kept", "run.recompute_activations=false");
+  const auto recomputed = train("recomputed", "run.recompute_activations=true");
+  const auto chunked = train("chunked", "run.loss_chunk_rows=48");  // 128 rows: 48 + 48 + 32
   auto values = [](const std::vector<json>& records, const char* key) {
     std::vector<double> out;
     for (const auto& rec : records)
@@ -114,4 +114,9 @@ TEST_CASE("e2e: recomputed activations train to the same losses in less memory",
   const auto peak = values(recomputed, "peak_memory_bytes");
   REQUIRE(peak.size() == 1);
   CHECK(peak[0] < values(kept, "peak_memory_bytes").at(0));
+  const auto chunked_losses = values(chunked, "train_loss");
+  REQUIRE(chunked_losses.size() == losses.size());
+  for (size_t i = 0; i < losses.size(); ++i)
+    CHECK(chunked_losses[i] == Approx(losses[i]).epsilon(1e-5));
+  CHECK(values(chunked, "peak_memory_bytes").at(0) < values(kept, "peak_memory_bytes").at(0));
 }

@@ -19,9 +19,9 @@ void print_activation_memory(const Config& config, const GptShape& shape) {
   const DType dtype = config.run.dtype == "bf16" ? DType::bf16 : DType::f32;
   const int batch = config.batch.device_batch;
   auto gib = [&](bool recompute) {
-    return double(
-               Gpt::activation_bytes(shape, batch, dtype, {.recompute_activations = recompute})) /
-           1073741824.0;
+    GptOptions options = GptOptions::from(config.run);
+    options.recompute_activations = recompute;
+    return double(Gpt::activation_bytes(shape, batch, dtype, options)) / 1073741824.0;
   };
   fmt::print(
       "activations per rank at batch.device_batch {} in {}: {:.2f} GiB kept, {:.2f} GiB "

@@ -17,6 +17,7 @@ struct RunConfig {
   std::string dtype = "bf16";
   int threads = 0;
   bool recompute_activations = false;
+  int64_t loss_chunk_rows = 0;
   int profile_steps = 0;
   int profile_start = 2;
   template <class V>
@@ -33,6 +34,9 @@ struct RunConfig {
       "keep only each block's output through the forward and recompute the block's activations "
       "in the backward: one block's activations in memory instead of depth blocks', for about "
       "20% more FLOPs per step");
+    v("loss_chunk_rows", loss_chunk_rows,
+      "rows of logits the fused lm_head and loss compute at once (0: as many as fit in 256 MiB, "
+      "in whole multiples of 128)");
     v("profile_steps", profile_steps,
       "time every op of this many training steps and write op_profile.json into the run "
       "directory (0: off)");

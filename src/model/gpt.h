@@ -22,6 +22,11 @@ struct GptOptions {
   // Rows of the (rows, padded_vocab) logits that the fused lm_head and loss hold at once
   // (0: as many as fit in kLossChunkBytes).
   int64_t loss_chunk_rows = 0;
+
+  static GptOptions from(const RunConfig& run) {
+    return {.recompute_activations = run.recompute_activations,
+            .loss_chunk_rows = run.loss_chunk_rows};
+  }
 };
 
 class Gpt {

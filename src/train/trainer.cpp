@@ -122,7 +122,7 @@ int train(const TrainOptions& options) {
   const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
 
-  Gpt model(ops, shape, B, {.recompute_activations = config.run.recompute_activations});
+  Gpt model(ops, shape, B, GptOptions::from(config.run));
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
                       B, T, rank, world, config.run.seed, tokenizer.bos_id()});
