@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 namespace lmtrain::cuda {
@@ -63,6 +64,17 @@ __device__ __forceinline__ float block_max(float v) {
   __syncthreads();
   float m = lane < warps ? warp_totals[lane] : -INFINITY;
   return warp_max(m);
+}
+
+// A token id outside a table of V rows: print it and trap the kernel (a CUDA error follows at
+// the next synchronizing call). The host checks ids before uploading them; this is the guard
+// for ids that reach a kernel another way.
+__device__ __forceinline__ void check_token(int32_t id, int64_t n, int64_t V) {
+  if (id < 0 || id >= V) {
+    printf("token id %d at position %lld is outside the table of %lld rows\n", id, (long long)n,
+           (long long)V);
+    __trap();
+  }
 }
 
 // Blocks for one thread per element.

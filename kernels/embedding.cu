@@ -10,14 +10,6 @@ namespace lmtrain::cuda {
 
 namespace {
 
-__device__ void check_token(int32_t id, int64_t n, int64_t V) {
-  if (id < 0 || id >= V) {
-    printf("embedding: token id %d at position %lld is outside the table of %lld rows\n", id,
-           (long long)n, (long long)V);
-    __trap();
-  }
-}
-
 // Thread t copies channels [t * W, t * W + W) of one row.
 template <typename T, int W>
 __global__ void embedding_forward_kernel(T* out, const T* table, const int32_t* tokens, int64_t N,

@@ -12,7 +12,7 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 // head's D.
 template <typename T, int W>
 __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const T* gate_w,
-                                          const T* ve, ValueGateShape s) {
+                                          const T* table, const int32_t* tokens, ValueGateShape s) {
   const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (nh >= s.N * s.Hkv) return;
@@ -23,8 +23,10 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
   a = warp_sum(a);
   const float sg = 2.f / (1.f + expf(-a));
   if (lane == 0) gate[nh] = sg;
+  const int32_t id = tokens[n];
+  check_token(id, n, s.V);
   T* vr = v + nh * s.D;
-  const T* er = ve + nh * s.D;
+  const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
   for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
     float x[W], e[W];
     load<W>(x, vr + d);
@@ -37,13 +39,16 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
 
 // One warp per (token, kv head), lanes as in the forward: the gate's logit gradient da, and dve.
 template <typename T, int W>
-__global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* ve, const float* gate,
-                                 ValueGateShape s) {
+__global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* table,
+                                 const int32_t* tokens, const float* gate, ValueGateShape s) {
   const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (nh >= s.N * s.Hkv) return;
+  const int64_t n = nh / s.Hkv, h = nh % s.Hkv;
+  const int32_t id = tokens[n];
+  check_token(id, n, s.V);
   const T* gr = dv + nh * s.D;
-  const T* er = ve + nh * s.D;
+  const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
   const float sg = gate[nh];
   float dgate = 0.f;
   for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
@@ -86,13 +91,13 @@ __global__ void dgate_w_kernel(float* dgate_w, const float* da, const T* xn, Val
 }  // namespace
 
 template <typename T>
-void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* ve,
-                        const ValueGateShape& s, cudaStream_t stream) {
+void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* table,
+                        const int32_t* tokens, const ValueGateShape& s, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
-  launch_packed<kPack<T>>(rows_packed<T>(s.D, v, ve), [&](auto pack) {
+  launch_packed<kPack<T>>(rows_packed<T>(s.D, v, table), [&](auto pack) {
     value_gate_forward_kernel<T, decltype(pack)::value>
-        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(v, gate, xn, gate_w, ve,
-                                                                           s);
+        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(v, gate, xn, gate_w,
+                                                                           table, tokens, s);
   });
   launch_check("value_gate_forward", stream);
 }
@@ -103,14 +108,14 @@ size_t value_gate_backward_scratch_bytes(const ValueGateShape& s) {
 
 template <typename T>
 void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* xn, const T* gate_w,
-                         const T* ve, const float* gate, const ValueGateShape& s, void* scratch,
-                         cudaStream_t stream) {
+                         const T* table, const int32_t* tokens, const float* gate,
+                         const ValueGateShape& s, void* scratch, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
   auto* da = static_cast<float*>(scratch);
-  launch_packed<kPack<T>>(rows_packed<T>(s.D, dve, dv, ve), [&](auto pack) {
+  launch_packed<kPack<T>>(rows_packed<T>(s.D, dve, dv, table), [&](auto pack) {
     gate_grad_kernel<T, decltype(pack)::value>
-        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, ve, gate,
-                                                                           s);
+        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, table,
+                                                                           tokens, gate, s);
   });
   launch_check("value_gate_backward (gate)", stream);
   if (s.G == 0) return;
@@ -122,14 +127,14 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
 
 using bf16 = __nv_bfloat16;
 template void value_gate_forward<float>(float*, float*, const float*, const float*, const float*,
-                                        const ValueGateShape&, cudaStream_t);
+                                        const int32_t*, const ValueGateShape&, cudaStream_t);
 template void value_gate_forward<bf16>(bf16*, float*, const bf16*, const bf16*, const bf16*,
-                                       const ValueGateShape&, cudaStream_t);
+                                       const int32_t*, const ValueGateShape&, cudaStream_t);
 template void value_gate_backward<float>(float*, float*, float*, const float*, const float*,
-                                         const float*, const float*, const float*,
+                                         const float*, const float*, const int32_t*, const float*,
                                          const ValueGateShape&, void*, cudaStream_t);
 template void value_gate_backward<bf16>(bf16*, float*, bf16*, const bf16*, const bf16*, const bf16*,
-                                        const bf16*, const float*, const ValueGateShape&, void*,
-                                        cudaStream_t);
+                                        const bf16*, const int32_t*, const float*,
+                                        const ValueGateShape&, void*, cudaStream_t);
 
 }  // namespace lmtrain::cuda

@@ -1,5 +1,6 @@
-// Value-embedding gate: v[n,h] += gate[n,h] * ve[n,h] with gate = 2 sigmoid(xn[n,:G] . gate_w[h]).
-// xn (N,C), gate_w (Hkv,G), v and ve (N,Hkv*D) in T; gate (N,Hkv) f32.
+// Value-embedding gate: v[n,h] += gate[n,h] * ve[n,h] with gate = 2 sigmoid(xn[n,:G] . gate_w[h])
+// and ve[n] = table[tokens[n]]. xn (N,C), gate_w (Hkv,G), v (N,Hkv*D), table (V,Hkv*D) in T;
+// gate (N,Hkv) f32. A token id outside [0, V) traps the kernel after printing it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,12 +12,12 @@
 namespace lmtrain::cuda {
 
 struct ValueGateShape {
-  int64_t N, C, Hkv, G, D;
+  int64_t N, C, Hkv, G, D, V;
 };
 
 template <typename T>
-void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* ve,
-                        const ValueGateShape& s, cudaStream_t stream);
+void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* table,
+                        const int32_t* tokens, const ValueGateShape& s, cudaStream_t stream);
 
 // Device scratch (bytes) that value_gate_backward needs.
 size_t value_gate_backward_scratch_bytes(const ValueGateShape& s);
@@ -25,7 +26,7 @@ size_t value_gate_backward_scratch_bytes(const ValueGateShape& s);
 // weight.
 template <typename T>
 void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* xn, const T* gate_w,
-                         const T* ve, const float* gate, const ValueGateShape& s, void* scratch,
-                         cudaStream_t stream);
+                         const T* table, const int32_t* tokens, const float* gate,
+                         const ValueGateShape& s, void* scratch, cudaStream_t stream);
 
 }  // namespace lmtrain::cuda

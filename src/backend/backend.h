@@ -128,11 +128,14 @@ class Backend {
                                           Tensor rstd, Tensor resid, Tensor x0l, int layer) = 0;
 
   // ---- value-embedding gate: v (N,Hkv*D) += gate * ve, gate = 2*sigmoid(xn[:, :G] @ gate_w^T)
-  // ---- xn (N,C), gate_w (Hkv,G), ve (N,Hkv*D), gate (N,Hkv) f32 saved for backward. Backward:
-  // dxn[:, :G] += ...; dgate_w += ...; dve = gate * dv (overwritten).
-  virtual void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) = 0;
+  // ---- ve is row tokens[n] of table (V,Hkv*D), read in place (no gathered copy); xn (N,C),
+  // gate_w (Hkv,G), gate (N,Hkv) f32 saved for backward. Backward: dxn[:, :G] += ...;
+  // dgate_w += ...; dve = gate * dv (overwritten): the gradient of the gathered rows, which
+  // embedding_backward scatters into the table's gradient.
+  virtual void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
+                                  Tensor tokens) = 0;
   virtual void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
-                                   Tensor gate_w, Tensor ve, Tensor gate) = 0;
+                                   Tensor gate_w, Tensor table, Tensor tokens, Tensor gate) = 0;
 
   // ---- softcapped cross-entropy over the first `vocab` columns of logits (N,Vp) ----
   // losses (N) f32 gets -log softmax(cap*tanh(z/cap))[target], 0 where target == -1.

@@ -36,6 +36,34 @@ inline void check_matmul_addend(Tensor out, Tensor addend) {
         dtype_name(addend.dtype), out.shape.str(), dtype_name(out.dtype));
 }
 
+// The value-embedding gate: v (N, Hkv * D) and gate (N, Hkv) f32 from xn (N, C) and gate_w
+// (Hkv, G), G <= C, all but gate in `act`; table (V, Hkv * D) in `act` holds the value
+// embeddings, gathered by tokens (N) i32. Returns D.
+inline int64_t check_value_gate_args(const char* op, Tensor v, Tensor gate, Tensor xn,
+                                     Tensor gate_w, Tensor table, Tensor tokens, DType act) {
+  check(v.dtype == act && xn.dtype == act && gate_w.dtype == act && table.dtype == act &&
+            gate.dtype == DType::f32 && tokens.dtype == DType::i32,
+        "{}: v, xn, gate_w and table must be {}, gate f32 and tokens i32, got {}, {}, {}, {}, {} "
+        "and {}",
+        op, dtype_name(act), dtype_name(v.dtype), dtype_name(xn.dtype), dtype_name(gate_w.dtype),
+        dtype_name(table.dtype), dtype_name(gate.dtype), dtype_name(tokens.dtype));
+  check(gate_w.shape.rank == 2 && xn.shape.rank >= 1 && gate_w.dim(1) <= xn.dim(-1),
+        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op, gate_w.shape.str(),
+        xn.shape.str());
+  const int64_t N = xn.rows(), Hkv = gate_w.dim(0);
+  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op, gate.shape.str(),
+        N, Hkv);
+  check(N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
+        "{}: v {} must be (N, Hkv * D) with N = {}, Hkv = {}", op, v.shape.str(), N, Hkv);
+  const int64_t width = v.numel() / N;
+  check(table.shape.rank == 2 && table.dim(1) == width,
+        "{}: table {} must be (V, {}), rows as wide as those of v {}", op, table.shape.str(), width,
+        v.shape.str());
+  check(tokens.numel() == N, "{}: tokens {} must hold the N = {} ids of xn's rows", op,
+        tokens.shape.str(), N);
+  return width / Hkv;
+}
+
 // The per-layer residual scalars: 1-D f32 vectors of length n_layer, and a layer inside them.
 inline void check_layer_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
   check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&

@@ -234,15 +234,18 @@ void TimedBackend::residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dres
   });
 }
 
-void TimedBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) {
-  timed("value_gate_forward", kNoKey, {0, bytes_of({v, v, gate, ve})},
-        [&] { inner_.value_gate_forward(v, gate, xn, gate_w, ve); });
+// The gathered table rows count as much as v (as the embedding's gathered rows do).
+void TimedBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
+                                      Tensor tokens) {
+  timed("value_gate_forward", kNoKey, {0, bytes_of({v, v, gate, v, tokens})},
+        [&] { inner_.value_gate_forward(v, gate, xn, gate_w, table, tokens); });
 }
 
 void TimedBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
-                                       Tensor gate_w, Tensor ve, Tensor gate) {
-  timed("value_gate_backward", kNoKey, {0, bytes_of({dve, dv, ve, gate})},
-        [&] { inner_.value_gate_backward(dxn, dgate_w, dve, dv, xn, gate_w, ve, gate); });
+                                       Tensor gate_w, Tensor table, Tensor tokens, Tensor gate) {
+  timed("value_gate_backward", kNoKey, {0, bytes_of({dve, dv, dv, tokens, gate})}, [&] {
+    inner_.value_gate_backward(dxn, dgate_w, dve, dv, xn, gate_w, table, tokens, gate);
+  });
 }
 
 void TimedBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab,

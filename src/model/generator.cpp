@@ -27,7 +27,6 @@ Generator::Generator(const Gpt& model)
   plan.add(k_, {1, T, Hkv, D}, act);
   plan.add(rstd_k_, {T * Hkv}, f32);
   plan.add(v_, {1, T, Hkv, D}, act);
-  plan.add(ve_, {T, Hkv * D}, act);
   plan.add(gate_, {T, Hkv}, f32);
   plan.add(y_, {1, T, H, D}, act);
   plan.add(lse_, {1, H, T}, f32);
@@ -63,10 +62,9 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
     b.matmul(k.view({n, Hkv * D}), xn, w(i, "attn.c_k.weight"), false, true, false);
     b.matmul(v.view({n, Hkv * D}), xn, w(i, "attn.c_v.weight"), false, true, false);
     if (shape_.value_embed[i]) {
-      Tensor ve = rows(ve_);
-      b.embedding_forward(ve, model_.weight("value_embeds." + std::to_string(i) + ".weight"), tok);
       b.value_gate_forward(v.view({n, Hkv * D}), gate_.slice(0, n * Hkv).view({n, Hkv}), xn,
-                           w(i, "attn.ve_gate.weight"), ve);
+                           w(i, "attn.ve_gate.weight"),
+                           model_.weight("value_embeds." + std::to_string(i) + ".weight"), tok);
     }
     b.norm_rope_forward(q, rstd_q_.slice(0, n * H), q, model_.rope_cos(), model_.rope_sin(), pos);
     // Normalised keys and the values go straight into the cache at their positions.

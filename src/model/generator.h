@@ -35,7 +35,7 @@ class Generator {
   const GptShape& shape_;
   Buffer memory_;
   std::vector<Tensor> k_cache_, v_cache_;  // per layer (1, T, Hkv, D)
-  Tensor tokens_, x0_, x_, x_mix_, xn_, rstd_, q_, rstd_q_, k_, rstd_k_, v_, ve_, gate_, y_, lse_,
+  Tensor tokens_, x0_, x_, x_mix_, xn_, rstd_, q_, rstd_q_, k_, rstd_k_, v_, gate_, y_, lse_,
       hidden_, logits_;
 };
 

@@ -62,7 +62,6 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
     plan.add(set.v, {batch, T, Hkv, D}, act);
     const auto& ve = shape.value_embed;
     if (shared ? std::ranges::find(ve, true) != ve.end() : bool(ve[i])) {
-      plan.add(set.ve, {N, Hkv * D}, act);
       plan.add(set.gate, {N, Hkv}, f32);
     }
     plan.add(set.y, {batch, T, H, D}, act);
@@ -238,10 +237,8 @@ void Gpt::forward_block(int i, bool with_output) {
   b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
   b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
   if (shape_.value_embed[i]) {
-    b.embedding_forward(a.ve, weight("value_embeds." + std::to_string(i) + ".weight"),
-                        acts_.tokens);
     b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
-                         a.ve);
+                         weight("value_embeds." + std::to_string(i) + ".weight"), acts_.tokens);
   }
   b.norm_rope_forward(a.q, a.rstd_q, a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
   b.norm_rope_forward(a.k, a.rstd_k, a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
@@ -337,8 +334,9 @@ void Gpt::backward_block(int i) {
   b.matmul(d.dxn, dk2, w(i, "attn.c_k.weight"), false, false, true);
   b.matmul(d.dxn, dv2, w(i, "attn.c_v.weight"), false, false, true);
   if (shape_.value_embed[i]) {
-    b.value_gate_backward(d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1,
-                          w(i, "attn.ve_gate.weight"), a.ve, a.gate);
+    b.value_gate_backward(
+        d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1, w(i, "attn.ve_gate.weight"),
+        weight("value_embeds." + std::to_string(i) + ".weight"), d.tokens, a.gate);
     b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), d.dve,
                          d.tokens);
   }

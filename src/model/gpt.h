@@ -98,7 +98,7 @@ class Gpt {
  private:
   // What backward() reads of one block besides its input.
   struct BlockActs {
-    Tensor xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, ve, gate, y, lse;
+    Tensor xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, gate, y, lse;
     Tensor x_mid, xn2, rstd2;
     Tensor hidden;  // the MLP's hidden activation: c_fc's output, then relu2'd in place
   };

@@ -434,11 +434,12 @@ TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     // D = 16 and 128 move in packs, D = 18 does not.
     for (auto [N, D] : {std::pair<int64_t, int64_t>{37, 16}, {3000, 16}, {37, 18}, {300, 128}}) {
-      const int64_t C = 40, Hkv = 3, G = 12;
+      const int64_t C = 40, Hkv = 3, G = 12, V = 50;
       OpCase c(act);
       c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("gate_w", {Hkv, G}, Kind::act, randn(size_t(Hkv * G), 0.3f))
-          .add("ve", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
+          .add("table", {V, Hkv * D}, Kind::act, randn(size_t(V * Hkv * D)))
+          .add_ids("tokens", {N}, random_ids(size_t(N), 0, int(V) - 1))
           .add("v", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
           .add("gate", {N, Hkv}, Kind::f32, poison(size_t(N * Hkv)))
           .add("dv", {N, Hkv * D}, Kind::act, randn(size_t(N * Hkv * D)))
@@ -448,9 +449,10 @@ TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
           .add("dve", {N, Hkv * D}, Kind::act, poison(size_t(N * Hkv * D)));
       c.check("value_gate N=" + std::to_string(N) + " D=" + std::to_string(D),
               [](Backend& b, const Args& t) {
-                b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["ve"]);
+                b.value_gate_forward(t["v"], t["gate"], t["xn"], t["gate_w"], t["table"],
+                                     t["tokens"]);
                 b.value_gate_backward(t["dxn"], t["dgate_w"], t["dve"], t["dv"], t["xn"],
-                                      t["gate_w"], t["ve"], t["gate_in"]);
+                                      t["gate_w"], t["table"], t["tokens"], t["gate_in"]);
               },
               {{"v", kElementwise, kBf16},
                {"gate", kReduction, kReduction},

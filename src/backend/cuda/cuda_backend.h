@@ -83,9 +83,10 @@ class CudaBackend final : public Backend {
                                   Tensor dmixed, Tensor x, Tensor x0, Tensor rstd, Tensor resid,
                                   Tensor x0l, int layer) override;
 
-  void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) override;
+  void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
+                          Tensor tokens) override;
   void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
-                           Tensor gate_w, Tensor ve, Tensor gate) override;
+                           Tensor gate_w, Tensor table, Tensor tokens, Tensor gate) override;
 
   void softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab, float softcap,
                              float grad_scale) override;

@@ -76,22 +76,9 @@ void check_like(const char* op, const char* name, Tensor t, Tensor like, DType a
 }
 
 cuda::ValueGateShape check_value_gate(const char* op, Tensor v, Tensor gate, Tensor xn,
-                                      Tensor gate_w, Tensor ve, DType act) {
-  expect_dtype(op, "v", v, act);
-  expect_dtype(op, "xn", xn, act);
-  expect_dtype(op, "gate_w", gate_w, act);
-  expect_dtype(op, "ve", ve, act);
-  expect_dtype(op, "gate", gate, DType::f32);
-  check(gate_w.shape.rank == 2 && xn.shape.rank >= 1 && gate_w.dim(1) <= xn.dim(-1),
-        "{}: gate_w {} must be (Hkv, G) with G at most the width of xn {}", op, gate_w.shape.str(),
-        xn.shape.str());
-  const int64_t N = xn.rows(), Hkv = gate_w.dim(0);
-  check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op, gate.shape.str(),
-        N, Hkv);
-  check(ve.shape == v.shape && N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
-        "{}: v {} and ve {} must be the same (N, Hkv * D) with N = {}, Hkv = {}", op, v.shape.str(),
-        ve.shape.str(), N, Hkv);
-  return {N, xn.dim(-1), Hkv, gate_w.dim(1), v.numel() / (N * Hkv)};
+                                      Tensor gate_w, Tensor table, Tensor tokens, DType act) {
+  const int64_t D = check_value_gate_args(op, v, gate, xn, gate_w, table, tokens, act);
+  return {xn.rows(), xn.dim(-1), gate_w.dim(0), gate_w.dim(1), D, table.dim(0)};
 }
 
 }  // namespace
@@ -270,31 +257,35 @@ void CudaBackend::residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dresi
   });
 }
 
-void CudaBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor ve) {
+void CudaBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
+                                     Tensor tokens) {
   const char* op = "value_gate_forward";
-  const cuda::ValueGateShape s = check_value_gate(op, v, gate, xn, gate_w, ve, activation_);
+  const cuda::ValueGateShape s =
+      check_value_gate(op, v, gate, xn, gate_w, table, tokens, activation_);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(ve), s,
-                             stream_.get());
+    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(table),
+                             ptr<int32_t>(tokens), s, stream_.get());
   });
 }
 
 void CudaBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
-                                      Tensor gate_w, Tensor ve, Tensor gate) {
+                                      Tensor gate_w, Tensor table, Tensor tokens, Tensor gate) {
   const char* op = "value_gate_backward";
-  const cuda::ValueGateShape s = check_value_gate(op, dv, gate, xn, gate_w, ve, activation_);
+  const cuda::ValueGateShape s =
+      check_value_gate(op, dv, gate, xn, gate_w, table, tokens, activation_);
   expect_dtype(op, "dxn", dxn, activation_);
   expect_shape(op, "dxn", dxn, "xn", xn);
   expect_dtype(op, "dgate_w", dgate_w, DType::f32);
   expect_shape(op, "dgate_w", dgate_w, "gate_w", gate_w);
   expect_dtype(op, "dve", dve, activation_);
-  expect_shape(op, "dve", dve, "ve", ve);
+  expect_shape(op, "dve", dve, "dv", dv);
   void* work = scratch(cuda::value_gate_backward_scratch_bytes(s));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), ptr<T>(dv), ptr<T>(xn),
-                              ptr<T>(gate_w), ptr<T>(ve), ptr<float>(gate), s, work, stream_.get());
+                              ptr<T>(gate_w), ptr<T>(table), ptr<int32_t>(tokens), ptr<float>(gate),
+                              s, work, stream_.get());
   });
 }
 
