@@ -187,12 +187,15 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
     const char* ids;
   };
   // The backward adds sorted rows in chunks of 64: runs of one id inside a chunk, across a few
-  // chunks, across most of them, and ending exactly on chunk boundaries. C = 64 moves in packs,
-  // C = 70 does not.
+  // chunks, across most of them, filling chunks exactly, and (runs of 96) a run that starts on a
+  // chunk's first entry and continues, one that starts inside a chunk and continues, one that
+  // ends on a boundary. C = 64 and 2056 move in packs, 70 and 300 do not; 300 and 2056 need
+  // more than one channel tile (256 threads) per chunk.
   for (DType act : kModes) {
     for (Case s :
          {Case{300, 70, "every third"}, Case{300, 64, "every third"}, Case{5000, 64, "70%"},
-          Case{5000, 70, "70%"}, Case{640, 64, "blocks of 64"}, Case{1, 64, "one row"}}) {
+          Case{5000, 70, "70%"}, Case{640, 64, "blocks of 64"}, Case{640, 64, "blocks of 96"},
+          Case{640, 300, "blocks of 96"}, Case{300, 2056, "every third"}, Case{1, 64, "one row"}}) {
       const int64_t V = 50, N = s.N, C = s.C;
       const std::string pattern = s.ids;
       std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
@@ -200,6 +203,7 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
         if (pattern == "every third" && i % 3 == 0) ids[i] = 7;
         if (pattern == "70%" && i % 10 < 7) ids[i] = 3;
         if (pattern == "blocks of 64") ids[i] = int32_t(i / 64) * 3;  // sorted runs of 64
+        if (pattern == "blocks of 96") ids[i] = int32_t(i / 96) * 3;
       }
       OpCase c(act);
       c.add_ids("tokens", {N}, ids)
@@ -432,8 +436,9 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
 
 TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    // D = 16 and 128 move in packs, D = 18 does not.
-    for (auto [N, D] : {std::pair<int64_t, int64_t>{37, 16}, {3000, 16}, {37, 18}, {300, 128}}) {
+    // D = 16, 128 and 264 move in packs (264: more packs than lanes), D = 18 does not.
+    for (auto [N, D] :
+         {std::pair<int64_t, int64_t>{37, 16}, {3000, 16}, {37, 18}, {300, 128}, {37, 264}}) {
       const int64_t C = 40, Hkv = 3, G = 12, V = 50;
       OpCase c(act);
       c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
