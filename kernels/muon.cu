@@ -23,34 +23,54 @@ __global__ void muon_momentum_kernel(float* u, float* buf, const float* grad, in
   buf[i] = b;
 }
 
-// Grid (tiles of a matrix, K). Thread 0 turns the matrix's sum of squares into a scale factor
-// once per block, in double as the CPU reference does.
-__global__ void normalize_kernel(float* x, const double* sumsq, int64_t size, float norm_mult,
-                                 float eps) {
-  __shared__ float scale;
-  const int64_t k = blockIdx.y;
-  if (threadIdx.x == 0) scale = float(1.0 / (sqrt(sumsq[k]) * norm_mult + eps));
-  __syncthreads();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < size) x[k * size + i] *= scale;
+// 1 / (||x_k|| * norm_mult + eps) from matrix k's sum of squares, in double as the CPU reference
+// does; 1 without sums (a plain transpose).
+__device__ __forceinline__ float matrix_scale(const double* sumsq, int64_t k, float norm_mult,
+                                              float eps) {
+  return sumsq ? float(1.0 / (sqrt(sumsq[k]) * norm_mult + eps)) : 1.f;
 }
 
-// 32 x 32 tiles through shared memory (padded against bank conflicts): reads and writes are
-// both coalesced. Grid (col tiles, row tiles, K), block (32, 8).
-__global__ void transpose_kernel(float* out, const float* x, int64_t rows, int64_t cols) {
+// Grid (tiles of a matrix, K): out = x * scale_k, rounded to Out. Thread 0 computes the scale
+// once per block.
+template <typename Out>
+__global__ void normalize_kernel(Out* out, const float* x, const double* sumsq, int64_t size,
+                                 float norm_mult, float eps) {
+  __shared__ float scale;
+  const int64_t k = blockIdx.y;
+  if (threadIdx.x == 0) scale = matrix_scale(sumsq, k, norm_mult, eps);
+  __syncthreads();
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < size) out[k * size + i] = from_float<Out>(x[k * size + i] * scale);
+}
+
+// out (K, cols, rows) = the transpose of x (K, rows, cols), times scale_k when sumsq is given,
+// converting In to Out. 32 x 32 tiles through shared memory (padded against bank conflicts):
+// reads and writes are both coalesced. Grid (col tiles, row tiles, K), block (32, 8).
+template <typename In, typename Out>
+__global__ void transpose_kernel(Out* out, const In* x, int64_t rows, int64_t cols,
+                                 const double* sumsq, float norm_mult, float eps) {
   __shared__ float tile[32][33];
+  __shared__ float scale;
   const int64_t k = blockIdx.z, r0 = int64_t(blockIdx.y) * 32, c0 = int64_t(blockIdx.x) * 32;
-  const float* src = x + k * rows * cols;
-  float* dst = out + k * rows * cols;
+  if (threadIdx.x == 0 && threadIdx.y == 0) scale = matrix_scale(sumsq, k, norm_mult, eps);
+  const In* src = x + k * rows * cols;
+  Out* dst = out + k * rows * cols;
   for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
     const int64_t r = r0 + dy, c = c0 + threadIdx.x;
-    if (r < rows && c < cols) tile[dy][threadIdx.x] = src[r * cols + c];
+    if (r < rows && c < cols) tile[dy][threadIdx.x] = to_float(src[r * cols + c]);
   }
   __syncthreads();
   for (int dy = threadIdx.y; dy < 32; dy += blockDim.y) {
     const int64_t c = c0 + dy, r = r0 + threadIdx.x;  // out row c, out column r
-    if (r < rows && c < cols) dst[c * rows + r] = tile[threadIdx.x][dy];
+    if (r < rows && c < cols) dst[c * rows + r] = from_float<Out>(tile[threadIdx.x][dy] * scale);
   }
+}
+
+template <typename In, typename Out>
+void launch_transpose(Out* out, const In* x, int64_t K, int64_t rows, int64_t cols,
+                      const double* sumsq, float norm_mult, float eps, cudaStream_t stream) {
+  const dim3 grid(unsigned((cols + 31) / 32), unsigned((rows + 31) / 32), unsigned(K));
+  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(out, x, rows, cols, sumsq, norm_mult, eps);
 }
 
 // Per-row mean of squares: one warp per (matrix, row).
@@ -143,22 +163,28 @@ size_t muon_scratch_bytes(int64_t K, int64_t rows, int64_t cols) {
          size_t(segment_sum_squares_scratch(K, rows * cols)) * sizeof(float);
 }
 
-void normalize_matrices(float* x, int64_t K, int64_t rows, int64_t cols, float norm_mult, float eps,
-                        void* scratch, cudaStream_t stream) {
+template <typename Out>
+void normalize_matrices(Out* out, const float* x, int64_t K, int64_t rows, int64_t cols,
+                        bool transpose, float norm_mult, float eps, void* scratch,
+                        cudaStream_t stream) {
   const int64_t size = rows * cols;
   if (K * size == 0) return;
   const MuonScratch s = carve(scratch, K);
   segment_sum_squares(s.before, x, K, size, s.partials, stream, "normalize_matrices (norms)");
-  normalize_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
-      x, s.before, size, norm_mult, eps);
+  if (transpose) {
+    launch_transpose(out, x, K, rows, cols, s.before, norm_mult, eps, stream);
+  } else {
+    normalize_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
+        out, x, s.before, size, norm_mult, eps);
+  }
   launch_check("normalize_matrices", stream);
 }
 
-void transpose_matrices(float* out, const float* x, int64_t K, int64_t rows, int64_t cols,
+template <typename In>
+void transpose_matrices(float* out, const In* x, int64_t K, int64_t rows, int64_t cols,
                         cudaStream_t stream) {
   if (K * rows * cols == 0) return;
-  const dim3 grid(unsigned((cols + 31) / 32), unsigned((rows + 31) / 32), unsigned(K));
-  transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(out, x, rows, cols);
+  launch_transpose(out, x, K, rows, cols, static_cast<const double*>(nullptr), 1.f, 0.f, stream);
   launch_check("transpose_matrices", stream);
 }
 
@@ -193,5 +219,15 @@ void muon_apply(float* param, const float* update, int64_t n, float lr, float de
                                                                       cautious);
   launch_check("muon_apply", stream);
 }
+
+using bf16 = __nv_bfloat16;
+template void normalize_matrices<float>(float*, const float*, int64_t, int64_t, int64_t, bool,
+                                        float, float, void*, cudaStream_t);
+template void normalize_matrices<bf16>(bf16*, const float*, int64_t, int64_t, int64_t, bool, float,
+                                       float, void*, cudaStream_t);
+template void transpose_matrices<float>(float*, const float*, int64_t, int64_t, int64_t,
+                                        cudaStream_t);
+template void transpose_matrices<bf16>(float*, const bf16*, int64_t, int64_t, int64_t,
+                                       cudaStream_t);
 
 }  // namespace lmtrain::cuda

@@ -2,6 +2,7 @@
 // the math of src/backend/cpu/muon.cpp. Per-matrix reductions are deterministic (reduce.cuh).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -16,11 +17,16 @@ void muon_momentum(float* u, float* buf, const float* grad, int64_t n, float mu,
 
 // Device scratch (bytes) that normalize_matrices and normuon_second_moment need.
 size_t muon_scratch_bytes(int64_t K, int64_t rows, int64_t cols);
-// Per matrix: x /= ||x||_F * norm_mult + eps.
-void normalize_matrices(float* x, int64_t K, int64_t rows, int64_t cols, float norm_mult, float eps,
-                        void* scratch, cudaStream_t stream);
-// out (K, cols, rows) = the transpose of each matrix of x.
-void transpose_matrices(float* out, const float* x, int64_t K, int64_t rows, int64_t cols,
+// Per matrix: out = x / (||x||_F * norm_mult + eps), out (K, rows, cols) or, with transpose,
+// (K, cols, rows); Out is float or bf16 (rounded once). out may alias x only without transpose
+// and with Out float.
+template <typename Out>
+void normalize_matrices(Out* out, const float* x, int64_t K, int64_t rows, int64_t cols,
+                        bool transpose, float norm_mult, float eps, void* scratch,
+                        cudaStream_t stream);
+// out (K, cols, rows) f32 = the transpose of each matrix of x (In: float or bf16).
+template <typename In>
+void transpose_matrices(float* out, const In* x, int64_t K, int64_t rows, int64_t cols,
                         cudaStream_t stream);
 // NorMuon's second moment in place on x; state is (K, rows) when rows >= cols, else (K, cols).
 void normuon_second_moment(float* x, float* state, int64_t K, int64_t rows, int64_t cols,

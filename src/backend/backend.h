@@ -152,9 +152,13 @@ class Backend {
   // lerp(g, buf, mu) : buf. classic: buf = mu*buf + g, u = nesterov ? g + mu*buf : buf.
   virtual void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
                              bool nesterov) = 0;
-  // Per matrix of x (K,m,n): x /= ||x||_F * norm_mult + eps.
-  virtual void normalize_matrices(Tensor x, float norm_mult, float eps) = 0;
-  // out (K,n,m) = the transpose of each matrix of x (K,m,n).
+  // Per matrix of x (K,m,n) f32: out = x / (||x||_F * norm_mult + eps), out (K,m,n) or, with
+  // transpose, (K,n,m), in f32 or the activation dtype (the orthogonalizer's work dtype): the
+  // copy into the work buffer in the same pass. out may alias x when neither transposed nor
+  // converted.
+  virtual void normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
+                                  bool transpose) = 0;
+  // out (K,n,m) f32 = the transpose of each matrix of x (K,m,n), x in f32 or the activation dtype.
   virtual void transpose_matrices(Tensor out, Tensor x) = 0;
   // NorMuon's second moment, in place on x (K,m,n): state (K,m) tracks mean(x^2) per row, or
   // state (K,n) per column; state = lerp(state, mean, 1-beta2); x *= rsqrt(max(state, 1e-10));

@@ -64,6 +64,16 @@ inline int64_t check_value_gate_args(const char* op, Tensor v, Tensor gate, Tens
   return width / Hkv;
 }
 
+// A stack of matrices x (K, m, n) and out of the same shape, or (K, n, m) when transposed.
+inline void check_stack_pair(const char* op, Tensor out, Tensor x, bool transpose) {
+  check(x.shape.rank == 3 && out.shape.rank == 3, "{}: x {} and out {} must be stacks (K, m, n)",
+        op, x.shape.str(), out.shape.str());
+  const Shape want = transpose ? Shape{x.dim(0), x.dim(2), x.dim(1)} : x.shape;
+  check(out.shape == want, "{}: out {} must be {}{}", op, out.shape.str(), want.str(),
+        transpose ? ", the transpose of x's matrices" : ", the shape of x");
+  check(!transpose || out.data != x.data, "{}: out must not alias x when transposing", op);
+}
+
 // The per-layer residual scalars: 1-D f32 vectors of length n_layer, and a layer inside them.
 inline void check_layer_scalars(const char* op, Tensor resid, Tensor x0l, int layer) {
   check(resid.dtype == DType::f32 && x0l.dtype == DType::f32 && resid.shape.rank == 1 &&

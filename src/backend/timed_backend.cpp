@@ -270,9 +270,10 @@ void TimedBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bo
         [&] { inner_.muon_momentum(u, buf, grad, mu, lerp, nesterov); });
 }
 
-void TimedBackend::normalize_matrices(Tensor x, float norm_mult, float eps) {
-  timed("normalize_matrices", kNoKey, {0, bytes_of({x, x, x})},
-        [&] { inner_.normalize_matrices(x, norm_mult, eps); });
+void TimedBackend::normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
+                                      bool transpose) {
+  timed("normalize_matrices", kNoKey, {0, bytes_of({x, x, out})},
+        [&] { inner_.normalize_matrices(out, x, norm_mult, eps, transpose); });
 }
 
 void TimedBackend::transpose_matrices(Tensor out, Tensor x) {

@@ -93,7 +93,6 @@ NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const Muon
   scratch.add(work_y_, {largest}, work);
   scratch.add(work_gram_, {largest_square}, work);
   scratch.add(work_poly_, {largest_square}, work);
-  if (work != DType::f32) scratch.add(staging_, {largest}, DType::f32);
   scratch.add(update_sq_, {int64_t(stacks_.size())}, DType::f32);
   scratch_memory_ = scratch.allocate(backend);
 }
@@ -110,21 +109,14 @@ void NorMuon::orthogonalize(Tensor u) {
   Tensor y = work_y_.slice(0, K * r * c).view({K, r, c});
   Tensor gram = work_gram_.slice(0, K * r * r).view({K, r, r});
   Tensor poly = work_poly_.slice(0, K * r * r).view({K, r, r});
-  // Normalise in fp32; iterate in the work dtype (bf16 on the GPU, where the matmuls dominate).
-  const bool staged = x.dtype != DType::f32;
-  const Tensor x32 = staged ? staging_.slice(0, K * r * c).view({K, r, c}) : x;
-  if (tall) {
-    b.transpose_matrices(x32, u);
-  } else {
-    b.copy(x32, u);
-  }
+  // Normalise from the fp32 update straight into the work dtype (bf16 on the GPU, where the
+  // matmuls dominate), transposing tall matrices in the same pass.
   const bool polar = kind == "polar_express";
   if (polar) {
-    b.normalize_matrices(x32, 1.02f, 1e-6f);
+    b.normalize_matrices(x, u, 1.02f, 1e-6f, tall);
   } else {
-    b.normalize_matrices(x32, 1.0f, 1e-7f);
+    b.normalize_matrices(x, u, 1.0f, 1e-7f, tall);
   }
-  if (staged) b.copy(x, x32);
   for (int i = 0; i < config_.ortho_steps; ++i) {
     const auto& [ca, cb, cc] =
         polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)] : kNewtonSchulz5;
@@ -133,15 +125,11 @@ void NorMuon::orthogonalize(Tensor u) {
     b.matmul_add(y, poly, x, false, false, x, 1.f, ca);          // Y = B X + a X
     std::swap(x, y);
   }
-  Tensor result = x;
-  if (staged) {
-    b.copy(x32, x);
-    result = x32;
-  }
+  // Back into the fp32 update, converting (and transposing tall matrices) in one pass.
   if (tall) {
-    b.transpose_matrices(u, result);
+    b.transpose_matrices(u, x);
   } else {
-    b.copy(u, result);
+    b.copy(u, x);
   }
 }
 

@@ -54,9 +54,9 @@ class NorMuon {
   int depth_;
   std::vector<Stack> stacks_;
   Buffer state_memory_, scratch_memory_;
-  // Flat scratch sized for the largest stack: the f32 update, the orthogonalizer's work
-  // tensors in the backend's activation dtype, and an f32 staging copy when that is bf16.
-  Tensor scratch_u_, work_x_, work_y_, work_gram_, work_poly_, staging_;
+  // Flat scratch sized for the largest stack: the f32 update and the orthogonalizer's work
+  // tensors in the backend's activation dtype.
+  Tensor scratch_u_, work_x_, work_y_, work_gram_, work_poly_;
   Tensor update_sq_;  // f32 per stack: the squared norm of its last update, for the metrics
 };
 

@@ -551,18 +551,30 @@ TEST_CASE("gpu Muon matrix ops match the CPU", "[gpu][ops][optim]") {
     for (Stack s : {Stack{3, 37, 53}, Stack{2, 70, 30}, Stack{2, 30, 70}, Stack{1, 300, 300}}) {
       const int64_t size = s.K * s.rows * s.cols, slots = std::max(s.rows, s.cols);
       OpCase c(act);
-      c.add("x", {s.K, s.rows, s.cols}, Kind::f32, randn(size_t(size), 3.f))
-          .add("xt", {s.K, s.cols, s.rows}, Kind::f32, poison(size_t(size)))
-          .add("y", {s.K, s.rows, s.cols}, Kind::f32, randn(size_t(size)))
+      const Shape shape{s.K, s.rows, s.cols}, transposed{s.K, s.cols, s.rows};
+      c.add("x", shape, Kind::f32, randn(size_t(size), 3.f))
+          .add("xt", transposed, Kind::f32, poison(size_t(size)))
+          .add("work", shape, Kind::act, poison(size_t(size)))
+          .add("work_t", transposed, Kind::act, poison(size_t(size)))
+          .add("act", shape, Kind::act, randn(size_t(size)))
+          .add("act_t", transposed, Kind::f32, poison(size_t(size)))
+          .add("y", shape, Kind::f32, randn(size_t(size)))
           .add("state", {s.K, slots}, Kind::f32, uniform(size_t(s.K * slots), 0.f, 2.f));
       c.check("muon matrices " + std::to_string(s.K) + "x" + std::to_string(s.rows) + "x" +
                   std::to_string(s.cols),
               [](Backend& b, const Args& t) {
                 b.transpose_matrices(t["xt"], t["x"]);
-                b.normalize_matrices(t["x"], 1.02f, 1e-6f);
+                b.transpose_matrices(t["act_t"], t["act"]);  // from the work dtype to f32
+                // Into the work dtype, straight and transposed, then in place in f32.
+                b.normalize_matrices(t["work"], t["x"], 1.02f, 1e-6f, false);
+                b.normalize_matrices(t["work_t"], t["x"], 1.0f, 1e-7f, true);
+                b.normalize_matrices(t["x"], t["x"], 1.02f, 1e-6f, false);
                 b.normuon_second_moment(t["y"], t["state"], 0.95f);
               },
               {{"xt", kExact, kExact},
+               {"act_t", kExact, kExact},
+               {"work", kReduction, kBf16},
+               {"work_t", kReduction, kBf16},
                {"x", kReduction, kReduction},
                {"y", kReduction, kReduction},
                {"state", kReduction, kReduction}});

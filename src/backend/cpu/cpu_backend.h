@@ -62,7 +62,8 @@ class CpuBackend : public Backend {
   void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) override;
   void muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
                      bool nesterov) override;
-  void normalize_matrices(Tensor x, float norm_mult, float eps) override;
+  void normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
+                          bool transpose) override;
   void transpose_matrices(Tensor out, Tensor x) override;
   void normuon_second_moment(Tensor x, Tensor state, float beta2) override;
   void muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) override;

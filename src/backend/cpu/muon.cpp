@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
@@ -44,23 +45,28 @@ void CpuBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool
   }
 }
 
-void CpuBackend::normalize_matrices(Tensor x, float norm_mult, float eps) {
+void CpuBackend::normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
+                                    bool transpose) {
   check_stack("normalize_matrices", x);
-  const int64_t K = x.dim(0), size = x.dim(1) * x.dim(2);
+  check_stack("normalize_matrices", out);
+  check_stack_pair("normalize_matrices", out, x, transpose);
+  const int64_t K = x.dim(0), rows = x.dim(1), cols = x.dim(2), size = rows * cols;
 #pragma omp parallel for
   for (int64_t k = 0; k < K; ++k) {
-    float* m = x.f32() + k * size;
+    const float* m = x.f32() + k * size;
+    float* o = out.f32() + k * size;
     const float scale = float(1.0 / (frobenius(m, size) * norm_mult + eps));
-    for (int64_t i = 0; i < size; ++i) m[i] *= scale;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        o[transpose ? c * rows + r : r * cols + c] = m[r * cols + c] * scale;
   }
 }
 
 void CpuBackend::transpose_matrices(Tensor out, Tensor x) {
   check_stack("transpose_matrices", x);
   check_stack("transpose_matrices", out);
+  check_stack_pair("transpose_matrices", out, x, true);
   const int64_t K = x.dim(0), rows = x.dim(1), cols = x.dim(2);
-  check(out.dim(0) == K && out.dim(1) == cols && out.dim(2) == rows,
-        "transpose_matrices: out {} is not the transpose of {}", out.shape.str(), x.shape.str());
 #pragma omp parallel for collapse(2)
   for (int64_t k = 0; k < K; ++k)
     for (int64_t r = 0; r < rows; ++r)

@@ -2,6 +2,7 @@
 #include "adamw.cuh"
 #include "backend/cuda/checks.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/op_checks.h"
 #include "muon.cuh"
 
 namespace lmtrain {
@@ -38,20 +39,34 @@ void CudaBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, boo
                       nesterov, stream_.get());
 }
 
-void CudaBackend::normalize_matrices(Tensor x, float norm_mult, float eps) {
-  check_stack("normalize_matrices", x);
+void CudaBackend::normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
+                                     bool transpose) {
+  const char* op = "normalize_matrices";
+  check_stack(op, x);
+  check_stack_pair(op, out, x, transpose);
+  check(out.dtype == DType::f32 || out.dtype == activation_, "{}: out must be f32 or {}, got {}",
+        op, dtype_name(activation_), dtype_name(out.dtype));
+  check(out.data != x.data || out.dtype == DType::f32, "{}: out may alias x only in f32", op);
   const int64_t K = x.dim(0), rows = x.dim(1), cols = x.dim(2);
   void* work = scratch(cuda::muon_scratch_bytes(K, rows, cols));
-  cuda::normalize_matrices(ptr<float>(x), K, rows, cols, norm_mult, eps, work, stream_.get());
+  dispatch(op, out.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::normalize_matrices(ptr<T>(out), ptr<float>(x), K, rows, cols, transpose, norm_mult, eps,
+                             work, stream_.get());
+  });
 }
 
 void CudaBackend::transpose_matrices(Tensor out, Tensor x) {
-  check_stack("transpose_matrices", x);
-  check_stack("transpose_matrices", out);
-  const int64_t K = x.dim(0), rows = x.dim(1), cols = x.dim(2);
-  check(out.dim(0) == K && out.dim(1) == cols && out.dim(2) == rows,
-        "transpose_matrices: out {} is not the transpose of {}", out.shape.str(), x.shape.str());
-  cuda::transpose_matrices(ptr<float>(out), ptr<float>(x), K, rows, cols, stream_.get());
+  const char* op = "transpose_matrices";
+  check_stack(op, out);
+  check_stack_pair(op, out, x, true);
+  check(x.dtype == DType::f32 || x.dtype == activation_, "{}: x must be f32 or {}, got {}", op,
+        dtype_name(activation_), dtype_name(x.dtype));
+  dispatch(op, x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::transpose_matrices(ptr<float>(out), ptr<T>(x), x.dim(0), x.dim(1), x.dim(2),
+                             stream_.get());
+  });
 }
 
 void CudaBackend::normuon_second_moment(Tensor x, Tensor state, float beta2) {
