@@ -6,6 +6,9 @@ data/tiny) it finds the largest device batch lmtrain fits (64, 32, 16, 8, 4: a r
 an out-of-memory error moves to the next smaller), runs `lmtrain train` at that batch with no
 gradient accumulation (total_batch_tokens = B*T) on the data/tiny shards, reads its
 metrics.jsonl, runs the reference at the same batch on the same shards, and prints a table.
+When the reference runs out of memory there, it is tried at the smaller batches that follow in
+--batches until one fits; lmtrain's timed run is then repeated at that batch, and that pair is the
+config's comparison (lmtrain's run at its largest batch is kept and reported as well).
 The first --warmup-steps steps of both are left out. Then one short lmtrain run at that batch
 times every op (run.profile_steps) and its op_profile.json is summarised: the top ops by time
 per step and the per-phase totals (--no-profile skips it). Last, each --variant runs lmtrain
@@ -370,9 +373,8 @@ def bench_config(a, depth: int, deadline: float) -> dict:
            "lmtrain": None, "torch": None, "profile": None}
     print(f"\n=== d{depth}: lmtrain batch search {a.batches} ===", flush=True)
     for B in a.batches:
-        r = run_lmtrain(a, depth, B, deadline)
+        r = timed_lmtrain(a, depth, B, deadline)
         row["attempts"].append({k: r.get(k) for k in ("batch", "status", "seconds", "reason")})
-        report_run(a, f"lmtrain d{depth} B={B}", r, lambda r: f", {r['tokens_per_second']:.0f} tok/s")
         if r["status"] == "oom":
             continue
         row["lmtrain"] = r
@@ -383,14 +385,16 @@ def bench_config(a, depth: int, deadline: float) -> dict:
     row["batch"] = lm.get("batch")  # where lmtrain ran, or failed for a reason other than memory
     if lm["status"] != "ok":
         row["torch"] = {"status": "skipped", "reason": f"lmtrain {lm['status']}"}
+    elif a.skip_torch:
+        row["torch"] = {"status": "skipped", "reason": "--skip-torch"}
+    else:
+        bench_torch(a, depth, row, deadline)  # may move the row to a smaller batch
+    lm = row["lmtrain"]
+    if lm["status"] != "ok":
         if a.variants:
             row["variants"] = [{**v, "status": "skipped", "reason": f"lmtrain {lm['status']}"}
                                for v in a.variants]
         return row
-    if a.skip_torch:
-        row["torch"] = {"status": "skipped", "reason": "--skip-torch"}
-    else:
-        bench_torch(a, depth, row, deadline)
     if a.no_profile:
         row["profile"] = {"status": "skipped", "reason": "--no-profile"}
     else:
@@ -398,6 +402,13 @@ def bench_config(a, depth: int, deadline: float) -> dict:
     if a.variants:
         row["variants"] = [bench_variant(a, depth, row, v, deadline) for v in a.variants]
     return row
+
+
+def timed_lmtrain(a, depth: int, B: int, deadline: float) -> dict:
+    """run_lmtrain with the bench's settings, and its status line."""
+    r = run_lmtrain(a, depth, B, deadline)
+    report_run(a, f"lmtrain d{depth} B={B}", r, lambda r: f", {r['tokens_per_second']:.0f} tok/s")
+    return r
 
 
 def bench_profile(a, depth: int, row: dict, deadline: float) -> None:
@@ -410,11 +421,31 @@ def bench_profile(a, depth: int, row: dict, deadline: float) -> None:
 
 
 def bench_torch(a, depth: int, row: dict, deadline: float) -> None:
-    print(f"=== d{depth}: torch reference at B={row['batch']} ===", flush=True)
-    t = run_torch(a, depth, row["batch"], deadline)
-    row["torch"] = t
-    report_run(a, f"torch d{depth} B={row['batch']}", t,
-               lambda t: f", {t['tokens_per_second']:.0f} tok/s", failure_lines=40)
+    """The reference at the row's batch (lmtrain's largest). When it runs out of memory there,
+    it tries the smaller batches that follow in --batches, in order, until one fits or a run ends
+    otherwise (time budget spent, failed, timed out). Where it fits below lmtrain's batch, lmtrain's
+    timed run is repeated at that batch, and that pair becomes the row: row["batch"], "lmtrain"
+    and "torch"; the run at the larger batch moves to row["lmtrain_largest"]. Otherwise
+    row["torch"] is the reference's result at lmtrain's batch. With more than one reference run,
+    all of them are in row["torch_attempts"]."""
+    B = row["batch"]
+    runs = []
+    for tb in [B] + [b for b in a.batches[a.batches.index(B) + 1:] if b < B]:
+        print(f"=== d{depth}: torch reference at B={tb} ===", flush=True)
+        t = run_torch(a, depth, tb, deadline)
+        report_run(a, f"torch d{depth} B={tb}", t,
+                   lambda t: f", {t['tokens_per_second']:.0f} tok/s", failure_lines=40)
+        runs.append(t)
+        if t["status"] != "oom":
+            break
+    row["torch"] = t if t["status"] == "ok" else runs[0]
+    if len(runs) > 1:
+        row["torch_attempts"] = [{k: r.get(k) for k in ("batch", "status", "seconds", "reason", "log")}
+                                 for r in runs]
+    if row["torch"]["batch"] != B:
+        print(f"=== d{depth}: lmtrain at B={tb}, where the reference fits ===", flush=True)
+        row["lmtrain_largest"], row["batch"] = row["lmtrain"], tb
+        row["lmtrain"] = timed_lmtrain(a, depth, tb, deadline)
 
 
 def first_error(log_path: str) -> str | None:
@@ -476,7 +507,7 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
     docs_rows = []
-    for r in rows:
+    for r in table_rows(rows):
         lm, to = r["lmtrain"], r["torch"]
         both = lm and to and lm.get("status") == "ok" and to.get("status") == "ok"
         ratio = f"{lm['tokens_per_second'] / to['tokens_per_second']:.2f}" if both else "—"
@@ -497,6 +528,8 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
             meta["date"][:10], meta["gpu"], meta["commit"], r["config"], fmt_num(r["batch"], "d"),
             f"{vals[2]} / {vals[3]} / {ratio}", f"{vals[5]} / {vals[6]}", f"{vals[7]} / {vals[8]}",
             f"{vals[9]} / {vals[10]}"]) + " |")
+    fallbacks = [fallback_note(r) for r in rows if r.get("torch_attempts")]
+    lines += ([""] + fallbacks) if fallbacks else []
     lines += ["", "Times are medians over the timed steps; tok/s is tokens over the summed step "
               "time of the timed steps. OOM / FAILED / TIMEOUT / SKIPPED: see results.json and logs/.",
               "", "Rows for docs/BENCHMARKS.md (lmtrain / torch / ratio):", ""]
@@ -510,8 +543,10 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
             lines += [""] + render_profile_markdown(f"{r['config']}, batch {p['batch']}", p)
     notes = []
     for r in rows:
-        sides = [(side, r[side]) for side in ("lmtrain", "torch", "profile")]
-        sides += [(f"variant {v['name']}", v) for v in r.get("variants", [])]
+        sides = [("lmtrain", r["lmtrain"]), ("torch", r["torch"])]
+        sides += [(f"torch B={t['batch']}", t) for t in r.get("torch_attempts", [])
+                  if t["batch"] != r["batch"]]
+        sides += [("profile", r["profile"])] + [(f"variant {v['name']}", v) for v in r.get("variants", [])]
         for side, s in sides:
             if s and s.get("status") != "ok":
                 notes.append(f"- {r['config']} {side}: {s.get('status')}"
@@ -520,6 +555,30 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     if notes:
         lines += ["", "Problems:", ""] + notes
     return "\n".join(lines) + "\n"
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The table's rows: a config whose reference fitted only at a smaller batch than lmtrain's
+    largest gets a row for lmtrain alone at that largest batch (the reference's cells read OOM)
+    before its matched row."""
+    out = []
+    for r in rows:
+        if r.get("lmtrain_largest"):
+            out.append({**r, "batch": r["lmtrain_largest"]["batch"], "lmtrain": r["lmtrain_largest"],
+                        "torch": r["torch_attempts"][0]})
+        out.append(r)
+    return out
+
+
+def fallback_note(r: dict) -> str:
+    """The line under the table for a config whose reference ran out of memory at lmtrain's batch."""
+    first, *smaller = r["torch_attempts"]
+    note = (f"{r['config']}: the reference ran out of memory at B={first['batch']}, lmtrain's largest "
+            "batch; at smaller batches: " + ", ".join(
+                f"B={t['batch']} {t['status'].upper()}" for t in smaller) + ".")
+    if r.get("lmtrain_largest"):
+        note += f" Both are compared at B={r['batch']}; the B={first['batch']} row is lmtrain alone."
+    return note
 
 
 def render_variants_markdown(r: dict) -> list[str]:
