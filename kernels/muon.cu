@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "common.cuh"
 #include "cuda_check.cuh"
 #include "muon.cuh"
@@ -73,9 +75,15 @@ void launch_transpose(Out* out, const In* x, int64_t K, int64_t rows, int64_t co
   transpose_kernel<<<grid, dim3(32, 8), 0, stream>>>(out, x, rows, cols, sumsq, norm_mult, eps);
 }
 
+// NorMuon's second moment in two passes over x: the moment kernels read x once, update the state
+// and keep each row's (or column's) sum of squares; moment_scale turns those into each matrix's
+// norm before and after the division (the division scales a whole row or column by one factor,
+// so no second pass over x is needed for the norms), and apply_moment divides and restores the
+// norm in one read-modify-write.
+
 // Per-row mean of squares: one warp per (matrix, row).
-__global__ void row_moment_kernel(float* state, const float* x, int64_t K, int64_t rows,
-                                  int64_t cols, float beta2) {
+__global__ void row_moment_kernel(float* state, float* slot_ss, const float* x, int64_t K,
+                                  int64_t rows, int64_t cols, float beta2) {
   const int64_t kr = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (kr >= K * rows) return;
@@ -86,13 +94,14 @@ __global__ void row_moment_kernel(float* state, const float* x, int64_t K, int64
   if (lane == 0) {
     const float v = ss / float(cols);
     state[kr] = state[kr] + (1.f - beta2) * (v - state[kr]);
+    slot_ss[kr] = ss;
   }
 }
 
 // Per-column mean of squares: one thread per (matrix, column), walking down the rows; the
 // threads of a warp read neighbouring columns, so every row read is coalesced.
-__global__ void col_moment_kernel(float* state, const float* x, int64_t K, int64_t rows,
-                                  int64_t cols, float beta2) {
+__global__ void col_moment_kernel(float* state, float* slot_ss, const float* x, int64_t K,
+                                  int64_t rows, int64_t cols, float beta2) {
   const int64_t kc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (kc >= K * cols) return;
   const int64_t k = kc / cols, c = kc % cols;
@@ -101,26 +110,33 @@ __global__ void col_moment_kernel(float* state, const float* x, int64_t K, int64
   for (int64_t r = 0; r < rows; ++r) ss += m[r * cols + c] * m[r * cols + c];
   const float v = ss / float(rows);
   state[kc] = state[kc] + (1.f - beta2) * (v - state[kc]);
+  slot_ss[kc] = ss;
 }
 
-__global__ void apply_moment_kernel(float* x, const float* state, int64_t K, int64_t rows,
-                                    int64_t cols, bool per_row) {
+__device__ __forceinline__ float moment_rsqrt(float s) { return 1.f / sqrtf(fmaxf(s, 1e-10f)); }
+
+// One block per matrix: scale[k] = ||x|| / ||x / sqrt(state)||, the factor that restores the
+// norm, from the slots' sums of squares (added in double in a fixed order).
+__global__ void moment_scale_kernel(double* scale, const float* slot_ss, const float* state,
+                                    int64_t slots) {
+  const int64_t k = blockIdx.x;
+  double before = 0, after = 0;
+  for (int64_t j = threadIdx.x; j < slots; j += blockDim.x) {
+    const double ss = slot_ss[k * slots + j], rs = moment_rsqrt(state[k * slots + j]);
+    before += ss;
+    after += ss * rs * rs;
+  }
+  before = block_sum(before);
+  after = block_sum(after);
+  if (threadIdx.x == 0) scale[k] = sqrt(before) / fmax(sqrt(after), 1e-10);
+}
+
+__global__ void apply_moment_kernel(float* x, const float* state, const double* scale, int64_t K,
+                                    int64_t rows, int64_t cols, bool per_row) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= K * rows * cols) return;
   const int64_t k = i / (rows * cols), r = (i / cols) % rows, c = i % cols;
-  const float s = state[per_row ? k * rows + r : k * cols + c];
-  x[i] *= 1.f / sqrtf(fmaxf(s, 1e-10f));
-}
-
-// Rescales each matrix to the Frobenius norm it had before the second-moment division.
-__global__ void restore_norm_kernel(float* x, const double* before, const double* after,
-                                    int64_t size) {
-  __shared__ float scale;
-  const int64_t k = blockIdx.y;
-  if (threadIdx.x == 0) scale = float(sqrt(before[k]) / fmax(sqrt(after[k]), 1e-10));
-  __syncthreads();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < size) x[k * size + i] *= scale;
+  x[i] *= moment_rsqrt(state[per_row ? k * rows + r : k * cols + c]) * float(scale[k]);
 }
 
 __global__ void muon_apply_kernel(float* p, const float* x, int64_t n, float lr, float decay,
@@ -135,17 +151,19 @@ __global__ void muon_apply_kernel(float* p, const float* x, int64_t n, float lr,
   }
 }
 
-// Scratch layout: two arrays of K doubles (sums of squares before and after), then the fp32
-// chunk sums of segment_sum_squares.
+// Scratch layout: K doubles (each matrix's sum of squares, or its norm-restoring scale), the
+// fp32 sums of squares of the K * slots rows or columns, then the fp32 chunk sums of
+// segment_sum_squares.
 struct MuonScratch {
-  double* before;
-  double* after;
+  double* per_matrix;
+  float* slot_ss;
   float* partials;
 };
 
-MuonScratch carve(void* scratch, int64_t K) {
+MuonScratch carve(void* scratch, int64_t K, int64_t rows, int64_t cols) {
   auto* d = static_cast<double*>(scratch);
-  return {d, d + K, reinterpret_cast<float*>(d + 2 * K)};
+  auto* f = reinterpret_cast<float*>(d + K);
+  return {d, f, f + K * std::max(rows, cols)};
 }
 
 }  // namespace
@@ -159,7 +177,7 @@ void muon_momentum(float* u, float* buf, const float* grad, int64_t n, float mu,
 }
 
 size_t muon_scratch_bytes(int64_t K, int64_t rows, int64_t cols) {
-  return size_t(2 * K) * sizeof(double) +
+  return size_t(K) * sizeof(double) + size_t(K * std::max(rows, cols)) * sizeof(float) +
          size_t(segment_sum_squares_scratch(K, rows * cols)) * sizeof(float);
 }
 
@@ -169,13 +187,13 @@ void normalize_matrices(Out* out, const float* x, int64_t K, int64_t rows, int64
                         cudaStream_t stream) {
   const int64_t size = rows * cols;
   if (K * size == 0) return;
-  const MuonScratch s = carve(scratch, K);
-  segment_sum_squares(s.before, x, K, size, s.partials, stream, "normalize_matrices (norms)");
+  const MuonScratch s = carve(scratch, K, rows, cols);
+  segment_sum_squares(s.per_matrix, x, K, size, s.partials, stream, "normalize_matrices (norms)");
   if (transpose) {
-    launch_transpose(out, x, K, rows, cols, s.before, norm_mult, eps, stream);
+    launch_transpose(out, x, K, rows, cols, s.per_matrix, norm_mult, eps, stream);
   } else {
     normalize_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
-        out, x, s.before, size, norm_mult, eps);
+        out, x, s.per_matrix, size, norm_mult, eps);
   }
   launch_check("normalize_matrices", stream);
 }
@@ -192,24 +210,22 @@ void normuon_second_moment(float* x, float* state, int64_t K, int64_t rows, int6
                            float beta2, void* scratch, cudaStream_t stream) {
   const int64_t size = rows * cols;
   if (K * size == 0) return;
-  const MuonScratch s = carve(scratch, K);
+  const MuonScratch s = carve(scratch, K, rows, cols);
   const bool per_row = rows >= cols;
-  segment_sum_squares(s.before, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
   if (per_row) {
     row_moment_kernel<<<blocks_for(K * rows, kThreads / 32), kThreads, 0, stream>>>(
-        state, x, K, rows, cols, beta2);
+        state, s.slot_ss, x, K, rows, cols, beta2);
   } else {
-    col_moment_kernel<<<blocks_for(K * cols, kThreads), kThreads, 0, stream>>>(state, x, K, rows,
-                                                                               cols, beta2);
+    col_moment_kernel<<<blocks_for(K * cols, kThreads), kThreads, 0, stream>>>(
+        state, s.slot_ss, x, K, rows, cols, beta2);
   }
   launch_check("normuon_second_moment (moments)", stream);
-  apply_moment_kernel<<<blocks_for(K * size, kThreads), kThreads, 0, stream>>>(x, state, K, rows,
-                                                                               cols, per_row);
+  moment_scale_kernel<<<unsigned(K), kThreads, 0, stream>>>(s.per_matrix, s.slot_ss, state,
+                                                            per_row ? rows : cols);
+  launch_check("normuon_second_moment (norms)", stream);
+  apply_moment_kernel<<<blocks_for(K * size, kThreads), kThreads, 0, stream>>>(
+      x, state, s.per_matrix, K, rows, cols, per_row);
   launch_check("normuon_second_moment (scale)", stream);
-  segment_sum_squares(s.after, x, K, size, s.partials, stream, "normuon_second_moment (norms)");
-  restore_norm_kernel<<<dim3(blocks_for(size, kThreads), unsigned(K)), kThreads, 0, stream>>>(
-      x, s.before, s.after, size);
-  launch_check("normuon_second_moment (rescale)", stream);
 }
 
 void muon_apply(float* param, const float* update, int64_t n, float lr, float decay, bool cautious,
