@@ -29,6 +29,17 @@ struct HeadRow {
   }
 };
 
+// At the pairs [i, i + V) of a head row: x's halves a, e and the rotation's cos, sin.
+template <int V, typename T>
+__device__ __forceinline__ void load_pairs(float (&a)[V], float (&e)[V], float (&c)[V],
+                                           float (&s)[V], const T* xr, const HeadRow& h, int64_t i,
+                                           int64_t d) {
+  load(a, xr + i);
+  load(e, xr + i + d);
+  load(c, h.cos + i);
+  load(s, h.sin + i);
+}
+
 // n = x * r; out1 = n1 cos + n2 sin, out2 = -n1 sin + n2 cos.
 template <int V, typename T>
 __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const float* cos,
@@ -50,10 +61,7 @@ __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const 
   const float r = 1.f / sqrtf(ss / float(2 * d) + FLT_EPSILON);
   for (int64_t i = h.lane * V; i < d; i += 32 * V) {
     float a[V], e[V], c[V], s[V], y1[V], y2[V];
-    load(a, xr + i);
-    load(e, xr + i + d);
-    load(c, h.cos + i);
-    load(s, h.sin + i);
+    load_pairs(a, e, c, s, xr, h, i, d);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       y1[k] = r * (a[k] * c[k] + e[k] * s[k]);
@@ -74,10 +82,7 @@ __device__ __forceinline__ void unrotate(float (&n1)[V], float (&n2)[V], float (
   float c[V], s[V];
   load(n1, gr + i);
   load(n2, gr + i + d);
-  load(a, xr + i);
-  load(e, xr + i + d);
-  load(c, h.cos + i);
-  load(s, h.sin + i);
+  load_pairs(a, e, c, s, xr, h, i, d);
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const float g1 = n1[k], g2 = n2[k];

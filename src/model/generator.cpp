@@ -63,8 +63,8 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
     b.matmul(v.view({n, Hkv * D}), xn, w(i, "attn.c_v.weight"), false, true, false);
     if (shape_.value_embed[i]) {
       b.value_gate_forward(v.view({n, Hkv * D}), gate_.slice(0, n * Hkv).view({n, Hkv}), xn,
-                           w(i, "attn.ve_gate.weight"),
-                           model_.weight("value_embeds." + std::to_string(i) + ".weight"), tok);
+                           w(i, "attn.ve_gate.weight"), model_.weight(Gpt::value_embeds_name(i)),
+                           tok);
     }
     b.norm_rope_forward(q, rstd_q_.slice(0, n * H), q, model_.rope_cos(), model_.rope_sin(), pos);
     // Normalised keys and the values go straight into the cache at their positions.

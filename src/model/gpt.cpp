@@ -238,7 +238,7 @@ void Gpt::forward_block(int i, bool with_output) {
   b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
   if (shape_.value_embed[i]) {
     b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
-                         weight("value_embeds." + std::to_string(i) + ".weight"), acts_.tokens);
+                         weight(value_embeds_name(i)), acts_.tokens);
   }
   b.norm_rope_forward(a.q, a.rstd_q, a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
   b.norm_rope_forward(a.k, a.rstd_k, a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
@@ -334,11 +334,10 @@ void Gpt::backward_block(int i) {
   b.matmul(d.dxn, dk2, w(i, "attn.c_k.weight"), false, false, true);
   b.matmul(d.dxn, dv2, w(i, "attn.c_v.weight"), false, false, true);
   if (shape_.value_embed[i]) {
-    b.value_gate_backward(
-        d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1, w(i, "attn.ve_gate.weight"),
-        weight("value_embeds." + std::to_string(i) + ".weight"), d.tokens, a.gate);
-    b.embedding_backward(grad(table_.find("value_embeds." + std::to_string(i) + ".weight")), d.dve,
-                         d.tokens);
+    b.value_gate_backward(d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1,
+                          w(i, "attn.ve_gate.weight"), weight(value_embeds_name(i)), d.tokens,
+                          a.gate);
+    b.embedding_backward(grad(table_.find(value_embeds_name(i))), d.dve, d.tokens);
   }
   // The attention's norm, its skip connection and the residual mix: d(block input) into dx,
   // accumulating into dx0.

@@ -56,6 +56,10 @@ class Gpt {
   // to date after the masters change (initialisation, loading, every optimizer step).
   Tensor weight(const std::string& name) const { return at(weights_, table_.find(name)); }
   void refresh_weights();
+  // The parameter name of layer i's value embeddings.
+  static std::string value_embeds_name(int i) {
+    return "value_embeds." + std::to_string(i) + ".weight";
+  }
 
   // nanochat's initialisation, from `seed`.
   void init_weights(uint64_t seed);

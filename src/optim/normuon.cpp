@@ -112,11 +112,7 @@ void NorMuon::orthogonalize(Tensor u) {
   // Normalise from the fp32 update straight into the work dtype (bf16 on the GPU, where the
   // matmuls dominate), transposing tall matrices in the same pass.
   const bool polar = kind == "polar_express";
-  if (polar) {
-    b.normalize_matrices(x, u, 1.02f, 1e-6f, tall);
-  } else {
-    b.normalize_matrices(x, u, 1.0f, 1e-7f, tall);
-  }
+  b.normalize_matrices(x, u, polar ? 1.02f : 1.0f, polar ? 1e-6f : 1e-7f, tall);
   for (int i = 0; i < config_.ortho_steps; ++i) {
     const auto& [ca, cb, cc] =
         polar ? kPolarExpress[std::min<size_t>(i, kPolarExpress.size() - 1)] : kNewtonSchulz5;
