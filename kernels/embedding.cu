@@ -181,6 +181,8 @@ template <typename T>
 void embedding_backward(float* dtable, const T* dout, const int32_t* tokens, int64_t N, int64_t C,
                         int64_t V, void* scratch, size_t scratch_bytes, cudaStream_t stream) {
   if (N == 0 || C == 0) return;
+  if (scratch_bytes < embedding_backward_scratch_bytes(N, C, V))
+    cuda_check(cudaErrorInvalidValue, "embedding_backward (scratch smaller than it needs)");
   const int64_t chunks = (N + kChunkRows - 1) / kChunkRows;
   const size_t ids_bytes = align256(size_t(N) * sizeof(int32_t));
   const size_t partial_bytes = align256(size_t(chunks) * 2 * size_t(C) * sizeof(float));

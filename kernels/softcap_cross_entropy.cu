@@ -23,10 +23,14 @@ __global__ void softcap_cross_entropy_kernel(T* logits, float* losses, const int
   T* z = logits + row * Vp;
   const int32_t target = targets[row];
   if (target != -1 && (target < 0 || target >= vocab)) {
-    if (threadIdx.x == 0)
+    // Thread 0 alone traps, after printing: a warp trapping first would lose the message. The
+    // target is the block's, so no other thread waits at a barrier.
+    if (threadIdx.x == 0) {
       printf("softcap_cross_entropy: target %d at row %lld is neither -1 nor below vocab %d\n",
              target, (long long)row, vocab);
-    __trap();
+      __trap();
+    }
+    return;
   }
   if (target == -1) {
     if (threadIdx.x == 0) losses[row] = 0.f;

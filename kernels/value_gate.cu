@@ -77,16 +77,35 @@ __global__ void dxn_kernel(T* dxn, const float* da, const T* gate_w, ValueGateSh
   dxn[n * s.C + g] = from_float<T>(to_float(dxn[n * s.C + g]) + acc);
 }
 
-// One block per weight (h, g): dgate_w[h, g] += sum_n da[n, h] xn[n, g], a block reduction.
+// dgate_w[h, g] += sum_n da[n, h] xn[n, g] in two passes with a split fixed by the sizes alone:
+// block c sums rows [c * kGateRows, (c + 1) * kGateRows) for every weight (lanes along g read
+// each row's first G channels together), then one thread per weight adds the chunks in order.
+// One block per weight walking all N rows left most of the GPU idle (Hkv * G = 192 blocks).
+constexpr int64_t kGateRows = 256;
+
 template <typename T>
-__global__ void dgate_w_kernel(float* dgate_w, const float* da, const T* xn, ValueGateShape s) {
-  const int64_t h = blockIdx.x / s.G, g = blockIdx.x % s.G;
-  float acc = 0.f;
-  for (int64_t n = threadIdx.x; n < s.N; n += blockDim.x)
-    acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) dgate_w[blockIdx.x] += acc;
+__global__ void dgate_w_chunk_kernel(float* partials, const float* da, const T* xn,
+                                     ValueGateShape s) {
+  const int64_t begin = int64_t(blockIdx.x) * kGateRows, end = min(s.N, begin + kGateRows);
+  const int64_t weights = s.Hkv * s.G;
+  for (int64_t w = threadIdx.x; w < weights; w += blockDim.x) {
+    const int64_t h = w / s.G, g = w % s.G;
+    float acc = 0.f;
+    for (int64_t n = begin; n < end; ++n) acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
+    partials[blockIdx.x * weights + w] = acc;
+  }
 }
+
+__global__ void dgate_w_total_kernel(float* dgate_w, const float* partials, int64_t chunks,
+                                     int64_t weights) {
+  const int64_t w = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (w >= weights) return;
+  double acc = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) acc += partials[c * weights + w];
+  dgate_w[w] += float(acc);
+}
+
+int64_t gate_chunks(const ValueGateShape& s) { return (s.N + kGateRows - 1) / kGateRows; }
 
 }  // namespace
 
@@ -103,7 +122,7 @@ void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T
 }
 
 size_t value_gate_backward_scratch_bytes(const ValueGateShape& s) {
-  return size_t(s.N * s.Hkv) * sizeof(float);
+  return size_t(s.N * s.Hkv + gate_chunks(s) * s.Hkv * s.G) * sizeof(float);
 }
 
 template <typename T>
@@ -121,7 +140,12 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
   if (s.G == 0) return;
   dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);
   launch_check("value_gate_backward (dxn)", stream);
-  dgate_w_kernel<<<unsigned(s.Hkv * s.G), kThreads, 0, stream>>>(dgate_w, da, xn, s);
+  float* partials = da + s.N * s.Hkv;
+  const int64_t chunks = gate_chunks(s), weights = s.Hkv * s.G;
+  dgate_w_chunk_kernel<<<unsigned(chunks), kThreads, 0, stream>>>(partials, da, xn, s);
+  launch_check("value_gate_backward (dgate_w chunks)", stream);
+  dgate_w_total_kernel<<<blocks_for(weights, kThreads), kThreads, 0, stream>>>(dgate_w, partials,
+                                                                               chunks, weights);
   launch_check("value_gate_backward (dgate_w)", stream);
 }
 

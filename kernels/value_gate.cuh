@@ -22,8 +22,8 @@ void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T
 // Device scratch (bytes) that value_gate_backward needs.
 size_t value_gate_backward_scratch_bytes(const ValueGateShape& s);
 // dxn[:, :G] += da @ gate_w; dgate_w (f32) += da^T @ xn[:, :G]; dve = gate * dv (overwritten),
-// with da = (dv . ve) * gate * (1 - gate / 2). Deterministic: dgate_w is one block reduction per
-// weight.
+// with da = (dv . ve) * gate * (1 - gate / 2). Deterministic: dgate_w adds fixed chunks of rows in
+// a fixed order.
 template <typename T>
 void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* xn, const T* gate_w,
                          const T* table, const int32_t* tokens, const float* gate,

@@ -172,4 +172,11 @@ TEST_CASE("residual_mix_norm rejects bad shapes and layers", "[ops]") {
   CHECK_THROWS_AS(forward({3, 4}, rstd, x0l, 2), Error);
   CHECK_THROWS_AS(forward({3, 4}, rstd, x0l_short, 0), Error);
   CHECK_THROWS_AS(forward({3, 4}, rstd_bad, x0l, 0), Error);
+  // mixed overwriting an input (the CUDA kernel reads x and x0 after storing mixed).
+  for (std::vector<float>* input : {&x, &x0}) {
+    CHECK_THROWS_WITH(cpu.residual_mix_norm_forward(f32(*input, {3, 4}), f32(normed, {3, 4}),
+                                                    f32(rstd, {3}), f32(x, {3, 4}), f32(x0, {3, 4}),
+                                                    f32(resid, {2}), f32(x0l, {2}), 0),
+                      Catch::Contains("may not alias"));
+  }
 }

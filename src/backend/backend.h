@@ -116,7 +116,8 @@ class Backend {
   virtual void relu2_backward(Tensor dx, Tensor dout, Tensor out) = 0;
 
   // ---- residual mix, then RMSNorm: the top of every block ----
-  // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved.
+  // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved. mixed
+  // may not alias x or x0.
   virtual void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x,
                                          Tensor x0, Tensor resid, Tensor x0l, int layer) = 0;
   // Backward through both. dmixed is the gradient mixed receives besides the norm (the block's

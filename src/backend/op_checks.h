@@ -84,4 +84,10 @@ inline void check_layer_scalars(const char* op, Tensor resid, Tensor x0l, int la
         resid.dim(0));
 }
 
+// The residual mix's output may not overwrite its inputs: the CUDA kernel reads x and x0 again
+// after storing mixed (to normalise the fp32 mix rather than its rounded copy).
+inline void check_mix_output(const char* op, Tensor mixed, Tensor x, Tensor x0) {
+  check(mixed.data != x.data && mixed.data != x0.data, "{}: mixed may not alias x or x0", op);
+}
+
 }  // namespace lmtrain

@@ -189,13 +189,15 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
   // The backward adds sorted rows in chunks of 64: runs of one id inside a chunk, across a few
   // chunks, across most of them, filling chunks exactly, and (runs of 96) a run that starts on a
   // chunk's first entry and continues, one that starts inside a chunk and continues, one that
-  // ends on a boundary. C = 64 and 2056 move in packs, 70 and 300 do not; 300 and 2056 need
+  // ends on a boundary; fewer rows than a chunk. C = 64 and 2056 move in packs in both dtypes,
+  // 300 only in f32 (packs of 4, not 8), 70 and 302 in neither; 300 in bf16, 302 and 2056 need
   // more than one channel tile (256 threads) per chunk.
   for (DType act : kModes) {
     for (Case s :
          {Case{300, 70, "every third"}, Case{300, 64, "every third"}, Case{5000, 64, "70%"},
           Case{5000, 70, "70%"}, Case{640, 64, "blocks of 64"}, Case{640, 64, "blocks of 96"},
-          Case{640, 300, "blocks of 96"}, Case{300, 2056, "every third"}, Case{1, 64, "one row"}}) {
+          Case{640, 300, "blocks of 96"}, Case{640, 302, "blocks of 96"},
+          Case{300, 2056, "every third"}, Case{37, 64, "every third"}, Case{1, 64, "one row"}}) {
       const int64_t V = 50, N = s.N, C = s.C;
       const std::string pattern = s.ids;
       std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
@@ -362,6 +364,7 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
         .add("dout", {n}, Kind::act, randn(size_t(n)))
         .add("dx", {n}, Kind::act, poison(size_t(n)))
         .add("g_in_place", {n}, Kind::act, randn(size_t(n)))
+        .add("h_in_place", {n}, Kind::act, randn(size_t(n)))
         .add("shifted", {n}, Kind::act, randn(size_t(n)))
         .add("dx_shifted", {n}, Kind::act, randn(size_t(n)));
     // n is not a multiple of the pack (a partial last pack); the shifted views start one
@@ -369,6 +372,7 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
     c.check("relu2",
             [n](Backend& b, const Args& t) {
               b.relu2_forward(t["out"], t["x"]);
+              b.relu2_forward(t["h_in_place"], t["h_in_place"]);  // as the model runs it
               b.relu2_backward(t["dx"], t["dout"], t["y"]);
               b.relu2_backward(t["g_in_place"], t["g_in_place"], t["y"]);
               b.relu2_forward(t["shifted"].slice(1, n - 1), t["x"].slice(0, n - 1));
@@ -376,6 +380,7 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
                                t["y"].slice(0, n - 1));
             },
             {{"out", kElementwise, kBf16},
+             {"h_in_place", kElementwise, kBf16},
              {"dx", kElementwise, kBf16},
              {"g_in_place", kElementwise, kBf16},
              {"shifted", kElementwise, kBf16},
@@ -404,7 +409,10 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
           .add("dresid", {L}, Kind::f32, randn(size_t(L)))
           .add("dx0l", {L}, Kind::f32, randn(size_t(L)))
           .add("g_in_place", {N, C}, Kind::act, randn(size_t(n)))
-          .add("g_dnormed", {N, C}, Kind::act, randn(size_t(n)));
+          .add("g_dnormed", {N, C}, Kind::act, randn(size_t(n)))
+          .add("mixed_s", {N, C}, Kind::act, randn(size_t(n)))
+          .add("normed_s", {N, C}, Kind::act, randn(size_t(n)))
+          .add("rstd_s", {N}, Kind::f32, randn(size_t(N)));
       c.check("residual_mix_norm N=" + std::to_string(N) + " C=" + std::to_string(C),
               [](Backend& b, const Args& t) {
                 b.residual_mix_norm_forward(t["mixed"], t["normed"], t["rstd"], t["x"], t["x0"],
@@ -420,6 +428,14 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
                 b.residual_mix_norm_backward(t["g_dnormed"], t["dx0"], t["dresid"], t["dx0l"],
                                              t["g_dnormed"], t["dmixed"], t["x"], t["x0"], t["r"],
                                              t["resid"], t["x0l"], 0);
+                // N - 1 rows from one element in: misaligned rows even where C packs.
+                const int64_t rows = t["x"].dim(0) - 1, cols = t["x"].dim(1);
+                const auto shifted = [&](const char* name) {
+                  return t[name].slice(1, rows * cols).view({rows, cols});
+                };
+                b.residual_mix_norm_forward(shifted("mixed_s"), shifted("normed_s"),
+                                            t["rstd_s"].slice(0, rows), shifted("x"), shifted("x0"),
+                                            t["resid"], t["x0l"], 2);
               },
               {{"mixed", kElementwise, kBf16},
                {"normed", kReduction, kBf16},
@@ -429,17 +445,25 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
                {"dresid", kReduction, kReduction},
                {"dx0l", kReduction, kReduction},
                {"g_in_place", kReduction, kBf16},
-               {"g_dnormed", kReduction, kBf16}});
+               {"g_dnormed", kReduction, kBf16},
+               {"mixed_s", kElementwise, kBf16},
+               {"normed_s", kReduction, kBf16},
+               {"rstd_s", kReduction, kReduction}});
     }
   }
 }
 
 TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    // D = 16, 128 and 264 move in packs (264: more packs than lanes), D = 18 does not.
-    for (auto [N, D] :
-         {std::pair<int64_t, int64_t>{37, 16}, {3000, 16}, {37, 18}, {300, 128}, {37, 264}}) {
-      const int64_t C = 40, Hkv = 3, G = 12, V = 50;
+    // D = 16, 128 and 264 move in packs (264: more packs than lanes), D = 18 does not. dgate_w
+    // sums chunks of 256 rows (N = 300 and 3000: several, the last partial); 9 heads x 32 gate
+    // channels are more weights than a block has threads.
+    struct Case {
+      int64_t N, D, Hkv, G;
+    };
+    for (Case s : {Case{37, 16, 3, 12}, Case{3000, 16, 3, 12}, Case{37, 18, 3, 12},
+                   Case{300, 128, 3, 12}, Case{37, 264, 3, 12}, Case{600, 16, 9, 32}}) {
+      const int64_t N = s.N, D = s.D, Hkv = s.Hkv, G = s.G, C = 40, V = 50;
       OpCase c(act);
       c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
           .add("gate_w", {Hkv, G}, Kind::act, randn(size_t(Hkv * G), 0.3f))
@@ -478,6 +502,7 @@ TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
       std::vector<int32_t> targets = random_ids(size_t(N), 0, vocab - 1);
       targets[3] = -1;
       targets[11] = -1;
+      targets[0] = vocab - 1;  // the last real column: inside the last, partial pack
       OpCase c(act);
       c.add_ids("targets", {N}, targets)
           .add("logits", {N, Vp}, Kind::act, randn(size_t(N * Vp), 10.f))

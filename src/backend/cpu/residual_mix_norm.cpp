@@ -34,6 +34,7 @@ void CpuBackend::residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor r
   check_like(op, "x", x, x);
   check_like(op, "x0", x0, x);
   check_like(op, "mixed", mixed, x);
+  check_mix_output(op, mixed, x, x0);
   check_like(op, "normed", normed, x);
   check_rstd(op, rstd, x);
   const float a = resid.f32()[layer], b = x0l.f32()[layer];

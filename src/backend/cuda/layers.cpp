@@ -227,6 +227,7 @@ void CudaBackend::residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor 
   check_rmsnorm(op, normed, "normed", x, rstd, activation_);
   check_like(op, "x0", x0, x, activation_);
   check_like(op, "mixed", mixed, x, activation_);
+  check_mix_output(op, mixed, x, x0);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::residual_mix_norm_forward(ptr<T>(mixed), ptr<T>(normed), ptr<float>(rstd), ptr<T>(x),
