@@ -222,10 +222,10 @@ void normuon_second_moment(float* x, float* state, int64_t K, int64_t rows, int6
   launch_check("normuon_second_moment (moments)", stream);
   moment_scale_kernel<<<unsigned(K), kThreads, 0, stream>>>(s.per_matrix, s.slot_ss, state,
                                                             per_row ? rows : cols);
-  launch_check("normuon_second_moment (norms)", stream);
+  launch_check("normuon_second_moment (scale)", stream);
   apply_moment_kernel<<<blocks_for(K * size, kThreads), kThreads, 0, stream>>>(
       x, state, s.per_matrix, K, rows, cols, per_row);
-  launch_check("normuon_second_moment (scale)", stream);
+  launch_check("normuon_second_moment (apply)", stream);
 }
 
 void muon_apply(float* param, const float* update, int64_t n, float lr, float decay, bool cautious,

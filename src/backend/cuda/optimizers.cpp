@@ -14,6 +14,11 @@ namespace {
 void check_stack(const char* op, Tensor x) {
   check(x.dtype == DType::f32 && x.shape.rank == 3,
         "{}: expected an f32 stack (K, m, n), got {} {}", op, x.shape.str(), dtype_name(x.dtype));
+  // The stack kernels put the matrix index and a side's 32-wide tiles in grid.y / grid.z.
+  constexpr int64_t kGridLimit = 65535;
+  check(x.dim(0) <= kGridLimit && x.dim(1) <= 32 * kGridLimit && x.dim(2) <= 32 * kGridLimit,
+        "{}: stack {} exceeds the kernels' launch limits ({} matrices, sides of {})", op,
+        x.shape.str(), kGridLimit, 32 * kGridLimit);
 }
 
 }  // namespace
