@@ -181,6 +181,46 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
   }
 }
 
+// LMTRAIN_MATMUL_TUNING=measure times cuBLASLt's suggestions on each shape's first call: the
+// timing runs must leave what the real call reads untouched (an accumulation in place is timed
+// on scratch) and the chosen algorithm must give the CPU's result.
+TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][matmul]") {
+  REQUIRE(setenv("LMTRAIN_MATMUL_TUNING", "measure", 1) == 0);
+  for (DType act : kModes) {
+    lmtrain::CudaBackend tuned(act);
+    lmtrain::CpuBackend cpu;
+    const int64_t M = 256, K = 384, N = 320;
+    OpCase c(act);
+    c.add("a", {M, K}, Kind::act, randn(size_t(M * K)))
+        .add("b", {N, K}, Kind::act, randn(size_t(N * K)))
+        .add("out", {M, N}, Kind::act, poison(size_t(M * N)))
+        .add("acc", {M, N}, Kind::act, randn(size_t(M * N)))
+        .add("addend", {M, N}, Kind::act, randn(size_t(M * N)))
+        .add("sum", {M, N}, Kind::act, poison(size_t(M * N)))
+        .add("grad", {N, K}, Kind::f32, randn(size_t(N * K)))
+        .add("dout", {M, N}, Kind::act, randn(size_t(M * N)));
+    const Op op = [](Backend& b, const Args& t) {
+      b.matmul(t["out"], t["a"], t["b"], false, true, false);
+      b.matmul(t["acc"], t["a"], t["b"], false, true, true, 0.5f);  // in place
+      b.matmul_add(t["sum"], t["a"], t["b"], false, true, t["addend"], 1.f, -2.f);
+      b.matmul(t["grad"], t["dout"], t["a"], true, false, true);  // a weight gradient
+    };
+    const Results want = c.run(cpu, op), got = c.run(tuned, op), again = c.run(tuned, op);
+    for (const Expect& e : std::vector<Expect>{{"out", kReduction, kBf16},
+                                               {"acc", kReduction, kBf16},
+                                               {"sum", kReduction, kBf16},
+                                               {"addend", kExact, kExact},
+                                               {"grad", kReduction, kReduction}}) {
+      const std::string& name = e.name;
+      const std::string what = std::string("[") + mode_name(act) + "] tuned matmul " + name;
+      compare(what, got.at(name), want.at(name), act == DType::bf16 ? e.bf16_tol : e.fp32_tol);
+      CHECK(std::memcmp(got.at(name).data(), again.at(name).data(),
+                        got.at(name).size() * sizeof(float)) == 0);
+    }
+  }
+  unsetenv("LMTRAIN_MATMUL_TUNING");
+}
+
 TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
   struct Case {
     int64_t N, C;

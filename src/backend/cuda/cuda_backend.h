@@ -18,6 +18,7 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <vector>
 
 #include "backend/backend.h"
 
@@ -128,8 +129,15 @@ class CudaBackend final : public Backend {
     MatmulDesc desc;
     Layout a, b, out;  // cuBLASLt's A, B and C/D (A is our b, B is our a: see matmul.cpp)
     cublasLtMatmulAlgo_t algo;
+    // cuBLASLt's suggestions still to be timed on the shape's first call (tuning on), or none.
+    std::vector<cublasLtMatmulAlgo_t> untimed;
   };
-  const MatmulPlan& matmul_plan(const MatmulKey& key);
+  MatmulPlan& matmul_plan(const MatmulKey& key);
+  cublasStatus_t lt_matmul(const MatmulPlan& plan, const cublasLtMatmulAlgo_t& algo, const void* a,
+                           const void* b, const void* c, void* d, float alpha, float beta);
+  static bool matmul_tuning_from_env();
+  void tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void* a, const void* b,
+                   const void* c, Tensor out, float alpha, float beta);
   // out = alpha * op(a) @ op(b) + beta * addend, or + 0 when addend is empty: cuBLASLt's C is
   // addend and its D is out, which may be the same memory.
   void gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend, float alpha,
@@ -146,6 +154,8 @@ class CudaBackend final : public Backend {
   LtHandle lt_;
   Buffer lt_workspace_, scratch_;
   std::unordered_map<MatmulKey, MatmulPlan, MatmulKeyHash> matmul_plans_;
+  // LMTRAIN_MATMUL_TUNING=measure: time cuBLASLt's suggestions per shape (see matmul.cpp).
+  bool tune_matmuls_ = false;
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;

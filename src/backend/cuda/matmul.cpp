@@ -8,8 +8,18 @@
 // Compute is fp32 (CUBLAS_COMPUTE_32F). With f32 activations (the mode that is compared with the
 // CPU) f32 matmuls stay true fp32; with bf16 activations the f32 matmuls (the optimizer's
 // orthogonalization) may use TF32 tensor cores, which Polar Express / Newton-Schulz tolerate.
+//
+// The algorithm of each shape is cuBLASLt's first suggestion, or with LMTRAIN_MATMUL_TUNING=measure
+// the fastest of its first kTuneCandidates suggestions, timed on the shape's first call. Timing
+// makes the choice depend on the run (another run may pick another algorithm, which can sum in
+// another order), so it is off by default.
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 
 #include "backend/cuda/cuda_backend.h"
@@ -34,7 +44,21 @@ int alignment(const void* p) {
   return align;
 }
 
+constexpr int kTuneCandidates = 8;  // suggestions timed per shape
+constexpr int kTuneRuns = 3;        // timed runs of each, after one warm-up run
+// A call that accumulates into its output is timed on a scratch output instead; above this
+// size it keeps the first suggestion rather than grow the scratch.
+constexpr size_t kTuneScratchLimit = size_t(64) << 20;
+
 }  // namespace
+
+bool CudaBackend::matmul_tuning_from_env() {
+  const char* e = std::getenv("LMTRAIN_MATMUL_TUNING");
+  if (!e || !*e || !std::strcmp(e, "heuristic")) return false;
+  check(!std::strcmp(e, "measure"),
+        "LMTRAIN_MATMUL_TUNING={} is not one of heuristic (the default), measure", e);
+  return true;
+}
 
 size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
   size_t h = 0;
@@ -47,7 +71,7 @@ size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
   return h;
 }
 
-const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
+CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
   if (auto it = matmul_plans_.find(key); it != matmul_plans_.end()) return it->second;
 
   MatmulPlan plan;
@@ -105,18 +129,69 @@ const CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
         cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(aligns[i])),
         "matmul alignment preference");
 
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
   int found = 0;
   lt_check(cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan.a.get(), plan.b.get(),
-                                          plan.out.get(), plan.out.get(), pref, 1, &result, &found),
+                                          plan.out.get(), plan.out.get(), pref,
+                                          tune_matmuls_ ? kTuneCandidates : 1, results, &found),
            "cublasLtMatmulAlgoGetHeuristic");
   check(found > 0,
         "matmul: cuBLASLt has no algorithm for M {} N {} K {} batch {} trans_a {} trans_b {} with "
         "{} inputs and {} output (alignments a {} b {} out {})",
         key.m, key.n, key.k, key.batch, key.trans_a, key.trans_b, dtype_name(key.in),
         dtype_name(key.out), key.align_a, key.align_b, key.align_out);
-  plan.algo = result.algo;
+  plan.algo = results[0].algo;
+  if (found > 1) {
+    for (int i = 0; i < found; ++i) plan.untimed.push_back(results[i].algo);
+  }
   return matmul_plans_.emplace(key, std::move(plan)).first->second;
+}
+
+cublasStatus_t CudaBackend::lt_matmul(const MatmulPlan& plan, const cublasLtMatmulAlgo_t& algo,
+                                      const void* a, const void* b, const void* c, void* d,
+                                      float alpha, float beta) {
+  return cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b, plan.a.get(), a, plan.b.get(), &beta,
+                        c, plan.out.get(), d, plan.out.get(), &algo, lt_workspace_.data(),
+                        lt_workspace_.bytes(), stream_.get());
+}
+
+// Times each untimed suggestion and keeps the fastest (the first suggestion on ties). The runs
+// read a, b and c as the real call will; they write out itself when the real call overwrites it
+// anyway, and a scratch output when out is also the addend (accumulation in place), so nothing
+// the call reads is changed before it runs. A suggestion that fails to run is skipped.
+void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void* a, const void* b,
+                              const void* c, Tensor out, float alpha, float beta) {
+  std::vector<cublasLtMatmulAlgo_t> candidates = std::move(plan.untimed);
+  plan.untimed.clear();
+  void* d = out.data;
+  if (c == out.data && beta != 0.f) {
+    if (out.bytes() > kTuneScratchLimit) return;
+    d = scratch(out.bytes());
+    c = d;
+    beta = 0.f;  // the scratch holds nothing to add
+  }
+  TimingEvent start = make_timing_event(), end = make_timing_event();
+  double best_ms = INFINITY, first_ms = INFINITY;
+  int best = -1;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (lt_matmul(plan, candidates[i], a, b, c, d, alpha, beta) != CUBLAS_STATUS_SUCCESS) continue;
+    record_timing_event(start);
+    bool ran = true;
+    for (int r = 0; r < kTuneRuns; ++r)
+      ran = ran && lt_matmul(plan, candidates[i], a, b, c, d, alpha, beta) == CUBLAS_STATUS_SUCCESS;
+    record_timing_event(end);
+    synchronize();
+    const double ms = elapsed_ms(start, end) / kTuneRuns;
+    if (!ran) continue;
+    if (i == 0) first_ms = ms;
+    if (ms < best_ms) best_ms = ms, best = int(i);
+  }
+  if (best < 0) return;  // none ran: keep the first suggestion, and let the real call report
+  plan.algo = candidates[size_t(best)];
+  spdlog::debug(
+      "matmul tuning {}x{}x{} batch {}: suggestion {} of {}, {:.3f} ms against the first's {:.3f} "
+      "ms",
+      key.m, key.n, key.k, key.batch, best + 1, candidates.size(), best_ms, first_ms);
 }
 
 void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
@@ -171,13 +246,11 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
                       alignment(a.data),
                       alignment(b.data),
                       std::min(alignment(out.data), accumulate ? alignment(addend.data) : 256)};
-  const MatmulPlan& plan = matmul_plan(key);
+  MatmulPlan& plan = matmul_plan(key);
   if (!accumulate) beta = 0.f;
-  lt_check(cublasLtMatmul(lt_.get(), plan.desc.get(), &alpha, b.data, plan.a.get(), a.data,
-                          plan.b.get(), &beta, accumulate ? addend.data : out.data, plan.out.get(),
-                          out.data, plan.out.get(), &plan.algo, lt_workspace_.data(),
-                          lt_workspace_.bytes(), stream_.get()),
-           "cublasLtMatmul");
+  const void* c = accumulate ? addend.data : out.data;
+  if (!plan.untimed.empty()) tune_matmul(plan, key, a.data, b.data, c, out, alpha, beta);
+  lt_check(lt_matmul(plan, plan.algo, a.data, b.data, c, out.data, alpha, beta), "cublasLtMatmul");
 }
 
 }  // namespace lmtrain
