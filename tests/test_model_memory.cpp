@@ -174,3 +174,17 @@ TEST_CASE("a model that does not fit names recompute_activations as a remedy", "
   CHECK_THROWS_WITH(Gpt(backend, shape, 512, {.recompute_activations = true}),
                     !Catch::Contains("run.recompute_activations"));
 }
+
+TEST_CASE("the attention's scratch counts towards what a model needs", "[model]") {
+  // A device whose activations fit, and whose attention asks for 64 MiB per batch row.
+  struct WorkspaceDevice : CpuBackend {
+    size_t free_bytes() const override { return size_t(256) << 20; }
+    size_t attention_scratch_bytes(int B, int, int, int, int, int) override {
+      return size_t(B) << 26;
+    }
+  } backend;
+  const GptShape shape = test_shape(4);
+  REQUIRE(Gpt::activation_bytes(shape, 8, DType::f32) < backend.free_bytes() / 2);
+  CHECK_NOTHROW(Gpt(backend, shape, 2));
+  CHECK_THROWS_WITH(Gpt(backend, shape, 8), Catch::Contains("0.50 GiB of attention workspace"));
+}

@@ -93,6 +93,9 @@ class TimedBackend final : public Backend {
                          int q_offset) override;
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
                           Tensor v, Tensor out, Tensor lse, int window) override;
+  size_t attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) override {
+    return inner_.attention_scratch_bytes(B, T, H, Hkv, D, window);
+  }
 
   void relu2_forward(Tensor out, Tensor x) override;
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;

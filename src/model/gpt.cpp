@@ -107,7 +107,7 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch, const GptOptions& o
   }
 
   const TensorPlan planned = plan(acts_, shape, batch, act, options);
-  check_fits(planned.bytes());
+  check_fits(planned.bytes(), attention_scratch_bytes());
   act_memory_ = planned.allocate(backend);
 
   // RoPE tables in fp32: inv_freq = base^(-2i/D), angle = t * inv_freq.
@@ -124,10 +124,21 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch, const GptOptions& o
   backend.upload(acts_.rope_sin, sin_table.data());
 }
 
-// Says what does not fit before trying: the activations scale with the batch.
-void Gpt::check_fits(size_t bytes) const {
+size_t Gpt::attention_scratch_bytes() const {
+  size_t most = 0;
+  for (int window : shape_.windows) {
+    most = std::max(most, backend_.attention_scratch_bytes(
+                              batch_, int(shape_.seq_len), int(shape_.n_head),
+                              int(shape_.n_kv_head), int(shape_.head_dim), window));
+  }
+  return most;
+}
+
+// Says what does not fit before trying: the activations and the attention's scratch scale with
+// the batch.
+void Gpt::check_fits(size_t bytes, size_t scratch) const {
   const size_t free = backend_.free_bytes();
-  if (bytes <= free) return;
+  if (bytes + scratch <= free) return;
   constexpr double GiB = 1073741824.0;
   std::string remedy = "lower batch.device_batch (gradient accumulation keeps the global batch)";
   if (!options_.recompute_activations) {
@@ -141,10 +152,10 @@ void Gpt::check_fits(size_t bytes) const {
         recomputed / GiB);
   }
   fail(
-      "out of memory: batch.device_batch {} x sequence_len {} needs {:.2f} GiB of activations, "
-      "the {} device has {:.2f} GiB free after {:.2f} GiB of parameters, gradients and weights; "
-      "{}",
-      batch_, shape_.seq_len, bytes / GiB, backend_.name(), free / GiB,
+      "out of memory: batch.device_batch {} x sequence_len {} needs {:.2f} GiB of activations "
+      "and {:.2f} GiB of attention workspace, the {} device has {:.2f} GiB free after {:.2f} GiB "
+      "of parameters, gradients and weights; {}",
+      batch_, shape_.seq_len, bytes / GiB, scratch / GiB, backend_.name(), free / GiB,
       backend_.bytes_in_use() / GiB, remedy);
 }
 

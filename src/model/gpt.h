@@ -126,7 +126,9 @@ class Gpt {
   BlockActs& block(int i) { return acts_.blocks[options_.recompute_activations ? 0 : i]; }
   Tensor block_in(int i) const { return i == 0 ? acts_.x0 : acts_.block_out[i - 1]; }
 
-  void check_fits(size_t activation_bytes) const;
+  // The device scratch the attention ops take at this batch (the largest over the layers' windows).
+  size_t attention_scratch_bytes() const;
+  void check_fits(size_t activation_bytes, size_t scratch_bytes) const;
   Loss upload_batch(std::span<const int32_t> tokens, std::span<const int32_t> targets);
   void forward_block(int i, bool with_output);
   void head_and_loss(bool need_grad, float grad_scale);

@@ -41,6 +41,7 @@ class CpuBackend : public Backend {
                          int q_offset) override;
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
                           Tensor v, Tensor out, Tensor lse, int window) override;
+  size_t attention_scratch_bytes(int, int, int, int, int, int) override { return 0; }
 
   void relu2_forward(Tensor out, Tensor x) override;
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;

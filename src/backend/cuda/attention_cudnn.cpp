@@ -319,6 +319,11 @@ bool CudnnAttention::backward(void* dq, void* dk, void* dv, const void* dout, co
   return impl_->run(s, true, pack, workspace);
 }
 
+int64_t CudnnAttention::workspace_bytes(const AttentionShape& s, bool backward) {
+  const Impl::Plan& p = impl_->plan(s, backward);
+  return p.graph ? p.workspace : -1;
+}
+
 bool CudnnAttention::deterministic() const { return impl_->deterministic; }
 
 #else  // no cuDNN at build time: the own kernel does everything.
@@ -337,6 +342,8 @@ bool CudnnAttention::backward(void*, void*, void*, const void*, const void*, con
                               const Workspace&) {
   return false;
 }
+
+int64_t CudnnAttention::workspace_bytes(const AttentionShape&, bool) { return -1; }
 
 bool CudnnAttention::deterministic() const { return true; }
 

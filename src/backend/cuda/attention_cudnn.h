@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -44,6 +45,10 @@ class CudnnAttention {
   bool backward(void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k,
                 const void* v, const void* out, const float* lse, const AttentionShape& s,
                 const Workspace& workspace);
+
+  // The workspace bytes of the shape's forward or backward graph (built now if need be, then
+  // cached for the calls above), or -1 when cuDNN has no graph for it.
+  int64_t workspace_bytes(const AttentionShape& s, bool backward);
 
   // Whether the backward graphs ask cuDNN for its deterministic algorithm (the default;
   // LMTRAIN_CUDNN_ATTENTION=nondeterministic trades that for speed and memory).

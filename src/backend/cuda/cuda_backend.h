@@ -39,7 +39,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   DType activation_dtype() const override { return activation_; }
   const std::string& device_name() const { return device_name_; }
-  // The one stream every op runs on; collectives (NCCL) are queued on it too.
+  // The one stream every op runs on; NCCL's collectives run on a stream of their own, ordered
+  // against this one with events (src/dist/nccl/).
   cudaStream_t stream() const { return stream_.get(); }
 
   Buffer allocate(size_t bytes) override;
@@ -74,6 +75,7 @@ class CudaBackend final : public Backend {
                          int q_offset) override;
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
                           Tensor v, Tensor out, Tensor lse, int window) override;
+  size_t attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) override;
 
   void relu2_forward(Tensor out, Tensor x) override;
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;

@@ -203,6 +203,21 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
   });
 }
 
+// What the two ops above will ask scratch() for: per direction cuDNN's graph workspace, or the
+// own kernel's (none forward) where cuDNN has no graph. Builds the cuDNN graphs, which the ops
+// then find cached.
+size_t CudaBackend::attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) {
+  size_t forward = 0, backward = cuda::attention_backward_workspace_bytes(B, T, H, Hkv, D);
+  if (cudnn_attention_ && activation_ == DType::bf16) {
+    const cuda::AttentionShape s{B, T, H, Hkv, D, window};
+    if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, false); bytes >= 0)
+      forward = size_t(bytes);
+    if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, true); bytes >= 0)
+      backward = size_t(bytes);
+  }
+  return std::max(forward, backward);
+}
+
 void CudaBackend::relu2_forward(Tensor out, Tensor x) {
   check_relu2("relu2_forward", out, "out", x, activation_);
   dispatch("relu2_forward", activation_, [&](auto tag) {

@@ -1,6 +1,9 @@
 #include "dist/nccl/nccl_communicator.h"
 
+#include <chrono>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 #include "core/error.h"
 
@@ -21,15 +24,29 @@ void cuda_check(cudaError_t err, const char* what, int rank, int world) {
         cudaGetErrorString(err));
 }
 
+// The communicator's asynchronous error: a collective that failed (a peer gone, a network
+// error) shows here, while its event may never complete.
+ncclResult_t async_error(ncclComm_t comm) {
+  ncclResult_t async = ncclSuccess;
+  if (ncclCommGetAsyncError(comm, &async) != ncclSuccess) return ncclInternalError;
+  return async == ncclInProgress ? ncclSuccess : async;
+}
+
 // An event the backend's stream waits on when the collective behind it is waited for.
 class EventPending final : public Pending {
  public:
-  EventPending(cudaStream_t waiter, int rank, int world) : waiter_(waiter) {
+  EventPending(cudaStream_t waiter, ncclComm_t comm, int rank, int world)
+      : waiter_(waiter), comm_(comm) {
     cuda_check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "event", rank, world);
   }
+  // Not waited for (an error unwinds the step): the collective may still be writing buffers
+  // that are about to be freed, so wait for it on the host, unless the communicator reports
+  // an error (then it may never complete; the communicator is aborted as it goes).
   ~EventPending() override {
-    // The event may be destroyed while pending: CUDA releases it once it completes. The
-    // buffers stay valid because nothing is freed during a step.
+    if (!waited_) {
+      while (cudaEventQuery(event_) == cudaErrorNotReady && async_error(comm_) == ncclSuccess)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
     cudaEventDestroy(event_);
   }
   EventPending(const EventPending&) = delete;
@@ -38,11 +55,14 @@ class EventPending final : public Pending {
   void wait() override {
     cudaError_t err = cudaStreamWaitEvent(waiter_, event_, 0);
     check(err == cudaSuccess, "nccl wait: {}", cudaGetErrorString(err));
+    waited_ = true;
   }
 
  private:
   cudaStream_t waiter_;
+  ncclComm_t comm_;
   cudaEvent_t event_ = nullptr;
+  bool waited_ = false;
 };
 
 }  // namespace
@@ -72,9 +92,15 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  // Started collectives must finish before the communicator goes.
-  cudaStreamSynchronize(comm_stream_);
-  ncclCommDestroy(comm_);
+  if (std::uncaught_exceptions() > 0 || async_error(comm_) != ncclSuccess) {
+    // Going away on an error: collectives may wait for peers that will never join them.
+    // Aborting ends them, so that freeing memory (which synchronizes the device) cannot hang.
+    ncclCommAbort(comm_);
+  } else {
+    // Started collectives must finish before the communicator goes.
+    cudaStreamSynchronize(comm_stream_);
+    ncclCommDestroy(comm_);
+  }
   cudaEventDestroy(inputs_ready_);
   cudaStreamDestroy(comm_stream_);
 }
@@ -83,10 +109,11 @@ template <typename Enqueue>
 PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
   // The inputs are written by the backend's stream: start after what it has queued so far. One
   // event serves every start: a stream wait takes the event as it is when the wait is queued.
+  // The Pending exists before the collective is queued, so none runs without one.
+  auto done = std::make_unique<EventPending>(stream_, comm_, rank_, world_size_);
   cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
   cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
   nccl_check(enqueue(), op, rank_, world_size_);
-  auto done = std::make_unique<EventPending>(stream_, rank_, world_size_);
   cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);
   return done;
 }
@@ -139,6 +166,7 @@ void NcclCommunicator::barrier() {
   // and a store barrier needs no device buffer.
   cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
   cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
+  nccl_check(async_error(comm_), "collective (reported at the barrier)", rank_, world_size_);
   store_->barrier("nccl");
 }
 
