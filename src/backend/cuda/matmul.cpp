@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/op_checks.h"
@@ -161,8 +162,7 @@ cublasStatus_t CudaBackend::lt_matmul(const MatmulPlan& plan, const cublasLtMatm
 // the call reads is changed before it runs. A suggestion that fails to run is skipped.
 void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void* a, const void* b,
                               const void* c, Tensor out, float alpha, float beta) {
-  std::vector<cublasLtMatmulAlgo_t> candidates = std::move(plan.untimed);
-  plan.untimed.clear();
+  const std::vector<cublasLtMatmulAlgo_t> candidates = std::exchange(plan.untimed, {});
   void* d = out.data;
   if (c == out.data && beta != 0.f) {
     if (out.bytes() > kTuneScratchLimit) return;
