@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
@@ -17,10 +18,7 @@ void check_embedding(const char* op, Tensor rows, Tensor table, Tensor tokens) {
             rows.rows() == tokens.numel(),
         "{}: rows {} do not fit table {} and tokens {}", op, rows.shape.str(), table.shape.str(),
         tokens.shape.str());
-  const int32_t* ids = tokens.i32();
-  for (int64_t n = 0; n < tokens.numel(); ++n)
-    check(ids[n] >= 0 && ids[n] < table.dim(0), "{}: token id {} at {} is outside the table {}", op,
-          ids[n], n, table.shape.str());
+  cpu::check_token_ids(op, table, tokens);
 }
 
 }  // namespace

@@ -4,22 +4,13 @@
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_checks.h"
 
 namespace lmtrain {
 
 namespace {
-
-// Every id names a row of the table (checked before the parallel loops, which must not throw).
-void check_ids(const char* op, Tensor table, Tensor tokens) {
-  for (int64_t n = 0; n < tokens.numel(); ++n) {
-    const int32_t id = tokens.i32()[n];
-    check(id >= 0 && id < table.dim(0),
-          "{}: token id {} at position {} is outside the table of {} rows", op, id, n,
-          table.dim(0));
-  }
-}
 
 const float* table_row(Tensor table, Tensor tokens, int64_t n) {
   return table.f32() + int64_t(tokens.i32()[n]) * table.dim(1);
@@ -32,7 +23,7 @@ void CpuBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gat
   const char* op = "value_gate_forward";
   const int64_t D = check_value_gate_args(op, v, gate, xn, gate_w, table, tokens, DType::f32);
   const int64_t N = xn.rows(), C = xn.dim(-1), Hkv = gate_w.dim(0), G = gate_w.dim(1);
-  check_ids(op, table, tokens);
+  cpu::check_token_ids(op, table, tokens);
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     const float* ve = table_row(table, tokens, n);
@@ -63,7 +54,7 @@ void CpuBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Ten
   check(dve.dtype == DType::f32 && dve.shape == dv.shape, "{}: dve {} {} must be f32 like dv {}",
         op, dve.shape.str(), dtype_name(dve.dtype), dv.shape.str());
   const int64_t N = xn.rows(), C = xn.dim(-1), Hkv = gate_w.dim(0), G = gate_w.dim(1);
-  check_ids(op, table, tokens);
+  cpu::check_token_ids(op, table, tokens);
   std::vector<double> da(N * Hkv);
 
 #pragma omp parallel for
