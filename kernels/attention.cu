@@ -81,6 +81,25 @@ __device__ __forceinline__ void tile_dot(float (&acc)[RM][RN], const float* A, c
   }
 }
 
+// acc[i][c] += sum_j W[ty*RM + i][j] * M[j][tx + 16*c] over j < N: a tile of weights (P or dS,
+// row stride ldw) times N rows of a value tile (stride D+1), summed in j order.
+template <int D, int RM, int N>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[RM][D / 16], const float* W, int ldw,
+                                                const float* M, int ty, int tx) {
+#pragma unroll 4
+  for (int j = 0; j < N; ++j) {
+    float m[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) m[c] = M[j * (D + 1) + tx + 16 * c];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+      const float w = W[(ty * RM + i) * ldw + j];
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) acc[i][c] = fmaf(w, m[c], acc[i][c]);
+    }
+  }
+}
+
 // Reductions across the 16 lanes of a half-warp (lanes with the same ty).
 __device__ __forceinline__ float half_warp_max(float x) {
 #pragma unroll
@@ -184,18 +203,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-#pragma unroll 4
-    for (int j = 0; j < BK; ++j) {
-      float vv[DC];
-#pragma unroll
-      for (int c = 0; c < DC; ++c) vv[c] = sV[j * LD + tx + 16 * c];
-#pragma unroll
-      for (int i = 0; i < RM; ++i) {
-        const float pp = sP[(ty * RM + i) * LP + j];
-#pragma unroll
-        for (int c = 0; c < DC; ++c) acc[i][c] = fmaf(pp, vv[c], acc[i][c]);
-      }
-    }
+    tile_accumulate<D, RM, BK>(acc, sP, LP, sV, ty, tx);  // O += P V
   }
 
 #pragma unroll
@@ -314,24 +322,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
 
-#pragma unroll 2
-      for (int t = 0; t < BQ; ++t) {
-        float qq[DC], oo[DC];
-#pragma unroll
-        for (int c = 0; c < DC; ++c) {
-          qq[c] = sQ[t * LD + tx + 16 * c];
-          oo[c] = sO[t * LD + tx + 16 * c];
-        }
-#pragma unroll
-        for (int i = 0; i < RM; ++i) {
-          const float pp = sP[(ty * RM + i) * LP + t], ds = sS[(ty * RM + i) * LP + t];
-#pragma unroll
-          for (int c = 0; c < DC; ++c) {
-            dV[i][c] = fmaf(pp, oo[c], dV[i][c]);
-            dK[i][c] = fmaf(ds, qq[c], dK[i][c]);
-          }
-        }
-      }
+      tile_accumulate<D, RM, BQ>(dV, sP, LP, sO, ty, tx);  // dV += P^T dO
+      tile_accumulate<D, RM, BQ>(dK, sS, LP, sQ, ty, tx);  // dK += dS^T Q
     }
   }
 
@@ -421,18 +413,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-#pragma unroll 4
-    for (int j = 0; j < BK; ++j) {
-      float kk[DC];
-#pragma unroll
-      for (int c = 0; c < DC; ++c) kk[c] = sK[j * LD + tx + 16 * c];
-#pragma unroll
-      for (int i = 0; i < RM; ++i) {
-        const float ds = sS[(ty * RM + i) * LP + j];
-#pragma unroll
-        for (int c = 0; c < DC; ++c) dQ[i][c] = fmaf(ds, kk[c], dQ[i][c]);
-      }
-    }
+    tile_accumulate<D, RM, BK>(dQ, sS, LP, sK, ty, tx);  // dQ += dS K
   }
 
 #pragma unroll
