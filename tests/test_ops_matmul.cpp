@@ -97,3 +97,38 @@ TEST_CASE("matmul rejects shapes that do not multiply", "[ops]") {
       cpu.matmul(f32(out3, {2, 4, 4}), f32(a, {4, 3}), f32(b, {3, 4}), false, false, false, 1.f),
       Error);
 }
+
+// The linear layer as the model runs it (src/model/gpt.cpp): y = x W^T (+ beta * r), the weight
+// gradient accumulated as dW += dy^T x, the input gradient dx = dy W; checked by central
+// differences of L = sum(w * y), batched (rank 3, as Polar Express) and not.
+TEST_CASE("a linear layer's matmul gradients match finite differences", "[ops]") {
+  CpuBackend cpu;
+  std::mt19937 rng(5);
+  const int64_t N = 6, C_in = 5, C_out = 4;
+  const float beta = 0.6f;
+  for (int64_t batch : {0, 2}) {
+    const int64_t nb = batch ? batch : 1;
+    auto shape = [&](int64_t r, int64_t c) { return batch ? Shape{batch, r, c} : Shape{r, c}; };
+    std::vector<float> x = randn(nb * N * C_in, rng), W = randn(nb * C_out * C_in, rng),
+                       r = randn(nb * N * C_out, rng), w = randn(nb * N * C_out, rng),
+                       y(nb * N * C_out);
+    auto forward = [&] {
+      cpu.matmul_add(f32(y, shape(N, C_out)), f32(x, shape(N, C_in)), f32(W, shape(C_out, C_in)),
+                     false, true, f32(r, shape(N, C_out)), 1.f, beta);
+      return weighted_sum(w, y);
+    };
+    // dW accumulates onto a random start, as parameter gradients do over micro-steps.
+    const std::vector<float> dW0 = randn(W.size(), rng);
+    std::vector<float> dW = dW0, dx(x.size()), dr(r.size(), 0.f);
+    cpu.matmul(f32(dW, shape(C_out, C_in)), f32(w, shape(N, C_out)), f32(x, shape(N, C_in)), true,
+               false, true);
+    for (size_t i = 0; i < dW.size(); ++i) dW[i] -= dW0[i];
+    cpu.matmul(f32(dx, shape(N, C_in)), f32(w, shape(N, C_out)), f32(W, shape(C_out, C_in)), false,
+               false, false);
+    cpu.add(f32(dr, {int64_t(dr.size())}), f32(w, {int64_t(w.size())}), beta);
+    INFO("batch " << batch);
+    check_gradient("W", W, dW, forward);
+    check_gradient("x", x, dx, forward);
+    check_gradient("r", r, dr, forward);
+  }
+}
