@@ -103,6 +103,7 @@ test-gpu: build data
 golden:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch numpy safetensors
 	$(PYTHON) tests/reference/make_golden.py
+	$(PYTHON) tests/reference/make_golden_normuon.py
 
 info: build
 	$(LMTRAIN) info --config $(CONFIG) $(ARGS)
