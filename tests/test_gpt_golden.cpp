@@ -1,6 +1,6 @@
 // The CPU backend against the PyTorch reference (tests/reference, goldens in tests/golden):
 // logits, loss, every parameter gradient (also with the memory options), and the weights after
-// 3 AdamW steps.
+// 4 AdamW steps (with warmup, warmdown and gradient clipping).
 #include <catch2/catch.hpp>
 #include <cmath>
 
@@ -77,7 +77,7 @@ TEST_CASE("gpt forward and backward match the PyTorch reference", "[golden]") {
   CHECK(shape.flops_per_token() == Approx(1880832.0));
 }
 
-TEST_CASE("three AdamW steps match the PyTorch reference", "[golden]") {
+TEST_CASE("AdamW steps with warmup, warmdown and clipping match the PyTorch reference", "[golden]") {
   Golden g;
   CpuBackend backend;
   Config& c = g.config;
@@ -94,9 +94,11 @@ TEST_CASE("three AdamW steps match the PyTorch reference", "[golden]") {
     model.zero_grads();
     Gpt::Loss loss = model.forward(tokens, targets, true);
     const double want = g.file.read_f32(fmt::format("step{}.loss", step + 1))[0];
-    CHECK(std::abs(loss.sum / loss.count - want) / want < 1e-5);
+    // Relative to the loss, or absolute once it falls below 1 (the golden memorises its one
+    // batch: the last loss is 0.06, where the fp32 golden itself is 6e-7 from float64).
+    CHECK(std::abs(loss.sum / loss.count - want) < 1e-5 * std::max(want, 1.0));
     model.backward();
-    optimizer.step(step, lr_multiplier(step, steps, c.schedule));
+    optimizer.step(step, lr_multiplier(step, steps, c.schedule), c.optim.grad_clip);
     for (const auto& spec : model.table().specs) {
       INFO("step " << step + 1 << " " << spec.name);
       auto param = test_support::download(backend, model.param(spec));

@@ -36,6 +36,10 @@ from gpt_reference import (GPTConfig, attention, flops_per_token, forward,  # no
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "golden")
 
+# Global-norm gradient clipping, set between the steps' norms so that some steps clip and some
+# do not (main() checks both happen).
+GRAD_CLIP = 5.0
+
 TINY_CONFIG = {
     "model": {"depth": 3, "aspect_ratio": 32, "head_dim": 16, "n_kv_head": 2,
               "sequence_len": 16, "vocab_size": 100, "window_pattern": "SSSL",
@@ -43,10 +47,12 @@ TINY_CONFIG = {
     "batch": {"device_batch": 2, "total_batch_tokens": 32},
     "optim": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02,
               "scalar_lr": 0.5, "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_eps": 1e-10,
-              "lr_reference_width": 64, "lr_reference_batch": 64,
-              "weight_decay": {"embedding": 0.0, "value_embeds": 0.0, "unembedding": 0.01,
-                               "resid": 0.0, "x0": 0.0, "matrix": 0.05}},
-    "schedule": {"num_iterations": 3, "warmup_ratio": 0.0, "warmdown_ratio": 0.5,
+              "lr_reference_width": 64, "lr_reference_batch": 64, "grad_clip": GRAD_CLIP,
+              # A distinct decay per group, so that one sent to the wrong group shows.
+              "weight_decay": {"embedding": 0.02, "value_embeds": 0.04, "unembedding": 0.5,
+                               "resid": 0.3, "x0": 0.1, "matrix": 0.05}},
+    # 4 steps: warmup 2, warmdown 2 (multipliers 0.5, 1, 1, 0.55).
+    "schedule": {"num_iterations": 4, "warmup_ratio": 0.5, "warmdown_ratio": 0.5,
                  "final_lr_frac": 0.1},
 }
 
@@ -184,10 +190,12 @@ def check_gradients_fd(cfg: GPTConfig, params32: dict[str, torch.Tensor],
 
 
 def train(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tensor,
-          targets: torch.Tensor, hparams: dict[str, dict], sched: dict, dtype: torch.dtype):
-    """Run num_iterations AdamW steps on one batch.
+          targets: torch.Tensor, hparams: dict[str, dict], sched: dict, dtype: torch.dtype,
+          grad_clip: float):
+    """Run num_iterations AdamW steps on one batch, clipping the global gradient norm.
 
-    Returns (loss before each step, params after each step, lr multipliers).
+    Returns (loss before each step, params after each step, lr multipliers,
+    gradient norms before clipping).
     A shadow copy updated with the explicit AdamW formula is checked against
     torch.optim.AdamW after every step.
     """
@@ -196,11 +204,13 @@ def train(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tensor,
     shadow = {k: v.detach().clone() for k, v in params.items()}
     shadow_m = {k: torch.zeros_like(v) for k, v in shadow.items()}
     shadow_v = {k: torch.zeros_like(v) for k, v in shadow.items()}
-    losses, snapshots, lrms = [], [], []
+    losses, snapshots, lrms, norms = [], [], [], []
     for step in range(1, sched["num_iterations"] + 1):
         opt.zero_grad(set_to_none=True)
         _, loss = forward(cfg, params, tokens, targets)
         loss.backward()
+        # Returns the norm before clipping; scales by grad_clip / norm when it is larger.
+        norms.append(torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip).item())
         losses.append(loss.detach().clone())
         lrm = lr_multiplier(step - 1, sched)
         lrms.append(lrm)
@@ -214,7 +224,7 @@ def train(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tensor,
         for name, p in params.items():
             torch.testing.assert_close(shadow[name], p.detach(), rtol=1e-5, atol=1e-6)
         snapshots.append({k: v.detach().clone() for k, v in params.items()})
-    return losses, snapshots, lrms
+    return losses, snapshots, lrms, norms
 
 
 def check_trajectory_fp64(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tensor,
@@ -228,7 +238,8 @@ def check_trajectory_fp64(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens:
     step. This check (with the sign-margin check on the gradients) guards
     against regenerating a golden that no independent fp32 code could match.
     """
-    losses64, snapshots64, _ = train(cfg, init, tokens, targets, hparams, sched, torch.float64)
+    losses64, snapshots64, _, _ = train(cfg, init, tokens, targets, hparams, sched, torch.float64,
+                                        GRAD_CLIP)
     worst_loss = max(abs(a.item() - b.item()) for a, b in zip(losses32, losses64))
     worst_param = 0.0
     for s32, s64 in zip(snapshots32, snapshots64):
@@ -324,7 +335,11 @@ def main() -> None:
     # AdamW steps on the same batch in float32 (the golden), then the same
     # trajectory in float64 to show the golden is well conditioned.
     hparams = group_hparams(cfg, optim_cfg, batch_cfg["total_batch_tokens"])
-    losses, snapshots, lrms = train(cfg, init, tokens, targets, hparams, sched, torch.float32)
+    losses, snapshots, lrms, norms = train(cfg, init, tokens, targets, hparams, sched,
+                                           torch.float32, GRAD_CLIP)
+    print(f"gradient norms before clipping: {norms} (clip {GRAD_CLIP})")
+    assert any(n > GRAD_CLIP for n in norms) and any(n < GRAD_CLIP for n in norms), \
+        "GRAD_CLIP must sit between the steps' gradient norms"
     for step, (loss_k, snap) in enumerate(zip(losses, snapshots), start=1):
         out[f"step{step}.loss"] = loss_k.reshape(1)
         for name, t in snap.items():
