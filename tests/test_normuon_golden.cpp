@@ -4,7 +4,7 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <fstream>
-#include <set>
+#include <map>
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/tensor_plan.h"
@@ -33,6 +33,26 @@ TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[go
       SafetensorsFile::open(test_support::source_path("tests/golden/normuon_stacks.safetensors"));
   const std::vector<std::string> stack_names = {"tall", "wide", "square"};
   CpuBackend backend;
+  // The golden holds every switch in every value it can take (and an empty file fails here).
+  REQUIRE(meta["variants"].size() == 19);
+  const std::map<std::string, std::vector<json>> values = {
+      {"momentum", {"lerp", "classic"}},
+      {"nesterov", {true, false}},
+      {"orthogonalizer", {"polar_express", "newton_schulz5", "none"}},
+      {"ortho_steps", {3, 5, 7}},
+      {"lr_scale", {"rectangular", "moonshot", "sqrt_max", "none"}},
+      {"second_moment", {true, false}},
+      {"beta2", {0.95, 0.9}},
+      {"weight_decay_mode", {"cautious", "decoupled", "none"}},
+      {"weight_decay_reference_depth", {12, 6}}};
+  for (const auto& [key, wanted] : values) {
+    for (const json& value : wanted) {
+      bool found = false;
+      for (const auto& [variant, block] : meta["variants"].items()) found |= block[key] == value;
+      INFO("optim.muon." << key << " = " << value.dump());
+      CHECK(found);
+    }
+  }
 
   for (const auto& [variant, muon_block] : meta["variants"].items()) {
     DYNAMIC_SECTION("variant " << variant) {
@@ -129,19 +149,27 @@ TEST_CASE("the tiny GPT trained with each optimizer preset matches the reference
         optimizer.step(step, lr_multiplier(step, steps, c.schedule));
       }
       // Elements whose cautious-decay mask sits within rounding of zero in the reference may
-      // legitimately flip; they are listed by the generator and left out of the comparison.
-      std::set<std::pair<std::string, int64_t>> at_risk;
+      // legitimately flip; the generator lists them with the jump a flip makes
+      // (lr_eff * wd * |p|), and such an element may differ by its jumps (x1.5 for the knock-on
+      // effect through later gradients, as the generator's own fp32-vs-fp64 check allows).
+      std::map<std::string, std::map<int64_t, double>> slack;
       for (const auto& r : spec.value("cautious_at_risk", json::array())) {
-        at_risk.insert({r["param"].get<std::string>(), r["index"].get<int64_t>()});
+        slack[r["param"].get<std::string>()][r["index"].get<int64_t>()] +=
+            1.5 * r["jump"].get<double>();
       }
       for (const auto& p : model.table().specs) {
         INFO(preset << " " << p.name);
-        auto got = test_support::download(backend, model.param(p));
-        auto want = file.read_f32(fmt::format("{}.step3.{}", preset, p.name));
-        for (const auto& [name, index] : at_risk) {
-          if (name == p.name) got[index] = want[index];
+        const auto got = test_support::download(backend, model.param(p));
+        const auto want = file.read_f32(fmt::format("{}.step{}.{}", preset, steps, p.name));
+        REQUIRE(got.size() == want.size());
+        double scale = 0, worst = 0;
+        for (float w : want) scale = std::max(scale, std::abs(double(w)));
+        for (size_t i = 0; i < got.size(); ++i) {
+          const auto it = slack[p.name].find(int64_t(i));
+          const double allowed = it == slack[p.name].end() ? 0.0 : it->second;
+          worst = std::max(worst, std::abs(double(got[i]) - want[i]) - allowed);
         }
-        CHECK(test_support::max_relative_error(got, want) < 2e-5);
+        CHECK(worst < 2e-5 * scale);
       }
     }
   }

@@ -75,6 +75,8 @@ def stack_variants() -> dict[str, dict]:
         "beta2_0.9": {"beta2": 0.9},
         "wd_decoupled": {"weight_decay_mode": "decoupled"},
         "wd_none": {"weight_decay_mode": "none"},
+        # The decay scaled from another reference depth (0.1 * (6 / 12)^1 at depth 12).
+        "wd_depth_scaled": {"weight_decay_reference_depth": 6, "weight_decay_depth_exponent": 1.0},
         "overrides": {"param_overrides": [
             {"pattern": "square.*", "lr_mul": 0.5, "wd_mul": 2.0},
             {"pattern": "square.2", "lr_mul": 3.0, "wd_mul": 0.0},
@@ -137,9 +139,10 @@ def gpt_overrides(tiny_optim: dict) -> dict:
 
     gpt_tiny's own optim section, minus the two keys the presets are about
     (matrix_lr and weight_decay.matrix, which would otherwise override every
-    preset's choice), plus a 2-step momentum warmup so the schedule moves.
+    preset's choice) and gradient clipping (gpt_tiny's AdamW golden covers it),
+    plus a 2-step momentum warmup so the schedule moves.
     """
-    over = {k: v for k, v in tiny_optim.items() if k != "matrix_lr"}
+    over = {k: v for k, v in tiny_optim.items() if k not in ("matrix_lr", "grad_clip")}
     over["weight_decay"] = {k: v for k, v in tiny_optim["weight_decay"].items() if k != "matrix"}
     over["muon"] = {"momentum_warmup_steps": 2}
     return over
