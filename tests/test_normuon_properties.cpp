@@ -70,7 +70,10 @@ TEST_CASE("orthogonalizers land every singular value in their design band", "[no
     const char* name;
     double low, high;
   };
-  for (const Case c : {Case{"polar_express", 0.7, 1.2}, Case{"newton_schulz5", 0.6, 1.25}}) {
+  // The bands the coefficients are designed for, with a margin of about 0.01: measured here
+  // [0.8589, 1.1406] and [0.6818, 1.1342]; over the reference's wider set of spectra
+  // (tests/reference/README.md) [0.8589, 1.1411] and [0.6818, 1.2024].
+  for (const Case c : {Case{"polar_express", 0.85, 1.15}, Case{"newton_schulz5", 0.67, 1.21}}) {
     for (auto [rows, cols] : {std::pair{64, 16}, {16, 64}, {96, 32}, {24, 72}}) {
       INFO(c.name << " " << rows << "x" << cols);
       auto x = orthogonalized(c.name, rows, cols, uint64_t(rows * 1000 + cols));

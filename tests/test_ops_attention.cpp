@@ -104,8 +104,10 @@ TEST_CASE("attention on the last queries with q_offset equals the full forward's
 TEST_CASE("attention backward matches finite differences", "[ops]") {
   CpuBackend cpu;
   std::mt19937 rng(13);
-  const int64_t B = 2, T = 6, H = 6, Hkv = 2, D = 4;
-  for (int window : {2, 8}) {
+  const int64_t B = 2, T = 6, H = 6, D = 4;
+  // Grouped (3 query heads per kv head) and plain heads; windows from the token alone (0) to
+  // more than the sequence.
+  for (auto [Hkv, window] : {std::pair<int64_t, int>{2, 0}, {2, 2}, {2, 8}, {6, 3}}) {
     std::vector<float> q = randn(B * T * H * D, rng), k = randn(B * T * Hkv * D, rng),
                        v = randn(B * T * Hkv * D, rng), w = randn(q.size(), rng);
     std::vector<float> out(q.size()), lse(B * H * T);
@@ -122,7 +124,7 @@ TEST_CASE("attention backward matches finite differences", "[ops]") {
                            f32(w, {B, T, H, D}), f32(q, {B, T, H, D}), f32(k, {B, T, Hkv, D}),
                            f32(v, {B, T, Hkv, D}), f32(out, {B, T, H, D}), f32(lse, {B, H, T}),
                            window);
-    INFO("window " << window);
+    INFO("Hkv " << Hkv << " window " << window);
     check_gradient("q", q, dq, forward);
     check_gradient("k", k, dk, forward);
     check_gradient("v", v, dv, forward);

@@ -19,12 +19,12 @@ namespace {
 // The default corpus as prepared by scripts/prepare_data.py (the Makefile runs it before tests).
 const fs::path kData = fs::path(LMTRAIN_SOURCE_DIR) / "data" / "tiny";
 
+// make test prepares it; without it these tests fail rather than pass having checked nothing.
 bool data_prepared() {
   for (const char* name :
        {"meta.json", "tokenizer.json", "val_text.jsonl", "tokenizer_cases.jsonl"})
     if (!fs::exists(kData / name)) {
-      WARN("skipped: " << (kData / name).string()
-                       << " is missing; run python3 scripts/prepare_data.py");
+      UNSCOPED_INFO((kData / name).string() << " is missing: run make data");
       return false;
     }
   return true;
@@ -46,7 +46,7 @@ nlohmann::json read_json(const fs::path& path) {
 
 TEST_CASE("C++ tokenizer reproduces Python's ids on the whole validation text",
           "[data][tokenizer]") {
-  if (!data_prepared()) return;
+  REQUIRE(data_prepared());
   const auto tok = Tokenizer::load((kData / "tokenizer.json").string());
   const auto meta = read_json(kData / "meta.json");
   CHECK(tok.vocab_size() == meta["vocab_size"].get<int>());
@@ -74,7 +74,7 @@ TEST_CASE("C++ tokenizer reproduces Python's ids on the whole validation text",
 }
 
 TEST_CASE("C++ tokenizer reproduces Python's ids on edge cases", "[data][tokenizer]") {
-  if (!data_prepared()) return;
+  REQUIRE(data_prepared());
   const auto tok = Tokenizer::load((kData / "tokenizer.json").string());
   for (const auto& c : read_jsonl(kData / "tokenizer_cases.jsonl")) {
     const auto text = c["text"].get<std::string>();
@@ -84,7 +84,7 @@ TEST_CASE("C++ tokenizer reproduces Python's ids on edge cases", "[data][tokeniz
 }
 
 TEST_CASE("tokenizer round-trips text and counts bytes", "[data][tokenizer]") {
-  if (!data_prepared()) return;
+  REQUIRE(data_prepared());
   const auto tok = Tokenizer::load((kData / "tokenizer.json").string());
   const std::vector<std::string> cases = {
       "To be, or not to be: that is the question.",
@@ -116,7 +116,7 @@ TEST_CASE("tokenizer round-trips text and counts bytes", "[data][tokenizer]") {
 }
 
 TEST_CASE("tokenizer.json outside the supported subset is rejected", "[data][tokenizer]") {
-  if (!data_prepared()) return;
+  REQUIRE(data_prepared());
   const auto original = read_json(kData / "tokenizer.json");
   TempDir tmp;
   const fs::path path = tmp.path() / "tokenizer_unsupported.json";
