@@ -18,11 +18,17 @@ namespace gpu_test {
 
 using lmtrain::DType;
 
+// Fails the test when no GPU is visible: the GPU tests never pass by skipping.
+inline void require_gpu() {
+  INFO("no CUDA device is visible: the GPU tests need one (run them where `make test-gpu` can)");
+  REQUIRE(lmtrain::cuda::device_count() > 0);
+}
+
 // One backend per activation dtype for the whole binary: creating cuBLASLt handles and plans
 // per test would dominate the run time. Fails the test when no GPU is visible.
 inline lmtrain::CudaBackend& backend(DType act) {
   static std::unique_ptr<lmtrain::CudaBackend> f32, bf16;
-  REQUIRE(lmtrain::cuda::device_count() > 0);
+  require_gpu();
   auto& slot = act == DType::bf16 ? bf16 : f32;
   if (!slot) slot = std::make_unique<lmtrain::CudaBackend>(act);
   return *slot;

@@ -48,7 +48,10 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
         .add("s_fill", {n}, Kind::act, randn(n))
         .add("s_conv", {n}, Kind::act, randn(n))
         .add("s_y", {n}, Kind::act, randn(n))
-        .add("s_x", {n}, Kind::f32, randn(n));
+        .add("s_x", {n}, Kind::f32, randn(n))
+        .add("c_src", {n}, Kind::act, randn(n))
+        .add("c_dst", {n}, Kind::act, poison(n))
+        .add("c_shifted", {n}, Kind::act, randn(n));
     // The s_ arrays are written through views that start one element in: no 16-byte packs.
     c.check("fill/copy/add/scale",
             [](Backend& b, const Args& t) {
@@ -64,6 +67,10 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
               b.copy(t["s_conv"].slice(1, n - 1), t["src"].slice(0, n - 1));
               b.add(t["s_y"].slice(1, n - 1), t["y"].slice(0, n - 1), -0.75f);
               b.scale(t["s_x"].slice(1, n - 1), 1.5f);
+              // Activation dtype to itself (bf16 -> bf16 in bf16 mode), as the generator copies
+              // keys and values into its cache: whole, and into a view one element in.
+              b.copy(t["c_dst"], t["c_src"]);
+              b.copy(t["c_shifted"].slice(1, n - 1), t["c_src"].slice(0, n - 1));
             },
             {{"a", kExact, kBf16},
              {"f", kExact, kExact},
@@ -76,7 +83,9 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
              {"s_fill", kExact, kBf16},
              {"s_conv", kExact, kBf16},
              {"s_y", kElementwise, kBf16},
-             {"s_x", kElementwise, kElementwise}});
+             {"s_x", kElementwise, kElementwise},
+             {"c_dst", kExact, kExact},
+             {"c_shifted", kExact, kExact}});
     // The GPU's f32 -> bf16 conversion must round to nearest even, exactly as the host does.
     if (act == DType::bf16) {
       OpCase src(act);
@@ -115,6 +124,50 @@ TEST_CASE("gpu sum_squares matches the CPU and is deterministic", "[gpu][ops]") 
         compare_scalar(what + ", first half", got.at("out")[1], want.at("out")[1], kReduction);
         INFO(what << ": two runs gave " << gpu_sum << " and " << gpu_again);
         CHECK(gpu_sum == gpu_again);
+      }
+    }
+  }
+}
+
+// Lengths around the 8192-element chunks (2^20 + 1: a last chunk of one element; 16385: two
+// full chunks and one element; 7: less than a chunk; 0: no chunk at all, the sum is exactly 0),
+// with the last element 100 times the others: the element alone in the last chunk must be
+// counted once, and it dominates the sum (10^4 against n/3). The GPU squares in fp32 (one
+// rounding, 6e-8), adds 8192-element chunks in fp32 in a fixed tree (a few roundings deep: about
+// 1e-7 relative) and the chunk sums in double; the CPU adds in double: 1e-6 relative for f32
+// input leaves a margin of about 10.
+TEST_CASE("gpu sum_squares with a dominant last element and chunk-edge lengths", "[gpu][ops]") {
+  for (DType act : kModes) {
+    for (int64_t n : {int64_t((1 << 20) + 1), int64_t(16385), int64_t(7), int64_t(0)}) {
+      std::vector<float> values = uniform(size_t(n) + 1, -1.f, 1.f);
+      if (n > 0) values[size_t(n - 1)] = 100.f;
+      for (Kind kind : {Kind::f32, Kind::act}) {
+        OpCase c(act);
+        // One element more than summed, so that even n = 0 sums a view into real memory.
+        c.add("x", {n + 1}, kind, values);
+        c.add("out", {2}, Kind::f32, {-1.f, -1.f});
+        const auto op = [n](Backend& b, const Args& t) {
+          b.sum_squares(t["out"].slice(0, 1), t["x"].slice(0, n));
+          // The same elements but the first, from a view one element in (no aligned packs).
+          b.sum_squares(t["out"].slice(1, 1),
+                        t["x"].slice(std::min<int64_t>(n, 1), std::max<int64_t>(n - 1, 0)));
+        };
+        lmtrain::CpuBackend cpu;
+        const Results want = c.run(cpu, op), got = c.run(backend(act), op);
+        const Results again = c.run(backend(act), op);
+        const std::string what = std::string("[") + mode_name(act) +
+                                 "] sum_squares, last element 100x, n=" + std::to_string(n) +
+                                 (kind == Kind::f32 ? " f32" : " act");
+        const double tol = kind == Kind::f32 ? 1e-6 : kReduction;
+        if (n == 0) {
+          CHECK(want.at("out")[0] == 0.f);
+          CHECK(got.at("out")[0] == 0.f);
+          CHECK(got.at("out")[1] == 0.f);
+        }
+        compare_scalar(what, got.at("out")[0], want.at("out")[0], tol);
+        compare_scalar(what + ", from one element in", got.at("out")[1], want.at("out")[1], tol);
+        INFO(what << ": two runs gave " << got.at("out")[0] << " and " << again.at("out")[0]);
+        CHECK(std::memcmp(got.at("out").data(), again.at("out").data(), 2 * sizeof(float)) == 0);
       }
     }
   }
@@ -178,6 +231,104 @@ TEST_CASE("gpu matmul matches the CPU", "[gpu][ops][matmul]") {
         }
       }
     }
+  }
+}
+
+// Operands and outputs less aligned than cuBLASLt's 16-byte default: views one element into
+// their buffers (2-byte aligned in bf16, 4-byte in f32), which the plan cache keys on and passes
+// to cuBLASLt; alpha != 1 without accumulation; matmul_add writing over its own addend; and the
+// two rank-3 forms Polar Express runs (src/optim/normuon.cpp, orthogonalize), whose addend is one
+// of the operands: B = c·A·A + b·A (addend == a == b) and Y = B·X + a·X (addend == b), in the
+// work dtype (the activation dtype) and in f32.
+TEST_CASE("gpu matmul on misaligned views and aliased addends matches the CPU",
+          "[gpu][ops][matmul]") {
+  const int64_t M = 37, K = 53, N = 29;
+  for (DType act : kModes) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        const Shape sa = ta ? Shape{K, M} : Shape{M, K}, sb = tb ? Shape{N, K} : Shape{K, N};
+        const Shape so{M, N};
+        const int64_t na = sa.numel(), nb = sb.numel(), no = so.numel();
+        OpCase c(act);
+        // The shifted outputs start random rather than NaN: their first element is not written
+        // and must come back as it was on both backends.
+        c.add("a_off", {na + 1}, Kind::act, randn(size_t(na + 1)))
+            .add("b_off", {nb + 1}, Kind::act, randn(size_t(nb + 1)))
+            .add("out_off", {no + 1}, Kind::act, randn(size_t(no + 1)))
+            .add("acc_off", {no + 1}, Kind::act, randn(size_t(no + 1)))
+            .add("fa_off", {na + 1}, Kind::f32, randn(size_t(na + 1)))
+            .add("fb_off", {nb + 1}, Kind::f32, randn(size_t(nb + 1)))
+            .add("fout_off", {no + 1}, Kind::f32, randn(size_t(no + 1)))
+            .add("grad_off", {no + 1}, Kind::f32, randn(size_t(no + 1)))
+            .add("a", sa, Kind::act, randn(size_t(na)))
+            .add("b", sb, Kind::act, randn(size_t(nb)))
+            .add("scaled", so, Kind::act, poison(size_t(no)))
+            .add("fscaled", so, Kind::f32, poison(size_t(no)))
+            .add("inplace", so, Kind::act, randn(size_t(no)))
+            .add("finplace", so, Kind::f32, randn(size_t(no)));
+        const std::string label = std::string("matmul views one element in, aliased addends") +
+                                  (ta ? " a^T" : "") + (tb ? " b^T" : "");
+        c.check(label,
+                [&](Backend& b, const Args& t) {
+                  const auto in = [&](const char* name, Shape shape) {
+                    return t[name].slice(1, shape.numel()).view(shape);
+                  };
+                  b.matmul(in("out_off", so), in("a_off", sa), in("b_off", sb), ta, tb, false);
+                  b.matmul(in("acc_off", so), in("a_off", sa), in("b_off", sb), ta, tb, true,
+                           -0.5f);
+                  b.matmul(in("fout_off", so), in("fa_off", sa), in("fb_off", sb), ta, tb, false,
+                           1.75f);
+                  b.matmul(in("grad_off", so), in("a_off", sa), in("b_off", sb), ta, tb, true);
+                  // alpha != 1 without accumulating: the output's old contents play no part.
+                  b.matmul(t["scaled"], t["a"], t["b"], ta, tb, false, -0.75f);
+                  b.matmul(t["fscaled"], in("fa_off", sa), t["fa_off"].slice(0, nb).view(sb), ta,
+                           tb, false, 3.f);
+                  // out == addend: cuBLASLt's C and D the same memory.
+                  b.matmul_add(t["inplace"], t["a"], t["b"], ta, tb, t["inplace"], 1.5f, -0.5f);
+                  b.matmul_add(t["finplace"], in("fa_off", sa), in("fb_off", sb), ta, tb,
+                               t["finplace"], -1.f, 2.f);
+                },
+                {{"out_off", kReduction, kBf16},
+                 {"acc_off", kReduction, kBf16},
+                 {"fout_off", kReduction, kTf32},
+                 {"grad_off", kReduction, kReduction},
+                 {"scaled", kReduction, kBf16},
+                 {"fscaled", kReduction, kTf32},
+                 {"inplace", kReduction, kBf16},
+                 {"finplace", kReduction, kTf32}});
+      }
+    }
+    // Polar Express's two polynomial steps on a stack of 3 wide matrices (r <= c), as
+    // normuon.cpp runs them: poly = c gram gram + b gram; y = poly X + a X (Newton-Schulz's
+    // coefficients, which keep the terms of similar size).
+    const int64_t S = 3, r = 19, cols = 40;
+    const float pa = 3.4445f, pb = -4.7750f, pc = 2.0315f;
+    OpCase c(act);
+    for (Kind kind : {Kind::act, Kind::f32}) {
+      const std::string p = kind == Kind::act ? "w_" : "f_";
+      c.add(p + "x", {S, r, cols}, kind, randn(size_t(S * r * cols), 1.f / std::sqrt(float(cols))))
+          .add(p + "gram", {S, r, r}, kind, randn(size_t(S * r * r), 0.3f))
+          .add(p + "poly", {S, r, r}, kind, poison(size_t(S * r * r)))
+          .add(p + "poly_in", {S, r, r}, kind, randn(size_t(S * r * r), 0.5f))
+          .add(p + "y", {S, r, cols}, kind, poison(size_t(S * r * cols)));
+    }
+    c.check("rank-3 matmul_add with the addend an operand (Polar Express)",
+            [&](Backend& b, const Args& t) {
+              for (const char* p : {"w_", "f_"}) {
+                const auto at = [&](const char* name) { return t[std::string(p) + name]; };
+                b.matmul_add(at("poly"), at("gram"), at("gram"), false, false, at("gram"), pc, pb);
+                // From an input of its own rather than poly: no bf16 rounding carried over.
+                b.matmul_add(at("y"), at("poly_in"), at("x"), false, false, at("x"), 1.f, pa);
+              }
+            },
+            {{"w_poly", kReduction, kBf16},
+             {"w_y", kReduction, kBf16},
+             {"f_poly", kReduction, kTf32},
+             {"f_y", kReduction, kTf32},
+             {"w_gram", kExact, kExact},
+             {"w_x", kExact, kExact},
+             {"f_gram", kExact, kExact},
+             {"f_x", kExact, kExact}});
   }
 }
 
@@ -580,11 +731,37 @@ TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
         .add("u3", {n}, Kind::f32, poison(size_t(n)))
         .add("pc", {n}, Kind::f32, randn(size_t(n)))
         .add("pd", {n}, Kind::f32, randn(size_t(n)))
-        .add("x", {n}, Kind::f32, randn(size_t(n)));
+        .add("x", {n}, Kind::f32, randn(size_t(n)))
+        // AdamW's first step, from the zero state the optimizer starts with (bias corrections
+        // 1 - beta^1).
+        .add("p1", {n}, Kind::f32, randn(size_t(n)))
+        .add("m1", {n}, Kind::f32, std::vector<float>(size_t(n), 0.f))
+        .add("v1", {n}, Kind::f32, std::vector<float>(size_t(n), 0.f));
+    // Stacks of 3 matrices of 37 x 53 (1961 elements: odd, so matrix 1 starts 4-byte aligned
+    // only), updated from matrix 1 on as NorMuon::step does for a run of matrices that shares
+    // multipliers, and matrix 0 with other ones.
+    const int64_t size = 37 * 53, stack = 3 * size;
+    c.add("sp", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("sq", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("sx", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("sg", {stack}, Kind::f32, randn(size_t(stack), 0.01f))
+        .add("su", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("sbuf", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("su_l", {stack}, Kind::f32, randn(size_t(stack)))
+        .add("sbuf_l", {stack}, Kind::f32, randn(size_t(stack)));
     c.check("adamw/muon_momentum/muon_apply",
-            [](Backend& b, const Args& t) {
+            [size](Backend& b, const Args& t) {
               b.adamw_update(t["p"], t["g"], t["m"], t["v"],
                              AdamWHyper{0.01f, 0.8f, 0.95f, 1e-10f, 0.1f, 3});
+              b.adamw_update(t["p1"], t["g"], t["m1"], t["v1"],
+                             AdamWHyper{0.01f, 0.8f, 0.95f, 1e-10f, 0.1f, 1});
+              const auto from1 = [&](const char* name) { return t[name].slice(size, 2 * size); };
+              const auto first = [&](const char* name) { return t[name].slice(0, size); };
+              b.muon_apply(from1("sp"), from1("sx"), 0.02f, 0.003f, true);
+              b.muon_apply(first("sp"), first("sx"), 0.01f, 0.006f, true);
+              b.muon_apply(from1("sq"), from1("sx"), 0.02f, 0.003f, false);
+              b.muon_momentum(from1("su"), from1("sbuf"), from1("sg"), 0.9f, false, true);
+              b.muon_momentum(from1("su_l"), from1("sbuf_l"), from1("sg"), 0.85f, true, true);
               b.muon_momentum(t["u"], t["buf0"], t["g"], 0.9f, false, false);
               b.muon_momentum(t["u1"], t["buf1"], t["g"], 0.9f, false, true);
               b.muon_momentum(t["u2"], t["buf2"], t["g"], 0.9f, true, false);
@@ -592,19 +769,17 @@ TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
               b.muon_apply(t["pc"], t["x"], 0.02f, 0.003f, true);
               b.muon_apply(t["pd"], t["x"], 0.02f, 0.003f, false);
             },
-            {{"p", kElementwise, kElementwise},
-             {"m", kElementwise, kElementwise},
-             {"v", kElementwise, kElementwise},
-             {"u", kElementwise, kElementwise},
-             {"buf0", kElementwise, kElementwise},
-             {"u1", kElementwise, kElementwise},
-             {"buf1", kElementwise, kElementwise},
-             {"u2", kElementwise, kElementwise},
-             {"buf2", kElementwise, kElementwise},
-             {"u3", kElementwise, kElementwise},
-             {"buf3", kElementwise, kElementwise},
-             {"pc", kElementwise, kElementwise},
-             {"pd", kElementwise, kElementwise}});
+            {{"p", kElementwise, kElementwise},    {"m", kElementwise, kElementwise},
+             {"v", kElementwise, kElementwise},    {"u", kElementwise, kElementwise},
+             {"buf0", kElementwise, kElementwise}, {"u1", kElementwise, kElementwise},
+             {"buf1", kElementwise, kElementwise}, {"u2", kElementwise, kElementwise},
+             {"buf2", kElementwise, kElementwise}, {"u3", kElementwise, kElementwise},
+             {"buf3", kElementwise, kElementwise}, {"pc", kElementwise, kElementwise},
+             {"pd", kElementwise, kElementwise},   {"p1", kElementwise, kElementwise},
+             {"m1", kElementwise, kElementwise},   {"v1", kElementwise, kElementwise},
+             {"sp", kElementwise, kElementwise},   {"sq", kElementwise, kElementwise},
+             {"su", kElementwise, kElementwise},   {"sbuf", kElementwise, kElementwise},
+             {"su_l", kElementwise, kElementwise}, {"sbuf_l", kElementwise, kElementwise}});
   }
 }
 
