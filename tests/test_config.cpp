@@ -87,3 +87,29 @@ TEST_CASE("the resolved config parses back to itself", "[config]") {
     CHECK(reference.find(key) != std::string::npos);
   }
 }
+
+// Integers outside the field's type, and shapes whose arithmetic would overflow, are refused
+// instead of wrapping around (depth 4294967297 would have become depth 1).
+TEST_CASE("config integers out of range and overflowing shapes are refused", "[config]") {
+  CHECK(error_of({{"model", {{"depth", 4294967297ll}}}}) ==
+        "cfg.json: model.depth: expected an integer in [-2147483648, 2147483647], got 4294967297");
+  CHECK(error_of({{"run", {{"seed", -1}}}}) ==
+        "cfg.json: run.seed: expected an integer in [0, 18446744073709551615], got -1");
+  CHECK(error_of(json::parse(R"({"schedule": {"num_iterations": 3000000000}})"))
+            .find("schedule.num_iterations: expected an integer in") != std::string::npos);
+  CHECK(error_of({{"model", {{"aspect_ratio", 2147483647}}}}).find("model.aspect_ratio") !=
+        std::string::npos);
+  CHECK(error_of({{"model", {{"vocab_size", 2147483647}}}}).find("model.vocab_size") !=
+        std::string::npos);
+  CHECK(error_of({{"eval", {{"every", -2}}}}).find("eval.every") != std::string::npos);
+  CHECK(error_of({{"eval", {{"sample_every", -1}}}}).find("eval.sample_every") !=
+        std::string::npos);
+  CHECK(error_of({{"run", {{"seed", 18446744073709551615ull}}}}).empty());
+  CHECK(error_of({{"batch", {{"total_batch_tokens", -1}}}}).empty());
+}
+
+TEST_CASE("a directory given as the config file is named as such", "[config]") {
+  test_support::TempDir dir;
+  CHECK_THROWS_WITH(load_config(dir.path().string(), {}),
+                    dir.path().string() + ": is a directory, expected a JSON file");
+}

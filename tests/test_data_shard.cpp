@@ -108,3 +108,26 @@ TEST_CASE("list_shards accepts a file, a directory or a prefix", "[data][shard]"
   CHECK_THROWS_WITH(list_shards(dir / "nope_", "train"),
                     (dir / "nope_") + ": no such shard file, directory or shard prefix");
 }
+
+// Listing opens each shard, so a damaged validation shard is refused before a run trains.
+TEST_CASE("list_shards rejects a damaged shard, naming it", "[data][shard]") {
+  TempDir dir;
+  write_shard(dir / "val_000000.bin", random_tokens(10, 100, 1));
+  write_raw(dir / "val_000001.bin", {12345, 1, 0}, 0);
+  CHECK_THROWS_WITH(
+      list_shards(dir.path().string(), "val"),
+      (dir / "val_000001.bin") + ": not a token shard: magic 12345, expected 20240520");
+  CHECK_THROWS_WITH(list_shards(dir / "val_000001.bin", "val"),
+                    Catch::StartsWith(dir / "val_000001.bin"));
+}
+
+// A uint32 id above INT32_MAX would turn into a negative id; the shard is named instead.
+TEST_CASE("token ids that do not fit int32 are rejected naming the shard", "[data][shard]") {
+  TempDir dir;
+  const std::string path = dir / "train_000000.bin";
+  write_shard(path, std::vector<uint32_t>{1, 2, 0x80000005u, 3});
+  TokenShard shard(path);
+  std::vector<int32_t> out(4);
+  CHECK_THROWS_WITH(shard.copy(0, out),
+                    path + ": token 2 has id 2147483653, which no vocabulary holds");
+}

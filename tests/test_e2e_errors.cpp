@@ -2,6 +2,7 @@
 // was expected, a non-zero exit, and nothing written.
 #include <cstdint>
 #include <cstring>
+#include <functional>
 
 #include "e2e_support.h"
 
@@ -173,4 +174,118 @@ TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched
     const Result r = run_lmtrain({"eval", "--ckpt", tmp / "nowhere", "--data", data_dir()}, tmp);
     require_one_error_line(r, {tmp / "nowhere"});
   }
+}
+
+// A damaged validation shard is refused at start: validation runs last when eval.every is 0, and
+// failing then lost the whole run (no final checkpoint).
+TEST_CASE("e2e: a corrupt validation shard is refused before training", "[e2e]") {
+  TempDir shards;
+  const std::string shard = shards / "val_000000.bin";
+  write_shard_bytes(shard, 12345, 1, 4000, 4000);
+  expect_refused({{"data", {{"val", shard}}}}, {}, {shard, "magic 12345"});
+}
+
+// Values the checkpoint's files hold are checked when loaded: NaN weights or optimizer state
+// and a malformed meta.json are named with the file instead of producing a NaN loss, an
+// uncaught json exception or a silently wrong run.
+TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
+  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
+  const RunPaths run(out_dir, "e2e");
+  const fs::path ckpt = run.ckpt / "step_000002";
+  // The last 4 bytes of a safetensors file are the last element of its last tensor.
+  auto poison_last_float = [](const fs::path& file) {
+    std::string bytes = read_text(file);
+    const float nan = std::nanf("");
+    std::memcpy(bytes.data() + bytes.size() - sizeof nan, &nan, sizeof nan);
+    write_text(file, bytes);
+  };
+  auto rewrite_meta = [&](const std::function<void(json&)>& edit) {
+    json meta = json::parse(read_text(ckpt / "meta.json"));
+    edit(meta);
+    write_text(ckpt / "meta.json", meta.dump());
+  };
+
+  SECTION("NaN in the weights") {
+    const fs::path weights = ckpt / "model.safetensors";
+    poison_last_float(weights);
+    const auto before = snapshot(run.run);
+    require_one_error_line(
+        run_lmtrain({"eval", "--ckpt", ckpt.string(), "--data", data_dir()}, tmp),
+        {weights.string(), "holds nan"});
+    require_one_error_line(
+        run_lmtrain({"sample", "--ckpt", ckpt.string(), "--max-tokens", "2"}, tmp),
+        {weights.string(), "holds nan"});
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {weights.string(), "holds nan"});
+    CHECK(snapshot(run.run) == before);
+  }
+  SECTION("NaN in the optimizer state") {
+    const fs::path state = ckpt / "optimizer.safetensors";
+    poison_last_float(state);
+    const auto before = snapshot(run.run);
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {state.string(), "holds nan"});
+    CHECK(snapshot(run.run) == before);
+  }
+  SECTION("step of the wrong type") {
+    rewrite_meta([](json& m) { m["step"] = "2"; });
+    const auto before = snapshot(run.run);
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {(ckpt / "meta.json").string(), "'step' must be an integer"});
+    CHECK(snapshot(run.run) == before);
+  }
+  SECTION("loader position missing") {
+    rewrite_meta([](json& m) { m["loader"].erase("epoch"); });
+    const auto before = snapshot(run.run);
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {(ckpt / "meta.json").string(), "loader state", "'epoch'"});
+    CHECK(snapshot(run.run) == before);
+  }
+  SECTION("extra of the wrong type") {
+    rewrite_meta([](json& m) { m["extra"] = "x"; });
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {(ckpt / "meta.json").string(), "'extra'"});
+  }
+}
+
+// Options of eval and sample outside their range are refused instead of silently replaced by a
+// default (eval --tokens -5) or used (sample --temperature -1).
+TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 1}}}}));
+  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
+  const std::string run = (fs::path(out_dir) / "e2e").string();
+  require_one_error_line(
+      run_lmtrain({"eval", "--ckpt", run, "--data", data_dir(), "--tokens", "-5"}, tmp),
+      {"--tokens", "-5"});
+  require_one_error_line(
+      run_lmtrain({"eval", "--ckpt", run, "--data", data_dir(), "--batch", "0"}, tmp),
+      {"--batch", "0"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--temperature", "-1"}, tmp),
+                         {"--temperature", "-1"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "-3"}, tmp),
+                         {"--max-tokens", "-3"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--prompt", "a\xff\xfe"}, tmp),
+                         {"--prompt", "UTF-8"});
+  // A tokenizer.json without a 'model' is named, not reported as a bare json exception.
+  write_text(fs::path(run) / "ckpt" / "step_000001" / "tokenizer.json", "{}");
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2"}, tmp),
+                         {"tokenizer.json", "'model'"});
+}
+
+// A directory where a file is expected, and option values CLI11's checks let through, are
+// named in one line.
+TEST_CASE("e2e: a tokenizer directory and a NaN --grace are refused", "[e2e]") {
+  TempDir tmp;
+  expect_refused({{"data", {{"tokenizer", tmp.path().string()}}}}, {},
+                 {tmp.path().string(), "is a directory"});
+  require_one_error_line(
+      run_lmtrain({"launch", "--nproc-per-node", "1", "--grace", "nan", "--", "/bin/true"}, tmp),
+      {"--grace", "nan"});
 }

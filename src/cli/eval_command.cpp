@@ -10,11 +10,15 @@ namespace {
 
 struct EvalOptions {
   std::string ckpt, data, backend;
-  int64_t tokens = -1;
-  int batch = 0;
+  int64_t tokens = -1;  // -1: not given
+  int batch = -1;       // -1: not given
 };
 
 int run_eval(const EvalOptions& o) {
+  check(o.tokens == -1 || o.tokens > 0, "eval: --tokens: expected a positive token count, got {}",
+        o.tokens);
+  check(o.batch == -1 || o.batch > 0, "eval: --batch: expected a positive batch size, got {}",
+        o.batch);
   CheckpointModel m = open_checkpoint_model(o.ckpt, o.backend, o.batch);
   const auto shards = list_shards(o.data, "val");
   const int64_t tokens = o.tokens > 0 ? o.tokens : m.config.eval.tokens;

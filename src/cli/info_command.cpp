@@ -43,6 +43,11 @@ int run_info(const InfoOptions& o) {
           "or --set model.vocab_size=N",
           o.config_path, config.data.tokenizer);
     vocab = Tokenizer::load(config.data.tokenizer).vocab_size();
+  } else if (std::filesystem::exists(config.data.tokenizer)) {
+    // train refuses this; say so here rather than print a plan for a run that cannot start.
+    const int needed = Tokenizer::load(config.data.tokenizer).vocab_size();
+    check(vocab >= needed, "{}: model.vocab_size: {} is smaller than the {} tokens of {}",
+          o.config_path, vocab, needed, config.data.tokenizer);
   }
   const GptShape shape = GptShape::from(config.model, vocab);
   const ParamTable table(shape);

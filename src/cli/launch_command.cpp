@@ -1,3 +1,5 @@
+#include <cmath>
+
 #include "cli/commands.h"
 #include "dist/launcher.h"
 
@@ -21,8 +23,13 @@ void add_launch_command(CLI::App& app, Action& action) {
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("command", options->command, "the rank's command line, after --")->required();
   cmd->callback([&action, options, grace_s] {
-    options->grace = std::chrono::milliseconds(int64_t(*grace_s * 1000));
-    action = [options] { return dist::launch(*options); };
+    action = [options, grace_s] {
+      // NonNegativeNumber lets nan through, and a huge value overflows the milliseconds.
+      check(std::isfinite(*grace_s) && *grace_s >= 0 && *grace_s <= 1e9,
+            "launch: --grace: expected seconds in [0, 1e9], got {}", *grace_s);
+      options->grace = std::chrono::milliseconds(int64_t(*grace_s * 1000));
+      return dist::launch(*options);
+    };
   });
 }
 

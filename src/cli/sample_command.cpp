@@ -1,3 +1,5 @@
+#include <cmath>
+
 #include "cli/commands.h"
 #include "model/generator.h"
 
@@ -11,9 +13,19 @@ struct SampleCommandOptions {
 };
 
 int run_sample(const SampleCommandOptions& o) {
+  const SampleOptions& s = o.sample;
+  check(s.max_tokens >= 0, "sample: --max-tokens: expected an integer >= 0, got {}", s.max_tokens);
+  check(std::isfinite(s.temperature) && s.temperature >= 0,
+        "sample: --temperature: expected a number >= 0 (0: greedy), got {}", s.temperature);
+  check(s.top_k >= 0, "sample: --top-k: expected 0 (all) or a positive count, got {}", s.top_k);
   CheckpointModel m = open_checkpoint_model(o.ckpt, o.backend, 1);
   std::vector<int32_t> prompt = {m.tokenizer->bos_id()};
-  auto encoded = m.tokenizer->encode(o.prompt);
+  std::vector<int32_t> encoded;
+  try {
+    encoded = m.tokenizer->encode(o.prompt);
+  } catch (const Error& e) {
+    fail("sample: --prompt: {}", e.what());
+  }
   prompt.insert(prompt.end(), encoded.begin(), encoded.end());
   Generator generator(*m.model);
   auto tokens = generator.generate(prompt, o.sample, m.tokenizer->bos_id());

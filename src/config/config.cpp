@@ -45,13 +45,18 @@ void validate(const Config& c, const std::string& src) {
   require(m.aspect_ratio >= 1, "model.aspect_ratio", "an integer >= 1");
   require(m.head_dim >= 2 && m.head_dim % 2 == 0, "model.head_dim", "an even integer >= 2");
   require(m.sequence_len >= 2, "model.sequence_len", "an integer >= 2");
-  require(m.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive size");
+  require(m.vocab_size >= 0 && m.vocab_size <= INT32_MAX - 63, "model.vocab_size",
+          "0 (from the tokenizer) or a positive size up to 2147483584");
   require(
       !m.window_pattern.empty() && m.window_pattern.find_first_not_of("SL") == std::string::npos,
       "model.window_pattern", "a non-empty string of S and L");
   require(m.softcap > 0, "model.softcap", "a positive number");
   require(m.rope_base > 0, "model.rope_base", "a positive number");
   int64_t width = (int64_t(m.depth) * m.aspect_ratio + m.head_dim - 1) / m.head_dim * m.head_dim;
+  // The model computes in int: the MLP's 4 x width must fit.
+  require(width <= INT32_MAX / 4, "model.aspect_ratio",
+          fmt::format("a width ceil(depth x aspect_ratio / head_dim) x head_dim below 2^29, got {}",
+                      width));
   int64_t n_head = width / m.head_dim;
   require(m.n_kv_head >= 0 && (m.n_kv_head == 0 || n_head % m.n_kv_head == 0), "model.n_kv_head",
           fmt::format("0 or a divisor of n_head = {}", n_head));
@@ -110,6 +115,8 @@ void validate(const Config& c, const std::string& src) {
   require(o.lr_reference_batch > 0, "optim.lr_reference_batch", "a positive number");
   require(o.grad_clip >= 0, "optim.grad_clip", "0 (off) or a positive norm");
 
+  require(c.eval.every >= -1, "eval.every", "-1 (never), 0 (only at the end) or a step count");
+  require(c.eval.sample_every >= 0, "eval.sample_every", "0 (only at the end) or a step count");
   require(c.eval.tokens >= 0, "eval.tokens", "a token count >= 0");
   require(c.eval.sample_tokens >= 0, "eval.sample_tokens", "an integer >= 0");
   require(c.eval.temperature >= 0, "eval.temperature", "a number >= 0");
@@ -119,6 +126,7 @@ void validate(const Config& c, const std::string& src) {
 }
 
 nlohmann::json read_json_file(const std::string& path) {
+  check(!std::filesystem::is_directory(path), "{}: is a directory, expected a JSON file", path);
   std::ifstream file(path);
   check(file.good(), "{}: cannot open", path);
   std::stringstream text;

@@ -9,6 +9,7 @@
 //   };
 #pragma once
 
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <type_traits>
@@ -55,6 +56,15 @@ class Reader {
       field = value.get<bool>();
     } else if constexpr (std::is_integral_v<T>) {
       expect(value.is_number_integer(), path, "an integer", value);
+      // get<T>() would wrap a value outside T's range (depth 4294967297 -> 1, seed -1 -> 2^64-1).
+      const int64_t i = value.get<int64_t>();
+      const bool fits = value.is_number_unsigned() || i >= 0
+                            ? value.get<uint64_t>() <= uint64_t(std::numeric_limits<T>::max())
+                            : i >= int64_t(std::numeric_limits<T>::min());
+      if (!fits) {
+        fail("{}: {}: expected an integer in [{}, {}], got {}", source_, path,
+             std::numeric_limits<T>::min(), std::numeric_limits<T>::max(), value.dump());
+      }
       field = value.get<T>();
     } else if constexpr (std::is_floating_point_v<T>) {
       expect(value.is_number(), path, "a number", value);

@@ -46,7 +46,7 @@ TokenLoader::TokenLoader(LoaderOptions options) : options_(std::move(options)) {
           "least {} tokens, but the largest of {} shard(s) holds {}",
           o.batch, o.seq, o.rank, o.world, needed, shards_.size(), largest);
   } else {
-    check(total > 0, "data loader: the {} shard(s) hold no tokens", shards_.size());
+    check(total > 0, "{}: the {} shard(s) hold no tokens", o.shards.front(), shards_.size());
     for (const auto& shard : shards_)
       check(shard.size() == 0 || shard.token(0) == uint32_t(o.bos_id),
             "{}: bos_bestfit packing needs shards that start with the BOS token {}, found {}",
@@ -177,7 +177,27 @@ nlohmann::json TokenLoader::state() const {
           {"position", position_},   {"documents", documents_}, {"buffer", buffer}};
 }
 
+std::string TokenLoader::state_problem(const nlohmann::json& state) {
+  auto integer = [](const nlohmann::json& v) {
+    return v.is_number_integer() && v.get<int64_t>() >= 0;
+  };
+  if (!state.is_object() || !state.contains("config") || !state["config"].is_object())
+    return "expected an object with a 'config' object";
+  for (const char* key : {"epoch", "cursor", "position", "documents"}) {
+    if (!state.contains(key) || !integer(state[key]))
+      return fmt::format("'{}' must be a non-negative integer", key);
+  }
+  if (!state.contains("buffer") || !state["buffer"].is_array()) return "'buffer' must be an array";
+  for (const auto& d : state["buffer"]) {
+    if (!d.is_array() || d.size() != 3 || !integer(d[0]) || !integer(d[1]) || !integer(d[2]))
+      return "'buffer' entries must be [shard, begin, length] of non-negative integers";
+  }
+  return "";
+}
+
 void TokenLoader::restore(const nlohmann::json& state) {
+  const std::string problem = state_problem(state);
+  check(problem.empty(), "data loader: cannot restore the saved state: {}", problem);
   const nlohmann::json now = fingerprint();
   const nlohmann::json& saved = state.at("config");
   for (const auto& [key, value] : now.items())

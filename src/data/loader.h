@@ -57,6 +57,8 @@ class TokenLoader {
 
   nlohmann::json state() const;
   void restore(const nlohmann::json& state);
+  // What is structurally wrong with a saved state (missing keys, wrong types), or "" if nothing.
+  static std::string state_problem(const nlohmann::json& state);
 
  private:
   struct Doc {

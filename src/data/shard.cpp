@@ -75,7 +75,13 @@ void TokenShard::Unmap::operator()(void* p) const { ::munmap(p, bytes); }
 void TokenShard::copy(size_t begin, std::span<int32_t> out) const {
   check(begin + out.size() <= count_, "{}: reading tokens [{}, {}) past the end ({} tokens)", path_,
         begin, begin + out.size(), count_);
-  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<int32_t>(token(begin + i));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint32_t t = token(begin + i);
+    // A uint32 token id above INT32_MAX would turn negative; no vocabulary is that large.
+    check(t <= uint32_t(INT32_MAX), "{}: token {} has id {}, which no vocabulary holds", path_,
+          begin + i, t);
+    out[i] = static_cast<int32_t>(t);
+  }
 }
 
 void write_shard(const std::string& path, std::span<const uint32_t> tokens) {
@@ -105,7 +111,10 @@ void write_shard(const std::string& path, std::span<const uint32_t> tokens) {
 std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split) {
   namespace fs = std::filesystem;
   const fs::path path(path_or_dir);
-  if (fs::is_regular_file(path)) return {path.string()};
+  if (fs::is_regular_file(path)) {
+    TokenShard{path.string()};  // validates the header, as below
+    return {path.string()};
+  }
 
   // A directory selects <split>_*.bin inside it; anything else is a prefix of file names.
   const bool is_dir = fs::is_directory(path);
@@ -125,6 +134,9 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
     if (is_dir) fail("{}: no {}_*.bin shards in this directory", path_or_dir, split);
     fail("{}: no such shard file, directory or shard prefix", path_or_dir);
   }
+  // Opening checks each header against its file size, so a damaged shard is reported now rather
+  // than when it is first read (validation shards: after the whole training run).
+  for (const auto& file : found) TokenShard{file};
   return found;
 }
 

@@ -48,7 +48,7 @@ void write_shard(const std::string& path, std::span<const uint32_t> tokens);
 
 // Resolves a shard argument to a sorted list of files: one file; a directory (its
 // `<split>_*.bin` files); or a path prefix such as data/tiny/train_ (files starting with it,
-// ending in .bin). Throws when nothing matches.
+// ending in .bin). Throws when nothing matches or a shard's header does not match its size.
 std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split);
 
 }  // namespace lmtrain

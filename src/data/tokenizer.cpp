@@ -4,6 +4,7 @@
 #include <pcre2.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -68,6 +69,8 @@ struct Tokenizer::Regex {
 Tokenizer::Tokenizer() = default;
 
 Tokenizer Tokenizer::load(const std::string& path) {
+  check(!std::filesystem::is_directory(path), "{}: is a directory, expected a tokenizer.json",
+        path);
   std::ifstream file(path);
   check(file.good(), "{}: cannot open tokenizer", path);
   nlohmann::json j;
@@ -77,6 +80,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
     fail("{}: not valid JSON: {}", path, e.what());
   }
 
+  // A missing key or a value of the wrong type surfaces as a json exception: name the file.
+  try {
+    return from_json(j, path);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: unsupported tokenizer structure: {}", path, e.what());
+  }
+}
+
+Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& path) {
   // Only what prepare_data.py writes: byte-level BPE with no normalizer or template processing.
   const auto& model = j.at("model");
   check(type_of(model) == "BPE", "{}: unsupported model type '{}', expected BPE", path,
@@ -105,16 +117,26 @@ Tokenizer Tokenizer::load(const std::string& path) {
   const auto to_byte = unicode_to_byte();
   std::unordered_map<std::string, int32_t> by_entry;  // vocab entry as written -> id
   int32_t max_id = -1;
+  // Every id in [0, max_id] must be present, so none can reach the number of entries.
+  const size_t entries =
+      model.at("vocab").size() + j.value("added_tokens", nlohmann::json::array()).size();
+  auto checked_id = [&](const nlohmann::json& id, const std::string& entry) {
+    check(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < int64_t(entries),
+          "{}: token '{}' has id {}, expected an integer in [0, {})", path, entry, id.dump(),
+          entries);
+    return id.get<int32_t>();
+  };
   for (const auto& [entry, id] : model.at("vocab").items()) {
-    by_entry[entry] = id.get<int32_t>();
-    max_id = std::max(max_id, id.get<int32_t>());
+    by_entry[entry] = checked_id(id, entry);
+    max_id = std::max(max_id, by_entry[entry]);
   }
   for (const auto& added : j.value("added_tokens", nlohmann::json::array()))
-    max_id = std::max(max_id, added.at("id").get<int32_t>());
+    max_id = std::max(max_id, checked_id(added.at("id"), added.value("content", "?")));
   tok.bytes_.resize(size_t(max_id + 1));
   tok.added_.assign(size_t(max_id + 1), false);
   std::vector<bool> seen(size_t(max_id + 1), false);
   for (const auto& [entry, id] : by_entry) {
+    check(!seen[size_t(id)], "{}: token id {} is used by two vocab entries", path, id);
     tok.bytes_[size_t(id)] = vocab_bytes(entry, to_byte, path);
     tok.vocab_[tok.bytes_[size_t(id)]] = id;
     seen[size_t(id)] = true;

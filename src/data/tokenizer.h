@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <span>
 #include <string>
 #include <string_view>
@@ -38,6 +39,8 @@ class Tokenizer {
   struct Regex;  // the compiled PCRE2 pre-tokenizer, kept out of the header
 
   Tokenizer();
+  // load() after parsing; json exceptions it throws are reported by load() with the path.
+  static Tokenizer from_json(const nlohmann::json& j, const std::string& path);
   void encode_ordinary(std::string_view text, std::vector<int32_t>& out) const;
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;
   void check_id(int32_t id) const;

@@ -2,8 +2,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <filesystem>
 
+#include "data/loader.h"
 #include "io/atomic_dir.h"
 #include "io/safetensors.h"
 
@@ -31,7 +35,14 @@ Shape shape_of(const SafeTensorInfo& info, const std::string& path) {
   return shape.rank == 0 ? Shape{1} : shape;
 }
 
-// Reads `name` from `file` into device tensor `dst` after checking dtype and shape.
+// Throws naming `what` and the first element that is NaN or Inf.
+void require_finite(const std::vector<float>& values, const std::string& what) {
+  const auto bad =
+      std::find_if(values.begin(), values.end(), [](float v) { return !std::isfinite(v); });
+  if (bad != values.end()) fail("{} holds {} at element {}", what, *bad, bad - values.begin());
+}
+
+// Reads `name` from `file` into device tensor `dst` after checking dtype, shape and values.
 void read_into(const SafetensorsFile& file, const std::string& name, Backend& backend, Tensor dst) {
   const SafeTensorInfo& info = file.info(name);
   check(info.dtype == "F32", "{}: tensor '{}' has dtype {}, expected F32", file.path(), name,
@@ -39,7 +50,29 @@ void read_into(const SafetensorsFile& file, const std::string& name, Backend& ba
   const Shape shape = shape_of(info, file.path());
   check(shape == dst.shape, "{}: tensor '{}' has shape {}, this model expects {}", file.path(),
         name, shape.str(), dst.shape.str());
-  backend.upload(dst, file.read_f32(name).data());
+  const std::vector<float> values = file.read_f32(name);
+  require_finite(values, fmt::format("{}: tensor '{}'", file.path(), name));
+  backend.upload(dst, values.data());
+}
+
+// The first row of a sharded optimizer tensor, from the "rows.<name>" metadata "begin,total".
+int64_t saved_row_begin(const SafetensorsFile& shard, const std::string& name) {
+  auto it = shard.metadata().find("rows." + name);
+  if (it == shard.metadata().end()) return 0;
+  const std::string& text = it->second;
+  int64_t begin = -1, total = -1;
+  const auto comma = text.find(',');
+  if (comma != std::string::npos) {
+    auto [p, ec] = std::from_chars(text.data(), text.data() + comma, begin);
+    auto [q, ec2] = std::from_chars(text.data() + comma + 1, text.data() + text.size(), total);
+    if (ec != std::errc() || p != text.data() + comma || ec2 != std::errc() ||
+        q != text.data() + text.size())
+      begin = -1;
+  }
+  check(begin >= 0 && total > 0 && begin < total,
+        "{}: metadata 'rows.{}' is \"{}\", expected \"begin,total\" with 0 <= begin < total",
+        shard.path(), name, text);
+  return begin;
 }
 
 std::string shard_name(int rank, int world) {
@@ -84,6 +117,7 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
     for (const StateTensor& st : optimizer->state()) {
       if (st.replicated && rank != 0) continue;
       auto host = to_host(backend, st.tensor);
+      require_finite(host, fmt::format("step {}: optimizer state '{}'", loop.step, st.name));
       state.add(st.name, "F32", dims(st.tensor.shape), host.data(), host.size() * sizeof(float));
       if (st.rows_total > 0) {
         state.set_metadata("rows." + st.name, fmt::format("{},{}", st.row_begin, st.rows_total));
@@ -99,6 +133,8 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
     weights.set_metadata("format", "pt");
     for (const auto& spec : model.table().specs) {
       auto host = to_host(backend, model.param(spec));
+      // A NaN or Inf that the last update produced would poison every run resumed from here.
+      require_finite(host, fmt::format("step {}: parameter '{}'", loop.step, spec.name));
       weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
     }
     weights.write(path("model.safetensors"));
@@ -111,7 +147,8 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
 }
 
 std::string resolve_checkpoint(const std::string& path) {
-  check(fs::is_directory(path), "{}: no such checkpoint directory", path);
+  check(fs::exists(path), "{}: no such checkpoint directory", path);
+  check(fs::is_directory(path), "{}: not a directory, expected a checkpoint directory", path);
   if (fs::exists(fs::path(path) / "meta.json")) return path;
   for (fs::path parent : {fs::path(path), fs::path(path) / "ckpt"}) {
     if (!fs::exists(parent / "latest")) continue;
@@ -130,23 +167,47 @@ nlohmann::json read_checkpoint_meta(const std::string& dir) {
   }
   check(meta["format_version"] == kFormatVersion, "{}: format_version {} is not the supported {}",
         path, meta["format_version"].dump(), kFormatVersion);
+  auto integer = [&](const char* key, int64_t min) {
+    const auto& v = meta[key];
+    check(v.is_number_integer() && v.get<int64_t>() >= min && v.get<int64_t>() <= INT32_MAX,
+          "{}: '{}' must be an integer >= {}, got {}", path, key, min, v.dump());
+  };
+  check(meta["config"].is_object(), "{}: 'config' must be an object", path);
+  integer("step", 0);
+  if (meta.contains("world_size")) integer("world_size", 1);
+  if (meta.contains("optimizer_updates")) integer("optimizer_updates", 0);
+  check(meta["loader"].is_object(), "{}: 'loader' must be an object", path);
+  if (!meta.contains("extra")) meta["extra"] = nlohmann::json::object();
+  check(meta["extra"].is_object() && (!meta["extra"].contains("trained_seconds") ||
+                                      meta["extra"]["trained_seconds"].is_number()),
+        "{}: 'extra' must be an object with a numeric trained_seconds", path);
   return meta;
 }
 
 nlohmann::json checkpoint_loader_state(const std::string& dir, int rank, int world,
                                        int64_t batch_tokens) {
   const auto meta = read_checkpoint_meta(dir);
+  const std::string meta_path = (fs::path(dir) / "meta.json").string();
+  auto well_formed = [](const nlohmann::json& state, const std::string& path) {
+    const std::string problem = TokenLoader::state_problem(state);
+    check(problem.empty(), "{}: loader state: {}", path, problem);
+  };
   const int saved_world = meta.value("world_size", 1);
   if (saved_world == world) {
-    if (world == 1) return meta["loader"];
+    if (world == 1) {
+      well_formed(meta["loader"], meta_path);
+      return meta["loader"];
+    }
     const std::string path = (fs::path(dir) / loader_name(rank)).string();
     auto state = nlohmann::json::parse(read_file(path), nullptr, false);
-    check(state.is_object(), "{}: not valid JSON", path);
+    check(!state.is_discarded(), "{}: not valid JSON", path);
+    well_formed(state, path);
     return state;
   }
   // Another world size: continue from rank 0's position, each rank taking its own part from
   // there on. The data order differs from an uninterrupted run from this point.
   nlohmann::json state = meta["loader"];
+  well_formed(state, meta_path);
   state["config"]["rank"] = rank;
   state["config"]["world"] = world;
   if (state["config"].value("packing", "") == "contiguous") {
@@ -179,7 +240,9 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
   Backend& backend = optimizer.model().backend();
   for (const StateTensor& st : optimizer.state()) {
     // The rows this rank holds, assembled from whichever shards hold them.
-    const int64_t rows = st.tensor.dim(0), row_len = st.tensor.numel() / rows;
+    const int64_t rows = st.tensor.dim(0);
+    if (rows == 0) continue;  // a rank that holds none of this tensor's rows
+    const int64_t row_len = st.tensor.numel() / rows;
     const int64_t want_begin = st.row_begin, want_end = want_begin + rows;
     std::vector<float> host(st.tensor.numel());
     int64_t covered = 0;
@@ -189,10 +252,8 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
       check(info.dtype == "F32", "{}: tensor '{}' has dtype {}, expected F32", shard.path(),
             st.name, info.dtype);
       const Shape shape = shape_of(info, shard.path());
-      int64_t begin = 0;
-      auto it = shard.metadata().find("rows." + st.name);
-      if (it != shard.metadata().end())
-        begin = std::stoll(it->second.substr(0, it->second.find(',')));
+      const int64_t begin = saved_row_begin(shard, st.name);
+      if (shape[0] == 0) continue;  // the saving rank held none of its rows
       const int64_t end = begin + shape[0];
       check(shape.numel() / shape[0] == row_len,
             "{}: tensor '{}' has shape {}, expected rows of {}", shard.path(), st.name, shape.str(),
@@ -200,6 +261,7 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
       const int64_t lo = std::max(begin, want_begin), hi = std::min(end, want_end);
       if (lo >= hi) continue;
       const auto values = shard.read_f32(st.name);
+      require_finite(values, fmt::format("{}: tensor '{}'", shard.path(), st.name));
       std::copy(values.begin() + (lo - begin) * row_len, values.begin() + (hi - begin) * row_len,
                 host.begin() + (lo - want_begin) * row_len);
       covered += hi - lo;
