@@ -289,3 +289,33 @@ TEST_CASE("e2e: a tokenizer directory and a NaN --grace are refused", "[e2e]") {
       run_lmtrain({"launch", "--nproc-per-node", "1", "--grace", "nan", "--", "/bin/true"}, tmp),
       {"--grace", "nan"});
 }
+
+// A new run into a directory that holds an earlier one is refused, leaving it untouched, unless
+// --overwrite asks for the earlier run to be replaced.
+TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
+  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
+  const RunPaths run(out_dir, "e2e");
+  const auto before = snapshot(run.run);
+
+  const Result again = run_lmtrain({"train", "--config", config}, tmp);
+  require_one_error_line(
+      again, {run.run.string(), "holds an earlier run", "--resume", "run.name", "--overwrite"});
+  CHECK(snapshot(run.run) == before);
+  const Result both = run_lmtrain({"train", "--config", config, "--resume", "--overwrite"}, tmp);
+  require_one_error_line(both, {"--resume or --overwrite"});
+  CHECK(snapshot(run.run) == before);
+
+  const Result replaced = run_lmtrain(
+      {"train", "--config", config, "--overwrite", "--set", "schedule.num_iterations=1"}, tmp);
+  REQUIRE(replaced.code == 0);
+  CHECK_FALSE(fs::exists(run.ckpt / "step_000002"));  // the earlier run's checkpoint is gone
+  CHECK(fs::exists(run.ckpt / "step_000001" / "model.safetensors"));
+  const auto records = lines_of(read_text(run.run / "metrics.jsonl"));
+  int steps = 0;
+  for (const auto& line : records) steps += json::parse(line).contains("train_loss");
+  CHECK(steps == 1);  // only the new run's step
+}

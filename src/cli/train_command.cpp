@@ -11,6 +11,9 @@ void add_train_command(CLI::App& app, Action& action) {
                   "override one key: --set model.depth=6 (repeatable)");
   cmd->add_flag("--resume", options->resume, "continue from the run's latest checkpoint");
   cmd->add_option("--init-from", options->init_from, "start a new run from a checkpoint's weights");
+  cmd->add_flag("--overwrite", options->overwrite,
+                "start a new run in a run directory that holds an earlier one, deleting its "
+                "checkpoints and metrics");
   cmd->callback([&action, options] { action = [options] { return train(*options); }; });
 }
 

@@ -73,6 +73,14 @@ int train(const TrainOptions& options) {
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
   check(!(options.resume && !options.init_from.empty()),
         "train: use --resume or --init-from, not both");
+  check(!(options.resume && options.overwrite), "train: use --resume or --overwrite, not both");
+  // A new run never replaces an earlier one unasked: its checkpoints and metrics would be lost.
+  const bool earlier_run =
+      fs::exists(ckpt_parent) || fs::exists(fs::path(run_dir) / "metrics.jsonl");
+  check(options.resume || options.overwrite || !earlier_run,
+        "train: {} holds an earlier run: continue it with --resume, start another with --set "
+        "run.name=NAME, or replace it with --overwrite",
+        run_dir);
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
   std::string resume_dir;
@@ -150,6 +158,13 @@ int train(const TrainOptions& options) {
 
   std::optional<MetricsLog> metrics;
   if (lead) {
+    if (options.overwrite && earlier_run) {  // only now that the new run has set itself up
+      spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
+                   run_dir);
+      fs::remove_all(ckpt_parent);
+      for (const char* file : {"metrics.jsonl", "op_profile.json"})
+        fs::remove(fs::path(run_dir) / file);
+    }
     fs::create_directories(run_dir);
     metrics.emplace((fs::path(run_dir) / "metrics.jsonl").string());
   }
