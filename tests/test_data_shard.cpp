@@ -121,13 +121,22 @@ TEST_CASE("list_shards rejects a damaged shard, naming it", "[data][shard]") {
                     Catch::StartsWith(dir / "val_000001.bin"));
 }
 
-// A uint32 id above INT32_MAX would turn into a negative id; the shard is named instead.
-TEST_CASE("token ids that do not fit int32 are rejected naming the shard", "[data][shard]") {
+// A uint32 id above INT32_MAX would turn into a negative id, and an id outside the model's
+// vocabulary would fail in the model far from its source: the shard and position are named.
+TEST_CASE("token ids outside int32 or the vocabulary are rejected naming the shard",
+          "[data][shard]") {
   TempDir dir;
   const std::string path = dir / "train_000000.bin";
-  write_shard(path, std::vector<uint32_t>{1, 2, 0x80000005u, 3});
+  write_shard(path, std::vector<uint32_t>{1, 2, 0x80000005u, 3, 9000});
   TokenShard shard(path);
-  std::vector<int32_t> out(4);
+  std::vector<int32_t> out(3);
   CHECK_THROWS_WITH(shard.copy(0, out),
-                    path + ": token 2 has id 2147483653, which no vocabulary holds");
+                    path + ": token 2 has id 2147483653, outside the range of int32");
+  CHECK_THROWS_WITH(shard.copy(2, out, 8192),
+                    path + ": token 2 has id 2147483653, outside the model's vocabulary of 8192");
+  std::vector<int32_t> two(2);
+  CHECK_THROWS_WITH(shard.copy(3, two, 8192),
+                    path + ": token 4 has id 9000, outside the model's vocabulary of 8192");
+  shard.copy(0, two, 8192);
+  CHECK(two == std::vector<int32_t>{1, 2});
 }

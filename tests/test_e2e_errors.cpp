@@ -185,6 +185,15 @@ TEST_CASE("e2e: a corrupt validation shard is refused before training", "[e2e]")
   expect_refused({{"data", {{"val", shard}}}}, {}, {shard, "magic 12345"});
 }
 
+// Likewise a validation set too small for one batch (the tiny config's B x T is 4 x 32).
+TEST_CASE("e2e: validation data smaller than one batch is refused before training", "[e2e]") {
+  TempDir shards;
+  const std::string shard = shards / "val_000000.bin";
+  write_shard_bytes(shard, 20240520, 1, 40, 40);
+  expect_refused({{"data", {{"val", shard}}}, {"eval", {{"every", 0}}}}, {},
+                 {shard, "validation data too small for one batch"});
+}
+
 // Values the checkpoint's files hold are checked when loaded: NaN weights or optimizer state
 // and a malformed meta.json are named with the file instead of producing a NaN loss, an
 // uncaught json exception or a silently wrong run.

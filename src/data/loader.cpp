@@ -109,7 +109,7 @@ void TokenLoader::next_batch(std::span<int32_t> inputs, std::span<int32_t> targe
 void TokenLoader::fill_contiguous(std::span<int32_t> tokens) {
   // The constructor checked that some shard is long enough, so this loop ends within an epoch.
   while (position_ + tokens.size() > current().size()) advance_shard();
-  current().copy(position_, tokens);
+  current().copy(position_, tokens, options_.vocab);
   position_ += size_t(options_.world) * options_.batch * options_.seq;
 }
 
@@ -148,7 +148,7 @@ void TokenLoader::fill_row_bestfit(std::span<int32_t> row) {
                               [](const Doc& a, const Doc& b) { return a.length < b.length; });
       take = room;
     }
-    shards_[pick->shard].copy(pick->begin, row.subspan(filled, take));
+    shards_[pick->shard].copy(pick->begin, row.subspan(filled, take), options_.vocab);
     filled += take;
     buffer_.erase(pick);
   }

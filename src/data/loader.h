@@ -42,6 +42,7 @@ struct LoaderOptions {
   uint64_t seed = 0;
   int32_t bos_id = 0;
   bool shuffle = true;  // shard order per epoch; evaluation wants file order
+  int32_t vocab = 0;    // token ids must be below it (0: unchecked), so a bad id names its shard
 };
 
 class TokenLoader {

@@ -72,14 +72,18 @@ TokenShard::TokenShard(std::string path) : path_(std::move(path)) {
 
 void TokenShard::Unmap::operator()(void* p) const { ::munmap(p, bytes); }
 
-void TokenShard::copy(size_t begin, std::span<int32_t> out) const {
+void TokenShard::copy(size_t begin, std::span<int32_t> out, int32_t vocab) const {
   check(begin + out.size() <= count_, "{}: reading tokens [{}, {}) past the end ({} tokens)", path_,
         begin, begin + out.size(), count_);
+  // Without a vocabulary, ids must still fit int32: a uint32 id above INT32_MAX would turn
+  // negative, and no vocabulary is that large.
+  const uint32_t limit = vocab > 0 ? uint32_t(vocab) : uint32_t(INT32_MAX) + 1;
   for (size_t i = 0; i < out.size(); ++i) {
     const uint32_t t = token(begin + i);
-    // A uint32 token id above INT32_MAX would turn negative; no vocabulary is that large.
-    check(t <= uint32_t(INT32_MAX), "{}: token {} has id {}, which no vocabulary holds", path_,
-          begin + i, t);
+    if (t >= limit) {
+      fail("{}: token {} has id {}, outside the {}", path_, begin + i, t,
+           vocab > 0 ? fmt::format("model's vocabulary of {}", vocab) : "range of int32");
+    }
     out[i] = static_cast<int32_t>(t);
   }
 }

@@ -7,9 +7,8 @@
 
 namespace lmtrain {
 
-EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,
-                    int64_t max_tokens, int rank, int world) {
-  const int B = model.batch(), T = model.shape().seq_len;
+int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
+                     int world) {
   const int64_t batch_tokens = int64_t(B) * T;
   // Windows the shards hold for this rank without wrapping around to their start.
   int64_t available = 0;
@@ -18,10 +17,17 @@ EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const To
   available /= world;
   check(available >= 1, "{}: validation data too small for one batch of {} x {} tokens per rank",
         shards.front(), B, T);
-  const int64_t batches = std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
+  return std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
+}
 
-  TokenLoader loader(
-      {shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false});
+EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,
+                    int64_t max_tokens, int rank, int world) {
+  const int B = model.batch(), T = model.shape().seq_len;
+  const int64_t batch_tokens = int64_t(B) * T;
+  const int64_t batches = eval_batches(shards, B, T, max_tokens, world);
+
+  TokenLoader loader({shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false,
+                      model.shape().vocab});
   std::vector<int32_t> inputs(batch_tokens), targets(batch_tokens);
   std::vector<float> losses(batch_tokens);
   EvalResult result;

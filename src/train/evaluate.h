@@ -19,6 +19,12 @@ struct EvalResult {
   double bpb() const { return bytes > 0 ? text_nats / (std::log(2.0) * bytes) : 0.0; }
 };
 
+// How many batches of B x T tokens an evaluation of up to `max_tokens` takes per rank: whole
+// batches, at least one, no more than the shards hold without wrapping. Throws naming the shards
+// when they hold less than one batch per rank, so a run checks this before it trains.
+int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
+                     int world);
+
 // Evaluates on up to `max_tokens` tokens (whole batches, at least one), always from the start of
 // the shards so that every evaluation sees the same text. `rank`/`world` split the windows.
 EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,

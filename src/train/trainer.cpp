@@ -133,8 +133,10 @@ int train(const TrainOptions& options) {
   Gpt model(ops, shape, B, GptOptions::from(config.run));
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
-                      B, T, rank, world, config.run.seed, tokenizer.bos_id()});
+                      B, T, rank, world, config.run.seed, tokenizer.bos_id(), true, shape.vocab});
   const auto val_shards = list_shards(config.data.val, "val");
+  // Validation runs last at the latest: data too small for it would otherwise cost the run.
+  if (config.eval.every >= 0) eval_batches(val_shards, B, T, config.eval.tokens / world, world);
   Buffer scalar_memory = backend->allocate(4 * sizeof(float));
   const Tensor scalars = scalar_memory.tensor({4}, DType::f32);
 
