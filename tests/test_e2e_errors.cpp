@@ -328,3 +328,21 @@ TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
   for (const auto& line : records) steps += json::parse(line).contains("train_loss");
   CHECK(steps == 1);  // only the new run's step
 }
+
+// A horizon no step counter can hold, and a checkpoint resumed past the run's horizon.
+TEST_CASE("e2e: a horizon out of range is refused", "[e2e]") {
+  expect_refused({{"schedule", {{"num_iterations", -1}, {"target_flops", 1e300}}}}, {},
+                 {"schedule.target_flops", "more than a run can count"});
+
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
+  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
+  const RunPaths run(out_dir, "e2e");
+  const auto before = snapshot(run.run);
+  const Result r = run_lmtrain(
+      {"train", "--config", config, "--resume", "--set", "schedule.num_iterations=1"}, tmp);
+  require_one_error_line(r, {"meta.json", "step 2 is past this run's horizon of 1 steps"});
+  CHECK(snapshot(run.run) == before);
+}

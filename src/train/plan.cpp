@@ -1,6 +1,7 @@
 #include "train/plan.h"
 
 #include <cmath>
+#include <limits>
 
 namespace lmtrain {
 
@@ -20,13 +21,22 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const 
   p.scaling_params = count_params(ParamTable(shape)).scaling();
 
   const auto& s = c.schedule;
+  // A horizon from a budget, rounded to whole steps; one past int's range is refused, not wrapped.
+  auto steps = [&](double exact, const char* key) {
+    const double rounded = std::nearbyint(exact);
+    check(rounded <= double(std::numeric_limits<int>::max()),
+          "{}: schedule.{}: the horizon comes to {:.3g} steps, more than a run can count; lower "
+          "the budget",
+          source, key, rounded);
+    return int(rounded);
+  };
   if (s.num_iterations > 0) {
     p.num_iterations = s.num_iterations;
   } else if (s.target_flops > 0) {
-    p.num_iterations = int(std::nearbyint(s.target_flops / (p.flops_per_token * p.batch_tokens)));
+    p.num_iterations = steps(s.target_flops / (p.flops_per_token * p.batch_tokens), "target_flops");
   } else if (s.target_param_data_ratio > 0) {
-    p.num_iterations =
-        int(std::nearbyint(s.target_param_data_ratio * double(p.scaling_params) / p.batch_tokens));
+    p.num_iterations = steps(s.target_param_data_ratio * double(p.scaling_params) / p.batch_tokens,
+                             "target_param_data_ratio");
   } else if (require_horizon) {
     fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio",
          source);

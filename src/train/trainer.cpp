@@ -124,8 +124,9 @@ int train(const TrainOptions& options) {
 
   Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
-  check(tokenizer.vocab_size() <= vocab, "model.vocab_size: {} is smaller than the tokenizer's {}",
-        vocab, tokenizer.vocab_size());
+  check(tokenizer.vocab_size() <= vocab,
+        "{}: model.vocab_size: {} is smaller than the tokenizer's {}", options.config_path, vocab,
+        tokenizer.vocab_size());
   const GptShape shape = GptShape::from(config.model, vocab);
   const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
@@ -146,6 +147,8 @@ int train(const TrainOptions& options) {
     load_model_weights(resume_dir, model);
     load_optimizer_state(resume_dir, optimizer);
     loop.step = resume_meta["step"].get<int>();
+    check(loop.step <= N, "{}/meta.json: step {} is past this run's horizon of {} steps",
+          resume_dir, loop.step, N);
     loader.restore(checkpoint_loader_state(resume_dir, rank, world, int64_t(B) * T));
     trained_seconds = resume_meta["extra"].value("trained_seconds", 0.0);
     spdlog::info("resuming from {} at step {} ({} ranks, saved with {})", resume_dir, loop.step,
