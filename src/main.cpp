@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
+#include <string>
 
 #include "cli/commands.h"
 
@@ -18,7 +19,12 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help: the usage, exit 0
+    // A usage error is one line like any other error.
+    std::string command = "lmtrain";
+    for (const CLI::App* sub : app.get_subcommands()) command += " " + sub->get_name();
+    fmt::print(stderr, "error: {} (see {} --help)\n", e.what(), command);
+    return 1;
   }
   try {
     return action();

@@ -346,3 +346,16 @@ TEST_CASE("e2e: a horizon out of range is refused", "[e2e]") {
   require_one_error_line(r, {"meta.json", "step 2 is past this run's horizon of 1 steps"});
   CHECK(snapshot(run.run) == before);
 }
+
+// Command-line usage errors are one line too, naming the command whose --help lists the options.
+TEST_CASE("e2e: command-line usage errors are one line", "[e2e]") {
+  TempDir tmp;
+  require_one_error_line(run_lmtrain({"train"}, tmp),
+                         {"--config is required", "see lmtrain train --help"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", "--max-tokens", "abc"}, tmp),
+                         {"--max-tokens", "abc", "see lmtrain sample --help"});
+  require_one_error_line(run_lmtrain({}, tmp), {"subcommand", "see lmtrain --help"});
+  const Result help = run_lmtrain({"train", "--help"}, tmp);
+  CHECK(help.code == 0);
+  CHECK(help.out.find("--overwrite") != std::string::npos);
+}
