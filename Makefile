@@ -95,7 +95,7 @@ test-gpu: build data
 	$(BUILD)/tests/lmtrain_gpu_tests $(ARGS)
 	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer not found: memcheck skipped"; else \
 	  echo "memcheck: one training step of $(CONFIG) on the cuda backend"; \
-	  $(SANITIZER) --tool memcheck --error-exitcode 1 $(LMTRAIN) train --config $(CONFIG) \
+	  $(SANITIZER) --tool memcheck --error-exitcode 1 $(LMTRAIN) train --config $(CONFIG) --overwrite \
 	    --set run.backend=cuda --set schedule.num_iterations=1 --set eval.every=-1 \
 	    --set checkpoint.save_final=false --set run.out_dir=$(BUILD)/memcheck-runs; fi
 
