@@ -1,5 +1,6 @@
 // Config parsing: defaults, overrides, presets, and one-line errors naming the key.
 #include <catch2/catch.hpp>
+#include <fstream>
 
 #include "config/config.h"
 #include "test_support.h"
@@ -105,6 +106,9 @@ TEST_CASE("config integers out of range and overflowing shapes are refused", "[c
   CHECK(error_of({{"eval", {{"sample_every", -1}}}}).find("eval.sample_every") !=
         std::string::npos);
   CHECK(error_of({{"run", {{"seed", 18446744073709551615ull}}}}).empty());
+  CHECK(error_of({{"run", {{"name", "../elsewhere"}}}}).find("run.name") != std::string::npos);
+  CHECK(error_of({{"run", {{"name", "/abs"}}}}).find("run.name") != std::string::npos);
+  CHECK(error_of({{"run", {{"name", "sweep/d12"}}}}).empty());
   CHECK(error_of({{"batch", {{"total_batch_tokens", -1}}}}).empty());
 }
 
@@ -112,4 +116,34 @@ TEST_CASE("a directory given as the config file is named as such", "[config]") {
   test_support::TempDir dir;
   CHECK_THROWS_WITH(load_config(dir.path().string(), {}),
                     dir.path().string() + ": is a directory, expected a JSON file");
+}
+
+// JSON keeps the last of repeated keys; a config with one would silently drop a setting.
+TEST_CASE("a config key given twice is refused with its path, malformed JSON with its place",
+          "[config]") {
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  auto error_for = [&](const std::string& text) {
+    std::ofstream(path) << text;
+    try {
+      load_config(path, {});
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  CHECK(error_for(R"({"model": {"depth": 2, "depth": 3}})") ==
+        path + ": key 'model.depth' appears twice; keep one");
+  CHECK(error_for(R"({"run": {}, "run": {"seed": 1}})") ==
+        path + ": key 'run' appears twice; keep one");
+  CHECK(error_for(
+            R"({"optim": {"muon": {"param_overrides": [{"pattern": "a", "pattern": "b"}]}}})") ==
+        path + ": key 'optim.muon.param_overrides.pattern' appears twice; keep one");
+  // The same key in two array elements, or under two objects, is no repeat.
+  CHECK(error_for(R"({"optim": {"muon": {"param_overrides": [{"pattern": "a"}, {"pattern": "b"}]}},
+                      "model": {"depth": 2}, "batch": {"device_batch": 2}})")
+            .empty());
+  const std::string bad = error_for("{\"model\": {\"depth\": 2,}}");
+  CHECK(bad.find(path + ": not valid JSON") == 0);
+  CHECK(bad.find("line 1, column 23") != std::string::npos);
 }

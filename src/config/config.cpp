@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 namespace lmtrain {
@@ -33,7 +34,10 @@ void validate(const Config& c, const std::string& src) {
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
   choice(c.run.dtype, "run.dtype", {"bf16", "fp32"});
   require(c.run.threads >= 0, "run.threads", "0 (all cores) or a positive count");
-  require(!c.run.name.empty(), "run.name", "a non-empty name");
+  const std::filesystem::path name(c.run.name);
+  require(!c.run.name.empty() && name.is_relative() &&
+              std::none_of(name.begin(), name.end(), [](const auto& part) { return part == ".."; }),
+          "run.name", "a non-empty relative name inside run.out_dir (no '..')");
   require(c.run.loss_chunk_rows >= 0, "run.loss_chunk_rows",
           "an integer >= 0 (0: as many rows as fit in 256 MiB)");
   require(c.run.profile_steps >= 0, "run.profile_steps", "an integer >= 0 (0: off)");
@@ -131,9 +135,40 @@ nlohmann::json read_json_file(const std::string& path) {
   check(file.good(), "{}: cannot open", path);
   std::stringstream text;
   text << file.rdbuf();
-  auto document = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false,
-                                        /*ignore_comments=*/true);
-  check(!document.is_discarded(), "{}: not valid JSON", path);
+  // JSON lets a key repeat and keeps the last value; in a config that silently drops a setting.
+  using Event = nlohmann::json::parse_event_t;
+  struct Scope {
+    std::string path;  // of the object or array, "" at the top
+    bool array;
+    std::set<std::string> keys;
+  };
+  std::vector<Scope> scopes;
+  std::string key, duplicate;
+  auto on_event = [&](int, Event event, nlohmann::json& parsed) {
+    if (event == Event::object_start || event == Event::array_start) {
+      std::string at;  // an array's elements share its path
+      if (!scopes.empty()) {
+        const Scope& outer = scopes.back();
+        at = outer.array ? outer.path : outer.path.empty() ? key : outer.path + "." + key;
+      }
+      scopes.push_back({at, event == Event::array_start, {}});
+    } else if (event == Event::object_end || event == Event::array_end) {
+      scopes.pop_back();
+    } else if (event == Event::key) {
+      key = parsed.get<std::string>();
+      if (duplicate.empty() && !scopes.back().keys.insert(key).second)
+        duplicate = scopes.back().path.empty() ? key : scopes.back().path + "." + key;
+    }
+    return true;
+  };
+  nlohmann::json document;
+  try {
+    document = nlohmann::json::parse(text.str(), on_event, /*allow_exceptions=*/true,
+                                     /*ignore_comments=*/true);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: not valid JSON: {}", path, e.what());
+  }
+  check(duplicate.empty(), "{}: key '{}' appears twice; keep one", path, duplicate);
   return document;
 }
 
