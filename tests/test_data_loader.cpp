@@ -259,8 +259,9 @@ TEST_CASE("impossible loader shapes fail clearly", "[data][loader]") {
       "data loader: rank 2 is not in [0, world size 2)");
   CHECK_THROWS_WITH(
       TokenLoader(LoaderOptions{.shards = {path}, .batch = 4, .seq = 16, .rank = 1, .world = 2}),
-      "data loader: a contiguous batch of B=4 T=16 for rank 1 of 2 needs a shard of at least 129 "
-      "tokens, but the largest of 1 shard(s) holds 100");
+      path +
+          ": a contiguous batch of B=4 T=16 for rank 1 of 2 needs a shard of at least 129 tokens, "
+          "but the largest of 1 shard(s) (this one) holds 100");
   CHECK_THROWS_WITH(
       TokenLoader(
           LoaderOptions{.shards = {path}, .packing = Packing::bos_bestfit, .batch = 1, .seq = 8}),

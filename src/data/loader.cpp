@@ -34,17 +34,18 @@ TokenLoader::TokenLoader(LoaderOptions options) : options_(std::move(options)) {
   for (const auto& path : o.shards) shards_.emplace_back(path);
 
   size_t largest = 0, total = 0;
+  std::string largest_path = o.shards.front();
   for (const auto& shard : shards_) {
-    largest = std::max(largest, shard.size());
+    if (shard.size() > largest) largest = shard.size(), largest_path = shard.path();
     total += shard.size();
   }
   const size_t bt = size_t(o.batch) * size_t(o.seq);
   if (o.packing == Packing::contiguous) {
     const size_t needed = size_t(o.rank) * bt + bt + 1;
     check(largest >= needed,
-          "data loader: a contiguous batch of B={} T={} for rank {} of {} needs a shard of at "
-          "least {} tokens, but the largest of {} shard(s) holds {}",
-          o.batch, o.seq, o.rank, o.world, needed, shards_.size(), largest);
+          "{}: a contiguous batch of B={} T={} for rank {} of {} needs a shard of at least {} "
+          "tokens, but the largest of {} shard(s) (this one) holds {}",
+          largest_path, o.batch, o.seq, o.rank, o.world, needed, shards_.size(), largest);
   } else {
     check(total > 0, "{}: the {} shard(s) hold no tokens", o.shards.front(), shards_.size());
     for (const auto& shard : shards_)
