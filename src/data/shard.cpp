@@ -37,7 +37,8 @@ TokenShard::TokenShard(std::string path) : path_(std::move(path)) {
   Fd file{::open(path_.c_str(), O_RDONLY)};
   check(file.fd >= 0, "{}: cannot open shard: {}", path_, std::strerror(errno));
   struct stat st {};
-  check(::fstat(file.fd, &st) == 0, "{}: cannot stat shard: {}", path_, std::strerror(errno));
+  const bool stat_ok = ::fstat(file.fd, &st) == 0;  // before errno is read, in its own statement
+  check(stat_ok, "{}: cannot stat shard: {}", path_, std::strerror(errno));
   const auto bytes = static_cast<size_t>(st.st_size);
   check(bytes >= kHeaderBytes, "{}: not a token shard: {} bytes is shorter than the {}-byte header",
         path_, bytes, kHeaderBytes);

@@ -36,7 +36,10 @@ class SignalCatcher {
 
   SignalCatcher() {
     int fds[2];
-    check(::pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0, "launch: pipe: {}", std::strerror(errno));
+    // The call comes first: an argument of check() may be evaluated before another one, so
+    // errno must not be read in the same call that sets it.
+    const bool piped = ::pipe2(fds, O_CLOEXEC | O_NONBLOCK) == 0;
+    check(piped, "launch: pipe: {}", std::strerror(errno));
     read_.reset(fds[0]);
     write_.reset(fds[1]);
     g_signal_pipe = write_.get();
@@ -171,16 +174,19 @@ class RankGroup {
 
   void spawn(int rank, std::vector<std::string> argv, std::vector<std::string> env) {
     int out[2], err[2];
-    check(::pipe2(out, O_CLOEXEC) == 0 && ::pipe2(err, O_CLOEXEC) == 0, "launch: pipe: {}",
-          std::strerror(errno));
+    const bool out_piped = ::pipe2(out, O_CLOEXEC) == 0;
+    check(out_piped, "launch: pipe for rank {}'s output: {}", rank, std::strerror(errno));
+    Fd out_read(out[0]), out_write(out[1]);
+    const bool err_piped = ::pipe2(err, O_CLOEXEC) == 0;
+    check(err_piped, "launch: pipe for rank {}'s errors: {}", rank, std::strerror(errno));
+    Fd err_read(err[0]), err_write(err[1]);
     Rank& r = ranks_.emplace_back();
     r.rank = rank;
     r.prefix = fmt::format("[rank {}] ", rank);
-    r.out.fd.reset(out[0]);
+    r.out.fd = std::move(out_read);
     r.out.target = STDOUT_FILENO;
-    r.err.fd.reset(err[0]);
+    r.err.fd = std::move(err_read);
     r.err.target = STDERR_FILENO;
-    Fd out_write(out[1]), err_write(err[1]);
     // Everything the child needs is prepared before fork: only async-signal-safe calls after.
     std::vector<char*> argv_ptrs = pointers(argv), env_ptrs = pointers(env);
     std::string exec_error = fmt::format("launch: rank {} cannot run '{}': ", rank, argv[0]);
