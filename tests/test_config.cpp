@@ -106,8 +106,6 @@ TEST_CASE("config integers out of range and overflowing shapes are refused", "[c
   CHECK(error_of({{"eval", {{"sample_every", -1}}}}).find("eval.sample_every") !=
         std::string::npos);
   CHECK(error_of({{"run", {{"seed", 18446744073709551615ull}}}}).empty());
-  CHECK(error_of({{"run", {{"name", "../elsewhere"}}}}).find("run.name") != std::string::npos);
-  CHECK(error_of({{"run", {{"name", "/abs"}}}}).find("run.name") != std::string::npos);
   CHECK(error_of({{"run", {{"name", "sweep/d12"}}}}).empty());
   CHECK(error_of({{"batch", {{"total_batch_tokens", -1}}}}).empty());
 }

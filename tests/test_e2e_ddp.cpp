@@ -2,6 +2,7 @@
 // same model as one rank with the same global batch, and checkpoints move between world sizes.
 #include <fmt/format.h>
 
+#include "data/shard.h"
 #include "e2e_support.h"
 #include "io/safetensors.h"
 
@@ -131,4 +132,71 @@ TEST_CASE("a rank that dies stops the others with a message naming it", "[e2e][d
                   tmp);
   CHECK(r.code != 0);
   CHECK(r.err.find("rank 1") != std::string::npos);
+}
+
+// With more ranks than a tensor has row chunks, the last rank owns none of its rows and saves an
+// empty tensor whose rows start at the end: width 32 over 9 ranks is chunks of 4 rows, and rank 8
+// would begin at row 32 ("32,32").
+TEST_CASE("a checkpoint where a rank owns no rows of a tensor resumes", "[e2e][ddp]") {
+  TempDir tmp;
+  json config =
+      tiny_config(tmp / "runs", {{"model", {{"depth", 1}, {"aspect_ratio", 32}, {"head_dim", 16}}},
+                                 {"batch", {{"device_batch", 1}, {"total_batch_tokens", 9 * 32}}},
+                                 {"schedule", {{"num_iterations", 2}}},
+                                 {"optim", {{"preset", "adamw"}}},
+                                 {"eval", {{"every", -1}, {"sample_tokens", 0}}}});
+  const std::string file = write_config(tmp, config, "c.json");
+  REQUIRE(launch(9, {"--config", file}, tmp).code == 0);
+  const RunPaths run(tmp / "runs", "e2e");
+  auto last = lmtrain::SafetensorsFile::open(
+      (run.ckpt / "step_000002" / "optimizer.rank00008.safetensors").string());
+  bool empty_shard = false;
+  for (const auto& [key, value] : last.metadata()) empty_shard |= value == "32,32";
+  REQUIRE(empty_shard);
+  const Result r =
+      launch(9, {"--config", file, "--resume", "--set", "schedule.num_iterations=3"}, tmp);
+  INFO(r.all());
+  CHECK(r.code == 0);
+  CHECK(losses(run.metrics).size() == 3);
+}
+
+// Each rank reads its own validation windows (rank r from r x B x T on): two shards of 40 tokens
+// hold one window of 32 for rank 0 but none for rank 1. That is refused before training, not
+// after it, when the final evaluation would lose the run.
+TEST_CASE("validation data too small for one rank is refused before training", "[e2e][ddp]") {
+  TempDir tmp;
+  fs::create_directories(tmp / "val");
+  for (int s = 0; s < 2; ++s) {
+    std::vector<uint32_t> tokens(40);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = uint32_t(1 + i);
+    lmtrain::write_shard(tmp / fmt::format("val/val_{:06d}.bin", s), tokens);
+  }
+  json config =
+      tiny_config(tmp / "runs", {{"batch", {{"device_batch", 1}, {"total_batch_tokens", 64}}},
+                                 {"data", {{"val", tmp / "val"}}},
+                                 {"eval", {{"every", 0}}}});
+  const Result r = launch(2, {"--config", write_config(tmp, config, "c.json")}, tmp);
+  INFO(r.all());
+  CHECK(r.code != 0);
+  CHECK(r.err.find("[rank 1] error:") != std::string::npos);
+  CHECK(r.err.find("val_000000.bin") != std::string::npos);
+  // Nothing trained: rank 0 may have opened the metrics, but waits for rank 1 in its first step.
+  const fs::path metrics = RunPaths(tmp / "runs", "e2e").metrics;
+  CHECK((!fs::exists(metrics) || losses(metrics).empty()));
+}
+
+// --overwrite starting from a checkpoint of the run it replaces: every rank reads the weights
+// before rank 0 deletes the earlier run.
+TEST_CASE("overwriting from the replaced run's own checkpoint works on several ranks",
+          "[e2e][ddp]") {
+  TempDir tmp;
+  const std::string file = write_config(tmp, ddp_config(tmp / "runs", "normuon"), "c.json");
+  REQUIRE(launch(4, {"--config", file}, tmp).code == 0);
+  const RunPaths run(tmp / "runs", "e2e");
+  const Result r =
+      launch(4, {"--config", file, "--overwrite", "--init-from", run.ckpt.string()}, tmp);
+  INFO(r.all());
+  CHECK(r.code == 0);
+  CHECK(fs::exists(run.ckpt / "step_000005" / "model.safetensors"));
+  CHECK(losses(run.metrics).size() == 5);  // the new run's steps only
 }

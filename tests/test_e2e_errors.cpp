@@ -329,6 +329,13 @@ TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
   CHECK(steps == 1);  // only the new run's step
 }
 
+// A run writes only inside run.out_dir; the name is checked by train alone, so a checkpoint's
+// saved config stays readable by eval and sample whatever its name.
+TEST_CASE("e2e: a run name outside run.out_dir is refused", "[e2e]") {
+  expect_refused({{"run", {{"name", "../elsewhere"}}}}, {}, {"run.name", "no '..'"});
+  expect_refused({{"run", {{"name", "/tmp/abs"}}}}, {}, {"run.name", "relative"});
+}
+
 // A horizon no step counter can hold, and a checkpoint resumed past the run's horizon.
 TEST_CASE("e2e: a horizon out of range is refused", "[e2e]") {
   expect_refused({{"schedule", {{"num_iterations", -1}, {"target_flops", 1e300}}}}, {},

@@ -34,10 +34,7 @@ void validate(const Config& c, const std::string& src) {
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
   choice(c.run.dtype, "run.dtype", {"bf16", "fp32"});
   require(c.run.threads >= 0, "run.threads", "0 (all cores) or a positive count");
-  const std::filesystem::path name(c.run.name);
-  require(!c.run.name.empty() && name.is_relative() &&
-              std::none_of(name.begin(), name.end(), [](const auto& part) { return part == ".."; }),
-          "run.name", "a non-empty relative name inside run.out_dir (no '..')");
+  require(!c.run.name.empty(), "run.name", "a non-empty name");
   require(c.run.loss_chunk_rows >= 0, "run.loss_chunk_rows",
           "an integer >= 0 (0: as many rows as fit in 256 MiB)");
   require(c.run.profile_steps >= 0, "run.profile_steps", "an integer >= 0 (0: off)");

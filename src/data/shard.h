@@ -27,9 +27,8 @@ class TokenShard {
     return version_ == 1 ? static_cast<const uint16_t*>(tokens_)[i]
                          : static_cast<const uint32_t*>(tokens_)[i];
   }
-  // Copies tokens [begin, begin + out.size()) into out.
-  // Tokens [begin, begin + out.size()) as int32; an id at or above `vocab` (when positive) is an
-  // error naming the shard and the position.
+  // Copies tokens [begin, begin + out.size()) as int32; an id at or above `vocab` (when positive)
+  // is an error naming the shard and the position.
   void copy(size_t begin, std::span<int32_t> out, int32_t vocab = 0) const;
 
  private:

@@ -69,8 +69,9 @@ int64_t saved_row_begin(const SafetensorsFile& shard, const std::string& name) {
         q != text.data() + text.size())
       begin = -1;
   }
-  check(begin >= 0 && total > 0 && begin < total,
-        "{}: metadata 'rows.{}' is \"{}\", expected \"begin,total\" with 0 <= begin < total",
+  // begin == total: the saving rank owned none of the rows (more ranks than row chunks).
+  check(begin >= 0 && total > 0 && begin <= total,
+        "{}: metadata 'rows.{}' is \"{}\", expected \"begin,total\" with 0 <= begin <= total",
         shard.path(), name, text);
   return begin;
 }
@@ -112,12 +113,19 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
                          {"world_size", world},
                          {"loader", loop.loader},
                          {"extra", loop.extra}};
+  // A NaN or Inf in the weights would poison every run resumed from here. They are the same on
+  // every rank, so every rank checks them before writing anything, and all stop together. (The
+  // optimizer state is checked when loaded: it is sharded, and only non-finite gradients, which
+  // stop a step before its update, or a loaded state could make it non-finite.)
+  for (const auto& spec : model.table().specs) {
+    require_finite(to_host(backend, model.param(spec)),
+                   fmt::format("step {}: parameter '{}'", loop.step, spec.name));
+  }
   if (optimizer) {
     SafetensorsWriter state;
     for (const StateTensor& st : optimizer->state()) {
       if (st.replicated && rank != 0) continue;
       auto host = to_host(backend, st.tensor);
-      require_finite(host, fmt::format("step {}: optimizer state '{}'", loop.step, st.name));
       state.add(st.name, "F32", dims(st.tensor.shape), host.data(), host.size() * sizeof(float));
       if (st.rows_total > 0) {
         state.set_metadata("rows." + st.name, fmt::format("{},{}", st.row_begin, st.rows_total));
@@ -133,8 +141,6 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
     weights.set_metadata("format", "pt");
     for (const auto& spec : model.table().specs) {
       auto host = to_host(backend, model.param(spec));
-      // A NaN or Inf that the last update produced would poison every run resumed from here.
-      require_finite(host, fmt::format("step {}: parameter '{}'", loop.step, spec.name));
       weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
     }
     weights.write(path("model.safetensors"));

@@ -20,14 +20,19 @@ int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64
   return std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
 }
 
+TokenLoader eval_loader(const std::vector<std::string>& shards, int B, int T, int rank, int world,
+                        int32_t bos_id, int32_t vocab) {
+  return TokenLoader({shards, Packing::contiguous, B, T, rank, world, 0, bos_id, false, vocab});
+}
+
 EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,
                     int64_t max_tokens, int rank, int world) {
   const int B = model.batch(), T = model.shape().seq_len;
   const int64_t batch_tokens = int64_t(B) * T;
   const int64_t batches = eval_batches(shards, B, T, max_tokens, world);
 
-  TokenLoader loader({shards, Packing::contiguous, B, T, rank, world, 0, tokenizer.bos_id(), false,
-                      model.shape().vocab});
+  TokenLoader loader =
+      eval_loader(shards, B, T, rank, world, tokenizer.bos_id(), model.shape().vocab);
   std::vector<int32_t> inputs(batch_tokens), targets(batch_tokens);
   std::vector<float> losses(batch_tokens);
   EvalResult result;

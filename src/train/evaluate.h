@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "data/loader.h"
 #include "data/tokenizer.h"
 #include "model/gpt.h"
 
@@ -24,6 +25,11 @@ struct EvalResult {
 // when they hold less than one batch per rank, so a run checks this before it trains.
 int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
                      int world);
+
+// The loader an evaluation reads with: contiguous windows from the shards' start, in file order,
+// this rank's share. Making it checks that the shards hold this rank's first window.
+TokenLoader eval_loader(const std::vector<std::string>& shards, int B, int T, int rank, int world,
+                        int32_t bos_id, int32_t vocab);
 
 // Evaluates on up to `max_tokens` tokens (whole batches, at least one), always from the start of
 // the shards so that every evaluation sees the same text. `rank`/`world` split the windows.

@@ -69,18 +69,23 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
 int train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   const nlohmann::json resolved = to_json(config);
+  const fs::path name(config.run.name);
+  check(name.is_relative() && std::none_of(name.begin(), name.end(),
+                                           [](const fs::path& part) { return part == ".."; }),
+        "{}: run.name: expected a relative name inside run.out_dir (no '..'), got '{}'",
+        options.config_path, config.run.name);
   const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
   check(!(options.resume && !options.init_from.empty()),
         "train: use --resume or --init-from, not both");
   check(!(options.resume && options.overwrite), "train: use --resume or --overwrite, not both");
   // A new run never replaces an earlier one unasked: its checkpoints and metrics would be lost.
-  const bool earlier_run =
-      fs::exists(ckpt_parent) || fs::exists(fs::path(run_dir) / "metrics.jsonl");
+  const bool earlier_checkpoints = fs::exists(ckpt_parent);
+  const bool earlier_run = earlier_checkpoints || fs::exists(fs::path(run_dir) / "metrics.jsonl");
   check(options.resume || options.overwrite || !earlier_run,
-        "train: {} holds an earlier run: continue it with --resume, start another with --set "
-        "run.name=NAME, or replace it with --overwrite",
-        run_dir);
+        "train: {} holds an earlier run: {}start another with --set run.name=NAME, or replace it "
+        "with --overwrite",
+        run_dir, earlier_checkpoints ? "continue it with --resume, " : "");
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
   std::string resume_dir;
@@ -130,6 +135,11 @@ int train(const TrainOptions& options) {
   const GptShape shape = GptShape::from(config.model, vocab);
   const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
+  if (options.resume) {
+    const int saved_step = resume_meta["step"].get<int>();
+    check(saved_step <= N, "{}/meta.json: step {} is past this run's horizon of {} steps",
+          resume_dir, saved_step, N);
+  }
 
   Gpt model(ops, shape, B, GptOptions::from(config.run));
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
@@ -137,7 +147,10 @@ int train(const TrainOptions& options) {
                       B, T, rank, world, config.run.seed, tokenizer.bos_id(), true, shape.vocab});
   const auto val_shards = list_shards(config.data.val, "val");
   // Validation runs last at the latest: data too small for it would otherwise cost the run.
-  if (config.eval.every >= 0) eval_batches(val_shards, B, T, config.eval.tokens / world, world);
+  if (config.eval.every >= 0) {
+    eval_batches(val_shards, B, T, config.eval.tokens / world, world);
+    eval_loader(val_shards, B, T, rank, world, tokenizer.bos_id(), shape.vocab);  // its windows
+  }
   Buffer scalar_memory = backend->allocate(4 * sizeof(float));
   const Tensor scalars = scalar_memory.tensor({4}, DType::f32);
 
@@ -147,8 +160,6 @@ int train(const TrainOptions& options) {
     load_model_weights(resume_dir, model);
     load_optimizer_state(resume_dir, optimizer);
     loop.step = resume_meta["step"].get<int>();
-    check(loop.step <= N, "{}/meta.json: step {} is past this run's horizon of {} steps",
-          resume_dir, loop.step, N);
     loader.restore(checkpoint_loader_state(resume_dir, rank, world, int64_t(B) * T));
     trained_seconds = resume_meta["extra"].value("trained_seconds", 0.0);
     spdlog::info("resuming from {} at step {} ({} ranks, saved with {})", resume_dir, loop.step,
@@ -162,6 +173,8 @@ int train(const TrainOptions& options) {
   }
 
   std::optional<MetricsLog> metrics;
+  // Every rank has read what it needs (--init-from may name a checkpoint of the run replaced).
+  if (options.overwrite) comm->barrier();
   if (lead) {
     if (options.overwrite && earlier_run) {  // only now that the new run has set itself up
       spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
