@@ -16,6 +16,15 @@ int main(int argc, char** argv) {
   lmtrain::add_sample_command(app, action);
   lmtrain::add_info_command(app, action);
   lmtrain::add_launch_command(app, action);
+  // CLI11 would say only that a subcommand is required.
+  if (argc > 1 && argv[1][0] != '-') {
+    const auto subs =
+        app.get_subcommands([&](const CLI::App* s) { return s->get_name() == argv[1]; });
+    if (subs.empty()) {
+      fmt::print(stderr, "error: unknown command '{}' (see lmtrain --help)\n", argv[1]);
+      return 1;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -362,6 +362,10 @@ TEST_CASE("e2e: command-line usage errors are one line", "[e2e]") {
   require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", "--max-tokens", "abc"}, tmp),
                          {"--max-tokens", "abc", "see lmtrain sample --help"});
   require_one_error_line(run_lmtrain({}, tmp), {"subcommand", "see lmtrain --help"});
+  require_one_error_line(run_lmtrain({"trian"}, tmp),
+                         {"unknown command 'trian'", "see lmtrain --help"});
+  require_one_error_line(run_lmtrain({"launch", "--grace", "-1", "--", "true"}, tmp),
+                         {"--grace", "not in range 0.000000 to 1000000000.000000"});
   const Result help = run_lmtrain({"train", "--help"}, tmp);
   CHECK(help.code == 0);
   CHECK(help.out.find("--overwrite") != std::string::npos);

@@ -20,7 +20,7 @@ void add_launch_command(CLI::App& app, Action& action) {
   auto grace_s = std::make_shared<double>(10.0);
   cmd->add_option("--grace", *grace_s,
                   "seconds the other ranks get after SIGTERM, once one failed, before SIGKILL")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 1e9));
   cmd->add_option("command", options->command, "the rank's command line, after --")->required();
   cmd->callback([&action, options, grace_s] {
     action = [options, grace_s] {
