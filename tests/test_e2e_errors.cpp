@@ -38,6 +38,17 @@ void write_shard_bytes(const std::string& path, int32_t magic, int32_t version, 
   write_text(path, bytes);
 }
 
+// A 2-step run of the tiny config, trained once: the checkpoint a test then damages or reuses.
+struct TrainedRun {
+  TempDir tmp;
+  std::string out_dir = tmp / "runs";
+  std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
+  RunPaths run{out_dir, "e2e"};
+  fs::path ckpt = run.ckpt / "step_000002";
+  TrainedRun() { REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0); }
+};
+
 }  // namespace
 
 // A misspelt key names its full path and suggests the key that was meant.
@@ -122,14 +133,8 @@ TEST_CASE("e2e: a corrupt training shard is refused, naming the file", "[e2e]") 
 
 // A checkpoint that cannot be used is named in the error and left exactly as it was.
 TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched", "[e2e]") {
-  TempDir tmp;
-  const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
-  const Result made = run_lmtrain({"train", "--config", config}, tmp);
-  REQUIRE(made.code == 0);
-  const RunPaths run(out_dir, "e2e");
-  const fs::path ckpt = run.ckpt / "step_000002";
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
   REQUIRE(fs::exists(ckpt / "model.safetensors"));
 
   SECTION("truncated model.safetensors") {
@@ -198,13 +203,8 @@ TEST_CASE("e2e: validation data smaller than one batch is refused before trainin
 // and a malformed meta.json are named with the file instead of producing a NaN loss, an
 // uncaught json exception or a silently wrong run.
 TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused", "[e2e]") {
-  TempDir tmp;
-  const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const RunPaths run(out_dir, "e2e");
-  const fs::path ckpt = run.ckpt / "step_000002";
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
   // The last 4 bytes of a safetensors file are the last element of its last tensor.
   auto poison_last_float = [](const fs::path& file) {
     std::string bytes = read_text(file);
@@ -264,12 +264,9 @@ TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused
 // Options of eval and sample outside their range are refused instead of silently replaced by a
 // default (eval --tokens -5) or used (sample --temperature -1).
 TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
-  TempDir tmp;
-  const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 1}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const std::string run = (fs::path(out_dir) / "e2e").string();
+  TrainedRun trained;
+  const auto& tmp = trained.tmp;
+  const std::string run = trained.run.run.string();
   require_one_error_line(
       run_lmtrain({"eval", "--ckpt", run, "--data", data_dir(), "--tokens", "-5"}, tmp),
       {"--tokens", "-5"});
@@ -283,7 +280,7 @@ TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--prompt", "a\xff\xfe"}, tmp),
                          {"--prompt", "UTF-8"});
   // A tokenizer.json without a 'model' is named, not reported as a bare json exception.
-  write_text(fs::path(run) / "ckpt" / "step_000001" / "tokenizer.json", "{}");
+  write_text(trained.ckpt / "tokenizer.json", "{}");
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2"}, tmp),
                          {"tokenizer.json", "'model'"});
 }
@@ -302,12 +299,8 @@ TEST_CASE("e2e: a tokenizer directory and a NaN --grace are refused", "[e2e]") {
 // A new run into a directory that holds an earlier one is refused, leaving it untouched, unless
 // --overwrite asks for the earlier run to be replaced.
 TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
-  TempDir tmp;
-  const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const RunPaths run(out_dir, "e2e");
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
   const auto before = snapshot(run.run);
 
   const Result again = run_lmtrain({"train", "--config", config}, tmp);
@@ -341,12 +334,8 @@ TEST_CASE("e2e: a horizon out of range is refused", "[e2e]") {
   expect_refused({{"schedule", {{"num_iterations", -1}, {"target_flops", 1e300}}}}, {},
                  {"schedule.target_flops", "more than a run can count"});
 
-  TempDir tmp;
-  const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 2}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const RunPaths run(out_dir, "e2e");
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
   const auto before = snapshot(run.run);
   const Result r = run_lmtrain(
       {"train", "--config", config, "--resume", "--set", "schedule.num_iterations=1"}, tmp);
