@@ -116,10 +116,14 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
   // A NaN or Inf in the weights would poison every run resumed from here. They are the same on
   // every rank, so every rank checks them before writing anything, and all stop together. (The
   // optimizer state is checked when loaded: it is sharded, and only non-finite gradients, which
-  // stop a step before its update, or a loaded state could make it non-finite.)
+  // stop a step before its update, or a loaded state could make it non-finite.) Rank 0 writes
+  // the weights it checked; the other ranks drop theirs.
+  SafetensorsWriter weights;
+  weights.set_metadata("format", "pt");
   for (const auto& spec : model.table().specs) {
-    require_finite(to_host(backend, model.param(spec)),
-                   fmt::format("step {}: parameter '{}'", loop.step, spec.name));
+    const auto host = to_host(backend, model.param(spec));
+    require_finite(host, fmt::format("step {}: parameter '{}'", loop.step, spec.name));
+    weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
   }
   if (optimizer) {
     SafetensorsWriter state;
@@ -137,12 +141,6 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
   if (world > 1) write_file_synced(path(loader_name(rank)), loop.loader.dump());
   comm.barrier();  // every shard is on disk before rank 0 commits
   if (rank == 0) {
-    SafetensorsWriter weights;
-    weights.set_metadata("format", "pt");
-    for (const auto& spec : model.table().specs) {
-      auto host = to_host(backend, model.param(spec));
-      weights.add(spec.name, "F32", dims(spec.shape), host.data(), host.size() * sizeof(float));
-    }
     weights.write(path("model.safetensors"));
     write_file_synced(path("tokenizer.json"), read_file(tokenizer_path));
     write_file_synced(path("meta.json"), meta.dump(2));
