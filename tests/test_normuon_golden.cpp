@@ -3,13 +3,12 @@
 // each optimizer preset.
 #include <catch2/catch.hpp>
 #include <cmath>
-#include <fstream>
 #include <map>
 
 #include "backend/cpu/cpu_backend.h"
-#include "backend/tensor_plan.h"
 #include "io/safetensors.h"
 #include "model/gpt.h"
+#include "normuon_stacks_golden.h"
 #include "optim/normuon.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
@@ -18,20 +17,11 @@
 using namespace lmtrain;
 using nlohmann::json;
 
-namespace {
-
-json read_json(const std::string& relative) {
-  std::ifstream in(test_support::source_path(relative));
-  return json::parse(in);
-}
-
-}  // namespace
+using normuon_golden::read_json;
 
 TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[golden][normuon]") {
-  const json meta = read_json("tests/golden/normuon_stacks.json");
-  auto file =
-      SafetensorsFile::open(test_support::source_path("tests/golden/normuon_stacks.safetensors"));
-  const std::vector<std::string> stack_names = {"tall", "wide", "square"};
+  const normuon_golden::Stacks golden;
+  const json& meta = golden.meta;
   CpuBackend backend;
   // The golden holds every switch in every value it can take (and an empty file fails here).
   REQUIRE(meta["variants"].size() == 19);
@@ -58,54 +48,24 @@ TEST_CASE("every Muon variant matches the reference on stacks of matrices", "[go
     DYNAMIC_SECTION("variant " << variant) {
       const Config config =
           parse_config({{"optim", {{"muon", muon_block}}}}, "normuon_stacks.json");
-      TensorPlan plan;
-      std::vector<Tensor> params(3), grads(3);
-      for (size_t i = 0; i < 3; ++i) {
-        const auto& dims = meta["stacks"][stack_names[i]];
-        const Shape shape{dims[0].get<int64_t>(), dims[1].get<int64_t>(), dims[2].get<int64_t>()};
-        plan.add(params[i], shape, DType::f32);
-        plan.add(grads[i], shape, DType::f32);
-      }
-      Buffer memory = plan.allocate(backend);
-      std::vector<MuonStackSpec> specs;
-      for (size_t i = 0; i < 3; ++i) {
-        backend.upload(params[i], file.read_f32(stack_names[i] + ".param0").data());
-        specs.push_back({params[i], grads[i],
-                         meta["param_names"][stack_names[i]].get<std::vector<std::string>>()});
-      }
-      NorMuon muon(backend, specs, config.optim.muon, meta["depth"].get<int>());
-      const int steps = meta["schedule"]["num_iterations"];
+      normuon_golden::Run run(golden, backend, config.optim.muon);
+      const int steps = golden.steps();
       for (int step = 0; step < steps; ++step) {
-        for (size_t i = 0; i < 3; ++i) {
-          backend.upload(grads[i],
-                         file.read_f32(fmt::format("{}.grad{}", stack_names[i], step + 1)).data());
-        }
+        run.upload_grads(golden, backend, step);
         json metrics;
-        muon.step(step, steps,
-                  meta["lr"].get<double>() * meta["schedule"]["lrm"][step].get<double>(), metrics);
+        run.muon->step(step, steps, golden.lr(step), metrics);
         for (size_t i = 0; i < 3; ++i) {
-          INFO(stack_names[i] << " after step " << step + 1);
-          auto want =
-              file.read_f32(fmt::format("{}.{}.param{}", variant, stack_names[i], step + 1));
-          CHECK(test_support::max_relative_error(test_support::download(backend, params[i]), want) <
-                1e-5);
+          INFO(golden.names[i] << " after step " << step + 1);
+          auto want = golden.params_after(variant, i, step + 1);
+          CHECK(test_support::max_relative_error(test_support::download(backend, run.params[i]),
+                                                 want) < 1e-5);
         }
       }
-      for (const StateTensor& st : muon.state()) {
-        const std::string& name = st.name;
-        const Tensor& tensor = st.tensor;
-        // name is "<state>.<stack>.<k>"; the golden stores whole stacks: compare matrix k.
-        const auto state_end = name.find('.');
-        const std::string state = name.substr(0, state_end), matrix = name.substr(state_end + 1);
-        const std::string stack = matrix.substr(0, matrix.find('.'));
-        const int k = std::stoi(matrix.substr(matrix.find('.') + 1));
-        const std::string key = fmt::format("{}.{}.{}", variant, stack, state);
-        REQUIRE(file.contains(key));
-        auto whole = file.read_f32(key);
-        const int64_t n = tensor.numel();
-        std::vector<float> want(whole.begin() + k * n, whole.begin() + (k + 1) * n);
-        INFO(name);
-        CHECK(test_support::max_relative_error(test_support::download(backend, tensor), want) <
+      for (const StateTensor& st : run.muon->state()) {
+        std::string state;
+        const auto want = golden.state(variant, st.name, st.tensor.numel(), state);
+        INFO(st.name);
+        CHECK(test_support::max_relative_error(test_support::download(backend, st.tensor), want) <
               1e-5);
       }
     }

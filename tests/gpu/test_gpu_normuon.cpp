@@ -31,13 +31,11 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
-#include "backend/tensor_plan.h"
 #include "gpu_support.h"
-#include "io/safetensors.h"
+#include "normuon_stacks_golden.h"
 #include "optim/normuon.h"
 #include "test_support.h"
 
@@ -49,11 +47,6 @@ namespace {
 
 constexpr double kParamTol = 1e-5, kUpdateTol = 1e-4, kStateTol = 1e-5, kBf16L2 = 5e-2;
 constexpr double kMaxFlipFraction = 0.01;
-
-json read_json(const std::string& relative) {
-  std::ifstream in(test_support::source_path(relative));
-  return json::parse(in);
-}
 
 // max |got - want| / max |want| <= tol, except for at most max_fraction of the elements (at least
 // one) whose error is within tol * scale + allowance[i]: the cautious mask's legitimate flips.
@@ -113,11 +106,10 @@ std::vector<float> minus(const std::vector<float>& a, const std::vector<float>& 
 
 TEST_CASE("gpu NorMuon variants match the reference on stacks of matrices",
           "[gpu][optim][normuon]") {
-  const json meta = read_json("tests/golden/normuon_stacks.json");
-  auto file =
-      SafetensorsFile::open(test_support::source_path("tests/golden/normuon_stacks.safetensors"));
-  const std::vector<std::string> stack_names = {"tall", "wide", "square"};
-  const int steps = meta["schedule"]["num_iterations"];
+  const normuon_golden::Stacks golden;
+  const json& meta = golden.meta;
+  const std::vector<std::string>& stack_names = golden.names;
+  const int steps = golden.steps();
 
   for (DType act : {DType::f32, DType::bf16}) {
     Backend& b = backend(act);
@@ -126,24 +118,11 @@ TEST_CASE("gpu NorMuon variants match the reference on stacks of matrices",
       const Config config =
           parse_config({{"optim", {{"muon", muon_block}}}}, "normuon_stacks.json");
       const MuonConfig& muon_config = config.optim.muon;
-      TensorPlan plan;
-      std::vector<Tensor> params(3), grads(3);
-      std::vector<std::vector<float>> initial(3);
-      for (size_t i = 0; i < 3; ++i) {
-        const auto& dims = meta["stacks"][stack_names[i]];
-        const Shape shape{dims[0].get<int64_t>(), dims[1].get<int64_t>(), dims[2].get<int64_t>()};
-        plan.add(params[i], shape, DType::f32);
-        plan.add(grads[i], shape, DType::f32);
-      }
-      Buffer memory = plan.allocate(b);
-      std::vector<MuonStackSpec> specs;
-      for (size_t i = 0; i < 3; ++i) {
-        initial[i] = file.read_f32(stack_names[i] + ".param0");
-        b.upload(params[i], initial[i].data());
-        specs.push_back({params[i], grads[i],
-                         meta["param_names"][stack_names[i]].get<std::vector<std::string>>()});
-      }
-      NorMuon muon(b, specs, muon_config, meta["depth"].get<int>());
+      normuon_golden::Run run(golden, b, muon_config);
+      const std::vector<Tensor>& params = run.params;
+      const std::vector<std::vector<float>>& initial = run.initial;
+      const std::vector<MuonStackSpec>& specs = run.specs;
+      NorMuon& muon = *run.muon;
       // The largest lr_mul * wd_mul a matrix of a stack gets (param_overrides), for the decay
       // allowance.
       std::vector<double> override_mul(3, 1.0);
@@ -155,12 +134,9 @@ TEST_CASE("gpu NorMuon variants match the reference on stacks of matrices",
       std::vector<double> decay_sum(3, 0.0);  // sum over the steps so far of lr_eff * wd
 
       for (int step = 0; step < steps; ++step) {
-        for (size_t i = 0; i < 3; ++i) {
-          b.upload(grads[i],
-                   file.read_f32(fmt::format("{}.grad{}", stack_names[i], step + 1)).data());
-        }
+        run.upload_grads(golden, b, step);
         json metrics;
-        const double lr = meta["lr"].get<double>() * meta["schedule"]["lrm"][step].get<double>();
+        const double lr = golden.lr(step);
         muon.step(step, steps, lr, metrics);
         const double wd = metrics["muon/weight_decay"].get<double>();
         for (size_t i = 0; i < 3; ++i) {
@@ -171,8 +147,7 @@ TEST_CASE("gpu NorMuon variants match the reference on stacks of matrices",
           const std::string what = fmt::format("[{}] normuon {} {} step {}", mode_name(act),
                                                variant, stack_names[i], step + 1);
           const std::vector<float> got = fetch(b, params[i]);
-          const std::vector<float> want =
-              file.read_f32(fmt::format("{}.{}.param{}", variant, stack_names[i], step + 1));
+          const std::vector<float> want = golden.params_after(variant, i, step + 1);
           REQUIRE(got.size() == want.size());
           const std::vector<float> got_update = minus(got, initial[i]);
           const std::vector<float> want_update = minus(want, initial[i]);
@@ -191,20 +166,10 @@ TEST_CASE("gpu NorMuon variants match the reference on stacks of matrices",
         }
       }
       for (const StateTensor& st : muon.state()) {
-        const std::string& name = st.name;
-        // name is "<state>.<stack>.<k>"; the golden stores whole stacks: compare matrix k.
-        const auto state_end = name.find('.');
-        const std::string state = name.substr(0, state_end), matrix = name.substr(state_end + 1);
-        const std::string stack = matrix.substr(0, matrix.find('.'));
-        const int k = std::stoi(matrix.substr(matrix.find('.') + 1));
-        const std::string key = fmt::format("{}.{}.{}", variant, stack, state);
-        INFO(key);
-        REQUIRE(file.contains(key));
-        const std::vector<float> whole = file.read_f32(key);
-        const int64_t n = st.tensor.numel();
-        REQUIRE(int64_t(whole.size()) >= (k + 1) * n);
-        const std::vector<float> want(whole.begin() + k * n, whole.begin() + (k + 1) * n);
-        const std::string what = fmt::format("[{}] normuon {} {}", mode_name(act), variant, name);
+        std::string state;
+        const std::vector<float> want = golden.state(variant, st.name, st.tensor.numel(), state);
+        const std::string what =
+            fmt::format("[{}] normuon {} {}", mode_name(act), variant, st.name);
         // The momentum buffer is f32 elementwise arithmetic on the gradients in both modes; the
         // second moment follows the (bf16-orthogonalized) update.
         if (bf16 && state != "momentum_buffer") {
