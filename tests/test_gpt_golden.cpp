@@ -77,7 +77,8 @@ TEST_CASE("gpt forward and backward match the PyTorch reference", "[golden]") {
   CHECK(shape.flops_per_token() == Approx(1880832.0));
 }
 
-TEST_CASE("AdamW steps with warmup, warmdown and clipping match the PyTorch reference", "[golden]") {
+TEST_CASE("AdamW steps with warmup, warmdown and clipping match the PyTorch reference",
+          "[golden]") {
   Golden g;
   CpuBackend backend;
   Config& c = g.config;

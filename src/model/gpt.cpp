@@ -99,6 +99,7 @@ Gpt::Gpt(Backend& backend, const GptShape& shape, int batch, const GptOptions& o
   grad_memory_ = backend.allocate(table_.total * sizeof(float));
   params_ = param_memory_.tensor({int64_t(table_.total)}, f32);
   grads_ = grad_memory_.tensor({int64_t(table_.total)}, f32);
+  backend.fill(params_, 0.f);  // the alignment gaps between tensors stay zero
   if (act == f32) {
     weights_ = params_;
   } else {

@@ -93,22 +93,30 @@ ParamTable::ParamTable(const GptShape& s) {
       it = stacks.insert(stacks.end(), {specs[i].shape[0], specs[i].shape[1], {}, 0});
     it->members.push_back(i);
   }
+  // Each tensor and each stack starts on a kParamAlignment boundary: the scalars before the
+  // lm_head would otherwise leave its bf16 copy 8-byte aligned at some depths (26: 104 bytes
+  // of lambdas), and cuBLASLt's fastest kernels need 16 bytes. A stack's members stay back to
+  // back.
+  auto align = [&] { total = (total + kParamAlignment - 1) / kParamAlignment * kParamAlignment; };
   auto place = [&](size_t i) {
     specs[i].offset = total;
     total += specs[i].shape.numel();
   };
   for (size_t i = 0; i < specs.size(); ++i) {
     if (specs[i].group == ParamGroup::embedding || specs[i].group == ParamGroup::value_embeds)
-      place(i);
+      align(), place(i);
   }
   for (auto& stack : stacks) {
+    align();
     stack.offset = total;
     for (size_t i : stack.members) place(i);
   }
   for (size_t i = 0; i < specs.size(); ++i) {
     ParamGroup g = specs[i].group;
-    if (g == ParamGroup::resid || g == ParamGroup::x0 || g == ParamGroup::unembedding) place(i);
+    if (g == ParamGroup::resid || g == ParamGroup::x0 || g == ParamGroup::unembedding)
+      align(), place(i);
   }
+  align();
 }
 
 const ParamSpec& ParamTable::find(const std::string& name) const {
@@ -131,7 +139,7 @@ ParamCounts count_params(const ParamTable& t) {
   n.lm_head = t.count(ParamGroup::unembedding);
   n.transformer_matrices = t.count(ParamGroup::matrix);
   n.scalars = t.count(ParamGroup::resid) + t.count(ParamGroup::x0);
-  n.total = t.total;
+  n.total = n.wte + n.value_embeds + n.lm_head + n.transformer_matrices + n.scalars;
   return n;
 }
 

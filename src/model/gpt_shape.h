@@ -49,10 +49,14 @@ struct MatrixStack {
   int64_t count() const { return int64_t(members.size()); }
 };
 
+// Elements between the starts of tensors (and stacks) in the flat array: 256 bytes of f32,
+// 128 of bf16.
+constexpr size_t kParamAlignment = 64;
+
 struct ParamTable {
   std::vector<ParamSpec> specs;  // nanochat's state_dict order
   std::vector<MatrixStack> stacks;
-  size_t total = 0;
+  size_t total = 0;  // elements of the flat array, the alignment gaps (zeros) included
 
   explicit ParamTable(const GptShape& shape);
   const ParamSpec& find(const std::string& name) const;

@@ -98,6 +98,14 @@ TEST_CASE("gpu fill, copy, add and scale match the CPU", "[gpu][ops]") {
       compare("[bf16] copy f32 -> bf16 rounds to nearest even", r.at("conv"), rounded, kExact);
     }
   }
+  // A converting copy between overlapping bytes would race between packs: refused.
+  Backend& b = backend(DType::bf16);
+  lmtrain::Buffer memory = b.allocate(64 * sizeof(float));
+  const lmtrain::Tensor f32s = memory.tensor({32}, DType::f32);
+  CHECK_THROWS_WITH(b.copy(memory.tensor({32}, DType::bf16), f32s), Catch::Contains("overlap"));
+  CHECK_THROWS_WITH(b.copy(memory.tensor({32}, DType::bf16, 100), f32s),
+                    Catch::Contains("overlap"));
+  CHECK_NOTHROW(b.copy(memory.tensor({32}, DType::bf16, 128), f32s));
 }
 
 TEST_CASE("gpu sum_squares matches the CPU and is deterministic", "[gpu][ops]") {

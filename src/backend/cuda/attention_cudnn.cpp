@@ -120,8 +120,10 @@ struct CudnnAttention::Impl {
   cudnnHandle_t handle = nullptr;
   bool deterministic = true;
   std::map<Key, Plan> plans;
+  bool warned_misaligned = false;
 
   ~Impl() {
+    plans.clear();  // the plans' cuDNN descriptors go before the handle they were built with
     if (handle) fe::detail::destroy_handle(handle);
   }
 
@@ -231,11 +233,10 @@ struct CudnnAttention::Impl {
            const Workspace& workspace) {
     for (auto& [uid, p] : pack)
       if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-        static bool warned = false;
-        if (!warned)
+        if (!warned_misaligned)
           spdlog::warn("cuDNN attention {}: a tensor is not 16-byte aligned; using the own kernel",
                        describe(s, backward));
-        warned = true;
+        warned_misaligned = true;
         return false;
       }
     const Plan& p = plan(s, backward);

@@ -103,11 +103,13 @@ void CudaBackend::fill(Tensor x, float value) {
 void CudaBackend::copy(Tensor dst, Tensor src) {
   check(dst.numel() == src.numel(), "copy: dst {} and src {} differ in element count",
         dst.shape.str(), src.shape.str());
+  if (dst.dtype == src.dtype && dst.data == src.data) return;
+  // Overlapping buffers would race: a converting kernel's threads read and write packs of
+  // different byte widths.
+  const char* d = static_cast<const char*>(dst.data);
+  const char* s = static_cast<const char*>(src.data);
+  check(d + dst.bytes() <= s || s + src.bytes() <= d, "copy: dst and src overlap");
   if (dst.dtype == src.dtype) {
-    if (dst.data == src.data) return;
-    const char* d = static_cast<const char*>(dst.data);
-    const char* s = static_cast<const char*>(src.data);
-    check(d + dst.bytes() <= s || s + src.bytes() <= d, "copy: dst and src overlap");
     cuda_check(
         cudaMemcpyAsync(dst.data, src.data, dst.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
         "copy");

@@ -11,9 +11,21 @@ namespace lmtrain::cuda {
 
 int device_count() {
   int count = 0;
-  // No driver or no GPU both mean "no CUDA device here": the CPU backend is used.
-  if (cudaGetDeviceCount(&count) != cudaSuccess) return 0;
-  return count;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status == cudaSuccess) return count;
+  // No GPU, or no driver at all (the runtime reports driver version 0): no CUDA device here.
+  int driver = 0;
+  if (status == cudaErrorNoDevice || cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
+    return 0;
+  // A driver that is there but cannot run this build is not "no GPU": training on the CPU
+  // instead would be a silent hundredfold slowdown.
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  fail(
+      "CUDA: cannot use the GPUs of this machine: {} (driver supports CUDA {}.{}, this build "
+      "needs {}.{}); update the driver, or set run.backend=cpu",
+      cudaGetErrorString(status), driver / 1000, driver % 1000 / 10, runtime / 1000,
+      runtime % 1000 / 10);
 }
 
 void set_device(int device) {
@@ -33,8 +45,11 @@ double dense_bf16_peak_flops(const std::string& name) {
     const char* key;
     double flops;
   };
-  static const Entry table[] = {{"H200", 989e12}, {"H100", 989e12}, {"A100", 312e12},
-                                {"L40S", 362e12}, {"A10", 125e12},  {"4090", 165e12}};
+  // First match wins: the PCIe and NVL H100s are slower than the SXM one.
+  static const Entry table[] = {{"H200", 989e12}, {"H100 PCIe", 756e12}, {"H100 NVL", 835e12},
+                                {"H100", 989e12}, {"H800 PCIe", 756e12}, {"H800", 989e12},
+                                {"A100", 312e12}, {"L40S", 362e12},      {"A10", 125e12},
+                                {"4090", 165e12}};
   for (const auto& e : table) {
     if (name.find(e.key) != std::string::npos) return e.flops;
   }
