@@ -13,9 +13,11 @@ int device_count() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status == cudaSuccess) return count;
-  // No GPU, or no driver at all (the runtime reports driver version 0): no CUDA device here.
+  // No GPU, no driver at all (the runtime reports driver version 0) or only the toolkit's stub
+  // of it: no CUDA device here.
   int driver = 0;
-  if (status == cudaErrorNoDevice || cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
+  if (status == cudaErrorNoDevice || status == cudaErrorStubLibrary ||
+      cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
     return 0;
   // A driver that is there but cannot run this build is not "no GPU": training on the CPU
   // instead would be a silent hundredfold slowdown.
