@@ -12,6 +12,7 @@
 #include "dist/socket.h"
 #include "dist/tcp_store.h"
 #include "dist_support.h"
+#include "train/rank_agreement.h"
 
 using namespace lmtrain;
 using namespace lmtrain::dist;
@@ -221,4 +222,31 @@ TEST_CASE("a collective whose peer is gone fails at wait, naming the collective"
   }
   peer.join();
   CHECK_THAT(error, Catch::Matchers::Contains("gloo all_reduce_sum (rank 0 of 2)"));
+}
+
+// Every rank stops at the same micro-step, naming the rank whose loss was not finite; with every
+// loss finite, nobody stops.
+TEST_CASE("a non-finite loss on one rank stops every rank and names it", "[dist]") {
+  constexpr int world = 3;
+  const int port = free_port("127.0.0.1");
+  std::vector<std::string> errors(world);
+  auto rank_main = [&](int rank) {
+    try {
+      CpuBackend backend;
+      GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
+      Buffer memory = backend.allocate(world * sizeof(float));
+      const Tensor scratch = memory.tensor({world}, DType::f32);
+      stop_on_nonfinite_loss(comm, backend, scratch, 2.5, 7, 0);  // finite everywhere
+      stop_on_nonfinite_loss(comm, backend, scratch, rank == 1 ? NAN : 2.5, 8, 1);
+      errors[size_t(rank)] = "did not stop";
+    } catch (const std::exception& e) {
+      errors[size_t(rank)] = e.what();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r) threads.emplace_back(rank_main, r);
+  for (auto& t : threads) t.join();
+  CHECK(errors[1] == "step 8: loss is nan (micro-step 1, rank 1); stopping");
+  CHECK(errors[0] == "step 8: loss is not finite on rank 1 (micro-step 1); stopping");
+  CHECK(errors[2] == errors[0]);
 }

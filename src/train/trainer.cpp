@@ -27,6 +27,7 @@
 #include "train/metrics.h"
 #include "train/op_profile.h"
 #include "train/plan.h"
+#include "train/rank_agreement.h"
 
 namespace lmtrain {
 
@@ -41,16 +42,6 @@ extern "C" void on_stop_signal(int signal) { g_stop_signal = signal; }
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-// Sums `values` over ranks through a small device tensor (a no-op for one rank).
-void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
-                    std::vector<float>& values) {
-  if (comm.world_size() == 1) return;
-  Tensor t = scratch.slice(0, int64_t(values.size()));
-  backend.upload(t, values.data());
-  comm.all_reduce_sum(t);
-  backend.download(values.data(), t);
 }
 
 std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const EvalConfig& e,
@@ -151,8 +142,10 @@ int train(const TrainOptions& options) {
     eval_batches(val_shards, B, T, config.eval.tokens / world, world);
     eval_loader(val_shards, B, T, rank, world, tokenizer.bos_id(), shape.vocab);  // its windows
   }
-  Buffer scalar_memory = backend->allocate(4 * sizeof(float));
-  const Tensor scalars = scalar_memory.tensor({4}, DType::f32);
+  // The few values the ranks share each step: four sums, or one flag per rank.
+  const int64_t num_scalars = std::max(4, world);
+  Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
+  const Tensor scalars = scalar_memory.tensor({num_scalars}, DType::f32);
 
   LoopState loop;
   double trained_seconds = 0;
@@ -272,8 +265,7 @@ int train(const TrainOptions& options) {
       set_phase("forward");
       loader.next_batch(inputs, targets);
       Gpt::Loss loss = model.forward(inputs, targets, true, 1.0f / plan.grad_accum);
-      check(std::isfinite(loss.sum), "step {}: loss is {} (micro-step {}{}); stopping", step + 1,
-            loss.sum, micro, world > 1 ? fmt::format(", rank {}", rank) : "");
+      stop_on_nonfinite_loss(*comm, *backend, scalars, loss.sum, step + 1, micro);
       loss_sum += loss.sum / std::max<int64_t>(loss.count, 1);
       // The last micro-step's gradients are the step's: reduce them while the backward runs.
       set_phase("backward");
