@@ -250,3 +250,38 @@ TEST_CASE("a non-finite loss on one rank stops every rank and names it", "[dist]
   CHECK(errors[0] == "step 8: loss is not finite on rank 1 (micro-step 1); stopping");
   CHECK(errors[2] == errors[0]);
 }
+
+TEST_CASE("AbortOnError aborts the communicator only when an error unwinds past it", "[dist]") {
+  struct CountingCommunicator : Communicator {
+    int aborts = 0;
+    std::string name() const override { return "counting"; }
+    int rank() const override { return 0; }
+    int world_size() const override { return 2; }
+    PendingPtr start_all_reduce_sum(Tensor) override { return nullptr; }
+    PendingPtr start_all_reduce_mean(Tensor) override { return nullptr; }
+    PendingPtr start_reduce_scatter_mean(Tensor, Tensor) override { return nullptr; }
+    PendingPtr start_all_gather(Tensor, Tensor) override { return nullptr; }
+    PendingPtr start_broadcast(Tensor, int) override { return nullptr; }
+    void barrier() override {}
+    void abort() override { ++aborts; }
+  } comm;
+  { const AbortOnError guard(comm); }
+  CHECK(comm.aborts == 0);
+  CHECK_THROWS_WITH(
+      [&] {
+        const AbortOnError guard(comm);
+        fail("step 3: lost a peer");
+      }(),
+      "step 3: lost a peer");
+  CHECK(comm.aborts == 1);
+  // Created while another exception unwinds (a destructor's cleanup), it aborts only for a new one.
+  try {
+    struct Cleanup {
+      Communicator& comm;
+      ~Cleanup() { const AbortOnError guard(comm); }
+    } cleanup{comm};
+    fail("unwinding");
+  } catch (const std::exception&) {
+  }
+  CHECK(comm.aborts == 1);
+}

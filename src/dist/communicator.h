@@ -21,6 +21,7 @@
 #pragma once
 
 #include <chrono>
+#include <exception>
 #include <memory>
 #include <string>
 
@@ -57,12 +58,32 @@ class Communicator {
   virtual PendingPtr start_broadcast(Tensor x, int root) = 0;
   // Returns once every rank has called it (after this rank's started collectives complete).
   virtual void barrier() = 0;
+  // Ends this rank's collectives in flight without waiting for the other ranks, where the engine
+  // needs it (NCCL: a collective whose peer has failed never completes, and freeing memory
+  // synchronizes the device). The communicator takes no collective afterwards.
+  virtual void abort() {}
 
   void all_reduce_sum(Tensor x) { start_all_reduce_sum(x)->wait(); }
   void all_reduce_mean(Tensor x) { start_all_reduce_mean(x)->wait(); }
   void reduce_scatter_mean(Tensor out, Tensor in) { start_reduce_scatter_mean(out, in)->wait(); }
   void all_gather(Tensor out, Tensor in) { start_all_gather(out, in)->wait(); }
   void broadcast(Tensor x, int root) { start_broadcast(x, root)->wait(); }
+};
+
+// Aborts the communicator when an exception that started after its construction destroys it.
+// Declared after the buffers that collectives use, it goes before them as an error unwinds.
+class AbortOnError {
+ public:
+  explicit AbortOnError(Communicator& comm) : comm_(comm) {}
+  ~AbortOnError() {
+    if (std::uncaught_exceptions() > exceptions_) comm_.abort();
+  }
+  AbortOnError(const AbortOnError&) = delete;
+  AbortOnError& operator=(const AbortOnError&) = delete;
+
+ private:
+  Communicator& comm_;
+  const int exceptions_ = std::uncaught_exceptions();
 };
 
 // Rows of dim 0 rounded up to a multiple of world_size, so chunks hold whole rows.
@@ -97,7 +118,8 @@ class LocalCommunicator final : public Communicator {
 // Connects this rank to the others. A world of 1 gets a LocalCommunicator and opens no socket.
 // Otherwise rank 0 starts the rendezvous store on MASTER_ADDR:MASTER_PORT, every rank joins
 // it, and the backend picks the engine: Gloo for "cpu", NCCL for "cuda". `timeout` bounds the
-// rendezvous and every later collective (rendezvous_timeout() reads it from the environment).
+// rendezvous and every later Gloo collective (rendezvous_timeout() reads it from the
+// environment); NCCL's have none.
 std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,
                                                 std::chrono::milliseconds timeout);
 

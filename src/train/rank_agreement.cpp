@@ -19,8 +19,8 @@ void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
   backend.download(values.data(), t);
 }
 
-void stop_on_nonfinite_loss(dist::Communicator& comm, Backend& backend, Tensor scratch,
-                            double loss, int step, int micro) {
+void stop_on_nonfinite_loss(dist::Communicator& comm, Backend& backend, Tensor scratch, double loss,
+                            int step, int micro) {
   const int world = comm.world_size(), rank = comm.rank();
   const bool finite = std::isfinite(loss);
   if (world == 1) {

@@ -17,7 +17,7 @@ void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
 
 // Throws on every rank when any rank's loss of micro-step `micro` of step `step` (1-based) is
 // not finite, naming those ranks. `scratch` holds at least world_size f32.
-void stop_on_nonfinite_loss(dist::Communicator& comm, Backend& backend, Tensor scratch,
-                            double loss, int step, int micro);
+void stop_on_nonfinite_loss(dist::Communicator& comm, Backend& backend, Tensor scratch, double loss,
+                            int step, int micro);
 
 }  // namespace lmtrain

@@ -146,6 +146,9 @@ int train(const TrainOptions& options) {
   const int64_t num_scalars = std::max(4, world);
   Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
   const Tensor scalars = scalar_memory.tensor({num_scalars}, DType::f32);
+  // An error that unwinds the run ends this rank's collectives in flight before the buffers
+  // above are freed (freeing synchronizes the device, which would wait for them).
+  const dist::AbortOnError abort_on_error(*comm);
 
   LoopState loop;
   double trained_seconds = 0;

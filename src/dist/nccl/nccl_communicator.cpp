@@ -35,16 +35,18 @@ ncclResult_t async_error(ncclComm_t comm) {
 // An event the backend's stream waits on when the collective behind it is waited for.
 class EventPending final : public Pending {
  public:
-  EventPending(cudaStream_t waiter, ncclComm_t comm, int rank, int world)
-      : waiter_(waiter), comm_(comm) {
+  EventPending(cudaStream_t waiter, ncclComm_t comm, std::shared_ptr<std::atomic<bool>> aborted,
+               int rank, int world)
+      : waiter_(waiter), comm_(comm), aborted_(std::move(aborted)) {
     cuda_check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "event", rank, world);
   }
   // Not waited for (an error unwinds the step): the collective may still be writing buffers
   // that are about to be freed, so wait for it on the host, unless the communicator reports
-  // an error (then it may never complete; the communicator is aborted as it goes).
+  // an error or was aborted (then it may never complete, or has been ended).
   ~EventPending() override {
     if (!waited_) {
-      while (cudaEventQuery(event_) == cudaErrorNotReady && async_error(comm_) == ncclSuccess)
+      while (!*aborted_ && cudaEventQuery(event_) == cudaErrorNotReady &&
+             async_error(comm_) == ncclSuccess)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     cudaEventDestroy(event_);
@@ -61,6 +63,7 @@ class EventPending final : public Pending {
  private:
   cudaStream_t waiter_;
   ncclComm_t comm_;
+  std::shared_ptr<std::atomic<bool>> aborted_;
   cudaEvent_t event_ = nullptr;
   bool waited_ = false;
 };
@@ -92,7 +95,9 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (std::uncaught_exceptions() > 0 || async_error(comm_) != ncclSuccess) {
+  if (*aborted_) {
+    // Ended already.
+  } else if (std::uncaught_exceptions() > 0 || async_error(comm_) != ncclSuccess) {
     // Going away on an error: collectives may wait for peers that will never join them.
     // Aborting ends them, so that freeing memory (which synchronizes the device) cannot hang.
     ncclCommAbort(comm_);
@@ -110,7 +115,9 @@ PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
   // The inputs are written by the backend's stream: start after what it has queued so far. One
   // event serves every start: a stream wait takes the event as it is when the wait is queued.
   // The Pending exists before the collective is queued, so none runs without one.
-  auto done = std::make_unique<EventPending>(stream_, comm_, rank_, world_size_);
+  check(!*aborted_, "nccl {} (rank {} of {}): the communicator was aborted after an error", op,
+        rank_, world_size_);
+  auto done = std::make_unique<EventPending>(stream_, comm_, aborted_, rank_, world_size_);
   cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
   cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
   nccl_check(enqueue(), op, rank_, world_size_);
@@ -162,12 +169,19 @@ PendingPtr NcclCommunicator::start_broadcast(Tensor x, int root) {
 }
 
 void NcclCommunicator::barrier() {
+  check(!*aborted_, "nccl barrier (rank {} of {}): the communicator was aborted after an error",
+        rank_, world_size_);
   // Drain this rank's queued work, then meet the others through the store: NCCL has no barrier,
   // and a store barrier needs no device buffer.
   cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
   cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
   nccl_check(async_error(comm_), "collective (reported at the barrier)", rank_, world_size_);
   store_->barrier("nccl");
+}
+
+void NcclCommunicator::abort() {
+  if (aborted_->exchange(true)) return;
+  ncclCommAbort(comm_);
 }
 
 }  // namespace lmtrain::dist

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <memory>
 
 #include "dist/communicator.h"
@@ -34,6 +35,7 @@ class NcclCommunicator final : public Communicator {
   PendingPtr start_all_gather(Tensor out, Tensor in) override;
   PendingPtr start_broadcast(Tensor x, int root) override;
   void barrier() override;
+  void abort() override;
 
  private:
   // Orders the communication stream after the backend's stream, runs `enqueue` (one NCCL
@@ -47,6 +49,8 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t inputs_ready_ = nullptr;  // recorded on stream_ at each start
   int rank_ = 0, world_size_ = 1;
   ncclComm_t comm_ = nullptr;
+  // Set by abort(); shared with the Pendings, which then stop waiting for their collectives.
+  std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
 };
 
 }  // namespace lmtrain::dist
