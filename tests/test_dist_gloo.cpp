@@ -224,31 +224,38 @@ TEST_CASE("a collective whose peer is gone fails at wait, naming the collective"
   CHECK_THAT(error, Catch::Matchers::Contains("gloo all_reduce_sum (rank 0 of 2)"));
 }
 
-// Every rank stops at the same micro-step, naming the rank whose loss was not finite; with every
+// Every rank stops at the same micro-step, naming the ranks whose loss was not finite; with every
 // loss finite, nobody stops.
 TEST_CASE("a non-finite loss on one rank stops every rank and names it", "[dist]") {
   constexpr int world = 3;
   const int port = free_port("127.0.0.1");
-  std::vector<std::string> errors(world);
+  // Per call, each rank's loss and then its error ("" when it did not stop).
+  const std::vector<std::vector<double>> losses = {
+      {2.5, 2.5, 2.5}, {2.5, NAN, 2.5}, {INFINITY, 2.5, -INFINITY}};
+  std::vector<std::vector<std::string>> errors(losses.size(), std::vector<std::string>(world));
   auto rank_main = [&](int rank) {
-    try {
-      CpuBackend backend;
-      GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
-      Buffer memory = backend.allocate(world * sizeof(float));
-      const Tensor scratch = memory.tensor({world}, DType::f32);
-      stop_on_nonfinite_loss(comm, backend, scratch, 2.5, 7, 0);  // finite everywhere
-      stop_on_nonfinite_loss(comm, backend, scratch, rank == 1 ? NAN : 2.5, 8, 1);
-      errors[size_t(rank)] = "did not stop";
-    } catch (const std::exception& e) {
-      errors[size_t(rank)] = e.what();
+    CpuBackend backend;
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
+    Buffer memory = backend.allocate(world * sizeof(float));
+    const Tensor scratch = memory.tensor({world}, DType::f32);
+    for (size_t call = 0; call < losses.size(); ++call) {
+      try {
+        stop_on_nonfinite_loss(comm, backend, scratch, losses[call][size_t(rank)], 7, int(call));
+      } catch (const std::exception& e) {
+        errors[call][size_t(rank)] = e.what();
+      }
     }
   };
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r) threads.emplace_back(rank_main, r);
   for (auto& t : threads) t.join();
-  CHECK(errors[1] == "step 8: loss is nan (micro-step 1, rank 1); stopping");
-  CHECK(errors[0] == "step 8: loss is not finite on rank 1 (micro-step 1); stopping");
-  CHECK(errors[2] == errors[0]);
+  CHECK(errors[0] == std::vector<std::string>(world));
+  CHECK(errors[1][1] == "step 7: loss is nan (micro-step 1, rank 1); stopping");
+  CHECK(errors[1][0] == "step 7: loss is not finite on rank 1 (micro-step 1); stopping");
+  CHECK(errors[1][2] == errors[1][0]);
+  CHECK(errors[2][0] == "step 7: loss is inf (micro-step 2, rank 0); stopping");
+  CHECK(errors[2][1] == "step 7: loss is not finite on ranks 0, 2 (micro-step 2); stopping");
+  CHECK(errors[2][2] == "step 7: loss is -inf (micro-step 2, rank 2); stopping");
 }
 
 TEST_CASE("AbortOnError aborts the communicator only when an error unwinds past it", "[dist]") {

@@ -1,5 +1,7 @@
 #include "backend/factory.h"
 
+#include <cstdlib>
+
 #include "backend/cpu/cpu_backend.h"
 #ifdef LMTRAIN_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -14,9 +16,9 @@ namespace {
 std::unique_ptr<Backend> make_cuda(const std::string& dtype, int device) {
   check(dtype == "bf16" || dtype == "fp32", "run.dtype: expected bf16 or fp32, got \"{}\"", dtype);
   const int count = cuda::device_count();
-  // A rank that sees a single GPU was given its own (CUDA_VISIBLE_DEVICES per rank, Slurm's
-  // --gpus-per-task=1): that one, whatever its local rank.
-  if (count == 1) device = 0;
+  // A rank whose CUDA_VISIBLE_DEVICES shows a single GPU was given its own (set per rank, or by
+  // Slurm's --gpus-per-task=1): that one, whatever its local rank.
+  if (count == 1 && std::getenv("CUDA_VISIBLE_DEVICES")) device = 0;
   check(device < count, "run.backend: local rank {} has no GPU of its own ({} visible)", device,
         count);
   cuda::set_device(device);

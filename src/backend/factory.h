@@ -10,7 +10,8 @@ namespace lmtrain {
 
 // "cpu", "cuda" or "auto" (CUDA when this build has it and a GPU is present, else CPU).
 // `dtype` ("bf16" | "fp32") is the CUDA backend's activation dtype; the CPU computes in fp32.
-// `device` is the GPU to use (a rank's LOCAL_RANK; GPU 0 where only one is visible).
+// `device` is the GPU to use (a rank's LOCAL_RANK; GPU 0 where CUDA_VISIBLE_DEVICES shows
+// only one).
 std::unique_ptr<Backend> make_backend(const std::string& name, const std::string& dtype,
                                       int device = 0);
 

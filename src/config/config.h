@@ -25,7 +25,9 @@ struct RunConfig {
     v("name", name, "run name; the run directory is out_dir/name");
     v("out_dir", out_dir, "directory that holds run directories");
     v("seed", seed, "seed for initialisation, data order and sampling");
-    v("backend", backend, "auto | cpu | cuda (auto: cuda when a GPU is present)");
+    v("backend", backend,
+      "auto | cpu | cuda (auto: cuda when a GPU is present; a GPU whose driver cannot be used is "
+      "an error)");
     v("dtype", dtype,
       "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in "
       "fp32)");

@@ -19,15 +19,23 @@ int device_count() {
   if (status == cudaErrorNoDevice || status == cudaErrorStubLibrary ||
       cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
     return 0;
-  // A driver that is there but cannot run this build is not "no GPU": training on the CPU
-  // instead would be a silent hundredfold slowdown.
+  // A driver that is there but cannot be used is not "no GPU": training on the CPU instead
+  // would be a silent hundredfold slowdown.
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);
+  auto version = [](int v) { return fmt::format("{}.{}", v / 1000, v % 1000 / 10); };
+  std::string remedy = "fix the driver installation";
+  if (status == cudaErrorInsufficientDriver) {
+    remedy =
+        fmt::format("the driver supports CUDA up to {}, this build needs {}: update the driver",
+                    version(driver), version(runtime));
+  } else if (status == cudaErrorSystemDriverMismatch) {
+    remedy = "the driver's kernel module and library differ: reboot after a driver update";
+  }
   fail(
-      "CUDA: cannot use the GPUs of this machine: {} (driver supports CUDA {}.{}, this build "
-      "needs {}.{}); update the driver, or set run.backend=cpu",
-      cudaGetErrorString(status), driver / 1000, driver % 1000 / 10, runtime / 1000,
-      runtime % 1000 / 10);
+      "CUDA: cannot use the GPUs of this machine: {}; {}, or use the CPU backend "
+      "(run.backend=cpu for train, --backend cpu for eval and sample)",
+      cudaGetErrorString(status), remedy);
 }
 
 void set_device(int device) {

@@ -100,6 +100,7 @@ NcclCommunicator::~NcclCommunicator() {
   } else if (std::uncaught_exceptions() > 0 || async_error(comm_) != ncclSuccess) {
     // Going away on an error: collectives may wait for peers that will never join them.
     // Aborting ends them, so that freeing memory (which synchronizes the device) cannot hang.
+    *aborted_ = true;
     ncclCommAbort(comm_);
   } else {
     // Started collectives must finish before the communicator goes.

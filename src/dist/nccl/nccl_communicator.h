@@ -1,6 +1,6 @@
 // Collectives on CUDA tensors through NCCL. Compiled only in CUDA builds (CMake adds
 // src/dist/nccl/ to lmtrain_cuda). Rank 0 creates the ncclUniqueId and publishes it in the
-// rendezvous store; every rank reads it and joins the communicator on its LOCAL_RANK's device.
+// rendezvous store; every rank reads it and joins the communicator on its backend's device.
 // Collectives run on a communication stream of their own, ordered after the backend's stream
 // at the point they were started, and wait() orders the backend's stream after them: the two
 // streams overlap in between, and the host never blocks.
