@@ -70,9 +70,9 @@ SHARD_MAGIC = 20240520
 SHARD_HEADER_INTS = 256
 
 # Dense bf16 tensor-core peaks, the table of src/backend/cuda/device.cpp (first match wins).
-PEAK_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-              ("H800 PCIe", 756e12), ("H800", 989e12), ("A100", 312e12), ("L40S", 362e12),
-              ("A10", 125e12), ("4090", 165e12)]
+PEAK_FLOPS = [("H200 NVL", 835e12), ("H200", 989e12), ("H100 PCIe", 756e12),
+              ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12), ("4090", 165e12)]
 
 
 class InputError(Exception):

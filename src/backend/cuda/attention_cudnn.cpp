@@ -138,18 +138,24 @@ struct CudnnAttention::Impl {
     try {
       return build_steps(g, s, backward);
     } catch (const std::exception& e) {
-      spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it",
-                   describe(s, backward), e.what());
+      spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it{}",
+                   describe(s, backward), e.what(), hint(backward));
       return Plan{};
     }
+  }
+
+  // Not every GPU and cuDNN version has a deterministic backward for every shape.
+  std::string hint(bool backward) const {
+    if (!backward || !deterministic) return "";
+    return " (LMTRAIN_CUDNN_ATTENTION=nondeterministic may run it on cuDNN)";
   }
 
   Plan build_steps(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s,
                    bool backward) {
     auto step = [&](const char* what, fe::error_t status) {
       if (status.is_good()) return true;
-      spdlog::warn("cuDNN attention {}: {} failed ({}); using the own attention kernel for it",
-                   describe(s, backward), what, status.get_message());
+      spdlog::warn("cuDNN attention {}: {} failed ({}); using the own attention kernel for it{}",
+                   describe(s, backward), what, status.get_message(), hint(backward));
       return false;
     };
     Plan plan;

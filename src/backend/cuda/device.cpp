@@ -55,11 +55,11 @@ double dense_bf16_peak_flops(const std::string& name) {
     const char* key;
     double flops;
   };
-  // First match wins: the PCIe and NVL H100s are slower than the SXM one.
-  static const Entry table[] = {{"H200", 989e12}, {"H100 PCIe", 756e12}, {"H100 NVL", 835e12},
-                                {"H100", 989e12}, {"H800 PCIe", 756e12}, {"H800", 989e12},
-                                {"A100", 312e12}, {"L40S", 362e12},      {"A10", 125e12},
-                                {"4090", 165e12}};
+  // First match wins: the PCIe and NVL parts are slower than the SXM ones.
+  static const Entry table[] = {{"H200 NVL", 835e12}, {"H200", 989e12}, {"H100 PCIe", 756e12},
+                                {"H100 NVL", 835e12}, {"H100", 989e12}, {"H800 PCIe", 756e12},
+                                {"H800", 989e12},     {"A100", 312e12}, {"L40S", 362e12},
+                                {"A10", 125e12},      {"4090", 165e12}};
   for (const auto& e : table) {
     if (name.find(e.key) != std::string::npos) return e.flops;
   }
