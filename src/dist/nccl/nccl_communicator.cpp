@@ -95,13 +95,10 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (*aborted_) {
-    // Ended already.
-  } else if (std::uncaught_exceptions() > 0 || async_error(comm_) != ncclSuccess) {
+  if (std::uncaught_exceptions() > 0 || *aborted_ || async_error(comm_) != ncclSuccess) {
     // Going away on an error: collectives may wait for peers that will never join them.
     // Aborting ends them, so that freeing memory (which synchronizes the device) cannot hang.
-    *aborted_ = true;
-    ncclCommAbort(comm_);
+    abort();
   } else {
     // Started collectives must finish before the communicator goes.
     cudaStreamSynchronize(comm_stream_);
