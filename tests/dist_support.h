@@ -1,6 +1,9 @@
 // Helpers shared by the distributed tests.
 #pragma once
 
+#include <random>
+#include <vector>
+
 #include "dist/env.h"
 
 namespace lmtrain::test_support {
@@ -15,6 +18,15 @@ inline dist::RankInfo rank_info(int rank, int world, int port) {
   info.master_addr = "127.0.0.1";
   info.master_port = port;
   return info;
+}
+
+// n normal floats from `seed`: each rank's distinct inputs.
+inline std::vector<float> normal_data(int seed, size_t n) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
 }
 
 }  // namespace lmtrain::test_support

@@ -128,9 +128,10 @@ struct Background {
   }
 };
 
-// Starts `lmtrain args...` in the repository root without waiting.
+// Starts `lmtrain args...` in the repository root without waiting; `ignore_hangup` starts it
+// with SIGHUP ignored, as nohup does.
 inline void run_lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
-                                   Background& bg) {
+                                   Background& bg, bool ignore_hangup = false) {
   bg.out = tmp.path() / ".bg_stdout";
   bg.err = tmp.path() / ".bg_stderr";
   std::vector<std::string> argv_storage = {LMTRAIN_BINARY};
@@ -145,6 +146,7 @@ inline void run_lmtrain_background(const std::vector<std::string>& args, const T
     int o = ::open(bg.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = ::open(bg.err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (in < 0 || o < 0 || e < 0 || ::chdir(LMTRAIN_SOURCE_DIR) != 0) ::_exit(126);
+    if (ignore_hangup) ::signal(SIGHUP, SIG_IGN);
     ::dup2(in, 0);
     ::dup2(o, 1);
     ::dup2(e, 2);

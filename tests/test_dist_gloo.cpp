@@ -2,7 +2,6 @@
 #include <catch2/catch.hpp>
 #include <future>
 #include <mutex>
-#include <random>
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
@@ -16,18 +15,11 @@
 
 using namespace lmtrain;
 using namespace lmtrain::dist;
+using lmtrain::test_support::normal_data;
 using lmtrain::test_support::rank_info;
 using namespace std::chrono_literals;
 
 namespace {
-
-std::vector<float> normal_data(int seed, size_t n) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
 
 Tensor tensor(std::vector<float>& v, Shape shape) { return Tensor{v.data(), shape, DType::f32}; }
 

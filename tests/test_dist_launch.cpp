@@ -18,13 +18,15 @@ namespace {
 // A running `lmtrain launch` whose stdout and stderr go to one pipe.
 class Launcher {
  public:
-  explicit Launcher(std::vector<std::string> args) {
+  // `ignore_hangup`: start the launcher with SIGHUP ignored, as nohup does.
+  explicit Launcher(std::vector<std::string> args, bool ignore_hangup = false) {
     args.insert(args.begin(), {LMTRAIN_BINARY, "launch"});
     int fds[2];
     REQUIRE(pipe(fds) == 0);
     pid_ = fork();
     REQUIRE(pid_ >= 0);
     if (pid_ == 0) {
+      if (ignore_hangup) signal(SIGHUP, SIG_IGN);
       dup2(fds[1], 1);
       dup2(fds[1], 2);
       close(fds[0]);
@@ -139,6 +141,29 @@ TEST_CASE("launch: SIGTERM to the launcher reaches every rank", "[dist]") {
   CHECK(launch.finish() == 0);
   CHECK(launch.seconds < 5.0);
   CHECK_THAT(launch.output, Contains("[rank 0] got TERM") && Contains("[rank 1] got TERM"));
+}
+
+// SIGHUP is forwarded like SIGTERM; under nohup it stays ignored by the launcher and its ranks.
+TEST_CASE("launch: SIGHUP reaches every rank unless it is ignored", "[dist]") {
+  const std::string rank_script =
+      "trap 'echo got HUP; exit 0' HUP; trap 'echo got TERM; exit 0' TERM; echo ready; "
+      "sleep 60 & wait";
+  Launcher forwarded({"--nproc-per-node", "2", "--", "sh", "-c", rank_script});
+  forwarded.read_until("[rank 0] ready");
+  forwarded.read_until("[rank 1] ready");
+  REQUIRE(kill(forwarded.pid(), SIGHUP) == 0);
+  CHECK(forwarded.finish() == 0);
+  CHECK_THAT(forwarded.output, Contains("[rank 0] got HUP") && Contains("[rank 1] got HUP"));
+
+  // Started with SIGHUP ignored: the launcher stays, and so does a rank that hangs itself up.
+  Launcher ignored({"--nproc-per-node", "2", "--", "sh", "-c",
+                    "echo ready; sleep 0.3; kill -HUP $$; echo survived"},
+                   true);
+  ignored.read_until("[rank 0] ready");
+  ignored.read_until("[rank 1] ready");
+  REQUIRE(kill(ignored.pid(), SIGHUP) == 0);
+  CHECK(ignored.finish() == 0);
+  CHECK_THAT(ignored.output, Contains("[rank 0] survived") && Contains("[rank 1] survived"));
 }
 
 TEST_CASE("launch: bad arguments are one-line errors", "[dist]") {

@@ -67,6 +67,19 @@ void check_bit_exact_resume(const std::vector<std::string>& extra) {
   }
 }
 
+// Waits up to a minute for a metrics file to hold `count` step records.
+bool wait_for_steps(const fs::path& metrics, size_t count) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    size_t steps = 0;
+    for (const auto& line : lines_of(read_text(metrics)))
+      steps += line.find("\"train_loss\"") != std::string::npos;
+    if (steps >= count) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
 }  // namespace
 
 // The default optimizer (NorMuon for the matrices, AdamW for the rest) resumes bit-exactly.
@@ -91,15 +104,7 @@ TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]
 
   Background bg;
   run_lmtrain_background({"train", "--config", config}, tmp, bg);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  bool stepped = false;
-  while (!stepped && std::chrono::steady_clock::now() < deadline) {
-    for (const auto& line : lines_of(read_text(run.metrics))) {
-      if (line.find("\"train_loss\"") != std::string::npos) stepped = true;
-    }
-    if (!stepped) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  REQUIRE(stepped);
+  REQUIRE(wait_for_steps(run.metrics, 1));
   REQUIRE(::kill(bg.pid, SIGTERM) == 0);
   const Result stopped = bg.wait();
   INFO(stopped.all());
@@ -133,4 +138,100 @@ TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]
     if (all[i].contains("train_loss")) steps_after.push_back(all[i]["step"].get<int>());
   }
   CHECK(steps_after == std::vector<int>{saved + 1, saved + 2});
+}
+
+namespace {
+
+// The (step, kind) of each record in file order, kind being "train", "val" or "end".
+std::vector<std::pair<int, std::string>> record_kinds(const fs::path& metrics) {
+  std::vector<std::pair<int, std::string>> kinds;
+  for (const auto& r : read_metrics(metrics)) {
+    const std::string kind = r.contains("train_loss") ? "train"
+                             : r.contains("val/loss") ? "val"
+                                                      : "end";
+    kinds.emplace_back(r["step"].get<int>(), kind);
+  }
+  return kinds;
+}
+
+}  // namespace
+
+// A run that died after its step-3 checkpoint had logged steps 4..6: resuming drops those lines
+// and logs the redone steps once, so the file reads as one uninterrupted run.
+TEST_CASE("e2e: a resumed run drops the metrics logged after its checkpoint", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const json patch = {{"checkpoint", {{"every", 3}}}, {"eval", {{"every", 2}}}};
+  const std::string config = write_config(tmp, tiny_config(out_dir, patch));
+  const Result whole = run_lmtrain({"train", "--config", config}, tmp);
+  INFO(whole.all());
+  REQUIRE(whole.code == 0);
+  const RunPaths run(out_dir, "e2e");
+  const auto uninterrupted = record_kinds(run.metrics);
+  const auto losses = train_records(run.metrics);
+  REQUIRE(uninterrupted.size() == 11);  // val 0, 2, 4, 6; train 1..6; the end
+
+  fs::remove_all(run.ckpt / "step_000006");
+  write_text(run.ckpt / "latest", "step_000003\n");
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(resumed.all());
+  REQUIRE(resumed.code == 0);
+  CHECK(resumed.out.find("dropped the 6 lines written after step 3") != std::string::npos);
+  CHECK(record_kinds(run.metrics) == uninterrupted);
+  for (const auto& [step, record] : train_records(run.metrics)) {
+    INFO("step " << step);
+    CHECK(record["train_loss"].dump() == losses.at(step)["train_loss"].dump());
+  }
+}
+
+// The final checkpoint is saved after the last evaluation: a run resumed from it with a longer
+// horizon does not evaluate that step again.
+TEST_CASE("e2e: a run resumed from its final checkpoint does not repeat the last evaluation",
+          "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config = write_config(
+      tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 4}}}, {"eval", {{"every", 2}}}}));
+  const Result first = run_lmtrain({"train", "--config", config}, tmp);
+  INFO(first.all());
+  REQUIRE(first.code == 0);
+  const Result longer = run_lmtrain(
+      {"train", "--config", config, "--resume", "--set", "schedule.num_iterations=6"}, tmp);
+  INFO(longer.all());
+  REQUIRE(longer.code == 0);
+  std::vector<int> val_steps;
+  for (const auto& [step, kind] : record_kinds(RunPaths(out_dir, "e2e").metrics)) {
+    if (kind == "val") val_steps.push_back(step);
+  }
+  CHECK(val_steps == std::vector<int>{0, 2, 4, 6});
+}
+
+// A hangup (the terminal went away) stops a run like SIGTERM, with a checkpoint; started with
+// SIGHUP ignored (nohup), the run trains on.
+TEST_CASE("e2e: SIGHUP saves a checkpoint unless it is ignored", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}}}));
+  {
+    Background bg;
+    run_lmtrain_background({"train", "--config", config}, tmp, bg);
+    REQUIRE(wait_for_steps(RunPaths(out_dir, "e2e").metrics, 1));
+    REQUIRE(::kill(bg.pid, SIGHUP) == 0);
+    const Result stopped = bg.wait();
+    INFO(stopped.all());
+    CHECK(stopped.code == 129);
+    CHECK(stopped.out.find("stopped by signal 1") != std::string::npos);
+  }
+  Background bg;
+  run_lmtrain_background({"train", "--config", config, "--set", "run.name=nohup"}, tmp, bg, true);
+  const fs::path metrics = RunPaths(out_dir, "nohup").metrics;
+  REQUIRE(wait_for_steps(metrics, 1));
+  REQUIRE(::kill(bg.pid, SIGHUP) == 0);
+  const size_t before = train_records(metrics).size();
+  CHECK(wait_for_steps(metrics, before + 2));
+  REQUIRE(::kill(bg.pid, SIGTERM) == 0);
+  const Result stopped = bg.wait();
+  INFO(stopped.all());
+  CHECK(stopped.code == 143);
 }

@@ -47,8 +47,12 @@ class SignalCatcher {
     action.sa_handler = on_signal;
     sigemptyset(&action.sa_mask);
     action.sa_flags = SA_RESTART;
-    for (size_t i = 0; i < std::size(kForwarded); ++i)
-      sigaction(kForwarded[i], &action, &previous_[i]);
+    for (size_t i = 0; i < std::size(kForwarded); ++i) {
+      sigaction(kForwarded[i], nullptr, &previous_[i]);
+      // nohup: a hangup stays ignored, by the launcher and (inherited) by its ranks.
+      if (kForwarded[i] == SIGHUP && previous_[i].sa_handler == SIG_IGN) continue;
+      sigaction(kForwarded[i], &action, nullptr);
+    }
     struct sigaction ignore {};
     ignore.sa_handler = SIG_IGN;
     sigaction(SIGPIPE, &ignore, &previous_pipe_);

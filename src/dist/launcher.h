@@ -21,7 +21,8 @@ struct LaunchOptions {
 };
 
 // Runs the ranks to completion. Returns 0 when all exit 0; throws lmtrain::Error naming the
-// first rank that failed otherwise. SIGINT, SIGTERM and SIGHUP are forwarded to every rank.
+// first rank that failed otherwise. SIGINT, SIGTERM and SIGHUP are forwarded to every rank; a
+// SIGHUP ignored when the launcher starts (nohup) stays ignored, by the ranks too.
 int launch(const LaunchOptions& options);
 
 }  // namespace lmtrain::dist

@@ -182,9 +182,14 @@ nlohmann::json read_checkpoint_meta(const std::string& dir) {
   if (meta.contains("optimizer_updates")) integer("optimizer_updates", 0);
   check(meta["loader"].is_object(), "{}: 'loader' must be an object", path);
   if (!meta.contains("extra")) meta["extra"] = nlohmann::json::object();
-  check(meta["extra"].is_object() && (!meta["extra"].contains("trained_seconds") ||
-                                      meta["extra"]["trained_seconds"].is_number()),
-        "{}: 'extra' must be an object with a numeric trained_seconds", path);
+  const nlohmann::json& extra = meta["extra"];
+  check(extra.is_object() &&
+            (!extra.contains("trained_seconds") || extra["trained_seconds"].is_number()) &&
+            (!extra.contains("metrics_bytes") || extra["metrics_bytes"].is_number_unsigned()) &&
+            (!extra.contains("evaluated") || extra["evaluated"].is_boolean()),
+        "{}: 'extra' must be an object with a number trained_seconds, a non-negative integer "
+        "metrics_bytes and a boolean evaluated",
+        path);
   return meta;
 }
 

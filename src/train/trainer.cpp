@@ -180,7 +180,15 @@ int train(const TrainOptions& options) {
         fs::remove(fs::path(run_dir) / file);
     }
     fs::create_directories(run_dir);
-    metrics.emplace((fs::path(run_dir) / "metrics.jsonl").string());
+    const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
+    if (options.resume && resume_meta["extra"].contains("metrics_bytes")) {
+      const int dropped = drop_records_after(metrics_path, resume_meta["extra"]["metrics_bytes"]);
+      if (dropped > 0) {
+        spdlog::info("{}: dropped the {} lines written after step {}'s checkpoint (redone now)",
+                     metrics_path, dropped, loop.step);
+      }
+    }
+    metrics.emplace(metrics_path);
   }
   spdlog::info("config:\n{}", resolved.dump(2));
   ParamCounts counts = count_params(model.table());
@@ -195,10 +203,13 @@ int train(const TrainOptions& options) {
 
   const double peak = peak_flops(*backend);
   // Saves the state after `completed` optimizer steps (every rank takes part).
-  auto save = [&](int completed) {
+  // `evaluated`: the evaluation at `completed` has run (the final checkpoint's case), so a run
+  // resumed from it does not repeat it.
+  auto save = [&](int completed, bool evaluated = false) {
     loop.step = completed;
     loop.loader = loader.state();
-    loop.extra = {{"trained_seconds", trained_seconds}};
+    loop.extra = {{"trained_seconds", trained_seconds}, {"evaluated", evaluated}};
+    if (lead) loop.extra["metrics_bytes"] = metrics->bytes();
     std::string dir = save_checkpoint(ckpt_parent, resolved, model, &optimizer, loop,
                                       config.data.tokenizer, *comm);
     spdlog::info("saved checkpoint {}", dir);
@@ -238,13 +249,17 @@ int train(const TrainOptions& options) {
 
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
+  // A hangup (the terminal went away) stops the run too, unless it was ignored (nohup).
+  if (std::signal(SIGHUP, on_stop_signal) == SIG_IGN) std::signal(SIGHUP, SIG_IGN);
 
   std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
   const auto& e = config.eval;
   const int first_step = loop.step;
+  const bool resumed_evaluated = options.resume && resume_meta["extra"].value("evaluated", false);
   for (int step = loop.step; step <= N; ++step) {
     const bool last = step == N;
-    if (e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
+    const bool evaluated = step == first_step && resumed_evaluated;
+    if (!evaluated && e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
       EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens / world, rank, world);
       std::vector<float> sums = {float(r.nats), float(r.text_nats), float(r.bytes),
                                  float(r.tokens)};
@@ -253,7 +268,8 @@ int train(const TrainOptions& options) {
       spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss(), r.bpb());
       if (lead) metrics->write({{"step", step}, {"val/loss", r.loss()}, {"val/bpb", r.bpb()}});
     }
-    if (lead && ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last)) {
+    if (lead && !evaluated &&
+        ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last)) {
       spdlog::info("sample: {}", sample_text(model, tokenizer, e, config.run.seed + step));
     }
     if (last) break;
@@ -327,7 +343,7 @@ int train(const TrainOptions& options) {
     }
   }
   write_profile();
-  if (config.checkpoint.save_final) save(N);
+  if (config.checkpoint.save_final) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
   return 0;

@@ -6,8 +6,8 @@
 // flag, and its C (N, M) is our out. Rank-3 tensors are dense, so batches are strided.
 //
 // Compute is fp32 (CUBLAS_COMPUTE_32F). With f32 activations (the mode that is compared with the
-// CPU) f32 matmuls stay true fp32; with bf16 activations the f32 matmuls (the optimizer's
-// orthogonalization) may use TF32 tensor cores, which Polar Express / Newton-Schulz tolerate.
+// CPU) f32 matmuls stay true fp32; with bf16 activations an f32 matmul may use TF32 tensor cores
+// (the model and the optimizer's orthogonalization run theirs in bf16 there).
 //
 // The algorithm of each shape is cuBLASLt's first suggestion, or with LMTRAIN_MATMUL_TUNING=measure
 // the fastest of its first kTuneCandidates suggestions, timed on the shape's first call. Timing
