@@ -26,11 +26,34 @@ Result launch(int ranks, const std::vector<std::string>& train_args, const TempD
   return run_lmtrain(args, tmp);
 }
 
+// The step records of a run, in order.
+std::vector<json> step_records(const fs::path& metrics) {
+  std::vector<json> out;
+  for (const auto& r : read_metrics(metrics))
+    if (r.contains("train_loss")) out.push_back(r);
+  return out;
+}
+
 std::vector<double> losses(const fs::path& metrics) {
   std::vector<double> out;
-  for (const auto& r : read_metrics(metrics))
-    if (r.contains("train_loss")) out.push_back(r["train_loss"]);
+  for (const auto& r : step_records(metrics)) out.push_back(r["train_loss"]);
   return out;
+}
+
+// The gradient norm and the NorMuon update RMS of every step and stack agree: they describe
+// the whole model, whatever the number of ranks.
+void check_global_metrics(const fs::path& reference, const fs::path& got) {
+  const auto want = step_records(reference), have = step_records(got);
+  REQUIRE(want.size() == have.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    for (const auto& [key, value] : want[i].items()) {
+      if (key != "grad_norm" && key.rfind("muon/update_rms/", 0) != 0) continue;
+      INFO("step " << i + 1 << " " << key);
+      REQUIRE(have[i].contains(key));
+      const double a = value, b = have[i][key];
+      CHECK(std::abs(a - b) <= 1e-4 * std::abs(a));
+    }
+  }
 }
 
 // The largest per-tensor relative L2 distance between two checkpoints' weights.
@@ -75,6 +98,7 @@ TEST_CASE("2 and 4 ranks train like 1 rank with the same global batch", "[e2e][d
       const auto got = losses(RunPaths(out, "e2e").metrics);
       REQUIRE(got.size() == reference.size());
       for (size_t i = 0; i < got.size(); ++i) CHECK(std::abs(got[i] - reference[i]) < 1e-5);
+      check_global_metrics(RunPaths(one, "e2e").metrics, RunPaths(out, "e2e").metrics);
       CHECK(weight_distance(RunPaths(one, "e2e").ckpt / "step_000005",
                             RunPaths(out, "e2e").ckpt / "step_000005") < tolerance);
       // Every rank wrote its optimizer shard.

@@ -49,8 +49,8 @@ double NorMuon::lr_scale(const std::string& rule, int64_t rows, int64_t cols) {
 }
 
 NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config,
-                 int depth)
-    : backend_(backend), config_(config), depth_(depth) {
+                 int depth, dist::Communicator* comm)
+    : backend_(backend), config_(config), depth_(depth), comm_(comm) {
   TensorPlan state_plan;
   int64_t largest = 0, largest_square = 0;
   stacks_.resize(stacks.size());  // the plan holds pointers into stacks_: sized once
@@ -62,6 +62,8 @@ NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const Muon
               int64_t(st.spec.names.size()) == p.dim(0),
           "NorMuon: stack {} needs f32 (K, m, n) params and grads and K names", p.shape.str());
     st.count = p.dim(0), st.rows = p.dim(1), st.cols = p.dim(2);
+    st.named = std::count_if(st.spec.names.begin(), st.spec.names.end(),
+                             [](const std::string& name) { return !name.empty(); });
     state_plan.add(st.momentum, p.shape, DType::f32);
     if (config.second_moment) {
       state_plan.add(st.second, {st.count, st.rows >= st.cols ? st.rows : st.cols}, DType::f32);
@@ -93,7 +95,7 @@ NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const Muon
   scratch.add(work_y_, {largest}, work);
   scratch.add(work_gram_, {largest_square}, work);
   scratch.add(work_poly_, {largest_square}, work);
-  scratch.add(update_sq_, {int64_t(stacks_.size())}, DType::f32);
+  scratch.add(update_sq_, {2 * int64_t(stacks_.size())}, DType::f32);
   scratch_memory_ = scratch.allocate(backend);
 }
 
@@ -164,14 +166,21 @@ void NorMuon::step(int step, int num_iterations, double lr, nlohmann::json& metr
     }
     if (updated) updated(si);
   }
-  // The update RMS of every stack, read back at once.
-  std::vector<float> update_sq(stacks_.size());
-  b.download(update_sq.data(), update_sq_);
-  for (size_t si = 0; si < stacks_.size(); ++si) {
-    const Stack& st = stacks_[si];
+  // The update RMS of every stack over its named matrices (padding updates are zero), summed
+  // over ranks, read back at once.
+  const int64_t num_stacks = int64_t(stacks_.size());
+  for (int64_t si = 0; si < num_stacks; ++si)
+    b.fill(update_sq_.slice(num_stacks + si, 1), float(stacks_[size_t(si)].named));
+  if (comm_ && comm_->world_size() > 1) comm_->all_reduce_sum(update_sq_);
+  std::vector<float> sums(size_t(2 * num_stacks));
+  b.download(sums.data(), update_sq_);
+  for (int64_t si = 0; si < num_stacks; ++si) {
+    const Stack& st = stacks_[size_t(si)];
     const std::string label = std::to_string(st.rows) + "x" + std::to_string(st.cols);
-    metrics["muon/update_rms/" + label] = lr * lr_scale(config_.lr_scale, st.rows, st.cols) *
-                                          std::sqrt(update_sq[si] / double(st.spec.params.numel()));
+    const double elements = double(sums[size_t(num_stacks + si)]) * double(st.rows * st.cols);
+    metrics["muon/update_rms/" + label] =
+        lr * lr_scale(config_.lr_scale, st.rows, st.cols) *
+        std::sqrt(elements > 0 ? sums[size_t(si)] / elements : 0.0);
   }
 }
 

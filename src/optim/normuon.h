@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "dist/communicator.h"
 #include "model/gpt.h"
 #include "optim/state_tensor.h"
 
@@ -17,7 +18,9 @@ namespace lmtrain {
 // One stack of same-shape matrices to optimize: views of (K, m, n) parameters and gradients.
 struct MuonStackSpec {
   Tensor params, grads;
-  std::vector<std::string> names;  // per matrix, for param_overrides and checkpoint state
+  // Per matrix, for param_overrides and checkpoint state; "" for the zero matrices that pad a
+  // stack sharded over ranks.
+  std::vector<std::string> names;
 };
 
 // The block matrices of a model, stack by stack.
@@ -25,8 +28,10 @@ std::vector<MuonStackSpec> model_stacks(const Gpt& model);
 
 class NorMuon {
  public:
-  // `depth` scales the weight decay from its reference depth.
-  NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config, int depth);
+  // `depth` scales the weight decay from its reference depth. With a communicator, each rank
+  // holds its share of every stack and the logged update RMS covers all ranks' matrices.
+  NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config, int depth,
+          dist::Communicator* comm = nullptr);
 
   // One update of every stack. lr is the matrix group's LR after the schedule multiplier.
   // `updated`, when given, is called with each stack's index as soon as its parameters are
@@ -43,6 +48,7 @@ class NorMuon {
   struct Stack {
     MuonStackSpec spec;
     int64_t count, rows, cols;
+    int64_t named;                       // matrices that are not padding
     Tensor momentum, second;             // state: (K, m, n) and (K, m) or (K, n)
     std::vector<double> lr_mul, wd_mul;  // per matrix, from param_overrides
   };
@@ -52,12 +58,15 @@ class NorMuon {
   Backend& backend_;
   MuonConfig config_;
   int depth_;
+  dist::Communicator* comm_;
   std::vector<Stack> stacks_;
   Buffer state_memory_, scratch_memory_;
   // Flat scratch sized for the largest stack: the f32 update and the orthogonalizer's work
   // tensors in the backend's activation dtype.
   Tensor scratch_u_, work_x_, work_y_, work_gram_, work_poly_;
-  Tensor update_sq_;  // f32 per stack: the squared norm of its last update, for the metrics
+  // f32: per stack the squared norm of its last update, then per stack its named matrices (the
+  // metrics' sums over ranks)
+  Tensor update_sq_;
 };
 
 }  // namespace lmtrain

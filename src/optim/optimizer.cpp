@@ -129,7 +129,7 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
       }
       owned.push_back(std::move(spec));
     }
-    muon_ = std::make_unique<NorMuon>(model.backend(), std::move(owned), optim.muon, depth);
+    muon_ = std::make_unique<NorMuon>(model.backend(), std::move(owned), optim.muon, depth, &comm);
   }
   for (auto& s : adamw_) {
     model.backend().fill(s.m, 0.f);
