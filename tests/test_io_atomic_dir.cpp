@@ -1,3 +1,5 @@
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <set>
@@ -113,5 +115,46 @@ TEST_CASE("File helpers and read_latest errors name the path", "[io]") {
                                                           Contains("not a directory"));
   write_file_synced(tmp / "latest", "../etc\n");
   CHECK_THROWS_WITH(read_latest(tmp.path().string()),
-                    Contains(tmp / "latest") && Contains("'../etc'"));
+                    Contains(tmp / "latest") && Contains("\"../etc\""));
+}
+
+// `latest` is one name: spaces around it are trimmed; two lines, control characters, a large
+// file or something that is not a file are one-line errors (the name shown escaped).
+TEST_CASE("read_latest takes one name and nothing else", "[io]") {
+  TempDir tmp;
+  const std::string parent = tmp.path().string(), latest = tmp / "latest";
+  fs::create_directory(tmp / "step-1");
+  write_file_synced(latest, "  step-1 \n");
+  CHECK(read_latest(parent) == "step-1");
+  write_file_synced(latest, "step-1\nstep-2\n");
+  CHECK_THROWS_WITH(read_latest(parent), Contains("\"step-1\\nstep-2\""));
+  write_file_synced(latest, std::string("step-1\0junk", 11));
+  CHECK_THROWS_WITH(read_latest(parent), Contains("\"step-1\\u{0}junk\"") || Contains("\\x00"));
+  write_file_synced(latest, std::string(5000, 'a'));
+  CHECK_THROWS_WITH(read_latest(parent), Contains("a file of 5000 bytes"));
+  fs::remove(latest);
+  fs::create_directory(latest);
+  CHECK_THROWS_WITH(read_latest(parent), Contains("expected a file holding"));
+  fs::remove(latest);
+  REQUIRE(::mkfifo(latest.c_str(), 0644) == 0);  // reading it would block
+  CHECK_THROWS_WITH(read_latest(parent), Contains("expected a file holding"));
+}
+
+// What processes killed while saving leave: staging and set-aside directories go, unless the
+// checkpoint `latest` names is missing (they may hold its only copy).
+TEST_CASE("remove_unfinished clears what killed saves left", "[io]") {
+  TempDir tmp;
+  const std::string parent = tmp.path().string();
+  CHECK(lmtrain::remove_unfinished(tmp / "none") == 0);
+  commit_checkpoint(parent, "step-1", "one");
+  for (const char* dir : {".step-2.tmp-123", ".step-1.old-77", ".step-1.tmp-8", ".keep", "x.tmp-1"})
+    fs::create_directory(tmp / dir);
+  CHECK(lmtrain::remove_unfinished(parent) == 3);
+  CHECK(entries(parent) == std::set<std::string>{"step-1", "latest", ".keep", "x.tmp-1"});
+
+  fs::rename(tmp / "step-1", tmp / ".step-1.old-77");
+  fs::create_directory(tmp / ".step-1.tmp-8");
+  CHECK_THROWS_WITH(lmtrain::remove_unfinished(parent), Contains("not a directory"));
+  CHECK(entries(parent) ==
+        std::set<std::string>{".step-1.old-77", ".step-1.tmp-8", "latest", ".keep", "x.tmp-1"});
 }

@@ -2,6 +2,7 @@
 
 #include "backend/factory.h"
 #include "cli/commands.h"
+#include "io/safetensors.h"
 #include "train/checkpoint.h"
 
 namespace lmtrain {
@@ -18,6 +19,18 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   const int vocab =
       m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();
   const GptShape shape = GptShape::from(m.config.model, vocab);
+  check(m.tokenizer->vocab_size() <= vocab,
+        "{}/meta.json: model.vocab_size {} is smaller than its tokenizer.json's {} tokens", dir,
+        vocab, m.tokenizer->vocab_size());
+  if (!m.config.model.vocab_size) {  // the vocabulary is the tokenizer's: the weights must agree
+    const std::string weights = (std::filesystem::path(dir) / "model.safetensors").string();
+    const SafetensorsFile file = SafetensorsFile::open(weights);
+    const SafeTensorInfo& wte = file.info("transformer.wte.weight");
+    check(wte.shape.size() == 2 && wte.shape[0] == shape.padded_vocab,
+          "{}/tokenizer.json: {} tokens ({} rows padded), but {} holds {} token embeddings: not "
+          "the tokenizer this model was trained with",
+          dir, vocab, shape.padded_vocab, weights, wte.shape.empty() ? 0 : wte.shape[0]);
+  }
   m.model =
       std::make_unique<Gpt>(*m.backend, shape, batch > 0 ? batch : m.config.batch.device_batch);
   load_model_weights(dir, *m.model);

@@ -28,7 +28,9 @@ int run_sample(const SampleCommandOptions& o) {
   }
   prompt.insert(prompt.end(), encoded.begin(), encoded.end());
   Generator generator(*m.model);
-  auto tokens = generator.generate(prompt, o.sample, m.tokenizer->bos_id());
+  SampleOptions options = o.sample;
+  options.vocab_limit = m.tokenizer->vocab_size();
+  auto tokens = generator.generate(prompt, options, m.tokenizer->bos_id());
   fmt::print("{}{}\n", o.prompt, m.tokenizer->decode(tokens));
   return 0;
 }

@@ -236,7 +236,9 @@ struct EvalConfig {
   int top_k = 50;
   template <class V>
   void visit(V& v) {
-    v("every", every, "validation at step 0 and every this many steps, and at the end (0: only at the end, -1: never)");
+    v("every", every,
+      "validation at step 0 and every this many steps, and at the end (0: only at the end, -1: "
+      "never)");
     v("tokens", tokens, "validation tokens per evaluation (rounded down to whole batches)");
     v("sample_every", sample_every, "print a sample every this many steps (0: only at the end)");
     v("sample_prompt", sample_prompt, "prompt for samples (empty: start from BOS)");

@@ -5,6 +5,7 @@
 #include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28)
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <filesystem>
@@ -21,8 +22,24 @@ namespace {
 std::string errno_text() { return std::system_category().message(errno); }
 
 bool is_plain_name(const std::string& name) {
-  return !name.empty() && name.find('/') == std::string::npos && name.front() != '.' &&
-         name != "latest" && name.find('\n') == std::string::npos;
+  return !name.empty() && name.size() <= 255 && name.front() != '.' && name != "latest" &&
+         std::none_of(name.begin(), name.end(), [](unsigned char c) {
+           return c == '/' || c < 0x20 || c == 0x7f;  // no path, no control characters
+         });
+}
+
+// <name> of a staging ".<name>.tmp-<pid>" or set-aside ".<name>.old-<pid>" directory; empty for
+// anything else.
+std::string unfinished_name(const std::string& file) {
+  for (const char* mark : {".tmp-", ".old-"}) {
+    const size_t at = file.rfind(mark);
+    if (file.front() != '.' || at == std::string::npos || at < 2) continue;
+    const std::string pid = file.substr(at + 5);
+    if (!pid.empty() &&
+        std::all_of(pid.begin(), pid.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return file.substr(1, at - 1);
+  }
+  return {};
 }
 
 void rename_or_fail(const std::string& from, const std::string& to) {
@@ -192,13 +209,37 @@ void AtomicDir::commit(bool update_latest) {
 std::optional<std::string> read_latest(const std::string& parent) {
   const std::string latest = parent + "/latest";
   std::error_code ec;
-  if (!fs::exists(latest, ec)) return std::nullopt;
+  const fs::file_status status = fs::status(latest, ec);
+  if (!fs::exists(status)) return std::nullopt;
+  // Not a FIFO or a device to block on, nor a file too large to be a name.
+  check(fs::is_regular_file(status), "{}: expected a file holding a checkpoint directory name",
+        latest);
+  const uintmax_t size = fs::file_size(latest, ec);
+  check(!ec && size <= 4096, "{}: expected a checkpoint directory name, got a file of {} bytes",
+        latest, size);
   std::string name = read_file(latest);
-  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-  check(is_plain_name(name), "{}: expected a checkpoint directory name, got '{}'", latest, name);
+  auto space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!name.empty() && space(name.back())) name.pop_back();
+  name.erase(name.begin(), std::find_if_not(name.begin(), name.end(), space));
+  check(is_plain_name(name), "{}: expected a checkpoint directory name, got {:?}", latest, name);
   check(fs::is_directory(parent + "/" + name, ec),
         "{}: points at '{}' but {}/{} is not a directory", latest, name, parent, name);
   return name;
+}
+
+int remove_unfinished(const std::string& parent) {
+  std::error_code ec;
+  if (!fs::is_directory(parent, ec)) return 0;
+  // Throws when `latest` names a missing checkpoint: a crash between the two renames of a
+  // replacing commit leaves that checkpoint only in the directories removed below.
+  read_latest(parent);
+  int removed = 0;
+  for (const auto& entry : fs::directory_iterator(parent)) {
+    if (unfinished_name(entry.path().filename().string()).empty()) continue;
+    remove_all_or_warn(entry.path().string());
+    ++removed;
+  }
+  return removed;
 }
 
 }  // namespace lmtrain

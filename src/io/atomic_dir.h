@@ -84,4 +84,9 @@ class AtomicDir {
 // names a directory that does not exist: silently starting over would discard a run.
 std::optional<std::string> read_latest(const std::string& parent);
 
+// Removes the staging and set-aside directories that processes killed while saving left in
+// <parent>; returns how many. Only while no other process saves there. Throws, removing nothing,
+// when `latest` names a missing checkpoint, whose only copy may be among them.
+int remove_unfinished(const std::string& parent);
+
 }  // namespace lmtrain

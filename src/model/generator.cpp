@@ -92,7 +92,7 @@ void Generator::run(std::span<const int32_t> tokens, int pos) {
 int32_t Generator::pick(Rng& rng, const SampleOptions& o) {
   std::vector<float> logits(shape_.padded_vocab);
   backend_.download(logits.data(), logits_);
-  logits.resize(shape_.vocab);
+  logits.resize(o.vocab_limit > 0 ? std::min(o.vocab_limit, shape_.vocab) : shape_.vocab);
   const double cap = shape_.softcap;
   for (float& z : logits) z = float(cap * std::tanh(z / cap));
   std::vector<int32_t> order(logits.size());

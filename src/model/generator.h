@@ -15,6 +15,9 @@ struct SampleOptions {
   double temperature = 0.8;  // 0: greedy
   int top_k = 50;            // 0: all tokens
   uint64_t seed = 42;
+  // Samples only ids below this: the tokenizer's vocabulary, which a model.vocab_size above it
+  // leaves smaller than the model's (0: the model's).
+  int vocab_limit = 0;
 };
 
 class Generator {

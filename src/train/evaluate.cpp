@@ -7,6 +7,11 @@
 
 namespace lmtrain {
 
+namespace {
+
+// How many batches of B x T tokens an evaluation of up to `max_tokens` takes per rank: whole
+// batches, at least one, no more than the shards hold without wrapping. Throws naming the shards
+// when they hold less than one batch per rank.
 int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
                      int world) {
   const int64_t batch_tokens = int64_t(B) * T;
@@ -20,9 +25,21 @@ int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64
   return std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
 }
 
+// The loader an evaluation reads with: contiguous windows from the shards' start, in file order,
+// this rank's share.
 TokenLoader eval_loader(const std::vector<std::string>& shards, int B, int T, int rank, int world,
                         int32_t bos_id, int32_t vocab) {
   return TokenLoader({shards, Packing::contiguous, B, T, rank, world, 0, bos_id, false, vocab});
+}
+
+}  // namespace
+
+void check_eval_data(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
+                     int rank, int world, int32_t bos_id, int32_t vocab) {
+  const int64_t batches = eval_batches(shards, B, T, max_tokens, world);
+  TokenLoader loader = eval_loader(shards, B, T, rank, world, bos_id, vocab);
+  std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
+  for (int64_t i = 0; i < batches; ++i) loader.next_batch(inputs, targets);
 }
 
 EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,

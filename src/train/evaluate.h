@@ -20,16 +20,11 @@ struct EvalResult {
   double bpb() const { return bytes > 0 ? text_nats / (std::log(2.0) * bytes) : 0.0; }
 };
 
-// How many batches of B x T tokens an evaluation of up to `max_tokens` takes per rank: whole
-// batches, at least one, no more than the shards hold without wrapping. Throws naming the shards
-// when they hold less than one batch per rank, so a run checks this before it trains.
-int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
-                     int world);
-
-// The loader an evaluation reads with: contiguous windows from the shards' start, in file order,
-// this rank's share. Making it checks that the shards hold this rank's first window.
-TokenLoader eval_loader(const std::vector<std::string>& shards, int B, int T, int rank, int world,
-                        int32_t bos_id, int32_t vocab);
+// Reads every window an evaluation of up to `max_tokens` reads on this rank, so that a run finds
+// validation data too small for one batch per rank, or holding ids outside the vocabulary,
+// before it trains rather than at its first evaluation.
+void check_eval_data(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
+                     int rank, int world, int32_t bos_id, int32_t vocab);
 
 // Evaluates on up to `max_tokens` tokens (whole batches, at least one), always from the start of
 // the shards so that every evaluation sees the same text. `rank`/`world` split the windows.

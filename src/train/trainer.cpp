@@ -19,6 +19,7 @@
 #include "data/tokenizer.h"
 #include "dist/communicator.h"
 #include "dist/env.h"
+#include "io/run_lock.h"
 #include "model/generator.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
@@ -39,6 +40,24 @@ std::atomic<int> g_stop_signal{0};
 
 extern "C" void on_stop_signal(int signal) { g_stop_signal = signal; }
 
+// What an earlier run left in a run directory: checkpoints (hidden entries of ckpt/ are the
+// unfinished saves of killed runs) and logged metrics. A run that ended before its first step or
+// save left nothing to lose.
+struct RunDirState {
+  bool checkpoints = false, metrics = false;
+  bool earlier_run() const { return checkpoints || metrics; }
+};
+
+RunDirState run_dir_state(const std::string& run_dir) {
+  RunDirState state;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(fs::path(run_dir) / "ckpt", ec))
+    state.checkpoints |= entry.path().filename().string().front() != '.';
+  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
+  state.metrics = fs::exists(metrics, ec) && fs::file_size(metrics, ec) > 0;
+  return state;
+}
+
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -50,8 +69,9 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
   auto encoded = tokenizer.encode(e.sample_prompt);
   prompt.insert(prompt.end(), encoded.begin(), encoded.end());
   Generator generator(model);
-  auto tokens = generator.generate(prompt, {e.sample_tokens, e.temperature, e.top_k, seed},
-                                   tokenizer.bos_id());
+  auto tokens = generator.generate(
+      prompt, {e.sample_tokens, e.temperature, e.top_k, seed, tokenizer.vocab_size()},
+      tokenizer.bos_id());
   return e.sample_prompt + tokenizer.decode(tokens);
 }
 
@@ -71,12 +91,16 @@ int train(const TrainOptions& options) {
         "train: use --resume or --init-from, not both");
   check(!(options.resume && options.overwrite), "train: use --resume or --overwrite, not both");
   // A new run never replaces an earlier one unasked: its checkpoints and metrics would be lost.
-  const bool earlier_checkpoints = fs::exists(ckpt_parent);
-  const bool earlier_run = earlier_checkpoints || fs::exists(fs::path(run_dir) / "metrics.jsonl");
-  check(options.resume || options.overwrite || !earlier_run,
-        "train: {} holds an earlier run: {}start another with --set run.name=NAME, or replace it "
-        "with --overwrite",
-        run_dir, earlier_checkpoints ? "continue it with --resume, " : "");
+  // Checked now, before anything is built, and again under the run directory's lock.
+  auto refuse_earlier_run = [&] {
+    if (options.resume || options.overwrite) return;
+    const RunDirState state = run_dir_state(run_dir);
+    check(!state.earlier_run(),
+          "train: {} holds an earlier run: {}start another with --set run.name=NAME, or replace "
+          "it with --overwrite",
+          run_dir, state.checkpoints ? "continue it with --resume, " : "");
+  };
+  refuse_earlier_run();
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
   std::string resume_dir;
@@ -137,11 +161,17 @@ int train(const TrainOptions& options) {
   TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
                       B, T, rank, world, config.run.seed, tokenizer.bos_id(), true, shape.vocab});
   const auto val_shards = list_shards(config.data.val, "val");
-  // Validation runs last at the latest: data too small for it would otherwise cost the run.
+  // Validation and the samples come last at the latest: what would fail them is checked now,
+  // before the run has trained.
   if (config.eval.every >= 0) {
-    eval_batches(val_shards, B, T, config.eval.tokens / world, world);
-    eval_loader(val_shards, B, T, rank, world, tokenizer.bos_id(), shape.vocab);  // its windows
+    check_eval_data(val_shards, B, T, config.eval.tokens / world, rank, world, tokenizer.bos_id(),
+                    shape.vocab);
   }
+  const size_t prompt_tokens = 1 + tokenizer.encode(config.eval.sample_prompt).size();  // + BOS
+  check(prompt_tokens < size_t(T),
+        "{}: eval.sample_prompt: {} tokens with the BOS, but samples need fewer than "
+        "model.sequence_len {}",
+        options.config_path, prompt_tokens, T);
   // The few values the ranks share each step: four sums, or one flag per rank.
   const int64_t num_scalars = std::max(4, world);
   Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
@@ -162,6 +192,7 @@ int train(const TrainOptions& options) {
                  world, resume_meta.value("world_size", 1));
   } else if (!options.init_from.empty()) {
     std::string dir = resolve_checkpoint(options.init_from);
+    read_checkpoint_meta(dir);  // a checkpoint this version wrote, whole
     load_model_weights(dir, model);
     spdlog::info("initialised weights from {}", dir);
   } else {
@@ -171,15 +202,22 @@ int train(const TrainOptions& options) {
   std::optional<MetricsLog> metrics;
   // Every rank has read what it needs (--init-from may name a checkpoint of the run replaced).
   if (options.overwrite) comm->barrier();
+  // One training per run directory at a time: the lead rank holds its lock for the job, and
+  // writes there only from now on. A run started beside this one may have written meanwhile.
+  std::optional<RunLock> run_lock;
   if (lead) {
-    if (options.overwrite && earlier_run) {  // only now that the new run has set itself up
+    run_lock.emplace(run_dir);
+    refuse_earlier_run();
+    if (options.overwrite && run_dir_state(run_dir).earlier_run()) {
       spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
                    run_dir);
       fs::remove_all(ckpt_parent);
       for (const char* file : {"metrics.jsonl", "op_profile.json"})
         fs::remove(fs::path(run_dir) / file);
+    } else if (const int removed = remove_unfinished(ckpt_parent)) {
+      spdlog::info("{}: removed {} unfinished checkpoint directories of a run that was killed",
+                   ckpt_parent, removed);
     }
-    fs::create_directories(run_dir);
     const std::string metrics_path = (fs::path(run_dir) / "metrics.jsonl").string();
     if (options.resume && resume_meta["extra"].contains("metrics_bytes")) {
       const int dropped = drop_records_after(metrics_path, resume_meta["extra"]["metrics_bytes"]);
@@ -343,9 +381,18 @@ int train(const TrainOptions& options) {
     }
   }
   write_profile();
-  if (config.checkpoint.save_final) save(N, true);
+  // A signal during the last evaluation or sample: the run is complete, but it was asked to
+  // stop, so it saves (whatever checkpoint.save_final says) and says so in its exit code.
+  std::vector<float> late = {float(g_stop_signal.load())};
+  all_reduce_sum(*comm, *backend, scalars, late);
+  const int late_signal = late[0] > 0 ? (g_stop_signal ? int(g_stop_signal) : SIGTERM) : 0;
+  if (config.checkpoint.save_final || late_signal) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
+  if (late_signal) {
+    spdlog::warn("stopped by signal {} after the last step; checkpoint saved", late_signal);
+    return 128 + late_signal;
+  }
   return 0;
 }
 

@@ -1,0 +1,38 @@
+#include "io/run_lock.h"
+
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "core/error.h"
+
+namespace lmtrain {
+
+RunLock::RunLock(const std::string& run_dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(run_dir, ec);
+  check(!ec, "{}: cannot create the run directory: {}", run_dir, ec.message());
+  const std::string path = run_dir + "/.lock";
+  fd_ = open_file(path, O_RDWR | O_CREAT | O_CLOEXEC);
+  if (::flock(fd_.get(), LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    std::string holder = read_file(path);
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    check(error != EWOULDBLOCK,
+          "{}: in use by another lmtrain run (process {}); wait for it, or "
+          "start this one with --set run.name=NAME",
+          run_dir, holder.empty() ? "?" : holder);
+    fail("{}: cannot lock: {}", path, std::strerror(error));
+  }
+  // The holder's id, for the message above: truncate first, as an earlier holder's may be longer.
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  // (The calls come first: errno must not be read in the same call that may set it.)
+  const bool truncated = ::ftruncate(fd_.get(), 0) == 0;
+  check(truncated, "{}: cannot truncate: {}", path, std::strerror(errno));
+  write_all(fd_.get(), pid.data(), pid.size(), path);
+}
+
+}  // namespace lmtrain

@@ -1,0 +1,21 @@
+// An exclusive lock on a run directory: two trainings writing one run directory would
+// interleave their metrics and replace each other's checkpoints.
+#pragma once
+
+#include <string>
+
+#include "io/atomic_dir.h"
+
+namespace lmtrain {
+
+class RunLock {
+ public:
+  // Creates `run_dir` if needed and holds flock(LOCK_EX) on <run_dir>/.lock, which records this
+  // process's id, until destroyed; throws naming the holder when another process has it.
+  explicit RunLock(const std::string& run_dir);
+
+ private:
+  UniqueFd fd_;
+};
+
+}  // namespace lmtrain
