@@ -9,17 +9,10 @@ using namespace lmtrain::e2e;
 
 namespace {
 
-// Waits up to a minute for a metrics file to hold a step record of `step`.
-bool wait_for_step(const fs::path& metrics, int step) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (std::chrono::steady_clock::now() < deadline) {
-    for (const auto& line : lines_of(read_text(metrics))) {
-      if (line.find("\"train_loss\"") == std::string::npos) continue;
-      if (json::parse(line)["step"].get<int>() >= step) return true;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return false;
+// A checkpoint of one training step of the tiny config, in <tmp>/runs/e2e; returns its path.
+fs::path one_step_checkpoint(const TempDir& tmp, const std::string& config) {
+  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
+  return RunPaths(tmp / "runs", "e2e").ckpt / "step_000001";
 }
 
 }  // namespace
@@ -146,11 +139,9 @@ TEST_CASE("e2e: a model vocabulary larger than the tokenizer's samples known tok
 TEST_CASE("e2e: a checkpoint whose tokenizer does not fit its weights names the tokenizer",
           "[e2e]") {
   TempDir tmp;
-  const std::string out_dir = tmp / "runs";
   const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 1}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const fs::path ckpt = RunPaths(out_dir, "e2e").ckpt / "step_000001";
+      write_config(tmp, tiny_config(tmp / "runs", {{"schedule", {{"num_iterations", 1}}}}));
+  const fs::path ckpt = one_step_checkpoint(tmp, config);
   json tokenizer = json::parse(read_text(ckpt / "tokenizer.json"));
   json& vocab = tokenizer["model"]["vocab"];
   const int size = int(vocab.size());  // ids 0 .. size - 1, the added tokens among them
@@ -162,11 +153,9 @@ TEST_CASE("e2e: a checkpoint whose tokenizer does not fit its weights names the 
 
 TEST_CASE("e2e: --init-from checks the checkpoint's meta.json", "[e2e]") {
   TempDir tmp;
-  const std::string out_dir = tmp / "runs";
   const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 1}}}}));
-  REQUIRE(run_lmtrain({"train", "--config", config}, tmp).code == 0);
-  const fs::path ckpt = RunPaths(out_dir, "e2e").ckpt / "step_000001";
+      write_config(tmp, tiny_config(tmp / "runs", {{"schedule", {{"num_iterations", 1}}}}));
+  const fs::path ckpt = one_step_checkpoint(tmp, config);
   const std::string meta = read_text(ckpt / "meta.json");
   write_text(ckpt / "meta.json", meta.substr(0, meta.size() / 2));
   const Result r = run_lmtrain(
