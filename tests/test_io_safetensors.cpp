@@ -140,6 +140,12 @@ TEST_CASE("safetensors open reports corrupt files in one line naming the file", 
   expect("not valid JSON");
   write_raw(path, "[]", 0);
   expect("must be a JSON object");
+  write_raw(path, "\xEF\xBB\xBF{}", 0);  // a byte-order mark
+  expect("padded with spaces only");
+  write_raw(path, std::string("{}\0\0", 4), 0);
+  expect("padded with spaces only");
+  write_raw(path, "{\"a\": 1e999}", 0);
+  expect("not valid JSON");
   write_raw(path, R"({"a": {"shape": [1], "data_offsets": [0, 4]}})", 4);
   expect("tensor 'a': missing \"dtype\"");
   write_raw(path, R"({"a": {"dtype": "F32", "data_offsets": [0, 4]}})", 4);

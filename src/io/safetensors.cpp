@@ -174,8 +174,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     header = json::parse(text);
   } catch (const json::parse_error& e) {
     fail("{}: header is not valid JSON (error at byte {} of {})", path, e.byte, header_len);
+  } catch (const json::exception& e) {  // a number out of range
+    fail("{}: header is not valid JSON ({})", path, e.what());
   }
-  check(header.is_object(), "{}: header must be a JSON object", path);
+  // As the format says (and the Python reader checks): the object starts the header, and only
+  // spaces may pad it (the JSON parser would also skip a byte-order mark and other whitespace).
+  const size_t last = text.find_last_not_of(' ');
+  check(header.is_object() && text.front() == '{' && text[last] == '}',
+        "{}: header must be a JSON object, padded with spaces only", path);
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__")
       file.metadata_ = parse_metadata(path, entry);
