@@ -119,6 +119,11 @@ TEST_CASE("list_shards rejects a damaged shard, naming it", "[data][shard]") {
       (dir / "val_000001.bin") + ": not a token shard: magic 12345, expected 20240520");
   CHECK_THROWS_WITH(list_shards(dir / "val_000001.bin", "val"),
                     Catch::StartsWith(dir / "val_000001.bin"));
+  // A dangling link is that shard, not a missing one.
+  fs::remove(dir / "val_000001.bin");
+  fs::create_symlink(dir / "gone.bin", dir / "val_000001.bin");
+  CHECK_THROWS_WITH(list_shards(dir.path().string(), "val"),
+                    Catch::StartsWith(dir / "val_000001.bin"));
 }
 
 // A uint32 id above INT32_MAX would turn into a negative id, and an id outside the model's

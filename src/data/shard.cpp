@@ -130,7 +130,8 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
   if (fs::is_directory(dir)) {
     for (const auto& entry : fs::directory_iterator(dir)) {
       const std::string name = entry.path().filename().string();
-      if (entry.is_regular_file() && name.starts_with(prefix) && name.ends_with(".bin"))
+      // Not only regular files: a dangling link of a shard's name is reported as that shard.
+      if (!entry.is_directory() && name.starts_with(prefix) && name.ends_with(".bin"))
         found.push_back(entry.path().string());
     }
   }
