@@ -140,3 +140,18 @@ TEST_CASE("tokenizer.json outside the supported subset is rejected", "[data][tok
   CHECK_THROWS_WITH(Tokenizer::load("no/such/tokenizer.json"),
                     "no/such/tokenizer.json: cannot open tokenizer");
 }
+
+// An empty added token would match at every position, so encode() would never advance.
+TEST_CASE("tokenizer.json with an empty added token is rejected", "[data][tokenizer]") {
+  REQUIRE(data_prepared());
+  auto j = read_json(kData / "tokenizer.json");
+  const int id = j["model"]["vocab"].size();
+  j["added_tokens"].push_back({{"id", id}, {"content", ""}, {"special", true}});
+  TempDir tmp;
+  const fs::path path = tmp.path() / "tokenizer.json";
+  std::ofstream(path) << j.dump();
+  CHECK_THROWS_WITH(Tokenizer::load(path.string()),
+                    fmt::format("{}: added_tokens[1].content: expected a non-empty string for "
+                                "token id {}, got \"\"",
+                                path.string(), id));
+}

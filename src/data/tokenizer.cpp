@@ -142,9 +142,15 @@ Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& path)
     seen[size_t(id)] = true;
   }
 
-  for (const auto& added : j.value("added_tokens", nlohmann::json::array())) {
+  const auto added_tokens = j.value("added_tokens", nlohmann::json::array());
+  for (size_t i = 0; i < added_tokens.size(); ++i) {
+    const auto& added = added_tokens[i];
     const auto content = added.at("content").get<std::string>();
     const auto id = added.at("id").get<int32_t>();
+    // An empty token would match at every position, so encode() would never advance.
+    check(!content.empty(),
+          "{}: added_tokens[{}].content: expected a non-empty string for token id {}, got \"\"",
+          path, i, id);
     check(!added.value("lstrip", false) && !added.value("rstrip", false) &&
               !added.value("single_word", false),
           "{}: added token '{}' uses lstrip, rstrip or single_word, which are unsupported", path,
