@@ -19,6 +19,11 @@ constexpr const char* kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 constexpr size_t kMaxCachedWords = size_t{1} << 20;
 
+using nlohmann::json;
+
+// One JSON string, quoted and escaped, so that a token in a message keeps it on one line.
+std::string quoted(const std::string& text) { return json(text).dump(); }
+
 // GPT-2 shows each byte as a printable code point so vocab entries are readable strings: printable
 // Latin-1 bytes stand for themselves, the rest are shifted to 256 and up. Returns the inverse map.
 std::unordered_map<char32_t, uint8_t> unicode_to_byte() {
@@ -45,19 +50,160 @@ std::string vocab_bytes(const std::string& entry,
       cp = (cp << 6) | (uint8_t(entry[i + k]) & 0x3F);
     i += size_t(extra) + 1;
     const auto it = to_byte.find(cp);
-    check(it != to_byte.end(), "{}: vocab entry '{}' is not byte-level (code point U+{:04X})", path,
-          entry, uint32_t(cp));
+    check(it != to_byte.end(), "{}: vocab entry {} is not byte-level (code point U+{:04X})", path,
+          quoted(entry), uint32_t(cp));
     out.push_back(char(it->second));
   }
   return out;
 }
 
-bool is_null_or_empty(const nlohmann::json& j, const char* key) {
-  return !j.contains(key) || j[key].is_null() ||
-         (j[key].is_string() && j[key].get<std::string>().empty());
+// A value of tokenizer.json with its path there ("model.vocab", "added_tokens[2].id"), so that a
+// missing key or a wrong type is one line naming the file, the path and what was expected.
+class Field {
+ public:
+  using Is = bool (json::*)() const noexcept;  // a type test such as &json::is_array
+
+  Field(const json* value, const std::string& file, std::string path)
+      : value_(value), file_(&file), path_(std::move(path)) {}
+
+  bool absent() const { return value_ == nullptr; }
+  // tokenizers reads an absent part as null.
+  bool is_null() const { return absent() || value_->is_null(); }
+  bool is(Is type) const { return value_ && (value_->*type)(); }
+  const std::string& file() const { return *file_; }
+  std::string dump() const { return value_ ? value_->dump() : "null"; }
+
+  // Throws unless `ok`; `what` is what was expected ("an array of added tokens").
+  void expect(bool ok, std::string_view what) const {
+    if (ok) return;
+    check(value_ != nullptr, "{}: key '{}' is missing, expected {}", *file_, path_, what);
+    const auto got = value_->is_structured() ? std::string(value_->type_name()) : dump();
+    fail("{}: {}{}expected {}, got {}", *file_, path_, path_.empty() ? "" : ": ", what, got);
+  }
+  const json& as(Is type, std::string_view what) const {
+    expect(is(type), what);
+    return *value_;
+  }
+  const std::string& text(std::string_view what) const {
+    return as(&json::is_string, what).get_ref<const std::string&>();
+  }
+  // A boolean option that may be left out.
+  bool flag(bool absent_value) const {
+    return absent() ? absent_value : as(&json::is_boolean, "true or false").get<bool>();
+  }
+
+  // The member `key` of this object, absent if it has none.
+  Field operator[](const std::string& key) const {
+    const auto& object = as(&json::is_object, "an object");
+    const auto it = object.find(key);
+    return {it == object.end() ? nullptr : &*it, *file_, path_.empty() ? key : path_ + "." + key};
+  }
+  std::vector<Field> elements(std::string_view what) const {
+    std::vector<Field> out;
+    for (const auto& value : as(&json::is_array, what))
+      out.emplace_back(&value, *file_, fmt::format("{}[{}]", path_, out.size()));
+    return out;
+  }
+  std::vector<std::pair<std::string, Field>> members(std::string_view what) const {
+    std::vector<std::pair<std::string, Field>> out;
+    for (const auto& [key, value] : as(&json::is_object, what).items())
+      out.emplace_back(key, Field(&value, *file_, fmt::format("{}[{}]", path_, quoted(key))));
+    return out;
+  }
+
+ private:
+  const json* value_;  // null when the key is absent
+  const std::string* file_;
+  std::string path_;
+};
+
+// A part's "type" ("BPE", "ByteLevel"), or "null" for a part that is null or absent.
+std::string type_of(const Field& part) {
+  return part.is_null() ? "null" : part["type"].text("a string");
 }
 
-std::string type_of(const nlohmann::json& j) { return j.is_null() ? "null" : j.value("type", "?"); }
+bool is_null_or_empty(const Field& field) {
+  return field.is_null() || (field.is(&json::is_string) && field.text("a string").empty());
+}
+
+// Ids must be dense, so none can reach the number of entries.
+int32_t read_id(const Field& id, size_t entries) {
+  const auto what = fmt::format("an integer id in [0, {})", entries);
+  const auto& value = id.as(&json::is_number_integer, what);
+  id.expect(value.get<int64_t>() >= 0 && value.get<int64_t>() < int64_t(entries), what);
+  return value.get<int32_t>();
+}
+
+// Merges come as "left right" strings (older files) or [left, right] pairs; rank = position.
+std::pair<std::string, std::string> read_merge(const Field& merge) {
+  constexpr std::string_view what = R"(a merge "a b" or ["a", "b"])";
+  if (merge.is(&json::is_string)) {
+    const auto& text = merge.text(what);
+    const auto space = text.find(' ');
+    merge.expect(space != std::string::npos && text.find(' ', space + 1) == std::string::npos,
+                 what);
+    return {text.substr(0, space), text.substr(space + 1)};
+  }
+  const auto& pair = merge.as(&json::is_array, what);
+  merge.expect(pair.size() == 2 && pair[0].is_string() && pair[1].is_string(), what);
+  return {pair[0].get<std::string>(), pair[1].get<std::string>()};
+}
+
+// Only what prepare_data.py writes: byte-level BPE with no normalizer or template processing.
+void check_supported(const Field& root) {
+  const std::string& path = root.file();
+  const Field model = root["model"];
+  model.expect(model.is(&json::is_object), "an object");
+  const auto model_type = type_of(model);
+  check(model_type == "BPE", "{}: unsupported model type '{}', expected BPE", path, model_type);
+  const auto normalizer = type_of(root["normalizer"]);
+  check(normalizer == "null", "{}: unsupported normalizer '{}'", path, normalizer);
+  const Field pre = root["pre_tokenizer"];
+  check(type_of(pre) == "ByteLevel" && !pre["add_prefix_space"].flag(false) &&
+            pre["use_regex"].flag(true),
+        "{}: unsupported pre_tokenizer {}, expected ByteLevel with add_prefix_space false and "
+        "use_regex true",
+        path, pre.dump());
+  for (const char* key : {"decoder", "post_processor"}) {
+    const auto part = type_of(root[key]);
+    check(part == "null" || part == "ByteLevel", "{}: unsupported {} '{}'", path, key, part);
+  }
+  check(model["dropout"].is_null() && !model["byte_fallback"].flag(false) &&
+            is_null_or_empty(model["continuing_subword_prefix"]) &&
+            is_null_or_empty(model["end_of_word_suffix"]),
+        "{}: unsupported BPE options (dropout, byte_fallback or subword affixes)", path);
+}
+
+// Checks each added token; `entries` bounds the ids.
+std::vector<std::pair<std::string, int32_t>> read_added_tokens(const std::vector<Field>& list,
+                                                               size_t entries) {
+  std::vector<std::pair<std::string, int32_t>> tokens;
+  for (const Field& added : list) {
+    const int32_t id = read_id(added["id"], entries);
+    // An empty token would match at every position, so encode() would never advance.
+    const Field field = added["content"];
+    const auto what = fmt::format("a non-empty string for token id {}", id);
+    const std::string& content = field.text(what);
+    field.expect(!content.empty(), what);
+    check(!added["lstrip"].flag(false) && !added["rstrip"].flag(false) &&
+              !added["single_word"].flag(false),
+          "{}: added token {} uses lstrip, rstrip or single_word, which are unsupported",
+          added.file(), quoted(content));
+    tokens.emplace_back(content, id);
+  }
+  return tokens;
+}
+
+pcre2_code* compile_gpt2_pattern() {
+  int error = 0;
+  PCRE2_SIZE offset = 0;
+  pcre2_code* code =
+      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kGpt2Pattern), PCRE2_ZERO_TERMINATED,
+                    PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
+  check(code != nullptr, "pcre2: cannot compile the GPT-2 pattern (error {})", error);
+  pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // optional speed-up; falls back to the interpreter
+  return code;
+}
 
 }  // namespace
 
@@ -79,80 +225,43 @@ Tokenizer Tokenizer::load(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     fail("{}: not valid JSON: {}", path, e.what());
   }
-
-  // A missing key or a value of the wrong type surfaces as a json exception: name the file.
-  try {
-    return from_json(j, path);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: unsupported tokenizer structure: {}", path, e.what());
-  }
+  return from_json(j, path);
 }
 
 Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& path) {
-  // Only what prepare_data.py writes: byte-level BPE with no normalizer or template processing.
-  const auto& model = j.at("model");
-  check(type_of(model) == "BPE", "{}: unsupported model type '{}', expected BPE", path,
-        type_of(model));
-  check(j.value("normalizer", nlohmann::json()).is_null(), "{}: unsupported normalizer '{}'", path,
-        type_of(j["normalizer"]));
-  const auto pre = j.value("pre_tokenizer", nlohmann::json());
-  check(type_of(pre) == "ByteLevel" && !pre.value("add_prefix_space", false) &&
-            pre.value("use_regex", true),
-        "{}: unsupported pre_tokenizer {}, expected ByteLevel with add_prefix_space false and "
-        "use_regex true",
-        path, pre.dump());
-  for (const char* key : {"decoder", "post_processor"}) {
-    const auto part = j.value(key, nlohmann::json());
-    check(part.is_null() || type_of(part) == "ByteLevel", "{}: unsupported {} '{}'", path, key,
-          type_of(part));
-  }
-  check(model.value("dropout", nlohmann::json()).is_null() &&
-            !model.value("byte_fallback", false) &&
-            is_null_or_empty(model, "continuing_subword_prefix") &&
-            is_null_or_empty(model, "end_of_word_suffix"),
-        "{}: unsupported BPE options (dropout, byte_fallback or subword affixes)", path);
-
+  const Field root(&j, path, "");
+  check_supported(root);
+  const Field model = root["model"];
   Tokenizer tok;
-  tok.ignore_merges_ = model.value("ignore_merges", false);
-  const auto to_byte = unicode_to_byte();
+  tok.ignore_merges_ = model["ignore_merges"].flag(false);
+  const auto vocab = model["vocab"].members("an object of token -> id");
+  const Field added_list = root["added_tokens"];
+  const auto added =
+      added_list.absent() ? std::vector<Field>() : added_list.elements("an array of added tokens");
+  const size_t entries = vocab.size() + added.size();
   std::unordered_map<std::string, int32_t> by_entry;  // vocab entry as written -> id
   int32_t max_id = -1;
-  // Every id in [0, max_id] must be present, so none can reach the number of entries.
-  const size_t entries =
-      model.at("vocab").size() + j.value("added_tokens", nlohmann::json::array()).size();
-  auto checked_id = [&](const nlohmann::json& id, const std::string& entry) {
-    check(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < int64_t(entries),
-          "{}: token '{}' has id {}, expected an integer in [0, {})", path, entry, id.dump(),
-          entries);
-    return id.get<int32_t>();
-  };
-  for (const auto& [entry, id] : model.at("vocab").items()) {
-    by_entry[entry] = checked_id(id, entry);
+  for (const auto& [entry, id] : vocab) {
+    by_entry[entry] = read_id(id, entries);
     max_id = std::max(max_id, by_entry[entry]);
   }
-  for (const auto& added : j.value("added_tokens", nlohmann::json::array()))
-    max_id = std::max(max_id, checked_id(added.at("id"), added.value("content", "?")));
+  tok.added_tokens_ = read_added_tokens(added, entries);
+  for (const auto& [content, id] : tok.added_tokens_) max_id = std::max(max_id, id);
+
   tok.bytes_.resize(size_t(max_id + 1));
   tok.added_.assign(size_t(max_id + 1), false);
   std::vector<bool> seen(size_t(max_id + 1), false);
+  const auto to_byte = unicode_to_byte();
   for (const auto& [entry, id] : by_entry) {
     check(!seen[size_t(id)], "{}: token id {} is used by two vocab entries", path, id);
     tok.bytes_[size_t(id)] = vocab_bytes(entry, to_byte, path);
     tok.vocab_[tok.bytes_[size_t(id)]] = id;
     seen[size_t(id)] = true;
   }
-
-  for (const auto& added : j.value("added_tokens", nlohmann::json::array())) {
-    const auto content = added.at("content").get<std::string>();
-    const auto id = added.at("id").get<int32_t>();
-    check(!added.value("lstrip", false) && !added.value("rstrip", false) &&
-              !added.value("single_word", false),
-          "{}: added token '{}' uses lstrip, rstrip or single_word, which are unsupported", path,
-          content);
+  for (const auto& [content, id] : tok.added_tokens_) {
     tok.bytes_[size_t(id)] = content;
     tok.added_[size_t(id)] = true;
     seen[size_t(id)] = true;
-    tok.added_tokens_.emplace_back(content, id);
   }
   std::stable_sort(tok.added_tokens_.begin(), tok.added_tokens_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
@@ -173,36 +282,20 @@ Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& path)
     tok.byte_ids_[size_t(b)] = it->second;
   }
 
-  // Merges come as "left right" strings (older files) or [left, right] pairs.
+  // An empty array is a valid BPE (bytes only); anything else but an array is refused.
   int32_t rank = 0;
-  for (const auto& merge : model.at("merges")) {
-    std::string left, right;
-    if (merge.is_array()) {
-      left = merge.at(0).get<std::string>();
-      right = merge.at(1).get<std::string>();
-    } else {
-      const auto text = merge.get<std::string>();
-      const auto space = text.find(' ');
-      check(space != std::string::npos, "{}: malformed merge '{}'", path, text);
-      left = text.substr(0, space);
-      right = text.substr(space + 1);
-    }
+  for (const Field& merge :
+       model["merges"].elements(R"(an array of merges ("a b" or ["a", "b"]))")) {
+    const auto [left, right] = read_merge(merge);
     const auto l = by_entry.find(left), r = by_entry.find(right), m = by_entry.find(left + right);
     check(l != by_entry.end() && r != by_entry.end() && m != by_entry.end(),
-          "{}: merge '{} {}' refers to tokens not in the vocab", path, left, right);
+          "{}: merge {} refers to tokens not in the vocab", path, quoted(left + " " + right));
     const uint64_t key = uint64_t(uint32_t(l->second)) << 32 | uint32_t(r->second);
     tok.merges_.emplace(key, Merge{rank++, m->second});
   }
 
   tok.regex_ = std::make_shared<Regex>();
-  int error = 0;
-  PCRE2_SIZE offset = 0;
-  tok.regex_->code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kGpt2Pattern), PCRE2_ZERO_TERMINATED,
-                    PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
-  check(tok.regex_->code != nullptr, "pcre2: cannot compile the GPT-2 pattern (error {})", error);
-  pcre2_jit_compile(tok.regex_->code,
-                    PCRE2_JIT_COMPLETE);  // optional speed-up; falls back to the interpreter
+  tok.regex_->code = compile_gpt2_pattern();
   return tok;
 }
 

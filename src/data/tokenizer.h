@@ -39,7 +39,7 @@ class Tokenizer {
   struct Regex;  // the compiled PCRE2 pre-tokenizer, kept out of the header
 
   Tokenizer();
-  // load() after parsing; json exceptions it throws are reported by load() with the path.
+  // load() after parsing; checks every value it reads, naming the file and the value's path.
   static Tokenizer from_json(const nlohmann::json& j, const std::string& path);
   void encode_ordinary(std::string_view text, std::vector<int32_t>& out) const;
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;
