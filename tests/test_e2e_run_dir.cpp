@@ -183,3 +183,12 @@ TEST_CASE("e2e: a signal during the last evaluation saves and is reported", "[e2
   CHECK(stopped.out.find("stopped by signal 15 after the last step") != std::string::npos);
   CHECK(fs::exists(run.ckpt / "step_000002" / "model.safetensors"));
 }
+
+// run.name "." would make run.out_dir itself the run directory.
+TEST_CASE("e2e: the run name . is refused", "[e2e]") {
+  TempDir tmp;
+  const std::string config =
+      write_config(tmp, tiny_config(tmp / "runs", {{"run", {{"name", "a/."}}}}));
+  require_one_error_line(run_lmtrain({"train", "--config", config}, tmp), {"run.name", "'a/.'"});
+  CHECK_FALSE(fs::exists(tmp / "runs"));
+}

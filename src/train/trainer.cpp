@@ -81,9 +81,10 @@ int train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   const nlohmann::json resolved = to_json(config);
   const fs::path name(config.run.name);
-  check(name.is_relative() && std::none_of(name.begin(), name.end(),
-                                           [](const fs::path& part) { return part == ".."; }),
-        "{}: run.name: expected a relative name inside run.out_dir (no '..'), got '{}'",
+  check(name.is_relative() &&
+            std::none_of(name.begin(), name.end(),
+                         [](const fs::path& part) { return part == ".." || part == "."; }),
+        "{}: run.name: expected a relative name inside run.out_dir (no '..' or '.'), got '{}'",
         options.config_path, config.run.name);
   const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
