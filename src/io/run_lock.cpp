@@ -1,5 +1,6 @@
 #include "io/run_lock.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -22,10 +23,15 @@ RunLock::RunLock(const std::string& run_dir) {
     std::string holder = read_file(path);
     while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
     check(error != EWOULDBLOCK,
-          "{}: in use by another lmtrain run (process {}); wait for it, or "
-          "start this one with --set run.name=NAME",
+          "{}: in use by another lmtrain run (process {}); wait for it, or start this one with "
+          "--set run.name=NAME",
           run_dir, holder.empty() ? "?" : holder);
-    fail("{}: cannot lock: {}", path, std::strerror(error));
+    // A filesystem without locks (some network filesystems) must not stop the run.
+    spdlog::warn(
+        "{}: cannot lock ({}): a second training on this run directory would not be "
+        "refused",
+        path, std::strerror(error));
+    return;
   }
   // The holder's id, for the message above: truncate first, as an earlier holder's may be longer.
   const std::string pid = std::to_string(::getpid()) + "\n";

@@ -11,7 +11,8 @@ namespace lmtrain {
 class RunLock {
  public:
   // Creates `run_dir` if needed and holds flock(LOCK_EX) on <run_dir>/.lock, which records this
-  // process's id, until destroyed; throws naming the holder when another process has it.
+  // process's id, until destroyed; throws naming the holder when another process has it. On a
+  // filesystem without locks it warns and goes on unlocked.
   explicit RunLock(const std::string& run_dir);
 
  private:
