@@ -189,7 +189,8 @@ inline json tiny_config(const std::string& out_dir, const json& patch = json::ob
       {"checkpoint", {{"every", 0}}},
       {"log", {{"every", 1}}},
   };
-  c.merge_patch(patch);
+  // A patch written {} arrives as null, which merge_patch would put in place of the config.
+  if (!patch.is_null()) c.merge_patch(patch);
   return c;
 }
 

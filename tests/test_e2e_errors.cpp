@@ -359,3 +359,35 @@ TEST_CASE("e2e: command-line usage errors are one line", "[e2e]") {
   CHECK(help.code == 0);
   CHECK(help.out.find("--overwrite") != std::string::npos);
 }
+
+// A config file that is no config: a device read without end, nesting that cost memory
+// quadratic in its depth, a number beyond a double, a NUL in a value, and a section that --set
+// silently replaced.
+TEST_CASE("e2e: a config that is no config is refused in one line naming the file", "[e2e]") {
+  TempDir tmp;
+  require_one_error_line(run_lmtrain({"info", "--config", "/dev/zero"}, tmp),
+                         {"/dev/zero", "not a regular file"});
+  const std::string deep = tmp / "deep.json";
+  write_text(deep, std::string(100000, '[') + std::string(100000, ']'));
+  require_one_error_line(run_lmtrain({"train", "--config", deep}, tmp),
+                         {deep, "nested deeper than 16 levels"});
+  const std::string overflow = tmp / "overflow.json";
+  write_text(overflow, R"({"model": {"softcap": 1e999}})");
+  require_one_error_line(run_lmtrain({"train", "--config", overflow}, tmp),
+                         {overflow, "model.softcap", "1e999"});
+  expect_refused({{"run", {{"name", std::string(1, '\0')}}}}, {}, {"run.name", "NUL"});
+  expect_refused(json{{"run", 5}}, {"--set", "run.seed=3"},
+                 {"config.json", "run: expected an object, got the integer 5"});
+}
+
+// Values that passed validation and failed later: softcap 1e-300 became 0 as a float at step
+// 1, depth 16777215 spent 5 GB, run.threads 100000 spun OpenBLAS.
+TEST_CASE("e2e: values out of a float's or a machine's range are refused naming the key", "[e2e]") {
+  expect_refused({}, {"--set", "model.softcap=1e-300"}, {"model.softcap", "1e-300"});
+  expect_refused({{"run", {{"threads", 100000}}}}, {}, {"run.threads", "1024"});
+  TempDir tmp;
+  const std::string config = repo_path("configs/tiny.json");
+  require_one_error_line(
+      run_lmtrain({"info", "--config", config, "--set", "model.depth=16777215"}, tmp),
+      {"model.depth", "at most 1024"});
+}

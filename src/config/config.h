@@ -31,7 +31,7 @@ struct RunConfig {
     v("dtype", dtype,
       "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in "
       "fp32)");
-    v("threads", threads, "CPU threads (0: all cores)");
+    v("threads", threads, "CPU threads, up to 1024 (0: all cores)");
     v("recompute_activations", recompute_activations,
       "keep only each block's output through the forward and recompute the block's activations "
       "in the backward: one block's activations in memory instead of depth blocks', for about "
@@ -61,7 +61,7 @@ struct ModelConfig {
   template <class V>
   void visit(V& v) {
     v("family", family, "model family: gpt");
-    v("depth", depth, "number of transformer layers");
+    v("depth", depth, "number of transformer layers, 1 to 1024");
     v("aspect_ratio", aspect_ratio, "width = ceil(depth * aspect_ratio / head_dim) * head_dim");
     v("head_dim", head_dim, "channels per attention head");
     v("n_kv_head", n_kv_head,
@@ -236,7 +236,9 @@ struct EvalConfig {
   int top_k = 50;
   template <class V>
   void visit(V& v) {
-    v("every", every, "validation at step 0 and every this many steps, and at the end (0: only at the end, -1: never)");
+    v("every", every,
+      "validation at step 0 and every this many steps, and at the end (0: only at the end, -1: "
+      "never)");
     v("tokens", tokens, "validation tokens per evaluation (rounded down to whole batches)");
     v("sample_every", sample_every, "print a sample every this many steps (0: only at the end)");
     v("sample_prompt", sample_prompt, "prompt for samples (empty: start from BOS)");
