@@ -390,4 +390,8 @@ TEST_CASE("e2e: values out of a float's or a machine's range are refused naming 
   require_one_error_line(
       run_lmtrain({"info", "--config", config, "--set", "model.depth=16777215"}, tmp),
       {"model.depth", "at most 1024"});
+  require_one_error_line(run_lmtrain({"info", "--config", config, "--set", "model.depth=1024",
+                                      "--set", "model.aspect_ratio=16384"},
+                                     tmp),
+                         {"2^44", "model.aspect_ratio"});
 }
