@@ -279,6 +279,14 @@ TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
                          {"--max-tokens", "-3"});
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--prompt", "a\xff\xfe"}, tmp),
                          {"--prompt", "UTF-8"});
+  // The whole range of the seed, and of the other options, stays usable.
+  const Result seeded = run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2", "--seed",
+                                     "18446744073709551615", "--top-k", "0", "--temperature", "0"},
+                                    tmp);
+  CHECK(seeded.code == 0);
+  const Result evaluated = run_lmtrain(
+      {"eval", "--ckpt", run, "--data", data_dir(), "--tokens", "256", "--batch", "2"}, tmp);
+  CHECK(evaluated.code == 0);
   // A tokenizer.json without a 'model' is named, not reported as a bare json exception.
   write_text(trained.ckpt / "tokenizer.json", "{}");
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2"}, tmp),
@@ -380,6 +388,25 @@ TEST_CASE("e2e: a config that is no config is refused in one line naming the fil
                  {"config.json", "run: expected an object, got the integer 5"});
 }
 
+// Empty paths reached whatever opened them: "error: : no such checkpoint directory".
+TEST_CASE("e2e: empty paths are refused naming the key or option", "[e2e]") {
+  for (const char* key : {"train", "val", "tokenizer"}) {
+    expect_refused({{"data", {{key, ""}}}}, {}, {std::string("data.") + key, "empty"});
+  }
+  TempDir tmp;
+  const std::string config = write_config(tmp, tiny_config(tmp / "runs"));
+  require_one_error_line(run_lmtrain({"eval", "--ckpt", "", "--data", data_dir()}, tmp),
+                         {"--ckpt", "got ''"});
+  require_one_error_line(run_lmtrain({"eval", "--ckpt", "x", "--data", ""}, tmp),
+                         {"--data", "got ''"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", ""}, tmp), {"--ckpt", "got ''"});
+  require_one_error_line(run_lmtrain({"train", "--config", ""}, tmp), {"--config", "got ''"});
+  require_one_error_line(run_lmtrain({"info", "--config", ""}, tmp), {"--config", "got ''"});
+  require_one_error_line(run_lmtrain({"train", "--config", config, "--init-from", ""}, tmp),
+                         {"--init-from", "got ''"});
+  CHECK_FALSE(fs::exists(tmp / "runs"));
+}
+
 // Values that passed validation and failed later: softcap 1e-300 became 0 as a float at step
 // 1, depth 16777215 spent 5 GB, run.threads 100000 spun OpenBLAS.
 TEST_CASE("e2e: values out of a float's or a machine's range are refused naming the key", "[e2e]") {
@@ -394,4 +421,25 @@ TEST_CASE("e2e: values out of a float's or a machine's range are refused naming 
                                       "--set", "model.aspect_ratio=16384"},
                                      tmp),
                          {"2^44", "model.aspect_ratio"});
+}
+
+// CLI11 took '' as the default, -1 as "not given" (eval) or 2^64 - 1 (an unsigned seed), and
+// saturated 99999999999999999999999; none of these reach a checkpoint.
+TEST_CASE("e2e: eval and sample option values are checked as written", "[e2e]") {
+  TempDir tmp;
+  auto eval = [&](const std::string& option, const std::string& value) {
+    return run_lmtrain({"eval", "--ckpt", "x", "--data", "x", option, value}, tmp);
+  };
+  require_one_error_line(eval("--tokens", "-1"), {"--tokens", "'-1'"});
+  require_one_error_line(eval("--batch", "-1"), {"--batch", "'-1'"});
+  require_one_error_line(eval("--tokens", "99999999999999999999999"),
+                         {"--tokens", "99999999999999999999999"});
+  for (const char* option : {"--max-tokens", "--temperature", "--top-k", "--seed"}) {
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", option, ""}, tmp),
+                           {option, "got ''"});
+  }
+  for (const char* seed : {"-1", "18446744073709551616"}) {
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", "--seed", seed}, tmp),
+                           {"--seed", seed});
+  }
 }
