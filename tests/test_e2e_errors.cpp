@@ -443,3 +443,20 @@ TEST_CASE("e2e: eval and sample option values are checked as written", "[e2e]") 
                            {"--seed", seed});
   }
 }
+
+// A million ranks forked for minutes before the launcher ran out of files; when starting ranks
+// fails midway, those started are stopped at once.
+TEST_CASE("e2e: launch refuses absurd rank counts and stops the ranks it started", "[e2e]") {
+  TempDir tmp;
+  require_one_error_line(run_lmtrain({"launch", "--nproc-per-node", "1000000", "--", "true"}, tmp),
+                         {"--nproc-per-node", "1 to 1024"});
+  require_one_error_line(
+      run_lmtrain({"launch", "--nproc-per-node", "1", "--nnodes", "1000000", "--", "true"}, tmp),
+      {"--nnodes", "1000000"});
+  // 64 open files hold about 28 ranks' pipes; the started ranks would sleep 30 s.
+  const auto start = std::chrono::steady_clock::now();
+  const Result r =
+      run_lmtrain({"launch", "--nproc-per-node", "40", "--", "sleep", "30"}, tmp, "ulimit -n 64;");
+  require_one_error_line(r, {"Too many open files", "ulimit -n", "--nproc-per-node"});
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
+}
