@@ -90,13 +90,15 @@ inline int decode_status(int status) {
 }
 
 // Runs `lmtrain args...` in the repository root (as ctest does) and waits; stdout and stderr
-// are captured separately into files under `tmp`.
-inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& tmp) {
+// are captured separately into files under `tmp`. `shell_setup` runs first in the same shell
+// ("ulimit -n 64;").
+inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& tmp,
+                          const std::string& shell_setup = "") {
   static int counter = 0;
   const std::string tag = std::to_string(++counter);
   const fs::path out = tmp.path() / (".stdout" + tag), err = tmp.path() / (".stderr" + tag);
-  std::string command =
-      "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_quote(LMTRAIN_BINARY);
+  std::string command = "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_setup + " " +
+                        shell_quote(LMTRAIN_BINARY);
   for (const auto& a : args) command += " " + shell_quote(a);
   command += " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string()) + " </dev/null";
   Result r;
@@ -203,7 +205,8 @@ inline json tiny_config(const std::string& out_dir, const json& patch = json::ob
       {"checkpoint", {{"every", 0}}},
       {"log", {{"every", 1}}},
   };
-  c.merge_patch(patch);
+  // A patch written {} arrives as null, which merge_patch would put in place of the config.
+  if (!patch.is_null()) c.merge_patch(patch);
   return c;
 }
 

@@ -1,5 +1,6 @@
 // Config parsing: defaults, overrides, presets, and one-line errors naming the key.
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <fstream>
 
 #include "config/config.h"
@@ -13,6 +14,18 @@ namespace {
 std::string error_of(const json& document) {
   try {
     parse_config(document, "cfg.json");
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The error of loading a file that holds `text`, with `overrides`; "" when it loads.
+std::string load_error(const std::string& path, const std::string& text,
+                       const std::vector<std::string>& overrides = {}) {
+  std::ofstream(path, std::ios::binary) << text;
+  try {
+    load_config(path, overrides);
   } catch (const Error& e) {
     return e.what();
   }
@@ -121,15 +134,7 @@ TEST_CASE("a config key given twice is refused with its path, malformed JSON wit
           "[config]") {
   test_support::TempDir dir;
   const std::string path = dir / "c.json";
-  auto error_for = [&](const std::string& text) {
-    std::ofstream(path) << text;
-    try {
-      load_config(path, {});
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
+  auto error_for = [&](const std::string& text) { return load_error(path, text); };
   CHECK(error_for(R"({"model": {"depth": 2, "depth": 3}})") ==
         path + ": key 'model.depth' appears twice; keep one");
   CHECK(error_for(R"({"run": {}, "run": {"seed": 1}})") ==
@@ -144,4 +149,106 @@ TEST_CASE("a config key given twice is refused with its path, malformed JSON wit
   const std::string bad = error_for("{\"model\": {\"depth\": 2,}}");
   CHECK(bad.find(path + ": not valid JSON") == 0);
   CHECK(bad.find("line 1, column 23") != std::string::npos);
+}
+
+// A config nests 5 levels; a file nested 100,000 deep cost memory quadratic in its depth (7 GB
+// before bad_alloc), and /dev/zero was read without end.
+TEST_CASE("a config nested too deep or not a small regular file is refused", "[config]") {
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  const int depth = 100000;
+  std::string deep;
+  for (int i = 0; i < depth; ++i) deep += "{\"a\": ";
+  deep += "1" + std::string(depth, '}');
+  CHECK(load_error(path, deep) == path + ": nested deeper than 16 levels, expected a config");
+  CHECK_THROWS_WITH(load_config("/dev/zero", {}),
+                    "/dev/zero: not a regular file, expected a JSON file");
+  load_error(path, "{}");
+  std::filesystem::resize_file(path, (16 << 20) + 1);
+  CHECK_THROWS_WITH(load_config(path, {}), path + ": larger than 16 MiB, expected a JSON config");
+}
+
+// nlohmann reports 1e999 as a bare "number overflow" exception, naming neither file nor key.
+TEST_CASE("a number beyond a double names the file and the key", "[config]") {
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  CHECK(load_error(path, R"({"run": {"seed": 1e999}})") ==
+        path + ": run.seed: number overflow parsing '1e999'; expected a number within +-1.8e308");
+  CHECK(load_error(path, R"({"model": {"depth": 2}, "schedule": {"target_flops": -1e999}})") ==
+        path +
+            ": schedule.target_flops: number overflow parsing '-1e999'; expected a number "
+            "within +-1.8e308");
+}
+
+// A NUL cut the messages that held the value ("error: " and nothing after).
+TEST_CASE("config strings and keys holding NUL are refused", "[config]") {
+  CHECK(error_of({{"run", {{"name", std::string("a\0b", 3)}}}}) ==
+        "cfg.json: run.name: expected a string without NUL characters");
+  CHECK(error_of({{"run", {{std::string("na\0me", 5), 1}}}}) ==
+        "cfg.json: run: expected keys without NUL characters");
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  CHECK(load_error(path, R"({"data": {"tokenizer": "\u0000"}})") ==
+        path + ": data.tokenizer: expected a string without NUL characters");
+  CHECK(load_error(path, "{}", {R"(run.name="x\u0000")"}) ==
+        path + ": run.name: expected a string without NUL characters");
+}
+
+// An empty path reached whatever opened it, as "error: : no such checkpoint directory".
+TEST_CASE("empty path keys are refused", "[config]") {
+  for (const char* key : {"train", "val", "tokenizer"}) {
+    CHECK(error_of({{"data", {{key, ""}}}}) ==
+          fmt::format("cfg.json: data.{}: expected a path, got an empty string", key));
+  }
+  CHECK(error_of({{"run", {{"out_dir", ""}}}}) ==
+        "cfg.json: run.out_dir: expected a path, got an empty string");
+}
+
+// --set run.seed=3 silently replaced a file's "run": 5 with {"seed": 3}.
+TEST_CASE("a section that is not an object is refused with or without --set", "[config]") {
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  const std::string expected = path + ": run: expected an object, got the integer 5";
+  CHECK(load_error(path, R"({"run": 5})") == expected);
+  CHECK(load_error(path, R"({"run": 5})", {"run.seed=3"}) == expected);
+  CHECK(load_error(path, R"({"run": 5})", {"model.depth=3"}) == expected);
+  CHECK(load_error(path, R"({"optim": {"muon": []}})", {"optim.muon.beta2=0.9"}) ==
+        path + ": optim.muon: expected an object, got an array");
+  CHECK(load_error(path, R"({"run": null})", {"run.seed=3"}) ==
+        path + ": run: expected an object, got null");
+  CHECK(load_error(path, "[]", {"run.seed=3"}) ==
+        path + ": expected a JSON object at the top level");
+  CHECK(load_error(path, "{}", {"run.seed=3", "optim.muon.beta2=0.9"}).empty());
+}
+
+// model.softcap 1e-300 passed "> 0" and became 0 as the kernels' float, failing at step 1.
+TEST_CASE("float-valued keys stay in range as floats", "[config]") {
+  CHECK(error_of({{"model", {{"softcap", 1e-300}}}}) ==
+        "cfg.json: model.softcap: expected 0 or a magnitude in [1.17549e-38, 3.40282e+38] (a "
+        "float), got 1e-300");
+  CHECK(error_of({{"model", {{"rope_base", 1e300}}}}).find("model.rope_base: expected 0 or a") !=
+        std::string::npos);
+  CHECK(error_of({{"optim", {{"matrix_lr", 1e39}}}}).find("optim.matrix_lr") != std::string::npos);
+  CHECK(error_of(
+            {{"optim", {{"muon", {{"param_overrides", {{{"pattern", "x"}, {"lr_mul", 1e-40}}}}}}}}})
+            .find("optim.muon.param_overrides[0].lr_mul") != std::string::npos);
+  // In [0, 1) as a double, 1 as a float: AdamW's bias correction would divide by 0.
+  CHECK(error_of({{"optim", {{"adam_beta2", 0.99999999999}}}}).find("optim.adam_beta2") !=
+        std::string::npos);
+  CHECK(error_of({{"optim", {{"muon", {{"momentum_end", 0.99999999999}}}}}})
+            .find("optim.muon.momentum_end") != std::string::npos);
+  CHECK(error_of({{"optim", {{"adam_beta2", 0.9999999}, {"adam_eps", 1e-30}, {"grad_clip", 0}}}})
+            .empty());
+  // The horizon stays a double; the plan bounds it.
+  CHECK(error_of({{"schedule", {{"target_flops", 1e300}}}}).empty());
+}
+
+// run.threads 100000 spun OpenBLAS; depth 16777215 spent 5 GB before failing.
+TEST_CASE("run.threads and model.depth have upper bounds", "[config]") {
+  CHECK(error_of({{"run", {{"threads", 1025}}}}) ==
+        "cfg.json: run.threads: expected 0 (all cores) or a count up to 1024, got 1025");
+  CHECK(error_of({{"run", {{"threads", 1024}}}}).empty());
+  CHECK(error_of({{"model", {{"depth", 16777215}, {"aspect_ratio", 32}}}}) ==
+        "cfg.json: model.depth: expected at most 1024 layers, got 16777215");
+  CHECK(error_of({{"model", {{"depth", 1024}, {"aspect_ratio", 16}}}}).empty());
 }

@@ -279,6 +279,14 @@ TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
                          {"--max-tokens", "-3"});
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--prompt", "a\xff\xfe"}, tmp),
                          {"--prompt", "UTF-8"});
+  // The whole range of the seed, and of the other options, stays usable.
+  const Result seeded = run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2", "--seed",
+                                     "18446744073709551615", "--top-k", "0", "--temperature", "0"},
+                                    tmp);
+  CHECK(seeded.code == 0);
+  const Result evaluated = run_lmtrain(
+      {"eval", "--ckpt", run, "--data", data_dir(), "--tokens", "256", "--batch", "2"}, tmp);
+  CHECK(evaluated.code == 0);
   // A tokenizer.json without a 'model' is named, not reported as a bare json exception.
   write_text(trained.ckpt / "tokenizer.json", "{}");
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2"}, tmp),
@@ -358,4 +366,97 @@ TEST_CASE("e2e: command-line usage errors are one line", "[e2e]") {
   const Result help = run_lmtrain({"train", "--help"}, tmp);
   CHECK(help.code == 0);
   CHECK(help.out.find("--overwrite") != std::string::npos);
+}
+
+// A config file that is no config: a device read without end, nesting that cost memory
+// quadratic in its depth, a number beyond a double, a NUL in a value, and a section that --set
+// silently replaced.
+TEST_CASE("e2e: a config that is no config is refused in one line naming the file", "[e2e]") {
+  TempDir tmp;
+  require_one_error_line(run_lmtrain({"info", "--config", "/dev/zero"}, tmp),
+                         {"/dev/zero", "not a regular file"});
+  const std::string deep = tmp / "deep.json";
+  write_text(deep, std::string(100000, '[') + std::string(100000, ']'));
+  require_one_error_line(run_lmtrain({"train", "--config", deep}, tmp),
+                         {deep, "nested deeper than 16 levels"});
+  const std::string overflow = tmp / "overflow.json";
+  write_text(overflow, R"({"model": {"softcap": 1e999}})");
+  require_one_error_line(run_lmtrain({"train", "--config", overflow}, tmp),
+                         {overflow, "model.softcap", "1e999"});
+  expect_refused({{"run", {{"name", std::string(1, '\0')}}}}, {}, {"run.name", "NUL"});
+  expect_refused(json{{"run", 5}}, {"--set", "run.seed=3"},
+                 {"config.json", "run: expected an object, got the integer 5"});
+}
+
+// Empty paths reached whatever opened them: "error: : no such checkpoint directory".
+TEST_CASE("e2e: empty paths are refused naming the key or option", "[e2e]") {
+  for (const char* key : {"train", "val", "tokenizer"}) {
+    expect_refused({{"data", {{key, ""}}}}, {}, {std::string("data.") + key, "empty"});
+  }
+  TempDir tmp;
+  const std::string config = write_config(tmp, tiny_config(tmp / "runs"));
+  require_one_error_line(run_lmtrain({"eval", "--ckpt", "", "--data", data_dir()}, tmp),
+                         {"--ckpt", "got ''"});
+  require_one_error_line(run_lmtrain({"eval", "--ckpt", "x", "--data", ""}, tmp),
+                         {"--data", "got ''"});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", ""}, tmp), {"--ckpt", "got ''"});
+  require_one_error_line(run_lmtrain({"train", "--config", ""}, tmp), {"--config", "got ''"});
+  require_one_error_line(run_lmtrain({"info", "--config", ""}, tmp), {"--config", "got ''"});
+  require_one_error_line(run_lmtrain({"train", "--config", config, "--init-from", ""}, tmp),
+                         {"--init-from", "got ''"});
+  CHECK_FALSE(fs::exists(tmp / "runs"));
+}
+
+// Values that passed validation and failed later: softcap 1e-300 became 0 as a float at step
+// 1, depth 16777215 spent 5 GB, run.threads 100000 spun OpenBLAS.
+TEST_CASE("e2e: values out of a float's or a machine's range are refused naming the key", "[e2e]") {
+  expect_refused({}, {"--set", "model.softcap=1e-300"}, {"model.softcap", "1e-300"});
+  expect_refused({{"run", {{"threads", 100000}}}}, {}, {"run.threads", "1024"});
+  TempDir tmp;
+  const std::string config = repo_path("configs/tiny.json");
+  require_one_error_line(
+      run_lmtrain({"info", "--config", config, "--set", "model.depth=16777215"}, tmp),
+      {"model.depth", "at most 1024"});
+  require_one_error_line(run_lmtrain({"info", "--config", config, "--set", "model.depth=1024",
+                                      "--set", "model.aspect_ratio=16384"},
+                                     tmp),
+                         {"2^44", "model.aspect_ratio"});
+}
+
+// CLI11 took '' as the default, -1 as "not given" (eval) or 2^64 - 1 (an unsigned seed), and
+// saturated 99999999999999999999999; none of these reach a checkpoint.
+TEST_CASE("e2e: eval and sample option values are checked as written", "[e2e]") {
+  TempDir tmp;
+  auto eval = [&](const std::string& option, const std::string& value) {
+    return run_lmtrain({"eval", "--ckpt", "x", "--data", "x", option, value}, tmp);
+  };
+  require_one_error_line(eval("--tokens", "-1"), {"--tokens", "'-1'"});
+  require_one_error_line(eval("--batch", "-1"), {"--batch", "'-1'"});
+  require_one_error_line(eval("--tokens", "99999999999999999999999"),
+                         {"--tokens", "99999999999999999999999"});
+  for (const char* option : {"--max-tokens", "--temperature", "--top-k", "--seed"}) {
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", option, ""}, tmp),
+                           {option, "got ''"});
+  }
+  for (const char* seed : {"-1", "18446744073709551616"}) {
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", "x", "--seed", seed}, tmp),
+                           {"--seed", seed});
+  }
+}
+
+// A million ranks forked for minutes before the launcher ran out of files; when starting ranks
+// fails midway, those started are stopped at once.
+TEST_CASE("e2e: launch refuses absurd rank counts and stops the ranks it started", "[e2e]") {
+  TempDir tmp;
+  require_one_error_line(run_lmtrain({"launch", "--nproc-per-node", "1000000", "--", "true"}, tmp),
+                         {"--nproc-per-node", "1 to 1024"});
+  require_one_error_line(
+      run_lmtrain({"launch", "--nproc-per-node", "1", "--nnodes", "1000000", "--", "true"}, tmp),
+      {"--nnodes", "1000000"});
+  // 64 open files hold about 28 ranks' pipes; the started ranks would sleep 30 s.
+  const auto start = std::chrono::steady_clock::now();
+  const Result r =
+      run_lmtrain({"launch", "--nproc-per-node", "40", "--", "sleep", "30"}, tmp, "ulimit -n 64;");
+  require_one_error_line(r, {"Too many open files", "ulimit -n", "--nproc-per-node"});
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(10));
 }

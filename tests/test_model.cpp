@@ -133,3 +133,25 @@ TEST_CASE("every tensor and stack of the parameter table starts on an aligned bo
     CHECK(count_params(table).total == numel);  // the gaps are not parameters
   }
 }
+
+// The count a config is bounded by, taken before the table is built, is the table's count.
+TEST_CASE("the arithmetic parameter count matches the table and bounds the model", "[model]") {
+  for (int depth : {1, 2, 3, 6}) {
+    for (int n_kv_head : {0, 1}) {
+      ModelConfig m;
+      m.depth = depth, m.aspect_ratio = 64, m.head_dim = 32, m.n_kv_head = n_kv_head;
+      const GptShape shape = GptShape::from(m, 1000);
+      INFO("depth " << depth << ", n_kv_head " << n_kv_head);
+      CHECK(shape.param_count() == double(count_params(ParamTable(shape)).total));
+    }
+  }
+  // Depth 1024 at width 2^24 was 3.5e18 parameters: refused before any table or vector.
+  ModelConfig huge;
+  huge.depth = 1024, huge.aspect_ratio = 16384;
+  CHECK_THROWS_WITH(GptShape::from(huge, 8192),
+                    Catch::Contains("are more than 2^44") && Catch::Contains("model.depth"));
+  // Large but sensible: 400 layers of width 16448 with a vocabulary of a million.
+  ModelConfig large;
+  large.depth = 400, large.aspect_ratio = 41, large.head_dim = 64;
+  CHECK_NOTHROW(GptShape::from(large, 1000000));
+}

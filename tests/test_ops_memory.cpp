@@ -67,3 +67,12 @@ TEST_CASE("cpu elementwise utilities reject bad dtypes and sizes", "[ops]") {
   CHECK_THROWS_AS(cpu.copy(Tensor{x.data(), {6}, DType::bf16}, Tensor{x.data(), {6}, DType::bf16}),
                   Error);
 }
+
+// The backend cannot tell what an allocation is for: its error names the keys that size them.
+TEST_CASE("cpu allocate beyond memory says what to change", "[ops]") {
+  CpuBackend cpu;
+  CHECK_THROWS_WITH(cpu.allocate(size_t(1) << 62),
+                    Catch::Contains("out of host memory for 4611686018427387904 bytes") &&
+                        Catch::Contains("lmtrain info") && Catch::Contains("batch.device_batch") &&
+                        Catch::Contains("model.vocab_size"));
+}

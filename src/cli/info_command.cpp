@@ -82,7 +82,7 @@ void add_info_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<InfoOptions>();
   CLI::App* cmd = app.add_subcommand(
       "info", "parameter table, FLOPs per token and the training horizon of a config");
-  cmd->add_option("--config", o->config_path, "config file");
+  cmd->add_option("--config", o->config_path, "config file")->check(non_empty("a config file"));
   cmd->add_option("--set", o->overrides, "override one key: --set schedule.target_flops=1e18");
   cmd->add_flag("--keys", o->keys, "print every config key with its default and meaning");
   cmd->callback([&action, o] { action = [o] { return run_info(*o); }; });

@@ -1,5 +1,3 @@
-#include <cmath>
-
 #include "cli/commands.h"
 #include "model/generator.h"
 
@@ -13,11 +11,6 @@ struct SampleCommandOptions {
 };
 
 int run_sample(const SampleCommandOptions& o) {
-  const SampleOptions& s = o.sample;
-  check(s.max_tokens >= 0, "sample: --max-tokens: expected an integer >= 0, got {}", s.max_tokens);
-  check(std::isfinite(s.temperature) && s.temperature >= 0,
-        "sample: --temperature: expected a number >= 0 (0: greedy), got {}", s.temperature);
-  check(s.top_k >= 0, "sample: --top-k: expected 0 (all) or a positive count, got {}", s.top_k);
   CheckpointModel m = open_checkpoint_model(o.ckpt, o.backend, 1);
   std::vector<int32_t> prompt = {m.tokenizer->bos_id()};
   std::vector<int32_t> encoded;
@@ -41,15 +34,23 @@ void add_sample_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<SampleCommandOptions>();
   CLI::App* cmd = app.add_subcommand("sample", "generate text from a checkpoint (KV cache)");
   cmd->add_option("--ckpt", o->ckpt, "checkpoint directory (or a run whose ckpt/latest names one)")
-      ->required();
+      ->required()
+      ->check(non_empty("a checkpoint directory"));
   cmd->add_option("--prompt", o->prompt, "text to continue (a BOS token is put before it)");
   cmd->add_option("--max-tokens", o->sample.max_tokens, "tokens to generate")
-      ->capture_default_str();
-  cmd->add_option("--temperature", o->sample.temperature, "0 for greedy")->capture_default_str();
+      ->capture_default_str()
+      ->check(integer_in(0, INT32_MAX));
+  cmd->add_option("--temperature", o->sample.temperature, "0 for greedy")
+      ->capture_default_str()
+      ->check(finite_number_at_least(0));
   cmd->add_option("--top-k", o->sample.top_k, "sample among the k most likely (0: all)")
-      ->capture_default_str();
-  cmd->add_option("--seed", o->sample.seed, "sampling seed")->capture_default_str();
-  cmd->add_option("--backend", o->backend, "cpu | cuda | auto (default: the config's)");
+      ->capture_default_str()
+      ->check(integer_in(0, INT32_MAX));
+  cmd->add_option("--seed", o->sample.seed, "sampling seed")
+      ->capture_default_str()
+      ->check(unsigned_integer());
+  cmd->add_option("--backend", o->backend, "cpu | cuda | auto (default: the config's)")
+      ->check(non_empty("cpu | cuda | auto"));
   cmd->callback([&action, o] { action = [o] { return run_sample(*o); }; });
 }
 

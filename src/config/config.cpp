@@ -1,10 +1,11 @@
 #include "config/config.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
-#include <sstream>
 
 namespace lmtrain {
 
@@ -20,6 +21,15 @@ std::string join(std::initializer_list<const char*> allowed) {
   return s;
 }
 
+// Past the deepest transformers trained (DeepNet's 1000 layers) a depth is a typo, and one
+// spent gigabytes on per-layer tables before failing.
+constexpr int kMaxDepth = 1024;
+constexpr int kMaxThreads = 1024;
+
+// In [0, 1) also as the float the kernels use: 0.99999999999 rounds to 1.
+bool below_one(double x) { return x >= 0 && float(x) < 1.0f; }
+constexpr const char* kBelowOne = "a number in [0, 1) (at most 0.99999994, the last float below 1)";
+
 // Cross-field and range checks; each error names the key path and what was expected.
 void validate(const Config& c, const std::string& src) {
   auto require = [&](bool ok, const char* key, const std::string& expected) {
@@ -33,8 +43,17 @@ void validate(const Config& c, const std::string& src) {
 
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
   choice(c.run.dtype, "run.dtype", {"bf16", "fp32"});
-  require(c.run.threads >= 0, "run.threads", "0 (all cores) or a positive count");
+  // More threads than any machine has cores only spins (OpenBLAS under an address-space limit).
+  require(c.run.threads >= 0 && c.run.threads <= kMaxThreads, "run.threads",
+          fmt::format("0 (all cores) or a count up to {}, got {}", kMaxThreads, c.run.threads));
   require(!c.run.name.empty(), "run.name", "a non-empty name");
+  // An empty path would reach the error of whatever opens it as ": no such file".
+  for (auto [value, key] : {std::pair{&c.run.out_dir, "run.out_dir"},
+                            {&c.data.train, "data.train"},
+                            {&c.data.val, "data.val"},
+                            {&c.data.tokenizer, "data.tokenizer"}}) {
+    require(!value->empty(), key, "a path, got an empty string");
+  }
   require(c.run.loss_chunk_rows >= 0, "run.loss_chunk_rows",
           "an integer >= 0 (0: as many rows as fit in 256 MiB)");
   require(c.run.profile_steps >= 0, "run.profile_steps", "an integer >= 0 (0: off)");
@@ -43,6 +62,8 @@ void validate(const Config& c, const std::string& src) {
   const auto& m = c.model;
   choice(m.family, "model.family", {"gpt"});
   require(m.depth >= 1, "model.depth", "an integer >= 1");
+  require(m.depth <= kMaxDepth, "model.depth",
+          fmt::format("at most {} layers, got {}", kMaxDepth, m.depth));
   require(m.aspect_ratio >= 1, "model.aspect_ratio", "an integer >= 1");
   require(m.head_dim >= 2 && m.head_dim % 2 == 0, "model.head_dim", "an even integer >= 2");
   require(m.sequence_len >= 2, "model.sequence_len", "an integer >= 2");
@@ -85,16 +106,14 @@ void validate(const Config& c, const std::string& src) {
   choice(o.matrix_optimizer, "optim.matrix_optimizer", {"normuon", "adamw"});
   const auto& mu = o.muon;
   choice(mu.momentum, "optim.muon.momentum", {"lerp", "classic"});
-  require(mu.momentum_start >= 0 && mu.momentum_start < 1, "optim.muon.momentum_start",
-          "a number in [0, 1)");
-  require(mu.momentum_end >= 0 && mu.momentum_end < 1, "optim.muon.momentum_end",
-          "a number in [0, 1)");
+  require(below_one(mu.momentum_start), "optim.muon.momentum_start", kBelowOne);
+  require(below_one(mu.momentum_end), "optim.muon.momentum_end", kBelowOne);
   require(mu.momentum_warmup_steps >= 0, "optim.muon.momentum_warmup_steps", "an integer >= 0");
   choice(mu.orthogonalizer, "optim.muon.orthogonalizer",
          {"polar_express", "newton_schulz5", "none"});
   require(mu.ortho_steps >= 1, "optim.muon.ortho_steps", "an integer >= 1");
   choice(mu.lr_scale, "optim.muon.lr_scale", {"rectangular", "moonshot", "sqrt_max", "none"});
-  require(mu.beta2 >= 0 && mu.beta2 < 1, "optim.muon.beta2", "a number in [0, 1)");
+  require(below_one(mu.beta2), "optim.muon.beta2", kBelowOne);
   choice(mu.weight_decay_mode, "optim.muon.weight_decay_mode", {"cautious", "decoupled", "none"});
   require(mu.weight_decay >= 0, "optim.muon.weight_decay", "a number >= 0");
   require(mu.weight_decay_reference_depth > 0, "optim.muon.weight_decay_reference_depth",
@@ -109,8 +128,8 @@ void validate(const Config& c, const std::string& src) {
                             {o.scalar_lr, "optim.scalar_lr"}}) {
     require(value >= 0, key, "a learning rate >= 0");
   }
-  require(o.adam_beta1 >= 0 && o.adam_beta1 < 1, "optim.adam_beta1", "a number in [0, 1)");
-  require(o.adam_beta2 >= 0 && o.adam_beta2 < 1, "optim.adam_beta2", "a number in [0, 1)");
+  require(below_one(o.adam_beta1), "optim.adam_beta1", kBelowOne);
+  require(below_one(o.adam_beta2), "optim.adam_beta2", kBelowOne);
   require(o.adam_eps > 0, "optim.adam_eps", "a positive number");
   require(o.lr_reference_width > 0, "optim.lr_reference_width", "a positive number");
   require(o.lr_reference_batch > 0, "optim.lr_reference_batch", "a positive number");
@@ -124,14 +143,56 @@ void validate(const Config& c, const std::string& src) {
   require(c.eval.top_k >= 0, "eval.top_k", "0 (all) or a positive count");
   require(c.checkpoint.every >= 0, "checkpoint.every", "0 or a positive step count");
   require(c.log.every >= 1, "log.every", "an integer >= 1");
+
+  // Kernels and optimizer state take these as float: a double that becomes 0 or inf there
+  // passed the checks above and failed at step 1 (model.softcap 1e-300 became 0). The horizon
+  // stays in double and is checked by the plan.
+  config::DoubleFields doubles;
+  const_cast<Config&>(c).visit(doubles);
+  for (const auto& [key, value] : doubles.found) {
+    if (key == "schedule.target_flops" || key == "schedule.target_param_data_ratio") continue;
+    const double magnitude = std::abs(value);
+    require(magnitude == 0 || (magnitude >= FLT_MIN && magnitude <= FLT_MAX), key.c_str(),
+            fmt::format("0 or a magnitude in [{:g}, {:g}] (a float), got {:g}", FLT_MIN, FLT_MAX,
+                        value));
+  }
+}
+
+// A config is a few KB: the bound keeps a device (/dev/zero) or a stray huge file from filling
+// memory before the parser can object.
+constexpr size_t kMaxConfigBytes = size_t(16) << 20;
+// Configs nest 5 levels (optim.muon.param_overrides[i].pattern); a file nested 100,000 deep
+// cost memory quadratic in its depth.
+constexpr size_t kMaxNesting = 16;
+
+std::string read_config_text(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  const fs::file_status status = fs::status(path, error);
+  check(!fs::is_directory(status), "{}: is a directory, expected a JSON file", path);
+  check(fs::exists(status), "{}: cannot open", path);
+  check(fs::is_regular_file(status), "{}: not a regular file, expected a JSON file", path);
+  std::ifstream file(path, std::ios::binary);
+  check(file.good(), "{}: cannot open", path);
+  std::string text;
+  char chunk[65536];
+  while (file.read(chunk, sizeof chunk), file.gcount() > 0) {
+    text.append(chunk, size_t(file.gcount()));
+    check(text.size() <= kMaxConfigBytes, "{}: larger than {} MiB, expected a JSON config", path,
+          kMaxConfigBytes >> 20);
+  }
+  return text;
+}
+
+// nlohmann's message without its "[json.exception.out_of_range.406] " prefix.
+std::string json_reason(const nlohmann::json::exception& e) {
+  const std::string what = e.what();
+  const size_t end = what.find("] ");
+  return end == std::string::npos ? what : what.substr(end + 2);
 }
 
 nlohmann::json read_json_file(const std::string& path) {
-  check(!std::filesystem::is_directory(path), "{}: is a directory, expected a JSON file", path);
-  std::ifstream file(path);
-  check(file.good(), "{}: cannot open", path);
-  std::stringstream text;
-  text << file.rdbuf();
+  const std::string text = read_config_text(path);
   // JSON lets a key repeat and keeps the last value; in a config that silently drops a setting.
   using Event = nlohmann::json::parse_event_t;
   struct Scope {
@@ -141,29 +202,37 @@ nlohmann::json read_json_file(const std::string& path) {
   };
   std::vector<Scope> scopes;
   std::string key, duplicate;
+  // The dotted path of the value being parsed; an array's elements share its path.
+  auto current_path = [&] {
+    if (scopes.empty()) return std::string();
+    const Scope& outer = scopes.back();
+    return outer.array ? outer.path : outer.path.empty() ? key : outer.path + "." + key;
+  };
   auto on_event = [&](int, Event event, nlohmann::json& parsed) {
     if (event == Event::object_start || event == Event::array_start) {
-      std::string at;  // an array's elements share its path
-      if (!scopes.empty()) {
-        const Scope& outer = scopes.back();
-        at = outer.array ? outer.path : outer.path.empty() ? key : outer.path + "." + key;
-      }
-      scopes.push_back({at, event == Event::array_start, {}});
+      // Refused before the scope is stored: the check is what bounds the memory.
+      check(scopes.size() < kMaxNesting, "{}: nested deeper than {} levels, expected a config",
+            path, kMaxNesting);
+      scopes.push_back({current_path(), event == Event::array_start, {}});
     } else if (event == Event::object_end || event == Event::array_end) {
       scopes.pop_back();
     } else if (event == Event::key) {
       key = parsed.get<std::string>();
-      if (duplicate.empty() && !scopes.back().keys.insert(key).second)
-        duplicate = scopes.back().path.empty() ? key : scopes.back().path + "." + key;
+      if (duplicate.empty() && !scopes.back().keys.insert(key).second) duplicate = current_path();
     }
     return true;
   };
   nlohmann::json document;
   try {
-    document = nlohmann::json::parse(text.str(), on_event, /*allow_exceptions=*/true,
+    document = nlohmann::json::parse(text, on_event, /*allow_exceptions=*/true,
                                      /*ignore_comments=*/true);
   } catch (const nlohmann::json::parse_error& e) {
     fail("{}: not valid JSON: {}", path, e.what());
+  } catch (const nlohmann::json::exception& e) {
+    // A number beyond a double (1e999): nlohmann names neither a line nor a key.
+    const std::string at = current_path();
+    fail("{}: {}{}{}; expected a number within +-1.8e308", path, at, at.empty() ? "" : ": ",
+         json_reason(e));
   }
   check(duplicate.empty(), "{}: key '{}' appears twice; keep one", path, duplicate);
   return document;
@@ -220,8 +289,9 @@ Config parse_config(const nlohmann::json& input, const std::string& source) {
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   nlohmann::json document = path.empty() ? nlohmann::json::object() : read_json_file(path);
-  for (const auto& assignment : overrides) config::apply_override(document, assignment);
-  return parse_config(document, path.empty() ? "config" : path);
+  const std::string source = path.empty() ? "config" : path;
+  for (const auto& assignment : overrides) config::apply_override(document, assignment, source);
+  return parse_config(document, source);
 }
 
 nlohmann::json to_json(const Config& config) { return config::Writer::write(config); }

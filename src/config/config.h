@@ -31,7 +31,7 @@ struct RunConfig {
     v("dtype", dtype,
       "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in "
       "fp32)");
-    v("threads", threads, "CPU threads (0: all cores)");
+    v("threads", threads, "CPU threads, up to 1024 (0: all cores)");
     v("recompute_activations", recompute_activations,
       "keep only each block's output through the forward and recompute the block's activations "
       "in the backward: one block's activations in memory instead of depth blocks', for about "
@@ -61,7 +61,7 @@ struct ModelConfig {
   template <class V>
   void visit(V& v) {
     v("family", family, "model family: gpt");
-    v("depth", depth, "number of transformer layers");
+    v("depth", depth, "number of transformer layers, 1 to 1024");
     v("aspect_ratio", aspect_ratio, "width = ceil(depth * aspect_ratio / head_dim) * head_dim");
     v("head_dim", head_dim, "channels per attention head");
     v("n_kv_head", n_kv_head,

@@ -46,6 +46,10 @@ void Reader::reject_unknown() const {
   for (const auto& [key, value] : object_.items()) {
     if (std::find(seen_.begin(), seen_.end(), key) != seen_.end()) continue;
     std::string where = path_.empty() ? key : path_ + "." + key;
+    // A NUL would cut the message short.
+    if (key.find('\0') != std::string::npos)
+      fail("{}: {}expected keys without NUL characters", source_,
+           path_.empty() ? "" : path_ + ": ");
     std::string hint = closest_key(key, seen_);
     if (!hint.empty() && !path_.empty()) hint = path_ + "." + hint;
     fail("{}: unknown key '{}'{}", source_, where,
@@ -53,26 +57,30 @@ void Reader::reject_unknown() const {
   }
 }
 
-void apply_override(json& document, const std::string& assignment) {
+void apply_override(json& document, const std::string& assignment, const std::string& source) {
   auto eq = assignment.find('=');
   check(eq != std::string::npos && eq > 0, "--set {}: expected key.path=value", assignment);
   std::string path = assignment.substr(0, eq), text = assignment.substr(eq + 1);
   json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) value = text;
 
+  // A section the file gives as something else ("run": 5) is an error, not replaced: without
+  // --set the reader refuses it, and a --set must not hide that.
+  check(document.is_object(), "{}: expected a JSON object at the top level", source);
   json* node = &document;
-  size_t start = 0;
-  while (true) {
-    size_t dot = path.find('.', start);
-    std::string part =
-        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+  std::string at;  // the key path of `node`
+  for (size_t start = 0;;) {
+    const size_t dot = path.find('.', start);
+    const std::string part = path.substr(start, dot == std::string::npos ? dot : dot - start);
     check(!part.empty(), "--set {}: empty key in path", assignment);
-    if (!node->is_object()) *node = json::object();
     if (dot == std::string::npos) {
       (*node)[part] = value;
       return;
     }
+    at += (at.empty() ? "" : ".") + part;
+    if (!node->contains(part)) (*node)[part] = json::object();
     node = &(*node)[part];
+    if (!node->is_object()) fail("{}: {}: expected an object, got {}", source, at, describe(*node));
     start = dot + 1;
   }
 }

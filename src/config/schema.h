@@ -72,6 +72,9 @@ class Reader {
     } else if constexpr (std::is_same_v<T, std::string>) {
       expect(value.is_string(), path, "a string", value);
       field = value.get<std::string>();
+      // A NUL would cut every message and path that later holds the value.
+      if (field.find('\0') != std::string::npos)
+        fail("{}: {}: expected a string without NUL characters", source_, path);
     } else if constexpr (is_vector<T>::value) {
       expect(value.is_array(), path, "an array", value);
       field.clear();
@@ -144,8 +147,35 @@ class Documenter {
   }
 };
 
-// Sets `dotted.key=value` in a JSON document. The value is parsed as JSON when it is valid JSON
-// (numbers, true/false, arrays) and taken as a string otherwise.
-void apply_override(json& document, const std::string& assignment);
+// Every double-valued field with its key path, the elements of arrays of structs included.
+class DoubleFields {
+ public:
+  std::vector<std::pair<std::string, double>> found;
+  std::string prefix;
+
+  template <class T>
+  void operator()(const char* key, T& field, const char* /*doc*/) {
+    add(prefix.empty() ? key : prefix + "." + key, field);
+  }
+
+ private:
+  template <class T>
+  void add(const std::string& path, T& field) {
+    if constexpr (std::is_same_v<T, double>) {
+      found.emplace_back(path, field);
+    } else if constexpr (is_vector<T>::value) {
+      for (size_t i = 0; i < field.size(); ++i) add(path + "[" + std::to_string(i) + "]", field[i]);
+    } else if constexpr (std::is_class_v<T> && !std::is_same_v<T, std::string>) {
+      DoubleFields nested{{}, path};
+      field.visit(nested);
+      found.insert(found.end(), nested.found.begin(), nested.found.end());
+    }
+  }
+};
+
+// Sets `dotted.key=value` in a JSON document read from `source`. The value is parsed as JSON
+// when it is valid JSON (numbers, true/false, arrays) and taken as a string otherwise.
+void apply_override(json& document, const std::string& assignment,
+                    const std::string& source = "config");
 
 }  // namespace lmtrain::config

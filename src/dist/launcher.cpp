@@ -20,6 +20,9 @@ namespace lmtrain::dist {
 
 namespace {
 
+constexpr int kMaxRanksPerNode = 1024;
+constexpr int kMaxNodes = 65536;  // with 1024 ranks each, the world size still fits an int
+
 // ---- launcher signals: written to a self-pipe by the handler, read in the poll loop ----
 int g_signal_pipe = -1;
 
@@ -167,22 +170,20 @@ std::vector<char*> pointers(std::vector<std::string>& strings) {
 class RankGroup {
  public:
   ~RankGroup() {
-    for (Rank& r : ranks_) {
-      if (!r.running) continue;
-      ::kill(-r.pid, SIGKILL);
-      ::waitpid(r.pid, nullptr, 0);
-    }
+    // All are killed before any is waited for: ranks die in parallel, not one after another.
+    for (Rank& r : ranks_)
+      if (r.running) ::kill(-r.pid, SIGKILL);
+    for (Rank& r : ranks_)
+      if (r.running) ::waitpid(r.pid, nullptr, 0);
   }
 
   std::vector<Rank>& ranks() { return ranks_; }
 
   void spawn(int rank, std::vector<std::string> argv, std::vector<std::string> env) {
     int out[2], err[2];
-    const bool out_piped = ::pipe2(out, O_CLOEXEC) == 0;
-    check(out_piped, "launch: pipe for rank {}'s output: {}", rank, std::strerror(errno));
+    if (::pipe2(out, O_CLOEXEC) != 0) fail_to_start(rank, "pipe for its output");
     Fd out_read(out[0]), out_write(out[1]);
-    const bool err_piped = ::pipe2(err, O_CLOEXEC) == 0;
-    check(err_piped, "launch: pipe for rank {}'s errors: {}", rank, std::strerror(errno));
+    if (::pipe2(err, O_CLOEXEC) != 0) fail_to_start(rank, "pipe for its errors");
     Fd err_read(err[0]), err_write(err[1]);
     Rank& r = ranks_.emplace_back();
     r.rank = rank;
@@ -196,7 +197,7 @@ class RankGroup {
     std::string exec_error = fmt::format("launch: rank {} cannot run '{}': ", rank, argv[0]);
 
     pid_t pid = ::fork();
-    check(pid >= 0, "launch: fork: {}", std::strerror(errno));
+    if (pid < 0) fail_to_start(rank, "fork");
     if (pid == 0) {
       ::setpgid(0, 0);
       ::signal(SIGPIPE, SIG_DFL);  // ignored dispositions would survive exec
@@ -221,15 +222,30 @@ class RankGroup {
   }
 
  private:
+  // The ranks started so far are stopped by the destructor as the error unwinds.
+  [[noreturn]] void fail_to_start(int rank, const char* what) {
+    const int error = errno;
+    fail("launch: rank {}: {}: {}; stopped the ranks already started; {}", rank, what,
+         std::strerror(error),
+         error == EMFILE || error == ENFILE
+             ? "each rank holds 2 open files in the launcher: raise ulimit -n or lower "
+               "--nproc-per-node"
+             : "lower --nproc-per-node");
+  }
+
   std::vector<Rank> ranks_;
 };
 
 }  // namespace
 
 int launch(const LaunchOptions& o) {
-  check(o.nproc_per_node >= 1, "launch: --nproc-per-node must be at least 1, not {}",
+  // Beyond these no machine or job is sane: a million ranks forked for minutes before the
+  // launcher ran out of files.
+  check(o.nproc_per_node >= 1 && o.nproc_per_node <= kMaxRanksPerNode,
+        "launch: --nproc-per-node: expected 1 to {} ranks, got {}", kMaxRanksPerNode,
         o.nproc_per_node);
-  check(o.nnodes >= 1, "launch: --nnodes must be at least 1, not {}", o.nnodes);
+  check(o.nnodes >= 1 && o.nnodes <= kMaxNodes, "launch: --nnodes: expected 1 to {}, got {}",
+        kMaxNodes, o.nnodes);
   check(o.node_rank >= 0 && o.node_rank < o.nnodes, "launch: --node-rank {} is not in [0, {})",
         o.node_rank, o.nnodes);
   check(!o.command.empty(), "launch: no command to run (lmtrain launch ... -- lmtrain train ...)");

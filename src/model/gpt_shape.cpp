@@ -19,6 +19,14 @@ GptShape GptShape::from(const ModelConfig& c, int vocab) {
   s.seq_len = c.sequence_len;
   s.vocab = vocab;
   s.padded_vocab = (vocab + 63) / 64 * 64;
+  // Refused before the per-layer vectors and the table are built: depth 16777215 spent 5 GB
+  // and 22 s on them before failing.
+  const double params = s.param_count();
+  check(params <= kMaxParams,
+        "model: {:.3g} parameters (depth {}, width {}, vocab {}) are more than 2^44 = {:.3g}, "
+        "expected a model a machine can hold; lower model.depth, model.aspect_ratio or "
+        "model.vocab_size",
+        params, s.depth, s.width, s.vocab, kMaxParams);
   s.softcap = c.softcap;
   s.rope_base = c.rope_base;
   for (int i = 0; i < s.depth; ++i) {
@@ -28,6 +36,14 @@ GptShape GptShape::from(const ModelConfig& c, int vocab) {
     s.value_embed.push_back(i % 2 == (s.depth - 1) % 2);
   }
   return s;
+}
+
+double GptShape::param_count() const {
+  const double C = width, q = q_dim(), kv = kv_dim(), V = padded_vocab;
+  const double value_embed_layers = (depth + 1) / 2;  // every other layer, ending at the last
+  const double per_layer = 2 * q * C + 2 * kv * C + 8 * C * C;  // attention and MLP
+  const double per_value_embed = V * kv + double(n_kv_head) * kValueGateChannels;
+  return depth * per_layer + value_embed_layers * per_value_embed + 2 * V * C + 2.0 * depth;
 }
 
 double GptShape::flops_per_token() const {

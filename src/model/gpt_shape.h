@@ -13,6 +13,8 @@ namespace lmtrain {
 
 // Channels of the normalised attention input that drive the value-embedding gate.
 constexpr int kValueGateChannels = 32;
+// 2^44 parameters are 64 TiB of fp32 weights, beyond any machine: a config past it is a typo.
+constexpr double kMaxParams = 17592186044416.0;
 
 struct GptShape {
   int depth = 0, width = 0, n_head = 0, n_kv_head = 0, head_dim = 0, seq_len = 0;
@@ -24,6 +26,8 @@ struct GptShape {
   static GptShape from(const ModelConfig& config, int vocab);
   int q_dim() const { return n_head * head_dim; }
   int kv_dim() const { return n_kv_head * head_dim; }
+  // ParamCounts::total, by arithmetic: needs only the dimensions, not windows or a table.
+  double param_count() const;
   // nanochat's estimate: 6 x matmul weights (lm_head included, embeddings and scalars not)
   // plus 12 * n_head * head_dim * min(window, T) per layer for attention.
   double flops_per_token() const;

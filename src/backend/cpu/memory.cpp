@@ -23,7 +23,12 @@ Buffer CpuBackend::allocate(size_t bytes) {
   constexpr size_t kAlign = 64;
   size_t padded = (bytes + kAlign - 1) / kAlign * kAlign;  // aligned_alloc needs a multiple
   void* ptr = std::aligned_alloc(kAlign, padded == 0 ? kAlign : padded);
-  check(ptr != nullptr, "allocate: out of host memory for {} bytes", bytes);
+  // The backend cannot tell what the memory was for: name the keys that size every allocation.
+  check(ptr != nullptr,
+        "allocate: out of host memory for {} bytes ({:.2f} GiB); `lmtrain info --config ...` "
+        "prints the parameters and activation memory of a config: lower batch.device_batch (eval "
+        "--batch), model.sequence_len, model.depth, model.aspect_ratio or model.vocab_size",
+        bytes, double(bytes) / 1073741824.0);
   return track(ptr, bytes, [](void* p) { std::free(p); });
 }
 
