@@ -166,6 +166,19 @@ TEST_CASE("launch: SIGHUP reaches every rank unless it is ignored", "[dist]") {
   CHECK_THAT(ignored.output, Contains("[rank 0] survived") && Contains("[rank 1] survived"));
 }
 
+// Ranks that stop as asked (a training saves and exits with 128 + signal): the launcher exits
+// the same way, as one rank would.
+TEST_CASE("launch: ranks stopped by a forwarded signal give its exit code", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "trap 'exit 130' INT; echo ready; sleep 60 & wait"});
+  launch.read_until("[rank 0] ready");
+  launch.read_until("[rank 1] ready");
+  REQUIRE(kill(launch.pid(), SIGINT) == 0);
+  CHECK(launch.finish() == 130);
+  CHECK_THAT(launch.output,
+             Contains("launch: stopped by signal 2; every rank exited with code 130"));
+}
+
 TEST_CASE("launch: bad arguments are one-line errors", "[dist]") {
   Launcher launch({"--nproc-per-node", "2", "--nnodes", "2", "--", "true"});
   CHECK(launch.finish() != 0);

@@ -192,3 +192,16 @@ TEST_CASE("e2e: the run name . is refused", "[e2e]") {
   require_one_error_line(run_lmtrain({"train", "--config", config}, tmp), {"run.name", "'a/.'"});
   CHECK_FALSE(fs::exists(tmp / "runs"));
 }
+
+// A file where the checkpoint directory belongs: refused before anything is written.
+TEST_CASE("e2e: a file in place of the checkpoint directory is refused first", "[e2e]") {
+  TempDir tmp;
+  const std::string config = write_config(tmp, tiny_config(tmp / "runs"));
+  const RunPaths run(tmp / "runs", "e2e");
+  fs::create_directories(run.run);
+  write_text(run.ckpt, "not a directory");
+  const auto before = snapshot(run.run);
+  require_one_error_line(run_lmtrain({"train", "--config", config}, tmp),
+                         {"ckpt: expected the run's checkpoint directory"});
+  CHECK(snapshot(run.run) == before);
+}

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -278,6 +279,7 @@ int launch(const LaunchOptions& o) {
   // Time points that have not been set yet are never reached.
   constexpr Clock::time_point never = Clock::time_point::max();
   Clock::time_point kill_at = never, drain_until = never;
+  int forwarded = 0;  // the last signal passed on to the ranks
   std::vector<Rank>& ranks = group.ranks();
   while (true) {
     // Wait for output, a launcher signal, or 50 ms (exits are polled with waitpid below).
@@ -301,7 +303,10 @@ int launch(const LaunchOptions& o) {
       else if (n == 0 || errno != EINTR)
         s->finish(r->prefix);
     }
-    for (int sig : signals.take()) group.signal_all(sig);
+    for (int sig : signals.take()) {
+      group.signal_all(sig);
+      forwarded = sig;
+    }
 
     bool any_running = false;
     for (Rank& r : ranks) {
@@ -328,6 +333,17 @@ int launch(const LaunchOptions& o) {
   for (Rank& r : ranks) {
     r.out.finish(r.prefix);
     r.err.finish(r.prefix);
+  }
+  // Asked to stop, every rank did as asked (saved and exited with 128 + signal): so does the
+  // launcher, like a single rank.
+  const bool stopped_as_asked =
+      forwarded && std::all_of(ranks.begin(), ranks.end(), [&](const Rank& r) {
+        return WIFEXITED(r.status) && WEXITSTATUS(r.status) == 128 + forwarded;
+      });
+  if (stopped_as_asked) {
+    fmt::print(stderr, "launch: stopped by signal {}; every rank exited with code {}\n", forwarded,
+               128 + forwarded);
+    return 128 + forwarded;
   }
   if (first_failure)
     fail("launch: rank {} {}; stopped the other ranks", first_failure->first,

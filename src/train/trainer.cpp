@@ -101,6 +101,9 @@ int train(const TrainOptions& options) {
           "it with --overwrite",
           run_dir, state.checkpoints ? "continue it with --resume, " : "");
   };
+  std::error_code ec;
+  check(!fs::exists(ckpt_parent, ec) || fs::is_directory(ckpt_parent, ec),
+        "train: {}: expected the run's checkpoint directory, found a file", ckpt_parent);
   refuse_earlier_run();
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
