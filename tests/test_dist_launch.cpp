@@ -50,6 +50,10 @@ class Launcher {
     while (output.find(text) == std::string::npos && read_some()) {
     }
   }
+  // Reads output until each of `ranks` ranks has printed its "ready" line.
+  void read_until_ready(int ranks) {
+    for (int rank = 0; rank < ranks; ++rank) read_until(fmt::format("[rank {}] ready", rank));
+  }
   // Reads to the end and reaps the launcher; returns its exit code.
   int finish() {
     while (read_some()) {
@@ -135,8 +139,7 @@ TEST_CASE("launch: ranks that ignore SIGTERM are killed after the grace period",
 TEST_CASE("launch: SIGTERM to the launcher reaches every rank", "[dist]") {
   Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
                    "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 60 & wait"});
-  launch.read_until("[rank 0] ready");
-  launch.read_until("[rank 1] ready");
+  launch.read_until_ready(2);
   REQUIRE(kill(launch.pid(), SIGTERM) == 0);
   CHECK(launch.finish() == 0);
   CHECK(launch.seconds < 5.0);
@@ -149,8 +152,7 @@ TEST_CASE("launch: SIGHUP reaches every rank unless it is ignored", "[dist]") {
       "trap 'echo got HUP; exit 0' HUP; trap 'echo got TERM; exit 0' TERM; echo ready; "
       "sleep 60 & wait";
   Launcher forwarded({"--nproc-per-node", "2", "--", "sh", "-c", rank_script});
-  forwarded.read_until("[rank 0] ready");
-  forwarded.read_until("[rank 1] ready");
+  forwarded.read_until_ready(2);
   REQUIRE(kill(forwarded.pid(), SIGHUP) == 0);
   CHECK(forwarded.finish() == 0);
   CHECK_THAT(forwarded.output, Contains("[rank 0] got HUP") && Contains("[rank 1] got HUP"));
@@ -159,8 +161,7 @@ TEST_CASE("launch: SIGHUP reaches every rank unless it is ignored", "[dist]") {
   Launcher ignored({"--nproc-per-node", "2", "--", "sh", "-c",
                     "echo ready; sleep 0.3; kill -HUP $$; echo survived"},
                    true);
-  ignored.read_until("[rank 0] ready");
-  ignored.read_until("[rank 1] ready");
+  ignored.read_until_ready(2);
   REQUIRE(kill(ignored.pid(), SIGHUP) == 0);
   CHECK(ignored.finish() == 0);
   CHECK_THAT(ignored.output, Contains("[rank 0] survived") && Contains("[rank 1] survived"));
@@ -171,8 +172,7 @@ TEST_CASE("launch: SIGHUP reaches every rank unless it is ignored", "[dist]") {
 TEST_CASE("launch: ranks stopped by a forwarded signal give its exit code", "[dist]") {
   Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
                    "trap 'exit 130' INT; echo ready; sleep 60 & wait"});
-  launch.read_until("[rank 0] ready");
-  launch.read_until("[rank 1] ready");
+  launch.read_until_ready(2);
   REQUIRE(kill(launch.pid(), SIGINT) == 0);
   CHECK(launch.finish() == 130);
   CHECK_THAT(launch.output,
