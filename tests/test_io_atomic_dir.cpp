@@ -138,6 +138,9 @@ TEST_CASE("read_latest takes one name and nothing else", "[io]") {
   fs::remove(latest);
   REQUIRE(::mkfifo(latest.c_str(), 0644) == 0);  // reading it would block
   CHECK_THROWS_WITH(read_latest(parent), Contains("expected a file holding"));
+  fs::remove(latest);
+  fs::create_symlink(latest, latest);  // a loop of links
+  CHECK_THROWS_WITH(read_latest(parent), Contains("expected a file holding"));
 }
 
 // What processes killed while saving leave: staging and set-aside directories go, unless the

@@ -209,11 +209,11 @@ void AtomicDir::commit(bool update_latest) {
 std::optional<std::string> read_latest(const std::string& parent) {
   const std::string latest = parent + "/latest";
   std::error_code ec;
-  const fs::file_status status = fs::status(latest, ec);
-  if (!fs::exists(status)) return std::nullopt;
-  // Not a FIFO or a device to block on, nor a file too large to be a name.
-  check(fs::is_regular_file(status), "{}: expected a file holding a checkpoint directory name",
-        latest);
+  if (!fs::exists(fs::symlink_status(latest, ec))) return std::nullopt;
+  // Not a FIFO or a device to block on, a link that leads nowhere or in a loop, nor a file too
+  // large to be a name.
+  check(fs::is_regular_file(fs::status(latest, ec)),
+        "{}: expected a file holding a checkpoint directory name", latest);
   const uintmax_t size = fs::file_size(latest, ec);
   check(!ec && size <= 4096, "{}: expected a checkpoint directory name, got a file of {} bytes",
         latest, size);

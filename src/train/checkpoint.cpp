@@ -151,11 +151,15 @@ std::string save_checkpoint(const std::string& parent, const nlohmann::json& res
 }
 
 std::string resolve_checkpoint(const std::string& path) {
-  check(fs::exists(path), "{}: no such checkpoint directory", path);
-  check(fs::is_directory(path), "{}: not a directory, expected a checkpoint directory", path);
-  if (fs::exists(fs::path(path) / "meta.json")) return path;
+  // error_code forms: a name too long or a loop of links is an answer here, not an exception.
+  std::error_code ec;
+  check(fs::exists(path, ec), "{}: no such checkpoint directory{}", path,
+        ec ? " (" + ec.message() + ")" : "");
+  check(fs::is_directory(path, ec), "{}: not a directory, expected a checkpoint directory", path);
+  if (fs::exists(fs::path(path) / "meta.json", ec)) return path;
   for (fs::path parent : {fs::path(path), fs::path(path) / "ckpt"}) {
-    if (!fs::exists(parent / "latest")) continue;
+    // Not following links: read_latest reports one that leads nowhere.
+    if (!fs::exists(fs::symlink_status(parent / "latest", ec))) continue;
     auto name = read_latest(parent.string());
     if (name) return (parent / *name).string();
   }
