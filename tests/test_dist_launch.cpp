@@ -176,7 +176,7 @@ TEST_CASE("launch: ranks stopped by a forwarded signal give its exit code", "[di
   REQUIRE(kill(launch.pid(), SIGINT) == 0);
   CHECK(launch.finish() == 130);
   CHECK_THAT(launch.output,
-             Contains("launch: stopped by signal 2; every rank exited with code 130"));
+             Contains("launch: stopped by signal 2; the ranks saved and exited with code 130"));
 }
 
 TEST_CASE("launch: bad arguments are one-line errors", "[dist]") {

@@ -312,7 +312,11 @@ int launch(const LaunchOptions& o) {
     for (Rank& r : ranks) {
       if (r.running && ::waitpid(r.pid, &r.status, WNOHANG) == r.pid) {
         r.running = false;
-        if (failed(r.status) && !first_failure) {
+        // A rank that stopped as a forwarded signal asked has not failed: the others were
+        // asked too, and finish their save.
+        const bool as_asked =
+            forwarded && WIFEXITED(r.status) && WEXITSTATUS(r.status) == 128 + forwarded;
+        if (failed(r.status) && !as_asked && !first_failure) {
           first_failure = {r.rank, r.status};
           group.signal_all(SIGTERM);
           kill_at = Clock::now() + o.grace;
@@ -334,15 +338,14 @@ int launch(const LaunchOptions& o) {
     r.out.finish(r.prefix);
     r.err.finish(r.prefix);
   }
-  // Asked to stop, every rank did as asked (saved and exited with 128 + signal): so does the
-  // launcher, like a single rank.
-  const bool stopped_as_asked =
-      forwarded && std::all_of(ranks.begin(), ranks.end(), [&](const Rank& r) {
-        return WIFEXITED(r.status) && WEXITSTATUS(r.status) == 128 + forwarded;
-      });
-  if (stopped_as_asked) {
-    fmt::print(stderr, "launch: stopped by signal {}; every rank exited with code {}\n", forwarded,
-               128 + forwarded);
+  // Asked to stop, the ranks did as asked (saved and exited with 128 + signal, or finished):
+  // so does the launcher, like a single rank.
+  const bool stopped = std::any_of(ranks.begin(), ranks.end(), [&](const Rank& r) {
+    return forwarded && WIFEXITED(r.status) && WEXITSTATUS(r.status) == 128 + forwarded;
+  });
+  if (stopped && !first_failure) {
+    fmt::print(stderr, "launch: stopped by signal {}; the ranks saved and exited with code {}\n",
+               forwarded, 128 + forwarded);
     return 128 + forwarded;
   }
   if (first_failure)

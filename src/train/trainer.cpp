@@ -58,6 +58,14 @@ RunDirState run_dir_state(const std::string& run_dir) {
   return state;
 }
 
+// The stop signal every rank acts on, from each rank's own (one per rank, summed over ranks,
+// from `first`): the lowest rank's that got one, so that all ranks exit with the same code.
+int agreed_signal(const std::vector<float>& per_rank, size_t first) {
+  for (size_t i = first; i < per_rank.size(); ++i)
+    if (per_rank[i] > 0) return int(per_rank[i]);
+  return 0;
+}
+
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -176,8 +184,8 @@ int train(const TrainOptions& options) {
         "{}: eval.sample_prompt: {} tokens with the BOS, but samples need fewer than "
         "model.sequence_len {}",
         options.config_path, prompt_tokens, T);
-  // The few values the ranks share each step: four sums, or one flag per rank.
-  const int64_t num_scalars = std::max(4, world);
+  // The few values the ranks share each step: four sums, or a loss and one value per rank.
+  const int64_t num_scalars = std::max(4, world + 1);
   Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
   const Tensor scalars = scalar_memory.tensor({num_scalars}, DType::f32);
   // An error that unwinds the run ends this rank's collectives in flight before the buffers
@@ -341,10 +349,12 @@ int train(const TrainOptions& options) {
     backend->synchronize();
     const double optimizer_seconds = seconds_since(optimizer_started);
     // The mean loss over ranks, and whether any rank was asked to stop: all stop together.
-    std::vector<float> shared = {float(loss_sum / plan.grad_accum), float(g_stop_signal.load())};
+    std::vector<float> shared(1 + size_t(world), 0.f);
+    shared[0] = float(loss_sum / plan.grad_accum);
+    shared[1 + size_t(rank)] = float(g_stop_signal.load());
     all_reduce_sum(*comm, *backend, scalars, shared);
     const double train_loss = world == 1 ? loss_sum / plan.grad_accum : shared[0] / world;
-    const int stop_signal = shared[1] > 0 ? (g_stop_signal ? int(g_stop_signal) : SIGTERM) : 0;
+    const int stop_signal = agreed_signal(shared, 1);
 
     const double dt = seconds_since(started);
     trained_seconds += dt;
@@ -387,9 +397,10 @@ int train(const TrainOptions& options) {
   write_profile();
   // A signal during the last evaluation or sample: the run is complete, but it was asked to
   // stop, so it saves (whatever checkpoint.save_final says) and says so in its exit code.
-  std::vector<float> late = {float(g_stop_signal.load())};
+  std::vector<float> late(size_t(world), 0.f);
+  late[size_t(rank)] = float(g_stop_signal.load());
   all_reduce_sum(*comm, *backend, scalars, late);
-  const int late_signal = late[0] > 0 ? (g_stop_signal ? int(g_stop_signal) : SIGTERM) : 0;
+  const int late_signal = agreed_signal(late, 0);
   if (config.checkpoint.save_final || late_signal) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
