@@ -145,3 +145,139 @@ TEST_CASE("token ids outside int32 or the vocabulary are rejected naming the sha
   shard.copy(0, two, 8192);
   CHECK(two == std::vector<int32_t>{1, 2});
 }
+
+// The start-up scan reads a whole shard and reports its first bad id in copy()'s words, wherever
+// it is: here at the very end, which a run would reach last.
+TEST_CASE("check_ids finds an id outside the vocabulary at a shard's very end", "[data][shard]") {
+  const uint64_t seed = std::random_device{}();
+  CAPTURE(seed);
+  TempDir dir;
+  const std::string path = dir / "train_000000.bin";
+  for (const uint32_t vocab : {8192u, 100000u}) {  // uint16 and uint32 shards
+    auto tokens = random_tokens(50000, vocab, seed);
+    const uint32_t bad = vocab + uint32_t(seed % 1000);
+    tokens.back() = bad;
+    write_shard(path, tokens);
+    const TokenShard shard(path);
+    std::vector<int32_t> last(1);
+    CHECK_THROWS_WITH(shard.copy(tokens.size() - 1, last, int32_t(vocab)),
+                      path + ": token 49999 has id " + std::to_string(bad) +
+                          ", outside the model's vocabulary of " + std::to_string(vocab));
+    CHECK_THROWS_WITH(shard.check_ids(int32_t(vocab)),
+                      path + ": token 49999 has id " + std::to_string(bad) +
+                          ", outside the model's vocabulary of " + std::to_string(vocab));
+    CHECK(shard.check_ids(int32_t(bad + 1)));
+  }
+  write_shard(path, std::vector<uint32_t>{3, 0x80000000u, 5, 0x90000000u});
+  CHECK_THROWS_WITH(TokenShard(path).check_ids(0),
+                    path + ": token 1 has id 2147483648, outside the range of int32");
+}
+
+// Rank r reads shards r, r + W, ...: together the ranks read every shard once, and a bad id is
+// found by the one rank that reads its shard.
+TEST_CASE("check_shard_ids splits the shards over the ranks", "[data][shard]") {
+  const uint64_t seed = std::random_device{}();
+  CAPTURE(seed);
+  TempDir dir;
+  constexpr int32_t kVocab = 8192;
+  std::vector<std::string> shards;
+  uint64_t total = 0;
+  for (int i = 0; i < 5; ++i) {
+    shards.push_back(dir / fmt::format("train_{:06d}.bin", i));
+    const auto tokens = random_tokens(1000 + seed % 1000 + 100 * i, kVocab, seed + i);
+    write_shard(shards.back(), tokens);
+    total += tokens.size();
+  }
+  for (int world = 1; world <= 3; ++world) {
+    CAPTURE(world);
+    IdCheck all;
+    for (int rank = 0; rank < world; ++rank) {
+      const IdCheck done = check_shard_ids(shards, kVocab, rank, world);
+      CHECK(done.shards == (shards.size() - rank + world - 1) / world);
+      all.shards += done.shards;
+      all.tokens += done.tokens;
+    }
+    CHECK(all.shards == shards.size());
+    CHECK(all.tokens == total);
+  }
+
+  for (size_t bad = 0; bad < shards.size(); ++bad) {
+    auto tokens = random_tokens(2000, kVocab, seed + 10 + bad);
+    tokens.back() = kVocab;
+    write_shard(shards[bad], tokens);
+    for (int world = 1; world <= 3; ++world) {
+      for (int rank = 0; rank < world; ++rank) {
+        CAPTURE(bad, world, rank);
+        if (size_t(rank) == bad % world) {
+          CHECK_THROWS_WITH(check_shard_ids(shards, kVocab, rank, world),
+                            shards[bad] +
+                                ": token 1999 has id 8192, outside the model's "
+                                "vocabulary of 8192");
+        } else {
+          CHECK_NOTHROW(check_shard_ids(shards, kVocab, rank, world));
+        }
+      }
+    }
+    write_shard(shards[bad], random_tokens(2000, kVocab, seed + 20 + bad));
+  }
+}
+
+// No uint16 id reaches a vocabulary of 65536 or more, so those shards are not read at all; a
+// vocabulary of 65535 can still be exceeded, and uint32 shards always can.
+TEST_CASE("check_shard_ids skips uint16 shards when the vocabulary is 65536 or more",
+          "[data][shard]") {
+  const uint64_t seed = std::random_device{}();
+  CAPTURE(seed);
+  TempDir dir;
+  const std::string narrow = dir / "train_000000.bin", wide = dir / "train_000001.bin";
+  auto tokens = random_tokens(3000, 65535, seed);
+  tokens.back() = 65535;
+  write_shard(narrow, tokens);
+  REQUIRE(TokenShard(narrow).version() == 1);
+  CHECK_FALSE(TokenShard(narrow).check_ids(65536));
+  CHECK_THROWS_WITH(TokenShard(narrow).check_ids(65535),
+                    narrow + ": token 2999 has id 65535, outside the model's vocabulary of 65535");
+
+  auto wide_tokens = random_tokens(4000, 70000, seed + 1);
+  wide_tokens[0] = 65536;  // a uint32 shard
+  write_shard(wide, wide_tokens);
+  const IdCheck done = check_shard_ids({narrow, wide}, 70000, 0, 1);
+  CHECK(done.skipped == 1);
+  CHECK(done.shards == 1);
+  CHECK(done.tokens == wide_tokens.size());
+  wide_tokens.back() = 70000;
+  write_shard(wide, wide_tokens);
+  CHECK_THROWS_WITH(check_shard_ids({narrow, wide}, 70000, 0, 1),
+                    wide + ": token 3999 has id 70000, outside the model's vocabulary of 70000");
+}
+
+// prepare_data.py's meta.json beside the shards says which tokenizer made them.
+TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shard]") {
+  TempDir dir;
+  write_shard(dir / "train_000000.bin", random_tokens(100, 8192, std::random_device{}()));
+  const std::string meta = dir / "meta.json";
+  const std::string shard = list_shards(dir / "train_", "train").front();  // a prefix: its dir
+  auto write_meta = [&](const std::string& text) { std::ofstream(meta) << text; };
+
+  CHECK_NOTHROW(check_shard_meta(shard, "tok.json", 8192, 0));  // no meta.json: llm.c's shards
+  write_meta(R"({"tokenizer": "bpe", "vocab_size": 8192, "bos_id": 0, "bos_token": "<|bos|>"})");
+  CHECK_NOTHROW(check_shard_meta(shard, "tok.json", 8192, 0));
+  CHECK_THROWS_WITH(check_shard_meta(shard, "gpt2/tokenizer.json", 50257, 50256),
+                    meta +
+                        ": the shards beside it were made with vocab_size 8192 and bos_id 0, but "
+                        "the tokenizer gpt2/tokenizer.json has vocab_size 50257 and bos_id 50256");
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 1),
+                    Catch::Contains("bos_id 0") && Catch::Contains("bos_id 1"));
+
+  write_meta(R"({"vocab_size": 8192, "bos_id": 0)");
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
+                    meta + ": not a JSON object, expected scripts/prepare_data.py's meta.json");
+  write_meta(R"({"vocab_size": "8192", "bos_id": 0})");
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
+                    meta +
+                        ": expected an integer 'vocab_size' (as scripts/prepare_data.py writes), "
+                        "got \"8192\"");
+  write_meta(R"({"vocab_size": 8192})");
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
+                    Catch::Contains("'bos_id'") && Catch::EndsWith("got none"));
+}

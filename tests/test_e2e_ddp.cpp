@@ -2,6 +2,8 @@
 // same model as one rank with the same global batch, and checkpoints move between world sizes.
 #include <fmt/format.h>
 
+#include <random>
+
 #include "data/shard.h"
 #include "e2e_support.h"
 #include "io/safetensors.h"
@@ -204,9 +206,32 @@ TEST_CASE("validation data too small for one rank is refused before training", "
   CHECK(r.code != 0);
   CHECK(r.err.find("[rank 1] error:") != std::string::npos);
   CHECK(r.err.find("val_000000.bin") != std::string::npos);
-  // Nothing trained: rank 0 may have opened the metrics, but waits for rank 1 in its first step.
-  const fs::path metrics = RunPaths(tmp / "runs", "e2e").metrics;
-  CHECK((!fs::exists(metrics) || losses(metrics).empty()));
+  // Nothing trained or written: rank 0 waits for every rank's checks before it writes.
+  CHECK_FALSE(fs::exists(tmp / "runs"));
+}
+
+// The ranks split the training shards' start-up id check: a bad id at the very end of the shard
+// only rank 1 reads, which this run would never reach, is refused by rank 1 before any rank
+// trains, and rank 0 waits for the others' checks before it writes to the run directory.
+TEST_CASE("an id outside the vocabulary in rank 1's shards is refused before training",
+          "[e2e][ddp]") {
+  TempDir tmp;
+  fs::create_directories(tmp / "train");
+  std::mt19937_64 rng(std::random_device{}());
+  for (int s = 0; s < 2; ++s) {
+    std::vector<uint32_t> tokens(5000);
+    for (auto& t : tokens) t = uint32_t(rng() % 8192);
+    if (s == 1) tokens.back() = 8192 + tokens.back();
+    lmtrain::write_shard(tmp / fmt::format("train/train_{:06d}.bin", s), tokens);
+  }
+  json config = ddp_config(tmp / "runs", "adamw");
+  config["data"]["train"] = tmp / "train";
+  const Result r = launch(2, {"--config", write_config(tmp, config, "c.json")}, tmp);
+  INFO(r.all());
+  CHECK(r.code != 0);
+  CHECK(r.err.find("[rank 1] error: " + (tmp / "train/train_000001.bin") + ": token 4999 has id") !=
+        std::string::npos);
+  CHECK_FALSE(fs::exists(tmp / "runs"));
 }
 
 // --overwrite starting from a checkpoint of the run it replaces: every rank reads the weights

@@ -3,7 +3,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <random>
 
+#include "data/shard.h"
 #include "e2e_support.h"
 
 using namespace lmtrain::e2e;
@@ -12,8 +14,9 @@ namespace {
 
 // Trains with `tiny_config` patched by `patch` (plus `extra` arguments) and checks the run is
 // refused with one error line containing every one of `parts`, leaving no run directory.
-void expect_refused(const json& patch, const std::vector<std::string>& extra,
-                    const std::vector<std::string>& parts) {
+// Returns what the run printed.
+Result expect_refused(const json& patch, const std::vector<std::string>& extra,
+                      const std::vector<std::string>& parts) {
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
   const std::string config = write_config(tmp, tiny_config(out_dir, patch));
@@ -23,6 +26,7 @@ void expect_refused(const json& patch, const std::vector<std::string>& extra,
   require_one_error_line(r, parts);
   CHECK_FALSE(fs::exists(fs::path(out_dir) / "e2e"));
   CHECK_FALSE(fs::exists(out_dir));
+  return r;
 }
 
 // A shard with the given header words followed by `tokens` uint16 tokens.
@@ -36,6 +40,16 @@ void write_shard_bytes(const std::string& path, int32_t magic, int32_t version, 
     bytes.append(reinterpret_cast<const char*>(&t), 2);
   }
   write_text(path, bytes);
+}
+
+// A shard of `count` random ids (seeded afresh) below the default corpus's vocabulary of 8192;
+// returns the ids.
+std::vector<uint32_t> write_random_shard(const std::string& path, size_t count) {
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<uint32_t> tokens(count);
+  for (auto& t : tokens) t = uint32_t(rng() % 8192);
+  lmtrain::write_shard(path, tokens);
+  return tokens;
 }
 
 // A 2-step run of the tiny config, trained once: the checkpoint a test then damages or reuses.
@@ -128,6 +142,49 @@ TEST_CASE("e2e: a corrupt training shard is refused, naming the file", "[e2e]") 
   SECTION("missing") {
     const std::string shard = shards / "nothing_here.bin";
     expect_refused({{"data", {{"train", shard}}}}, {}, {shard});
+  }
+}
+
+// Every training id is read at start: a bad id at the very end of a shard, which this run would
+// never reach, or a long run only hours in, is refused before a step and before anything is
+// written.
+TEST_CASE("e2e: an id outside the vocabulary at the end of a training shard is refused at start",
+          "[e2e]") {
+  TempDir shards;
+  const std::string shard = shards / "train_000000.bin";
+  auto tokens = write_random_shard(shard, 20000);
+  tokens.back() = 8192 + tokens.back();
+  lmtrain::write_shard(shard, tokens);
+  const Result r = expect_refused(
+      {{"data", {{"train", shard}}}}, {},
+      {shard, "token 19999 has id " + std::to_string(tokens.back()), "vocabulary of 8192"});
+  CHECK(r.out.find("step ") == std::string::npos);
+}
+
+// Shards whose meta.json (prepare_data.py's) names another tokenizer than data.tokenizer would
+// train on garbage: both files and their values are named. A malformed meta.json is named too.
+TEST_CASE("e2e: shards made with another tokenizer are refused naming both files", "[e2e]") {
+  TempDir shards;
+  const std::string dir = shards.path().string(), meta = shards / "meta.json";
+  const std::string tokenizer = data_dir() + "/tokenizer.json";
+  write_random_shard(shards / "train_000000.bin", 20000);
+  write_random_shard(shards / "val_000000.bin", 20000);
+  SECTION("train: GPT-2's vocabulary") {
+    write_text(meta, R"({"tokenizer": "gpt2", "vocab_size": 50257, "bos_id": 50256})");
+    expect_refused(
+        {{"data", {{"train", dir}}}}, {},
+        {meta, "vocab_size 50257 and bos_id 50256", tokenizer, "vocab_size 8192 and bos_id 0"});
+  }
+  SECTION("val, as a prefix: another BOS") {
+    write_text(meta, R"({"tokenizer": "bpe", "vocab_size": 8192, "bos_id": 1})");
+    expect_refused({{"data", {{"val", shards / "val_"}}}}, {},
+                   {meta, "bos_id 1", tokenizer, "bos_id 0"});
+  }
+  SECTION("malformed") {
+    write_text(meta, R"({"vocab_size": 8192, "bos_id": )");
+    expect_refused({{"data", {{"train", dir}}}}, {}, {meta, "not a JSON object"});
+    write_text(meta, R"({"vocab_size": 8192.5, "bos_id": 0})");
+    expect_refused({{"data", {{"train", dir}}}}, {}, {meta, "'vocab_size'", "8192.5"});
   }
 }
 

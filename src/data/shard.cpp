@@ -11,8 +11,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/atomic_dir.h"
 
 namespace lmtrain {
 
@@ -22,6 +24,19 @@ static_assert(std::endian::native == std::endian::little,
 namespace {
 
 constexpr size_t kHeaderBytes = kShardHeaderInts * sizeof(int32_t);
+
+// Ids must be below the vocabulary; without one they must still fit int32: a uint32 id above
+// INT32_MAX would turn negative, and no vocabulary is that large.
+uint32_t id_limit(int32_t vocab) { return vocab > 0 ? uint32_t(vocab) : uint32_t(INT32_MAX) + 1; }
+
+// The largest of n ids: a max-reduction the compiler vectorizes, split over the OpenMP threads.
+template <typename Id>
+Id max_id(const Id* ids, size_t n) {
+  Id largest = 0;
+#pragma omp parallel for simd reduction(max : largest)
+  for (size_t i = 0; i < n; ++i) largest = ids[i] > largest ? ids[i] : largest;
+  return largest;
+}
 
 // Closes a file descriptor on scope exit; the mapping outlives it.
 struct Fd {
@@ -76,17 +91,29 @@ void TokenShard::Unmap::operator()(void* p) const { ::munmap(p, bytes); }
 void TokenShard::copy(size_t begin, std::span<int32_t> out, int32_t vocab) const {
   check(begin + out.size() <= count_, "{}: reading tokens [{}, {}) past the end ({} tokens)", path_,
         begin, begin + out.size(), count_);
-  // Without a vocabulary, ids must still fit int32: a uint32 id above INT32_MAX would turn
-  // negative, and no vocabulary is that large.
-  const uint32_t limit = vocab > 0 ? uint32_t(vocab) : uint32_t(INT32_MAX) + 1;
+  const uint32_t limit = id_limit(vocab);
   for (size_t i = 0; i < out.size(); ++i) {
     const uint32_t t = token(begin + i);
-    if (t >= limit) {
-      fail("{}: token {} has id {}, outside the {}", path_, begin + i, t,
-           vocab > 0 ? fmt::format("model's vocabulary of {}", vocab) : "range of int32");
-    }
+    if (t >= limit) reject_id(begin + i, t, vocab);
     out[i] = static_cast<int32_t>(t);
   }
+}
+
+bool TokenShard::check_ids(int32_t vocab) const {
+  const uint32_t limit = id_limit(vocab);
+  if (version_ == 1 && limit > UINT16_MAX) return false;
+  const uint32_t largest = version_ == 1 ? max_id(static_cast<const uint16_t*>(tokens_), count_)
+                                         : max_id(static_cast<const uint32_t*>(tokens_), count_);
+  if (largest >= limit) {  // a second pass finds the first such id, to name its position
+    for (size_t i = 0; i < count_; ++i)
+      if (token(i) >= limit) reject_id(i, token(i), vocab);
+  }
+  return true;
+}
+
+void TokenShard::reject_id(size_t position, uint32_t id, int32_t vocab) const {
+  fail("{}: token {} has id {}, outside the {}", path_, position, id,
+       vocab > 0 ? fmt::format("model's vocabulary of {}", vocab) : "range of int32");
 }
 
 void write_shard(const std::string& path, std::span<const uint32_t> tokens) {
@@ -144,6 +171,45 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
   // than when it is first read (validation shards: after the whole training run).
   for (const auto& file : found) TokenShard{file};
   return found;
+}
+
+IdCheck check_shard_ids(const std::vector<std::string>& shards, int32_t vocab, int rank,
+                        int world) {
+  IdCheck done;
+  for (size_t i = size_t(rank); i < shards.size(); i += size_t(world)) {
+    const TokenShard shard(shards[i]);
+    if (shard.check_ids(vocab)) {
+      ++done.shards;
+      done.tokens += shard.size();
+    } else {
+      ++done.skipped;
+    }
+  }
+  return done;
+}
+
+void check_shard_meta(const std::string& shard, const std::string& tokenizer_path, int vocab_size,
+                      int32_t bos_id) {
+  namespace fs = std::filesystem;
+  const std::string path = (fs::path(shard).parent_path() / "meta.json").string();
+  // Not following links: one that leads nowhere is reported by reading it.
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(path, ec))) return;
+  const auto meta = nlohmann::json::parse(read_file(path), nullptr, /*allow_exceptions=*/false);
+  check(meta.is_object(), "{}: not a JSON object, expected scripts/prepare_data.py's meta.json",
+        path);
+  auto integer = [&](const char* key) {
+    const auto it = meta.find(key);
+    check(it != meta.end() && it->is_number_integer(),
+          "{}: expected an integer '{}' (as scripts/prepare_data.py writes), got {}", path, key,
+          it == meta.end() ? "none" : it->dump());
+    return it->get<int64_t>();
+  };
+  const int64_t meta_vocab = integer("vocab_size"), meta_bos = integer("bos_id");
+  check(meta_vocab == vocab_size && meta_bos == bos_id,
+        "{}: the shards beside it were made with vocab_size {} and bos_id {}, but the tokenizer {} "
+        "has vocab_size {} and bos_id {}",
+        path, meta_vocab, meta_bos, tokenizer_path, vocab_size, bos_id);
 }
 
 }  // namespace lmtrain

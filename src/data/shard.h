@@ -30,8 +30,14 @@ class TokenShard {
   // Copies tokens [begin, begin + out.size()) as int32; an id at or above `vocab` (when positive)
   // is an error naming the shard and the position.
   void copy(size_t begin, std::span<int32_t> out, int32_t vocab = 0) const;
+  // Reads every id, on the OpenMP threads, and throws as copy() does for the first one out of
+  // range. Returns false without reading when no id of the shard's type can be out of range
+  // (uint16 ids against a vocabulary over 65535).
+  bool check_ids(int32_t vocab) const;
 
  private:
+  [[noreturn]] void reject_id(size_t position, uint32_t id, int32_t vocab) const;
+
   struct Unmap {
     size_t bytes;
     void operator()(void* p) const;
@@ -51,5 +57,22 @@ void write_shard(const std::string& path, std::span<const uint32_t> tokens);
 // `<split>_*.bin` files); or a path prefix such as data/tiny/train_ (files starting with it,
 // ending in .bin). Throws when nothing matches or a shard's header does not match its size.
 std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split);
+
+// What check_shard_ids read on one rank.
+struct IdCheck {
+  size_t shards = 0, skipped = 0;  // shards read; shards whose id type cannot exceed the vocabulary
+  uint64_t tokens = 0;             // tokens read
+};
+
+// Checks the ids of shards rank, rank + world, rank + 2 world, ... of `shards` against `vocab`
+// (TokenShard::check_ids), so that the ranks together read every shard once.
+IdCheck check_shard_ids(const std::vector<std::string>& shards, int32_t vocab, int rank, int world);
+
+// prepare_data.py writes a meta.json beside its shards. When the directory holding `shard` has
+// one, its vocab_size and bos_id must be those of the tokenizer `tokenizer_path` (which has
+// `vocab_size` and `bos_id`): shards made with another tokenizer would train on garbage without
+// any error. Shards without a meta.json (llm.c's) are taken as they are.
+void check_shard_meta(const std::string& shard, const std::string& tokenizer_path, int vocab_size,
+                      int32_t bos_id);
 
 }  // namespace lmtrain

@@ -71,6 +71,21 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// Reads every training token id once, the ranks splitting the shards: an id outside the
+// vocabulary deep in the data would otherwise fail the run when it got there, hours in.
+void check_train_ids(const std::vector<std::string>& shards, int32_t vocab, int rank, int world) {
+  const auto started = Clock::now();
+  const IdCheck done = check_shard_ids(shards, vocab, rank, world);
+  spdlog::info(
+      "checked the training token ids against the vocabulary of {}: {} tokens in {} of {} "
+      "shards{} in {:.2f} s{}",
+      vocab, done.tokens, done.shards, shards.size(),
+      world > 1 ? fmt::format(" (rank {}'s share)", rank) : "", seconds_since(started),
+      done.skipped
+          ? fmt::format(" ({} uint16 shards skipped: no id of theirs can reach it)", done.skipped)
+          : "");
+}
+
 std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const EvalConfig& e,
                         uint64_t seed) {
   std::vector<int32_t> prompt = {tokenizer.bos_id()};
@@ -170,9 +185,15 @@ int train(const TrainOptions& options) {
 
   Gpt model(ops, shape, B, GptOptions::from(config.run));
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
-  TokenLoader loader({list_shards(config.data.train, "train"), parse_packing(config.data.packing),
-                      B, T, rank, world, config.run.seed, tokenizer.bos_id(), true, shape.vocab});
+  const auto train_shards = list_shards(config.data.train, "train");
   const auto val_shards = list_shards(config.data.val, "val");
+  for (const auto* shards : {&train_shards, &val_shards}) {
+    check_shard_meta(shards->front(), config.data.tokenizer, tokenizer.vocab_size(),
+                     tokenizer.bos_id());
+  }
+  TokenLoader loader({train_shards, parse_packing(config.data.packing), B, T, rank, world,
+                      config.run.seed, tokenizer.bos_id(), true, shape.vocab});
+  check_train_ids(train_shards, shape.vocab, rank, world);
   // Validation and the samples come last at the latest: what would fail them is checked now,
   // before the run has trained.
   if (config.eval.every >= 0) {
@@ -212,8 +233,9 @@ int train(const TrainOptions& options) {
   }
 
   std::optional<MetricsLog> metrics;
-  // Every rank has read what it needs (--init-from may name a checkpoint of the run replaced).
-  if (options.overwrite) comm->barrier();
+  // Every rank has checked its share of the data and read what it needs (--init-from may name a
+  // checkpoint of the run replaced): a run that any rank refused has written nothing.
+  comm->barrier();
   // One training per run directory at a time: the lead rank holds its lock for the job, and
   // writes there only from now on. A run started beside this one may have written meanwhile.
   std::optional<RunLock> run_lock;
