@@ -252,3 +252,40 @@ TEST_CASE("run.threads and model.depth have upper bounds", "[config]") {
         "cfg.json: model.depth: expected at most 1024 layers, got 16777215");
   CHECK(error_of({{"model", {{"depth", 1024}, {"aspect_ratio", 16}}}}).empty());
 }
+
+// --set run.name=$'\xff' made the run directory, then the config's JSON dump threw ("invalid
+// UTF-8 byte at index 0"); --set eval.sample_prompt reached the tokenizer, named nowhere.
+TEST_CASE("config strings that are not UTF-8 are refused naming the key", "[config]") {
+  CHECK(error_of({{"run", {{"name", "ab\xff"}}}}) == "cfg.json: run.name: expected UTF-8 text");
+  CHECK(error_of({{"eval", {{"sample_prompt", "caf\xc3"}}}}) ==
+        "cfg.json: eval.sample_prompt: expected UTF-8 text");
+  CHECK(error_of({{"optim", {{"muon", {{"param_overrides", {{{"pattern", "\xc0\xae"}}}}}}}}}) ==
+        "cfg.json: optim.muon.param_overrides[0].pattern: expected UTF-8 text");
+  CHECK(error_of({{"run", {{"name", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82"}}}}).empty());
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  CHECK(load_error(path, "{}", {"run.name=\xed\xa0\x80"}) ==
+        path + ": run.name: expected UTF-8 text");
+  CHECK(load_error(path, "{}", {"eval.sample_prompt=To be\xe2\x82"}) ==
+        path + ": eval.sample_prompt: expected UTF-8 text");
+  // A non-string key given such bytes is described, replaced, rather than thrown on by dump().
+  CHECK(load_error(path, "{}", {"batch.device_batch=\xff"}) ==
+        path + ": batch.device_batch: expected an integer, got the string \"\xef\xbf\xbd\"");
+}
+
+TEST_CASE("is_utf8 accepts well-formed UTF-8 only", "[config]") {
+  using config::is_utf8;
+  CHECK(is_utf8(""));
+  CHECK(is_utf8("plain ASCII\n"));
+  CHECK(is_utf8("\xc2\x80 \xdf\xbf \xe0\xa0\x80 \xef\xbf\xbf \xf0\x90\x80\x80 \xf4\x8f\xbf\xbf"));
+  CHECK_FALSE(is_utf8("\x80"));              // a continuation byte alone
+  CHECK_FALSE(is_utf8("\xc3"));              // cut after the lead
+  CHECK_FALSE(is_utf8("\xe2\x82"));          // cut inside
+  CHECK_FALSE(is_utf8("\xc3\x28"));          // a lead without its continuation
+  CHECK_FALSE(is_utf8("\xc0\xaf"));          // overlong '/'
+  CHECK_FALSE(is_utf8("\xe0\x80\xaf"));      // overlong '/' in three bytes
+  CHECK_FALSE(is_utf8("\xed\xa0\x80"));      // a surrogate
+  CHECK_FALSE(is_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  CHECK_FALSE(is_utf8("\xf8\x88\x80\x80\x80"));
+  CHECK_FALSE(is_utf8("\xff"));
+}

@@ -200,12 +200,17 @@ TEST_CASE("started collectives do not block the caller, run in order, and report
 TEST_CASE("a collective whose peer is gone fails at wait, naming the collective", "[dist]") {
   const int port = free_port("127.0.0.1");
   std::string error;
-  std::thread peer([&] {
-    // Joins the job, then leaves without taking part in the collective.
+  std::promise<void> rank0_joined;
+  std::thread peer([&, joined = rank0_joined.get_future()] {
+    // Joins the job, then leaves without taking part in the collective; not before rank 0 has
+    // joined too (a loaded machine could let it leave while rank 0 still connects, which fails
+    // rank 0's set-up instead of its collective).
     GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(1, 2, port), 20s));
+    joined.wait_for(20s);
   });
   try {
     GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(0, 2, port), 5s));
+    rank0_joined.set_value();
     std::vector<float> a(1 << 16, 1.f);
     PendingPtr pending = comm.start_all_reduce_sum(tensor(a, {int64_t(a.size())}));
     pending->wait();

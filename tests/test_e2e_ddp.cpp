@@ -229,8 +229,8 @@ TEST_CASE("an id outside the vocabulary in rank 1's shards is refused before tra
   const Result r = launch(2, {"--config", write_config(tmp, config, "c.json")}, tmp);
   INFO(r.all());
   CHECK(r.code != 0);
-  CHECK(r.err.find("[rank 1] error: " + (tmp / "train/train_000001.bin") + ": token 4999 has id") !=
-        std::string::npos);
+  CHECK(r.err.find("[rank 1] error: " + (tmp / "c.json") + ": data.train: " +
+                   (tmp / "train/train_000001.bin") + ": token 4999 has id") != std::string::npos);
   CHECK_FALSE(fs::exists(tmp / "runs"));
 }
 

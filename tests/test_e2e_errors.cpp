@@ -7,6 +7,7 @@
 
 #include "data/shard.h"
 #include "e2e_support.h"
+#include "io/safetensors.h"
 
 using namespace lmtrain::e2e;
 
@@ -50,6 +51,20 @@ std::vector<uint32_t> write_random_shard(const std::string& path, size_t count) 
   for (auto& t : tokens) t = uint32_t(rng() % 8192);
   lmtrain::write_shard(path, tokens);
   return tokens;
+}
+
+// Rewrites the safetensors `file` with tensor `name` saved as `shape` (as many elements).
+void reshape_saved_tensor(const fs::path& file, const std::string& name,
+                          const std::vector<int64_t>& shape) {
+  const auto saved = lmtrain::SafetensorsFile::open(file.string());
+  lmtrain::SafetensorsWriter out;
+  for (const auto& [key, value] : saved.metadata()) out.set_metadata(key, value);
+  for (const auto& info : saved.tensors()) {
+    const std::vector<float> values = saved.read_f32(info.name);
+    out.add(info.name, "F32", info.name == name ? shape : info.shape, values.data(),
+            values.size() * sizeof(float));
+  }
+  out.write(file.string());
 }
 
 // A 2-step run of the tiny config, trained once: the checkpoint a test then damages or reuses.
@@ -188,6 +203,20 @@ TEST_CASE("e2e: shards made with another tokenizer are refused naming both files
   }
 }
 
+// eval checks the shards' meta.json against the checkpoint's tokenizer, as train does against
+// data.tokenizer: a loss over ids from another tokenizer would mean nothing.
+TEST_CASE("e2e: eval refuses shards made with another tokenizer", "[e2e]") {
+  TrainedRun trained;
+  TempDir shards;
+  const std::string meta = shards / "meta.json";
+  write_random_shard(shards / "val_000000.bin", 20000);
+  write_text(meta, R"({"tokenizer": "gpt2", "vocab_size": 50257, "bos_id": 50256})");
+  const Result r = run_lmtrain(
+      {"eval", "--ckpt", trained.ckpt.string(), "--data", shards.path().string()}, trained.tmp);
+  require_one_error_line(r, {"eval: --data", meta, "vocab_size 50257 and bos_id 50256",
+                             (trained.ckpt / "tokenizer.json").string()});
+}
+
 // A checkpoint that cannot be used is named in the error and left exactly as it was.
 TEST_CASE("e2e: a corrupt or mismatched checkpoint is refused and left untouched", "[e2e]") {
   TrainedRun trained;
@@ -297,6 +326,16 @@ TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused
                            {state.string(), "holds nan"});
     CHECK(snapshot(run.run) == before);
   }
+  SECTION("optimizer state saved in another shape with rows as long") {
+    // wte's (8192, 64) state as (8192, 8, 8): the row length matches, the shape does not.
+    const fs::path state = ckpt / "optimizer.safetensors";
+    reshape_saved_tensor(state, "exp_avg.transformer.wte.weight", {8192, 8, 8});
+    const auto before = snapshot(run.run);
+    require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                           {state.string(), "'exp_avg.transformer.wte.weight'",
+                            "shape (8192, 8, 8), expected (8192, 64)"});
+    CHECK(snapshot(run.run) == before);
+  }
   SECTION("step of the wrong type") {
     rewrite_meta([](json& m) { m["step"] = "2"; });
     const auto before = snapshot(run.run);
@@ -336,6 +375,9 @@ TEST_CASE("e2e: eval and sample refuse out-of-range options", "[e2e]") {
                          {"--max-tokens", "-3"});
   require_one_error_line(run_lmtrain({"sample", "--ckpt", run, "--prompt", "a\xff\xfe"}, tmp),
                          {"--prompt", "UTF-8"});
+  const std::string missing = tmp / "missing";
+  require_one_error_line(run_lmtrain({"eval", "--ckpt", run, "--data", missing}, tmp),
+                         {"eval: --data: " + missing});
   // The whole range of the seed, and of the other options, stays usable.
   const Result seeded = run_lmtrain({"sample", "--ckpt", run, "--max-tokens", "2", "--seed",
                                      "18446744073709551615", "--top-k", "0", "--temperature", "0"},
@@ -392,6 +434,41 @@ TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
 TEST_CASE("e2e: a run name outside run.out_dir is refused", "[e2e]") {
   expect_refused({{"run", {{"name", "../elsewhere"}}}}, {}, {"run.name", "no '..'"});
   expect_refused({{"run", {{"name", "/tmp/abs"}}}}, {}, {"run.name", "relative"});
+}
+
+// A run name from --set is any bytes: invalid UTF-8 made the run directory and then failed on
+// the config's JSON dump; a newline made a directory whose name split every line showing it.
+TEST_CASE("e2e: a run name that is not UTF-8 text or holds control characters is refused",
+          "[e2e]") {
+  expect_refused({}, {"--set", "run.name=ab\xff"}, {"config.json: run.name: expected UTF-8 text"});
+  expect_refused({}, {"--set", "run.name=a\nb"},
+                 {"config.json: run.name: expected a name without control characters"});
+  expect_refused({}, {"--set", "eval.sample_prompt=To be\xe2\x82"},
+                 {"config.json: eval.sample_prompt: expected UTF-8 text"});
+}
+
+// A data path that leads nowhere names the config key that gave it, not only the path.
+TEST_CASE("e2e: missing data paths name their config key", "[e2e]") {
+  TempDir tmp;
+  const std::string missing = tmp / "missing";
+  for (const char* key : {"train", "val", "tokenizer"}) {
+    expect_refused({{"data", {{key, missing}}}}, {},
+                   {fmt::format("config.json: data.{}: {}", key, missing)});
+  }
+  expect_refused({{"data", {{"tokenizer", tmp.path().string()}}}}, {},
+                 {"config.json: data.tokenizer: " + tmp.path().string() + ": is a directory"});
+  // A path the system refuses outright (too long) is one line naming the key too.
+  expect_refused({{"data", {{"train", "/" + std::string(5000, 'x')}}}}, {},
+                 {"config.json: data.train: ", "File name too long"});
+
+  const std::string config = write_config(tmp, tiny_config(tmp / "runs"));
+  require_one_error_line(
+      run_lmtrain({"info", "--config", config, "--set", "data.tokenizer=" + missing}, tmp),
+      {config + ": data.tokenizer: " + missing + " does not exist"});
+  require_one_error_line(
+      run_lmtrain({"info", "--config", config, "--set", "data.tokenizer=" + tmp.path().string()},
+                  tmp),
+      {config + ": data.tokenizer: " + tmp.path().string() + ": is a directory"});
 }
 
 // A horizon no step counter can hold, and a checkpoint resumed past the run's horizon.

@@ -14,8 +14,8 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   CheckpointModel m;
   m.config = parse_config(meta["config"], dir + "/meta.json");
   m.backend = make_backend(backend.empty() ? m.config.run.backend : backend, m.config.run.dtype);
-  m.tokenizer = std::make_unique<Tokenizer>(
-      Tokenizer::load((std::filesystem::path(dir) / "tokenizer.json").string()));
+  m.tokenizer_path = (std::filesystem::path(dir) / "tokenizer.json").string();
+  m.tokenizer = std::make_unique<Tokenizer>(Tokenizer::load(m.tokenizer_path));
   const int vocab =
       m.config.model.vocab_size ? m.config.model.vocab_size : m.tokenizer->vocab_size();
   const GptShape shape = GptShape::from(m.config.model, vocab);

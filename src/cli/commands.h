@@ -36,6 +36,7 @@ struct CheckpointModel {
   Config config;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Tokenizer> tokenizer;
+  std::string tokenizer_path;  // the checkpoint's tokenizer.json
   std::unique_ptr<Gpt> model;
 };
 // `batch` 0 takes the checkpoint's device batch.

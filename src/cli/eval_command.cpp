@@ -18,7 +18,12 @@ struct EvalOptions {
 
 int run_eval(const EvalOptions& o) {
   CheckpointModel m = open_checkpoint_model(o.ckpt, o.backend, o.batch.value_or(0));
-  const auto shards = list_shards(o.data, "val");
+  const auto shards = with_context("eval: --data", [&] {
+    const auto found = list_shards(o.data, "val");
+    check_shard_meta(found.front(), m.tokenizer_path, m.tokenizer->vocab_size(),
+                     m.tokenizer->bos_id());
+    return found;
+  });
   const int64_t tokens = o.tokens.value_or(m.config.eval.tokens);
   EvalResult r = evaluate(*m.model, shards, *m.tokenizer, tokens);
   fmt::print("loss {:.6f} | bpb {:.6f} | tokens {}\n", r.loss(), r.bpb(), int64_t(r.tokens));

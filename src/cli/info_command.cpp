@@ -37,15 +37,20 @@ int run_info(const InfoOptions& o) {
   check(!o.config_path.empty(), "info: --config is required (or --keys for the key reference)");
   Config config = load_config(o.config_path, o.overrides);
   int vocab = config.model.vocab_size;
+  const std::string tokenizer_key = o.config_path + ": data.tokenizer";
+  auto tokenizer_vocab = [&] {
+    return with_context(tokenizer_key,
+                        [&] { return Tokenizer::load(config.data.tokenizer).vocab_size(); });
+  };
   if (vocab == 0) {
     check(std::filesystem::exists(config.data.tokenizer),
-          "{}: model.vocab_size is 0 (from the tokenizer) but {} does not exist; prepare the data "
-          "or --set model.vocab_size=N",
-          o.config_path, config.data.tokenizer);
-    vocab = Tokenizer::load(config.data.tokenizer).vocab_size();
+          "{}: {} does not exist, and model.vocab_size 0 takes the vocabulary from it; prepare "
+          "the data or --set model.vocab_size=N",
+          tokenizer_key, config.data.tokenizer);
+    vocab = tokenizer_vocab();
   } else if (std::filesystem::exists(config.data.tokenizer)) {
     // train refuses this; say so here rather than print a plan for a run that cannot start.
-    const int needed = Tokenizer::load(config.data.tokenizer).vocab_size();
+    const int needed = tokenizer_vocab();
     check(vocab >= needed, "{}: model.vocab_size: {} is smaller than the {} tokens of {}",
           o.config_path, vocab, needed, config.data.tokenizer);
   }

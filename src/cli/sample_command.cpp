@@ -13,12 +13,8 @@ struct SampleCommandOptions {
 int run_sample(const SampleCommandOptions& o) {
   CheckpointModel m = open_checkpoint_model(o.ckpt, o.backend, 1);
   std::vector<int32_t> prompt = {m.tokenizer->bos_id()};
-  std::vector<int32_t> encoded;
-  try {
-    encoded = m.tokenizer->encode(o.prompt);
-  } catch (const Error& e) {
-    fail("sample: --prompt: {}", e.what());
-  }
+  const auto encoded =
+      with_context("sample: --prompt", [&] { return m.tokenizer->encode(o.prompt); });
   prompt.insert(prompt.end(), encoded.begin(), encoded.end());
   Generator generator(*m.model);
   SampleOptions options = o.sample;

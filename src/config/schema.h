@@ -12,6 +12,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -31,6 +32,10 @@ std::string closest_key(const std::string& key, const std::vector<std::string>& 
 
 // Human-readable type of a JSON value for error messages ("a string", "an integer", ...).
 std::string describe(const json& value);
+
+// Whether `text` is well-formed UTF-8: no stray or missing continuation bytes, overlong forms,
+// surrogates or code points past U+10FFFF.
+bool is_utf8(std::string_view text);
 
 // Reads fields from a JSON object; every key of the object must be visited.
 class Reader {
@@ -75,6 +80,9 @@ class Reader {
       // A NUL would cut every message and path that later holds the value.
       if (field.find('\0') != std::string::npos)
         fail("{}: {}: expected a string without NUL characters", source_, path);
+      // A file's strings are UTF-8 already (the parser checks them); a --set value is taken as
+      // given, and invalid UTF-8 made a run directory before the config's JSON dump threw.
+      if (!is_utf8(field)) fail("{}: {}: expected UTF-8 text", source_, path);
     } else if constexpr (is_vector<T>::value) {
       expect(value.is_array(), path, "an array", value);
       field.clear();

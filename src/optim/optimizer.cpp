@@ -282,11 +282,13 @@ std::vector<StateTensor> Optimizer::state() const {
     for (const auto& [kind, tensor] : {std::pair{"exp_avg.", s.m}, {"exp_avg_sq.", s.v}}) {
       StateTensor st{kind + spec.name, tensor};
       if (bucket.sharded) {
-        // Only the real rows: padding never reaches a checkpoint.
+        // Only the real rows: padding never reaches a checkpoint. They keep the parameter's
+        // shape past the first dimension, so that any world size saves and expects one layout.
         const RowShard& r = bucket.shard;
-        st.tensor = tensor.view({r.chunk_rows * r.row_len})
-                        .slice(0, r.owned() * r.row_len)
-                        .view({r.owned(), r.row_len});
+        Shape owned = spec.shape;
+        owned.dims[0] = r.owned();
+        st.tensor =
+            tensor.view({r.chunk_rows * r.row_len}).slice(0, r.owned() * r.row_len).view(owned);
         st.row_begin = r.begin();
         st.rows_total = r.rows;
       } else {

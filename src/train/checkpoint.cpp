@@ -264,13 +264,19 @@ void load_optimizer_state(const std::string& dir, Optimizer& optimizer) {
       const SafeTensorInfo& info = shard.info(st.name);
       check(info.dtype == "F32", "{}: tensor '{}' has dtype {}, expected F32", shard.path(),
             st.name, info.dtype);
+      // Any number of rows (the saving rank's share), each shaped as this model's: a shape that
+      // only agrees in row length ((L, c, r) for (L, r, c), (n, 8, 8) for (n, 64)) would load
+      // scrambled.
       const Shape shape = shape_of(info, shard.path());
+      Shape expected = st.tensor.shape;
+      expected.dims[0] = shape[0];
+      check(shape == expected,
+            "{}: tensor '{}' has shape {}, expected {}: any number of rows, each shaped as this "
+            "model's",
+            shard.path(), st.name, shape.str(), expected.str());
       const int64_t begin = saved_row_begin(shard, st.name);
       if (shape[0] == 0) continue;  // the saving rank held none of its rows
       const int64_t end = begin + shape[0];
-      check(shape.numel() / shape[0] == row_len,
-            "{}: tensor '{}' has shape {}, expected rows of {}", shard.path(), st.name, shape.str(),
-            row_len);
       const int64_t lo = std::max(begin, want_begin), hi = std::min(end, want_end);
       if (lo >= hi) continue;
       const auto values = shard.read_f32(st.name);

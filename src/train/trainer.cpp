@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -98,17 +99,27 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
   return e.sample_prompt + tokenizer.decode(tokens);
 }
 
+// run.name names a directory inside run.out_dir. Checked by train alone, so that a checkpoint's
+// saved config stays readable by eval and sample whatever its name.
+void check_run_name(const std::string& run_name, const std::string& source) {
+  // A control character (a newline) would garble every line and listing that shows the name.
+  check(std::none_of(run_name.begin(), run_name.end(),
+                     [](char c) { return std::iscntrl(static_cast<unsigned char>(c)); }),
+        "{}: run.name: expected a name without control characters", source);
+  const fs::path name(run_name);
+  check(name.is_relative() &&
+            std::none_of(name.begin(), name.end(),
+                         [](const fs::path& part) { return part == ".." || part == "."; }),
+        "{}: run.name: expected a relative name inside run.out_dir (no '..' or '.'), got '{}'",
+        source, run_name);
+}
+
 }  // namespace
 
 int train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   const nlohmann::json resolved = to_json(config);
-  const fs::path name(config.run.name);
-  check(name.is_relative() &&
-            std::none_of(name.begin(), name.end(),
-                         [](const fs::path& part) { return part == ".." || part == "."; }),
-        "{}: run.name: expected a relative name inside run.out_dir (no '..' or '.'), got '{}'",
-        options.config_path, config.run.name);
+  check_run_name(config.run.name, options.config_path);
   const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
   check(!(options.resume && !options.init_from.empty()),
@@ -169,7 +180,10 @@ int train(const TrainOptions& options) {
   if (config.run.profile_steps > 0) timed = std::make_unique<TimedBackend>(*backend);
   Backend& ops = timed ? static_cast<Backend&>(*timed) : *backend;
 
-  Tokenizer tokenizer = Tokenizer::load(config.data.tokenizer);
+  // What the data keys name is read now; an error there names the key as well as the file.
+  auto at_key = [&](const char* key) { return options.config_path + ": " + key; };
+  Tokenizer tokenizer = with_context(at_key("data.tokenizer"),
+                                     [&] { return Tokenizer::load(config.data.tokenizer); });
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
   check(tokenizer.vocab_size() <= vocab,
         "{}: model.vocab_size: {} is smaller than the tokenizer's {}", options.config_path, vocab,
@@ -185,21 +199,31 @@ int train(const TrainOptions& options) {
 
   Gpt model(ops, shape, B, GptOptions::from(config.run));
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
-  const auto train_shards = list_shards(config.data.train, "train");
-  const auto val_shards = list_shards(config.data.val, "val");
-  for (const auto* shards : {&train_shards, &val_shards}) {
-    check_shard_meta(shards->front(), config.data.tokenizer, tokenizer.vocab_size(),
+  // The shards are read through once here (every training id, every validation window, the
+  // tokenizer they were made with), so that bad data fails the run now, not hours in.
+  const auto train_shards = with_context(at_key("data.train"), [&] {
+    const auto shards = list_shards(config.data.train, "train");
+    check_shard_meta(shards.front(), config.data.tokenizer, tokenizer.vocab_size(),
                      tokenizer.bos_id());
-  }
-  TokenLoader loader({train_shards, parse_packing(config.data.packing), B, T, rank, world,
-                      config.run.seed, tokenizer.bos_id(), true, shape.vocab});
-  check_train_ids(train_shards, shape.vocab, rank, world);
+    check_train_ids(shards, shape.vocab, rank, world);
+    return shards;
+  });
+  TokenLoader loader = with_context(at_key("data.train"), [&] {
+    return TokenLoader({train_shards, parse_packing(config.data.packing), B, T, rank, world,
+                        config.run.seed, tokenizer.bos_id(), true, shape.vocab});
+  });
   // Validation and the samples come last at the latest: what would fail them is checked now,
   // before the run has trained.
-  if (config.eval.every >= 0) {
-    check_eval_data(val_shards, B, T, config.eval.tokens / world, rank, world, tokenizer.bos_id(),
-                    shape.vocab);
-  }
+  const auto val_shards = with_context(at_key("data.val"), [&] {
+    const auto shards = list_shards(config.data.val, "val");
+    check_shard_meta(shards.front(), config.data.tokenizer, tokenizer.vocab_size(),
+                     tokenizer.bos_id());
+    if (config.eval.every >= 0) {
+      check_eval_data(shards, B, T, config.eval.tokens / world, rank, world, tokenizer.bos_id(),
+                      shape.vocab);
+    }
+    return shards;
+  });
   const size_t prompt_tokens = 1 + tokenizer.encode(config.eval.sample_prompt).size();  // + BOS
   check(prompt_tokens < size_t(T),
         "{}: eval.sample_prompt: {} tokens with the BOS, but samples need fewer than "
