@@ -173,52 +173,69 @@ TEST_CASE("check_ids finds an id outside the vocabulary at a shard's very end", 
                     path + ": token 1 has id 2147483648, outside the range of int32");
 }
 
-// Rank r reads shards r, r + W, ...: together the ranks read every shard once, and a bad id is
-// found by the one rank that reads its shard.
-TEST_CASE("check_shard_ids splits the shards over the ranks", "[data][shard]") {
+// The ranks split the shards' tokens, laid end to end, into equal contiguous ranges: together
+// they read every token once, each about as many, and a bad id is found by the one rank whose
+// range holds it, named by its shard and its position there.
+TEST_CASE("check_shard_ids splits the tokens over the ranks", "[data][shard]") {
   const uint64_t seed = std::random_device{}();
   CAPTURE(seed);
   TempDir dir;
   constexpr int32_t kVocab = 8192;
   std::vector<std::string> shards;
+  std::vector<uint64_t> starts;  // each shard's first token in the order laid end to end
   uint64_t total = 0;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 4; ++i) {  // unequal sizes: one shard holds most tokens
     shards.push_back(dir / fmt::format("train_{:06d}.bin", i));
-    const auto tokens = random_tokens(1000 + seed % 1000 + 100 * i, kVocab, seed + i);
+    const auto tokens = random_tokens((i == 1 ? 9000 : 500) + seed % 1000, kVocab, seed + i);
     write_shard(shards.back(), tokens);
+    starts.push_back(total);
     total += tokens.size();
   }
-  for (int world = 1; world <= 3; ++world) {
+  auto range = [&](int rank, int world) {
+    return std::pair{total * rank / world, total * (rank + 1) / world};
+  };
+  for (int world = 1; world <= 6; ++world) {  // up to more ranks than shards
     CAPTURE(world);
-    IdCheck all;
+    uint64_t read = 0;
     for (int rank = 0; rank < world; ++rank) {
       const IdCheck done = check_shard_ids(shards, kVocab, rank, world);
-      CHECK(done.shards == (shards.size() - rank + world - 1) / world);
-      all.shards += done.shards;
-      all.tokens += done.tokens;
+      const auto [begin, end] = range(rank, world);
+      CHECK(done.tokens == end - begin);
+      read += done.tokens;
     }
-    CHECK(all.shards == shards.size());
-    CHECK(all.tokens == total);
+    CHECK(read == total);
   }
 
-  for (size_t bad = 0; bad < shards.size(); ++bad) {
-    auto tokens = random_tokens(2000, kVocab, seed + 10 + bad);
-    tokens.back() = kVocab;
-    write_shard(shards[bad], tokens);
-    for (int world = 1; world <= 3; ++world) {
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 12; ++trial) {
+    // Shard boundaries first, then random positions.
+    const size_t s = size_t(trial) % shards.size();
+    std::vector<uint32_t> tokens;
+    {
+      const TokenShard before(shards[s]);  // unmapped before the file is rewritten
+      for (size_t i = 0; i < before.size(); ++i) tokens.push_back(before.token(i));
+    }
+    const size_t local = trial < 4 ? 0 : trial < 8 ? tokens.size() - 1 : rng() % tokens.size();
+    const uint32_t good = tokens[local];
+    tokens[local] = kVocab + uint32_t(rng() % 100);
+    write_shard(shards[s], tokens);
+    const uint64_t global = starts[s] + local;
+    for (int world = 1; world <= 6; ++world) {
       for (int rank = 0; rank < world; ++rank) {
-        CAPTURE(bad, world, rank);
-        if (size_t(rank) == bad % world) {
+        CAPTURE(s, local, world, rank);
+        const auto [begin, end] = range(rank, world);
+        if (begin <= global && global < end) {
           CHECK_THROWS_WITH(check_shard_ids(shards, kVocab, rank, world),
-                            shards[bad] +
-                                ": token 1999 has id 8192, outside the model's "
-                                "vocabulary of 8192");
+                            shards[s] + ": token " + std::to_string(local) + " has id " +
+                                std::to_string(tokens[local]) +
+                                ", outside the model's vocabulary of 8192");
         } else {
           CHECK_NOTHROW(check_shard_ids(shards, kVocab, rank, world));
         }
       }
     }
-    write_shard(shards[bad], random_tokens(2000, kVocab, seed + 20 + bad));
+    tokens[local] = good;
+    write_shard(shards[s], tokens);
   }
 }
 

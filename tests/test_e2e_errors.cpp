@@ -441,8 +441,29 @@ TEST_CASE("e2e: a run name outside run.out_dir is refused", "[e2e]") {
 TEST_CASE("e2e: a run name that is not UTF-8 text or holds control characters is refused",
           "[e2e]") {
   expect_refused({}, {"--set", "run.name=ab\xff"}, {"config.json: run.name: expected UTF-8 text"});
-  expect_refused({}, {"--set", "run.name=a\nb"},
-                 {"config.json: run.name: expected a name without control characters"});
+  // C0, DEL, C1 (U+0085), and Unicode's line separator and bidirectional overrides.
+  for (const char* name : {"a\nb", "a\x7f",
+                           "a\xc2\x85"
+                           "b",
+                           "a\xe2\x80\xa8"
+                           "b",
+                           "a\xe2\x80\xae"
+                           "b",
+                           "a\xe2\x81\xa6"
+                           "b"}) {
+    CAPTURE(name);
+    expect_refused({}, {"--set", std::string("run.name=") + name},
+                   {"config.json: run.name: expected a name without control characters"});
+  }
+  // Other characters outside ASCII are names like any other.
+  TempDir tmp;
+  const Result r = run_lmtrain(
+      {"train", "--config",
+       write_config(tmp, tiny_config(tmp / "runs", {{"schedule", {{"num_iterations", 1}}}})),
+       "--set", "run.name=\xc3\xa9t\xc3\xa9-\xe2\x80\x94"},
+      tmp);
+  CHECK(r.code == 0);
+  CHECK(fs::exists(fs::path(tmp / "runs") / "\xc3\xa9t\xc3\xa9-\xe2\x80\x94"));
   expect_refused({}, {"--set", "eval.sample_prompt=To be\xe2\x82"},
                  {"config.json: eval.sample_prompt: expected UTF-8 text"});
 }

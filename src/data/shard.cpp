@@ -99,13 +99,16 @@ void TokenShard::copy(size_t begin, std::span<int32_t> out, int32_t vocab) const
   }
 }
 
-bool TokenShard::check_ids(int32_t vocab) const {
+bool TokenShard::check_ids(int32_t vocab, size_t begin, size_t end) const {
   const uint32_t limit = id_limit(vocab);
   if (version_ == 1 && limit > UINT16_MAX) return false;
-  const uint32_t largest = version_ == 1 ? max_id(static_cast<const uint16_t*>(tokens_), count_)
-                                         : max_id(static_cast<const uint32_t*>(tokens_), count_);
+  end = std::min(end, count_);
+  if (begin >= end) return true;
+  const size_t n = end - begin;
+  const uint32_t largest = version_ == 1 ? max_id(static_cast<const uint16_t*>(tokens_) + begin, n)
+                                         : max_id(static_cast<const uint32_t*>(tokens_) + begin, n);
   if (largest >= limit) {  // a second pass finds the first such id, to name its position
-    for (size_t i = 0; i < count_; ++i)
+    for (size_t i = begin; i < end; ++i)
       if (token(i) >= limit) reject_id(i, token(i), vocab);
   }
   return true;
@@ -175,15 +178,25 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
 
 IdCheck check_shard_ids(const std::vector<std::string>& shards, int32_t vocab, int rank,
                         int world) {
+  std::vector<TokenShard> opened(shards.begin(), shards.end());
+  uint64_t total = 0;
+  for (const TokenShard& shard : opened) total += shard.size();
+  // This rank's tokens of the shards laid end to end.
+  const uint64_t begin = total * uint64_t(rank) / uint64_t(world);
+  const uint64_t end = total * uint64_t(rank + 1) / uint64_t(world);
   IdCheck done;
-  for (size_t i = size_t(rank); i < shards.size(); i += size_t(world)) {
-    const TokenShard shard(shards[i]);
-    if (shard.check_ids(vocab)) {
-      ++done.shards;
-      done.tokens += shard.size();
-    } else {
-      ++done.skipped;
+  uint64_t offset = 0;  // where the shard starts in that order
+  for (const TokenShard& shard : opened) {
+    const uint64_t lo = std::max(begin, offset), hi = std::min(end, offset + shard.size());
+    if (lo < hi) {
+      if (shard.check_ids(vocab, lo - offset, hi - offset)) {
+        ++done.shards;
+        done.tokens += hi - lo;
+      } else {
+        ++done.skipped;
+      }
     }
+    offset += shard.size();
   }
   return done;
 }

@@ -30,10 +30,10 @@ class TokenShard {
   // Copies tokens [begin, begin + out.size()) as int32; an id at or above `vocab` (when positive)
   // is an error naming the shard and the position.
   void copy(size_t begin, std::span<int32_t> out, int32_t vocab = 0) const;
-  // Reads every id, on the OpenMP threads, and throws as copy() does for the first one out of
-  // range. Returns false without reading when no id of the shard's type can be out of range
-  // (uint16 ids against a vocabulary over 65535).
-  bool check_ids(int32_t vocab) const;
+  // Reads the ids of [begin, end) (clipped to the shard), on the OpenMP threads, and throws as
+  // copy() does for the first one out of range. Returns false without reading when no id of the
+  // shard's type can be out of range (uint16 ids against a vocabulary over 65535).
+  bool check_ids(int32_t vocab, size_t begin = 0, size_t end = SIZE_MAX) const;
 
  private:
   [[noreturn]] void reject_id(size_t position, uint32_t id, int32_t vocab) const;
@@ -60,12 +60,14 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
 
 // What check_shard_ids read on one rank.
 struct IdCheck {
-  size_t shards = 0, skipped = 0;  // shards read; shards whose id type cannot exceed the vocabulary
+  size_t shards = 0, skipped = 0;  // shards read (in part); shards whose id type cannot exceed it
   uint64_t tokens = 0;             // tokens read
 };
 
-// Checks the ids of shards rank, rank + world, rank + 2 world, ... of `shards` against `vocab`
-// (TokenShard::check_ids), so that the ranks together read every shard once.
+// Checks rank's share of the ids of `shards` against `vocab` (TokenShard::check_ids): the
+// shards' tokens laid end to end, split into `world` contiguous ranges of equal length, so that
+// the ranks together read every token once and none waits long for another (shards of unequal
+// sizes, or fewer shards than ranks, split by shard would not do that).
 IdCheck check_shard_ids(const std::vector<std::string>& shards, int32_t vocab, int rank, int world);
 
 // prepare_data.py writes a meta.json beside its shards. When the directory holding `shard` has

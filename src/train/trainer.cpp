@@ -6,13 +6,13 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <string_view>
 
 #include "backend/factory.h"
 #include "backend/timed_backend.h"
@@ -72,7 +72,7 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Reads every training token id once, the ranks splitting the shards: an id outside the
+// Reads every training token id once, the ranks splitting the tokens: an id outside the
 // vocabulary deep in the data would otherwise fail the run when it got there, hours in.
 void check_train_ids(const std::vector<std::string>& shards, int32_t vocab, int rank, int world) {
   const auto started = Clock::now();
@@ -101,11 +101,23 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
 
 // run.name names a directory inside run.out_dir. Checked by train alone, so that a checkpoint's
 // saved config stays readable by eval and sample whatever its name.
+// Whether UTF-8 `text` holds a control character (C0, DEL, C1) or one of Unicode's line
+// separators and bidirectional overrides (U+2028..U+202E, U+2066..U+2069), which would garble or
+// disguise every line and listing that shows it.
+bool has_control(std::string_view text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto byte = [&](size_t k) { return i + k < text.size() ? uint8_t(text[i + k]) : 0; };
+    if (byte(0) < 0x20 || byte(0) == 0x7F) return true;
+    if (byte(0) == 0xC2 && byte(1) >= 0x80 && byte(1) <= 0x9F) return true;  // U+0080..U+009F
+    if (byte(0) == 0xE2 && ((byte(1) == 0x80 && byte(2) >= 0xA8 && byte(2) <= 0xAE) ||
+                            (byte(1) == 0x81 && byte(2) >= 0xA6 && byte(2) <= 0xA9)))
+      return true;
+  }
+  return false;
+}
+
 void check_run_name(const std::string& run_name, const std::string& source) {
-  // A control character (a newline) would garble every line and listing that shows the name.
-  check(std::none_of(run_name.begin(), run_name.end(),
-                     [](char c) { return std::iscntrl(static_cast<unsigned char>(c)); }),
-        "{}: run.name: expected a name without control characters", source);
+  check(!has_control(run_name), "{}: run.name: expected a name without control characters", source);
   const fs::path name(run_name);
   check(name.is_relative() &&
             std::none_of(name.begin(), name.end(),
@@ -259,7 +271,7 @@ int train(const TrainOptions& options) {
   std::optional<MetricsLog> metrics;
   // Every rank has checked its share of the data and read what it needs (--init-from may name a
   // checkpoint of the run replaced): a run that any rank refused has written nothing.
-  comm->barrier();
+  with_context("waiting for every rank's start-up checks", [&] { comm->barrier(); });
   // One training per run directory at a time: the lead rank holds its lock for the job, and
   // writes there only from now on. A run started beside this one may have written meanwhile.
   std::optional<RunLock> run_lock;
