@@ -344,6 +344,7 @@ TEST_CASE("gpu matmul on misaligned views and aliased addends matches the CPU",
 // timing runs must leave what the real call reads untouched (an accumulation in place is timed
 // on scratch) and the chosen algorithm must give the CPU's result.
 TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][matmul]") {
+  require_gpu();
   REQUIRE(setenv("LMTRAIN_MATMUL_TUNING", "measure", 1) == 0);
   for (DType act : kModes) {
     lmtrain::CudaBackend tuned(act);
