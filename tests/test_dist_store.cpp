@@ -119,6 +119,23 @@ TEST_CASE("tcp store: waits end with an error that names the rank and the key", 
   CHECK(seconds_since(start) < 2.0);
 }
 
+// After a barrier every rank had started, so a later wait that times out asks about a rank that
+// failed, not about how the ranks were started.
+TEST_CASE("tcp store: a wait after every rank met suspects a failed rank", "[dist]") {
+  const int port = free_port("127.0.0.1");
+  TcpStore rank0(rank_info(0, 2, port), 10s);
+  std::thread rank1([&] {
+    TcpStore store(rank_info(1, 2, port), 10s);
+    store.barrier("start");  // then leaves
+  });
+  rank0.barrier("start");
+  rank1.join();
+  CHECK_THROWS_WITH(rank0.wait({"never_set"}, 300ms),
+                    Contains("rendezvous: rank 0 waited 0.3 s for key 'never_set'") &&
+                        Contains("every rank had met before: has one failed or stopped?") &&
+                        !Contains("MASTER_ADDR"));
+}
+
 TEST_CASE("tcp store: a client without a server gives up at the timeout", "[dist]") {
   const int port = free_port("127.0.0.1");
   auto start = Clock::now();

@@ -220,11 +220,17 @@ std::vector<Bytes> TcpStore::request(const std::vector<Bytes>& message,
     char chunk[4096];
     if (!read_all(socket_.get(), chunk, 1, deadline, what)) {
       socket_.reset();  // a late reply would be taken for the next request's
-      fail(
-          "rendezvous: rank {} waited {:g} s for {}; are all WORLD_SIZE={} ranks started with "
-          "the same MASTER_ADDR:MASTER_PORT ({}:{})?",
-          info_.rank, timeout.count() / 1000.0, waited_for, info_.world_size, info_.master_addr,
-          info_.master_port);
+      // Once every rank has met, a rank that does not come has failed or stopped rather than
+      // been started wrong.
+      const std::string hint =
+          all_met_ ? "every rank had met before: has one failed or stopped? (its own output "
+                     "says why)"
+                   : fmt::format(
+                         "are all WORLD_SIZE={} ranks started with the same "
+                         "MASTER_ADDR:MASTER_PORT ({}:{})?",
+                         info_.world_size, info_.master_addr, info_.master_port);
+      fail("rendezvous: rank {} waited {:g} s for {}; {}", info_.rank, timeout.count() / 1000.0,
+           waited_for, hint);
     }
     input.push_back(chunk[0]);
     ssize_t more = ::recv(socket_.get(), chunk, sizeof chunk, MSG_DONTWAIT);
@@ -262,6 +268,7 @@ void TcpStore::barrier(const std::string& name) {
   std::string key = fmt::format("barrier/{}/{}", barriers_++, name);
   if (add(key, 1) == info_.world_size) set(key + "/done", {});
   wait({key + "/done"});
+  all_met_ = true;
 }
 
 }  // namespace lmtrain::dist

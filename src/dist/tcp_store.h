@@ -58,6 +58,7 @@ class TcpStore {
   std::mutex mutex_;  // one request in flight per connection
   Fd socket_;
   int64_t barriers_ = 0;
+  bool all_met_ = false;  // a barrier has passed: every rank had started
 };
 
 }  // namespace lmtrain::dist
