@@ -1,6 +1,6 @@
 #include "dist/communicator.h"
 
-#ifdef LMTRAIN_HAVE_CUDA
+#ifdef LMTRAIN_HAVE_NCCL
 #include "backend/cuda/cuda_backend.h"
 #include "dist/nccl/nccl_communicator.h"
 #endif
@@ -69,9 +69,15 @@ PendingPtr LocalCommunicator::start_broadcast(Tensor x, int root) {
 std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,
                                                 std::chrono::milliseconds timeout) {
   if (info.world_size == 1) return std::make_unique<LocalCommunicator>(backend);
+#ifndef LMTRAIN_HAVE_NCCL
+  check(backend.name() != "cuda",
+        "distributed training: {} ranks on GPUs need NCCL, and this lmtrain was built without it "
+        "(install libnccl-dev and rebuild; one GPU trains without it)",
+        info.world_size);
+#endif
   auto store = std::make_shared<TcpStore>(info, timeout);
   if (backend.name() == "cpu") return std::make_unique<GlooCommunicator>(std::move(store));
-#ifdef LMTRAIN_HAVE_CUDA
+#ifdef LMTRAIN_HAVE_NCCL
   if (backend.name() == "cuda") {
     return std::make_unique<NcclCommunicator>(std::move(store),
                                               static_cast<CudaBackend&>(backend).stream());
