@@ -274,7 +274,10 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
   write_shard(dir / "train_000000.bin", random_tokens(100, 8192, std::random_device{}()));
   const std::string meta = dir / "meta.json";
   const std::string shard = list_shards(dir / "train_", "train").front();  // a prefix: its dir
-  auto write_meta = [&](const std::string& text) { std::ofstream(meta) << text; };
+  auto write_text = [](const std::string& file, const std::string& text) {
+    std::ofstream(file) << text;
+  };
+  auto write_meta = [&](const std::string& text) { write_text(meta, text); };
 
   CHECK_NOTHROW(check_shard_meta(shard, "tok.json", 8192, 0));  // no meta.json: llm.c's shards
   write_meta(R"({"tokenizer": "bpe", "vocab_size": 8192, "bos_id": 0, "bos_token": "<|bos|>"})");
@@ -297,4 +300,24 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
   write_meta(R"({"vocab_size": 8192})");
   CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
                     Catch::Contains("'bos_id'") && Catch::EndsWith("got none"));
+
+  // The tokenizer.json beside the shards: the same one (as JSON, or the file itself) passes,
+  // one of the same size and BOS with another merge does not.
+  write_meta(R"({"vocab_size": 8192, "bos_id": 0})");
+  TempDir other;
+  const std::string beside = dir / "tokenizer.json", configured = other / "tokenizer.json";
+  write_text(beside, R"({"model": {"type": "BPE", "merges": [["a", "b"], ["ab", "c"]]}})");
+  write_text(configured,
+             "{ \"model\" : {\"merges\": [[\"a\",\"b\"], [\"ab\",\"c\"]],\n"
+             "  \"type\": \"BPE\"} }");
+  CHECK_NOTHROW(check_shard_meta(shard, configured, 8192, 0));
+  CHECK_NOTHROW(check_shard_meta(shard, beside, 8192, 0));
+  write_text(configured, R"({"model": {"type": "BPE", "merges": [["a", "b"], ["b", "c"]]}})");
+  CHECK_THROWS_WITH(check_shard_meta(shard, configured, 8192, 0),
+                    beside +
+                        ": the tokenizer the shards beside it were made with differs from "
+                        "the tokenizer " +
+                        configured + " (the same vocab_size and bos_id, other contents)");
+  write_text(beside, "{");
+  CHECK_THROWS_WITH(check_shard_meta(shard, configured, 8192, 0), beside + ": not valid JSON");
 }

@@ -223,6 +223,20 @@ void check_shard_meta(const std::string& shard, const std::string& tokenizer_pat
         "{}: the shards beside it were made with vocab_size {} and bos_id {}, but the tokenizer {} "
         "has vocab_size {} and bos_id {}",
         path, meta_vocab, meta_bos, tokenizer_path, vocab_size, bos_id);
+  // prepare_data.py saves the tokenizer it used beside them too: one of the same size and BOS
+  // with other merges would still make other ids. Compared as JSON, so formatting may differ.
+  const fs::path beside = fs::path(path).parent_path() / "tokenizer.json";
+  if (!fs::exists(fs::symlink_status(beside, ec)) || fs::equivalent(beside, tokenizer_path, ec))
+    return;
+  auto parse = [](const std::string& file) {
+    auto json = nlohmann::json::parse(read_file(file), nullptr, /*allow_exceptions=*/false);
+    check(!json.is_discarded(), "{}: not valid JSON", file);
+    return json;
+  };
+  check(parse(beside.string()) == parse(tokenizer_path),
+        "{}: the tokenizer the shards beside it were made with differs from the tokenizer {} "
+        "(the same vocab_size and bos_id, other contents)",
+        beside.string(), tokenizer_path);
 }
 
 }  // namespace lmtrain
