@@ -60,7 +60,9 @@ def main() -> int:
     lmtrain = os.path.abspath(sys.argv[1])
     with tempfile.TemporaryDirectory(prefix="bench-script-test-") as tmp:
         wrapper = os.path.join(tmp, "lmtrain")
+        env_seen = os.path.join(tmp, "env_seen")  # what the runs got of the env variant
         write_executable(wrapper, f"""#!/bin/bash
+if [ -n "$LMTRAIN_CUDA_SYNC" ]; then echo "$LMTRAIN_CUDA_SYNC" >> {env_seen}; fi
 for arg in "$@"; do
   if [ "$arg" = batch.device_batch=16 ]; then
     echo "error: out of memory: batch.device_batch 16 (stand-in)"; exit 1
@@ -75,7 +77,9 @@ exec {lmtrain} "$@"
                "--backend", "cpu", "--configs", "d2", "--seq-len", "64", "--head-dim", "32",
                "--batches", "16,8,4", "--steps", "4", "--warmup-steps", "1",
                "--profile-start", "2", "--profile-steps", "2", "--budget-s", "600",
-               "--variant", "chunk=run.loss_chunk_rows=64", "--out", out]
+               "--variant", "chunk=run.loss_chunk_rows=64",
+               "--variant", "env=LMTRAIN_CUDA_SYNC=1",  # an environment variant (no-op on a CPU)
+               "--out", out]
         run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         print(run.stdout[-4000:], run.stderr[-4000:])
         expect(run.returncode == 0, f"run.py exited {run.returncode}")
@@ -99,9 +103,14 @@ exec {lmtrain} "$@"
                (profile["first_step"], profile["last_step"]) == (2, 3), f"profile: {profile}")
         expect({p["phase"] for p in profile["phases"]} >= {"forward", "backward", "optimizer"},
                "profile phases")
-        (variant,) = row["variants"]
-        expect(variant["name"] == "chunk" and variant["status"] == "ok" and
-               variant["ratio_to_base"] > 0, f"variant: {variant}")
+        variants = {v["name"]: v for v in row["variants"]}
+        expect(variants.keys() == {"chunk", "env"}, f"variants: {list(variants)}")
+        expect(variants["chunk"]["set"] == {"run.loss_chunk_rows": "64"} and
+               variants["env"]["env"] == {"LMTRAIN_CUDA_SYNC": "1"}, "variant settings")
+        for v in variants.values():
+            expect(v["status"] == "ok" and v["ratio_to_base"] > 0, f"variant: {v}")
+        with open(env_seen) as f:
+            expect(f.read() == "1\n", "the env variant's run, and only it, got its environment")
 
         with open(os.path.join(out, "results.md")) as f:
             md = f.read()
