@@ -99,8 +99,6 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
   return e.sample_prompt + tokenizer.decode(tokens);
 }
 
-// run.name names a directory inside run.out_dir. Checked by train alone, so that a checkpoint's
-// saved config stays readable by eval and sample whatever its name.
 // Whether UTF-8 `text` holds a control character (C0, DEL, C1) or one of Unicode's line
 // separators and bidirectional overrides (U+2028..U+202E, U+2066..U+2069), which would garble or
 // disguise every line and listing that shows it.
@@ -116,6 +114,8 @@ bool has_control(std::string_view text) {
   return false;
 }
 
+// run.name names a directory inside run.out_dir. Checked by train alone, so that a checkpoint's
+// saved config stays readable by eval and sample whatever its name.
 void check_run_name(const std::string& run_name, const std::string& source) {
   check(!has_control(run_name), "{}: run.name: expected a name without control characters", source);
   const fs::path name(run_name);
@@ -213,23 +213,22 @@ int train(const TrainOptions& options) {
   Optimizer optimizer(model, config.optim, double(plan.batch_tokens), N, *comm);
   // The shards are read through once here (every training id, every validation window, the
   // tokenizer they were made with), so that bad data fails the run now, not hours in.
-  const auto train_shards = with_context(at_key("data.train"), [&] {
-    const auto shards = list_shards(config.data.train, "train");
+  auto check_meta = [&](const std::vector<std::string>& shards) {
     check_shard_meta(shards.front(), config.data.tokenizer, tokenizer.vocab_size(),
                      tokenizer.bos_id());
-    check_train_ids(shards, shape.vocab, rank, world);
-    return shards;
-  });
+  };
   TokenLoader loader = with_context(at_key("data.train"), [&] {
-    return TokenLoader({train_shards, parse_packing(config.data.packing), B, T, rank, world,
+    const auto shards = list_shards(config.data.train, "train");
+    check_meta(shards);
+    check_train_ids(shards, shape.vocab, rank, world);
+    return TokenLoader({shards, parse_packing(config.data.packing), B, T, rank, world,
                         config.run.seed, tokenizer.bos_id(), true, shape.vocab});
   });
   // Validation and the samples come last at the latest: what would fail them is checked now,
   // before the run has trained.
   const auto val_shards = with_context(at_key("data.val"), [&] {
     const auto shards = list_shards(config.data.val, "val");
-    check_shard_meta(shards.front(), config.data.tokenizer, tokenizer.vocab_size(),
-                     tokenizer.bos_id());
+    check_meta(shards);
     if (config.eval.every >= 0) {
       check_eval_data(shards, B, T, config.eval.tokens / world, rank, world, tokenizer.bos_id(),
                       shape.vocab);
