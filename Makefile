@@ -93,6 +93,7 @@ test: build data
 SANITIZER ?= $(shell command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 test-gpu: build data
 	$(BUILD)/tests/lmtrain_gpu_tests $(ARGS)
+	$(BUILD)/tests/lmtrain_gpu_tests "[nccl-watchdog]"
 	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer not found: memcheck skipped"; else \
 	  echo "memcheck: one training step of $(CONFIG) on the cuda backend"; \
 	  $(SANITIZER) --tool memcheck --error-exitcode 1 $(LMTRAIN) train --config $(CONFIG) --overwrite \

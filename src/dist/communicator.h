@@ -118,8 +118,8 @@ class LocalCommunicator final : public Communicator {
 // Connects this rank to the others. A world of 1 gets a LocalCommunicator and opens no socket.
 // Otherwise rank 0 starts the rendezvous store on MASTER_ADDR:MASTER_PORT, every rank joins
 // it, and the backend picks the engine: Gloo for "cpu", NCCL for "cuda". `timeout` bounds the
-// rendezvous and every later Gloo collective (rendezvous_timeout() reads it from the
-// environment); NCCL's have none.
+// rendezvous and every later collective (rendezvous_timeout() reads it from the environment):
+// Gloo's own timeout, NCCL's watchdog (dist/collective_watchdog.h).
 std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& backend,
                                                 std::chrono::milliseconds timeout);
 

@@ -2,10 +2,13 @@
 // communicator on the same GPU, so one GPU checks the calls, the dtypes, the ordering of the
 // communication stream against the backend's stream, and abort; sums over several ranks need
 // several GPUs (docs/DISTRIBUTED.md).
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "dist/nccl/nccl_communicator.h"
@@ -25,9 +28,11 @@ using lmtrain::test_support::normal_data;
 
 namespace {
 
-std::unique_ptr<NcclCommunicator> one_rank(lmtrain::CudaBackend& b) {
+// `timeout` bounds the store's waits and, through the watchdog, every collective.
+std::unique_ptr<NcclCommunicator> one_rank(lmtrain::CudaBackend& b,
+                                           std::chrono::milliseconds timeout = 20s) {
   const auto info = lmtrain::test_support::rank_info(0, 1, lmtrain::dist::free_port("127.0.0.1"));
-  return std::make_unique<NcclCommunicator>(std::make_shared<TcpStore>(info, 20s), b.stream());
+  return std::make_unique<NcclCommunicator>(std::make_shared<TcpStore>(info, timeout), b.stream());
 }
 
 }  // namespace
@@ -118,4 +123,51 @@ TEST_CASE("gpu nccl abort ends the communicator", "[gpu][nccl]") {
   CHECK_THROWS_WITH(comm->barrier(), Catch::Contains("aborted after an error"));
   comm.reset();
   b.synchronize();  // the backend's stream is still usable
+}
+
+// A collective that does not complete within the timeout is aborted by the watchdog, and the
+// next collective is refused naming it. One rank cannot lose a peer, so a host function holds
+// the backend's stream instead: the collective is queued after it and cannot start. Hidden
+// ([.]): `make test-gpu` runs it in a process of its own, because a watchdog whose rank does not
+// stop within a second timeout ends the process.
+TEST_CASE("gpu nccl watchdog aborts a collective that does not complete", "[.][nccl-watchdog]") {
+  lmtrain::CudaBackend& b = backend(DType::f32);
+  auto comm = one_rank(b, 3s);
+  Buffer memory = b.allocate(2 * 1024 * sizeof(float));
+  const Tensor x = memory.tensor({1024}, DType::f32);
+  const Tensor y = memory.tensor({1024}, DType::f32, 1024 * sizeof(float));
+  b.fill(x, 1.f);
+  b.fill(y, 1.f);
+
+  std::atomic<bool> release{false};
+  auto hold = [](void* flag) {
+    while (!static_cast<std::atomic<bool>*>(flag)->load())
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  };
+  REQUIRE(cudaLaunchHostFunc(b.stream(), hold, &release) == cudaSuccess);
+  struct Release {  // whatever happens below, the stream is let go
+    std::atomic<bool>& flag;
+    ~Release() { flag = true; }
+  } let_go{release};
+
+  const auto started = std::chrono::steady_clock::now();
+  std::vector<lmtrain::dist::PendingPtr> queued;
+  queued.push_back(comm->start_all_reduce_sum(x));
+  std::string refused;
+  while (refused.empty() && std::chrono::steady_clock::now() - started < 15s) {
+    std::this_thread::sleep_for(50ms);
+    try {
+      queued.push_back(comm->start_all_reduce_sum(y));  // queued behind the first until aborted
+    } catch (const lmtrain::Error& e) {
+      refused = e.what();
+    }
+  }
+  CHECK(std::chrono::steady_clock::now() - started >= 3s);
+  CHECK_THAT(refused, Catch::Contains("the communicator was aborted because nccl all_reduce_sum "
+                                      "(rank 0 of 1, collective 1): not complete after 3 s"));
+  release = true;
+  queued.clear();
+  comm.reset();
+  b.synchronize();  // the backend's stream runs on
+  compare("the backend after an aborted collective", fetch(b, x), std::vector<float>(1024, 1.f), 0);
 }

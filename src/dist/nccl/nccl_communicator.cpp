@@ -1,6 +1,7 @@
 #include "dist/nccl/nccl_communicator.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <thread>
@@ -32,39 +33,60 @@ ncclResult_t async_error(ncclComm_t comm) {
   return async == ncclInProgress ? ncclSuccess : async;
 }
 
-// An event the backend's stream waits on when the collective behind it is waited for.
-class EventPending final : public Pending {
+// The event recorded after a collective, shared by its Pending and the watchdog: whichever
+// lets go last destroys it.
+class CollectiveEvent {
  public:
-  EventPending(cudaStream_t waiter, ncclComm_t comm, std::shared_ptr<std::atomic<bool>> aborted,
-               int rank, int world)
-      : waiter_(waiter), comm_(comm), aborted_(std::move(aborted)) {
+  enum State { starting, recorded, dropped };
+  CollectiveEvent(int rank, int world) {
     cuda_check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "event", rank, world);
   }
+  ~CollectiveEvent() { cudaEventDestroy(event_); }
+  CollectiveEvent(const CollectiveEvent&) = delete;
+  CollectiveEvent& operator=(const CollectiveEvent&) = delete;
+  cudaEvent_t event() const { return event_; }
+  void set(State state) { state_ = state; }
+  // A collective that failed to start (dropped) is done too: nothing of it runs.
+  bool done() const {
+    const State state = state_;
+    return state == dropped || (state == recorded && cudaEventQuery(event_) != cudaErrorNotReady);
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+  std::atomic<State> state_ = starting;
+};
+
+// The backend's stream waits on the collective's event when the collective is waited for.
+class EventPending final : public Pending {
+ public:
+  EventPending(cudaStream_t waiter, std::shared_ptr<std::atomic<bool>> aborted, int rank, int world)
+      : waiter_(waiter),
+        aborted_(std::move(aborted)),
+        done_(std::make_shared<CollectiveEvent>(rank, world)) {}
   // Not waited for (an error unwinds the step): the collective may still be writing buffers
-  // that are about to be freed, so wait for it on the host, unless the communicator reports
-  // an error or was aborted (then it may never complete, or has been ended).
+  // that are about to be freed, so wait for it on the host, unless the communicator was
+  // aborted (the collective has been ended). One that NCCL reports failed, or that takes too
+  // long, is aborted by the watchdog.
   ~EventPending() override {
     if (!waited_) {
-      while (!*aborted_ && cudaEventQuery(event_) == cudaErrorNotReady &&
-             async_error(comm_) == ncclSuccess)
+      while (!*aborted_ && !done_->done())
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    cudaEventDestroy(event_);
   }
   EventPending(const EventPending&) = delete;
   EventPending& operator=(const EventPending&) = delete;
-  cudaEvent_t event() const { return event_; }
+  const std::shared_ptr<CollectiveEvent>& done() const { return done_; }
   void wait() override {
-    cudaError_t err = cudaStreamWaitEvent(waiter_, event_, 0);
+    cudaError_t err = cudaStreamWaitEvent(waiter_, done_->event(), 0);
     check(err == cudaSuccess, "nccl wait: {}", cudaGetErrorString(err));
     waited_ = true;
   }
 
  private:
   cudaStream_t waiter_;
-  ncclComm_t comm_;
   std::shared_ptr<std::atomic<bool>> aborted_;
-  cudaEvent_t event_ = nullptr;
+  std::shared_ptr<CollectiveEvent> done_;
   bool waited_ = false;
 };
 
@@ -92,16 +114,38 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
              world_size_);
   cuda_check(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "event", rank_,
              world_size_);
+  watchdog_.emplace("nccl", rank_, world_size_, store_->timeout(),
+                    CollectiveWatchdog::Hooks{
+                        .engine_error =
+                            [comm = comm_] {
+                              const ncclResult_t error = async_error(comm);
+                              if (error == ncclSuccess) return std::string();
+                              return fmt::format("{} ({})", ncclGetErrorString(error),
+                                                 ncclGetLastError(nullptr));
+                            },
+                        .end =
+                            [this] {
+                              // A call stuck inside NCCL (connecting to a peer that is
+                              // gone) cannot be aborted under it: the rank exits instead.
+                              std::unique_lock lock(enqueue_mutex_, std::defer_lock);
+                              if (!lock.try_lock_for(std::chrono::seconds(5))) return false;
+                              abort();
+                              return true;
+                            },
+                        .exit = [] { std::_Exit(1); },
+                    });
 }
 
 NcclCommunicator::~NcclCommunicator() {
-  if (std::uncaught_exceptions() > 0 || *aborted_ || async_error(comm_) != ncclSuccess) {
-    // Going away on an error: collectives may wait for peers that will never join them.
-    // Aborting ends them, so that freeing memory (which synchronizes the device) cannot hang.
-    abort();
+  // Going away on an error: collectives may wait for peers that will never join them. Aborting
+  // ends them, so that freeing memory (which synchronizes the device) cannot hang. Otherwise
+  // the started collectives finish first, which the watchdog bounds.
+  const bool unwinding = std::uncaught_exceptions() > 0;
+  if (!unwinding && !*aborted_) cudaStreamSynchronize(comm_stream_);
+  watchdog_.reset();  // it reads comm_, and may be aborting it: let it finish first
+  if (unwinding || *aborted_ || async_error(comm_) != ncclSuccess) {
+    abort();  // nothing more if it was aborted already
   } else {
-    // Started collectives must finish before the communicator goes.
-    cudaStreamSynchronize(comm_stream_);
     ncclCommDestroy(comm_);
   }
   cudaEventDestroy(inputs_ready_);
@@ -112,15 +156,34 @@ template <typename Enqueue>
 PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
   // The inputs are written by the backend's stream: start after what it has queued so far. One
   // event serves every start: a stream wait takes the event as it is when the wait is queued.
-  // The Pending exists before the collective is queued, so none runs without one.
-  check(!*aborted_, "nccl {} (rank {} of {}): the communicator was aborted after an error", op,
-        rank_, world_size_);
-  auto done = std::make_unique<EventPending>(stream_, comm_, aborted_, rank_, world_size_);
-  cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
-  cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
-  nccl_check(enqueue(), op, rank_, world_size_);
-  cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);
-  return done;
+  // The Pending exists before the collective is queued, so none runs without one, and the
+  // watchdog watches it from before the NCCL call, which may itself wait for peers (connecting).
+  refuse_if_aborted(op);
+  auto pending = std::make_unique<EventPending>(stream_, aborted_, rank_, world_size_);
+  const std::shared_ptr<CollectiveEvent>& done = pending->done();
+  watchdog_->watch(op, [done] { return done->done(); });
+  try {
+    cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
+    cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
+    {
+      std::lock_guard lock(enqueue_mutex_);
+      refuse_if_aborted(op);  // the watchdog may have aborted comm_ since the check above
+      nccl_check(enqueue(), op, rank_, world_size_);
+    }
+    cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);
+  } catch (...) {
+    done->set(CollectiveEvent::dropped);
+    throw;
+  }
+  done->set(CollectiveEvent::recorded);
+  return pending;
+}
+
+void NcclCommunicator::refuse_if_aborted(const char* op) const {
+  if (!*aborted_) return;
+  const std::string why = watchdog_ ? watchdog_->failure() : "";
+  fail("nccl {} (rank {} of {}): the communicator was aborted {}", op, rank_, world_size_,
+       why.empty() ? "after an error" : "because " + why);
 }
 
 PendingPtr NcclCommunicator::start_all_reduce_sum(Tensor x) {
@@ -167,12 +230,13 @@ PendingPtr NcclCommunicator::start_broadcast(Tensor x, int root) {
 }
 
 void NcclCommunicator::barrier() {
-  check(!*aborted_, "nccl barrier (rank {} of {}): the communicator was aborted after an error",
-        rank_, world_size_);
+  refuse_if_aborted("barrier");
   // Drain this rank's queued work, then meet the others through the store: NCCL has no barrier,
-  // and a store barrier needs no device buffer.
+  // and a store barrier needs no device buffer. A collective that hangs the drain is aborted by
+  // the watchdog, which ends the drain.
   cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
   cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
+  refuse_if_aborted("barrier");
   nccl_check(async_error(comm_), "collective (reported at the barrier)", rank_, world_size_);
   store_->barrier("nccl");
 }

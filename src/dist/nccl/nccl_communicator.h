@@ -3,7 +3,9 @@
 // rendezvous store; every rank reads it and joins the communicator on its backend's device.
 // Collectives run on a communication stream of their own, ordered after the backend's stream
 // at the point they were started, and wait() orders the backend's stream after them: the two
-// streams overlap in between, and the host never blocks.
+// streams overlap in between, and the host never blocks. NCCL's collectives have no timeout: a
+// watchdog aborts the communicator when one takes longer than the store's timeout or NCCL
+// reports an error, so that a peer that is gone fails this rank instead of hanging it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,7 +13,10 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
+#include <optional>
 
+#include "dist/collective_watchdog.h"
 #include "dist/communicator.h"
 #include "dist/tcp_store.h"
 
@@ -42,6 +47,8 @@ class NcclCommunicator final : public Communicator {
   // call on comm_stream_) and returns the Pending that orders the backend's stream after it.
   template <typename Enqueue>
   PendingPtr start(const char* op, Enqueue&& enqueue);
+  // Throws, naming `op` and why, once the communicator has been aborted.
+  void refuse_if_aborted(const char* op) const;
 
   std::shared_ptr<TcpStore> store_;
   cudaStream_t stream_;  // the backend's
@@ -51,6 +58,11 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   // Set by abort(); shared with the Pendings, which then stop waiting for their collectives.
   std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
+  // Held by the rank's thread inside NCCL calls that queue a collective: the watchdog aborts
+  // comm_ only while no such call uses it.
+  std::timed_mutex enqueue_mutex_;
+  // Started once comm_ exists; stopped first when the communicator goes, as it reads comm_.
+  std::optional<CollectiveWatchdog> watchdog_;
 };
 
 }  // namespace lmtrain::dist

@@ -1,0 +1,73 @@
+// Bounds how long a started collective may take, for an engine with no timeout of its own
+// (NCCL). A rank that is gone without a word (its machine down, or killed where no launcher
+// saw it) leaves the others' collectives waiting forever, and a rank that waits forever is
+// never reported as failed: the job hangs instead of stopping.
+//
+// A thread of its own polls the collectives in the order they were started, which is the
+// order they complete in (they run on one stream). When the oldest one has not completed
+// within the timeout, or the engine reports an error, the watchdog logs why and calls `end`
+// (NCCL: abort the communicator, which ends the collectives in flight and so releases the host
+// waiting behind them); the communicator then refuses its next collective, naming failure().
+// A rank that `end` cannot release (it is stuck inside the engine), or that has not stopped one
+// more timeout later, is ended by `exit`, so that its launcher sees it fail and stops the rest.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace lmtrain::dist {
+
+class CollectiveWatchdog {
+ public:
+  struct Hooks {
+    std::function<std::string()> engine_error;  // the engine's asynchronous error, "" if none
+    std::function<bool()> end;                  // ends the collectives in flight; false: cannot
+    std::function<void()> exit;                 // ends the process
+  };
+
+  // `engine`, `rank` and `world_size` name the collectives in messages: "nccl all_reduce_sum
+  // (rank 1 of 2, collective 7)".
+  CollectiveWatchdog(std::string engine, int rank, int world_size,
+                     std::chrono::milliseconds timeout, Hooks hooks);
+  // Stops watching (and joins the thread); what is still in flight is the owner's to end.
+  ~CollectiveWatchdog();
+  CollectiveWatchdog(const CollectiveWatchdog&) = delete;
+  CollectiveWatchdog& operator=(const CollectiveWatchdog&) = delete;
+
+  // Watches the collective `op` from now on. `done` is called from the watchdog's thread until
+  // it returns true, so what it reads must stay valid that long.
+  void watch(const char* op, std::function<bool()> done);
+  // Why the watchdog ended the collectives; empty while it has not.
+  std::string failure() const;
+
+ private:
+  struct Watched {
+    const char* op;
+    uint64_t number;  // counts the collectives started, from 1: the ranks' numbers match
+    std::chrono::steady_clock::time_point started;
+    std::function<bool()> done;
+  };
+  void run();
+  // The failure of the oldest collective in flight, or "" while it is fine.
+  std::string check_oldest();
+
+  const std::string engine_;
+  const int rank_, world_size_;
+  const std::chrono::milliseconds timeout_;
+  const Hooks hooks_;
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<Watched> watched_;
+  uint64_t started_ = 0;
+  std::string failure_;
+  bool stopping_ = false;
+  std::thread thread_;  // last: starts after the members it uses exist
+};
+
+}  // namespace lmtrain::dist

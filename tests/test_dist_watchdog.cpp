@@ -1,0 +1,162 @@
+// The collective watchdog (the NCCL communicator's timeout) with stand-in collectives: flags
+// that say when each is done, and hooks that record what the watchdog did.
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "dist/collective_watchdog.h"
+
+using lmtrain::dist::CollectiveWatchdog;
+using namespace std::chrono_literals;
+using Catch::Matchers::Contains;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// What the watchdog did to its engine, and the engine's error to report.
+struct Engine {
+  std::atomic<int> ended{0}, exited{0};
+  std::atomic<bool> can_end{true};
+  std::mutex mutex;
+  std::string error;
+
+  CollectiveWatchdog::Hooks hooks() {
+    return {
+        .engine_error =
+            [this] {
+              std::lock_guard lock(mutex);
+              return error;
+            },
+        .end =
+            [this] {
+              ++ended;
+              return can_end.load();
+            },
+        .exit = [this] { ++exited; },
+    };
+  }
+  void report(std::string message) {
+    std::lock_guard lock(mutex);
+    error = std::move(message);
+  }
+};
+
+struct Collective {
+  std::shared_ptr<std::atomic<bool>> flag = std::make_shared<std::atomic<bool>>(false);
+  std::function<bool()> done() const {
+    return [flag = flag] { return flag->load(); };
+  }
+  void complete() const { *flag = true; }
+};
+
+// Polls until `ok` holds or 10 s pass (far beyond any timeout here); returns whether it held.
+bool eventually(const std::function<bool()>& ok) {
+  const auto give_up = Clock::now() + 10s;
+  while (!ok() && Clock::now() < give_up) std::this_thread::sleep_for(1ms);
+  return ok();
+}
+
+std::string wait_for_failure(const CollectiveWatchdog& watchdog) {
+  eventually([&] { return !watchdog.failure().empty(); });
+  return watchdog.failure();
+}
+
+}  // namespace
+
+TEST_CASE("watchdog: collectives that complete in time are never failed", "[dist][watchdog]") {
+  Engine engine;
+  {
+    CollectiveWatchdog watchdog("nccl", 1, 2, 500ms, engine.hooks());
+    for (int i = 0; i < 100; ++i) {
+      Collective c;
+      watchdog.watch("all_reduce_sum", c.done());
+      std::this_thread::sleep_for(10ms);  // 100 x 10 ms: twice the timeout in all
+      c.complete();
+    }
+    std::this_thread::sleep_for(600ms);
+    CHECK(watchdog.failure().empty());
+  }
+  CHECK(engine.ended == 0);
+  CHECK(engine.exited == 0);
+}
+
+TEST_CASE("watchdog: the oldest collective past the timeout ends them all", "[dist][watchdog]") {
+  Engine engine;
+  Collective first, stuck, later;
+  CollectiveWatchdog watchdog("nccl", 1, 2, 200ms, engine.hooks());
+  const auto started = Clock::now();
+  watchdog.watch("all_reduce_sum", first.done());
+  watchdog.watch("reduce_scatter_mean", stuck.done());
+  watchdog.watch("all_gather", later.done());
+  first.complete();
+
+  const std::string why = wait_for_failure(watchdog);
+  CHECK(Clock::now() - started >= 200ms);
+  CHECK_THAT(why, Contains("nccl reduce_scatter_mean (rank 1 of 2, collective 2): not complete "
+                           "after 0.2 s; another rank has failed, stopped or stalled"));
+  CHECK_THAT(why, Contains("LMTRAIN_RENDEZVOUS_TIMEOUT"));
+  CHECK(eventually([&] { return engine.ended == 1; }));  // right after the failure is set
+  CHECK(engine.exited == 0);                             // the rank is given a timeout to stop
+}
+
+TEST_CASE("watchdog: an error the engine reports ends the collectives at once",
+          "[dist][watchdog]") {
+  Engine engine;
+  Collective stuck;
+  CollectiveWatchdog watchdog("nccl", 0, 4, 60s, engine.hooks());
+  watchdog.watch("broadcast", stuck.done());
+  std::this_thread::sleep_for(50ms);
+  CHECK(watchdog.failure().empty());  // in flight, no error, far from the timeout
+  engine.report("remote process exited or there was a network error");
+  const auto reported = Clock::now();
+  const std::string why = wait_for_failure(watchdog);
+  CHECK(Clock::now() - reported < 5s);
+  CHECK(why ==
+        "nccl broadcast (rank 0 of 4, collective 1): remote process exited or there was a "
+        "network error");
+}
+
+TEST_CASE("watchdog: an engine error with nothing in flight is left to the next collective",
+          "[dist][watchdog]") {
+  Engine engine;
+  engine.report("an error of a collective long done");
+  CollectiveWatchdog watchdog("nccl", 0, 2, 100ms, engine.hooks());
+  std::this_thread::sleep_for(100ms);
+  CHECK(watchdog.failure().empty());
+  CHECK(engine.ended == 0);
+}
+
+TEST_CASE("watchdog: a rank gets one timeout to stop after the end", "[dist][watchdog]") {
+  Engine engine;
+  Collective stuck;
+  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 1, 2, 200ms, engine.hooks());
+  watchdog->watch("all_reduce_mean", stuck.done());
+  REQUIRE_FALSE(wait_for_failure(*watchdog).empty());
+  CHECK(eventually([&] { return engine.ended == 1; }));
+  SECTION("it stops: the communicator goes, and the watchdog with it") {
+    watchdog.reset();
+    CHECK(engine.exited == 0);
+  }
+  SECTION("it does not: the watchdog exits it") {
+    CHECK(eventually([&] { return engine.exited == 1; }));
+    watchdog.reset();
+    CHECK(engine.exited == 1);
+  }
+}
+
+TEST_CASE("watchdog: collectives that cannot be ended exit the rank at once", "[dist][watchdog]") {
+  Engine engine;
+  engine.can_end = false;  // the rank is stuck inside the engine
+  Collective stuck;
+  CollectiveWatchdog watchdog("nccl", 1, 2, 2s, engine.hooks());
+  watchdog.watch("all_reduce_sum", stuck.done());
+  REQUIRE_FALSE(wait_for_failure(watchdog).empty());
+  const auto failed = Clock::now();
+  CHECK(eventually([&] { return engine.exited == 1; }));
+  CHECK(Clock::now() - failed < 1500ms);  // not a second timeout later
+}
