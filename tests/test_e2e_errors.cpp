@@ -403,6 +403,19 @@ TEST_CASE("e2e: a tokenizer directory and a NaN --grace are refused", "[e2e]") {
       {"--grace", "nan"});
 }
 
+// A run directory that cannot be made is named with the keys that chose it, and nothing is
+// written: the output directory is a file.
+TEST_CASE("e2e: a run directory that cannot be made names its keys", "[e2e]") {
+  TempDir tmp;
+  const fs::path file = tmp / "runs";
+  write_text(file, "not a directory");
+  const std::string config = write_config(tmp, tiny_config(file.string()));
+  require_one_error_line(run_lmtrain({"train", "--config", config}, tmp),
+                         {config + ": run.out_dir and run.name: " + (file / "e2e").string() +
+                          ": cannot create the run directory"});
+  CHECK(read_text(file) == "not a directory");
+}
+
 // A new run into a directory that holds an earlier one is refused, leaving it untouched, unless
 // --overwrite asks for the earlier run to be replaced.
 TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {

@@ -275,7 +275,7 @@ int train(const TrainOptions& options) {
   // writes there only from now on. A run started beside this one may have written meanwhile.
   std::optional<RunLock> run_lock;
   if (lead) {
-    run_lock.emplace(run_dir);
+    with_context(at_key("run.out_dir") + " and run.name", [&] { run_lock.emplace(run_dir); });
     refuse_earlier_run();
     if (options.overwrite && run_dir_state(run_dir).earlier_run()) {
       spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
