@@ -184,6 +184,43 @@ TEST_CASE("e2e: a signal during the last evaluation saves and is reported", "[e2
   CHECK(fs::exists(run.ckpt / "step_000002" / "model.safetensors"));
 }
 
+// A signal during an evaluation before the last stops the run once the evaluation is done: no
+// further step, one checkpoint at that step, marked evaluated, so that --resume goes on without
+// evaluating again.
+TEST_CASE("e2e: a signal during an evaluation stops the run at that step", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config = write_config(
+      tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 3}}},
+                                 {"eval", {{"every", 2}, {"tokens", 40000}}}}));  // seconds each
+  const RunPaths run(out_dir, "e2e");
+  Background bg;
+  run_lmtrain_background({"train", "--config", config}, tmp, bg);
+  REQUIRE(wait_for_step(run.metrics, 2));  // the evaluation at step 2 follows at once
+  REQUIRE(::kill(bg.pid, SIGTERM) == 0);
+  const Result stopped = bg.wait();
+  INFO(stopped.all());
+  CHECK(stopped.code == 143);
+  CHECK(stopped.out.find("stopped by signal 15 after step 2; checkpoint saved") !=
+        std::string::npos);
+  CHECK(fs::exists(run.ckpt / "step_000002" / "model.safetensors"));
+  CHECK_FALSE(fs::exists(run.ckpt / "step_000003"));
+  auto val_steps = [&] {
+    std::vector<int> steps;
+    for (const json& record : read_metrics(run.metrics)) {
+      CHECK(record["step"].get<int>() <= 3);
+      if (record.contains("val/loss")) steps.push_back(record["step"].get<int>());
+    }
+    return steps;
+  };
+  CHECK(val_steps() == std::vector<int>{0, 2});
+
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(resumed.all());
+  REQUIRE(resumed.code == 0);
+  CHECK(val_steps() == std::vector<int>{0, 2, 3});
+}
+
 // run.name "." would make run.out_dir itself the run directory.
 TEST_CASE("e2e: the run name . is refused", "[e2e]") {
   TempDir tmp;

@@ -312,7 +312,9 @@ int train(const TrainOptions& options) {
   // Saves the state after `completed` optimizer steps (every rank takes part).
   // `evaluated`: the evaluation at `completed` has run (the final checkpoint's case), so a run
   // resumed from it does not repeat it.
+  int saved_step = options.resume ? loop.step : -1;  // the newest checkpoint's step
   auto save = [&](int completed, bool evaluated = false) {
+    saved_step = completed;
     loop.step = completed;
     loop.loader = loader.state();
     loop.extra = {{"trained_seconds", trained_seconds}, {"evaluated", evaluated}};
@@ -359,6 +361,21 @@ int train(const TrainOptions& options) {
   // A hangup (the terminal went away) stops the run too, unless it was ignored (nohup).
   if (std::signal(SIGHUP, on_stop_signal) == SIG_IGN) std::signal(SIGHUP, SIG_IGN);
 
+  // A signal that arrives during an evaluation, a sample or a save (long, and outside the step's
+  // agreement) is agreed on right after it, so the run stops there instead of a step later.
+  auto agreed_stop = [&] {
+    std::vector<float> flags(size_t(world), 0.f);
+    flags[size_t(rank)] = float(g_stop_signal.load());
+    all_reduce_sum(*comm, *backend, scalars, flags);
+    return agreed_signal(flags, 0);
+  };
+  auto stop = [&](int signal, int completed, bool evaluated) {
+    write_profile();
+    if (saved_step != completed) save(completed, evaluated);
+    spdlog::warn("stopped by signal {} after step {}; checkpoint saved", signal, completed);
+    return 128 + signal;
+  };
+
   std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
   const auto& e = config.eval;
   const int first_step = loop.step;
@@ -366,7 +383,11 @@ int train(const TrainOptions& options) {
   for (int step = loop.step; step <= N; ++step) {
     const bool last = step == N;
     const bool evaluated = step == first_step && resumed_evaluated;
-    if (!evaluated && e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last)) {
+    const bool evaluating =
+        !evaluated && e.every >= 0 && ((e.every > 0 && step % e.every == 0) || last);
+    const bool sampling =  // by the lead rank alone
+        !evaluated && ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last);
+    if (evaluating) {
       EvalResult r = evaluate(model, val_shards, tokenizer, e.tokens / world, rank, world);
       std::vector<float> sums = {float(r.nats), float(r.text_nats), float(r.bytes),
                                  float(r.tokens)};
@@ -375,11 +396,13 @@ int train(const TrainOptions& options) {
       spdlog::info("step {}/{} | val loss {:.4f} | val bpb {:.4f}", step, N, r.loss(), r.bpb());
       if (lead) metrics->write({{"step", step}, {"val/loss", r.loss()}, {"val/bpb", r.bpb()}});
     }
-    if (lead && !evaluated &&
-        ((e.sample_every > 0 && step % e.sample_every == 0 && step > 0) || last)) {
+    if (lead && sampling) {
       spdlog::info("sample: {}", sample_text(model, tokenizer, e, config.run.seed + step));
     }
     if (last) break;
+    if (evaluating || sampling) {
+      if (const int signal = agreed_stop()) return stop(signal, step, evaluating);
+    }
 
     auto started = Clock::now();
     const bool profiling = profiled(step);
@@ -441,23 +464,16 @@ int train(const TrainOptions& options) {
     }
     if (profiling && step + 2 == window.start + window.steps) write_profile();
 
-    if (stop_signal) {
-      write_profile();
-      save(step + 1);
-      spdlog::warn("stopped by signal {} after step {}; checkpoint saved", stop_signal, step + 1);
-      return 128 + stop_signal;
-    }
+    if (stop_signal) return stop(stop_signal, step + 1, false);
     if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0 && step + 1 < N) {
       save(step + 1);
+      if (const int signal = agreed_stop()) return stop(signal, step + 1, false);
     }
   }
   write_profile();
   // A signal during the last evaluation or sample: the run is complete, but it was asked to
   // stop, so it saves (whatever checkpoint.save_final says) and says so in its exit code.
-  std::vector<float> late(size_t(world), 0.f);
-  late[size_t(rank)] = float(g_stop_signal.load());
-  all_reduce_sum(*comm, *backend, scalars, late);
-  const int late_signal = agreed_signal(late, 0);
+  const int late_signal = agreed_stop();
   if (config.checkpoint.save_final || late_signal) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
