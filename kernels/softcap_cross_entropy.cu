@@ -58,7 +58,9 @@ __global__ void softcap_cross_entropy_kernel(T* logits, float* losses, const int
     }
   }
   const float mx = block_max(m);
-  sum = block_sum(m == -INFINITY ? 0.f : sum * expf(m - mx));
+  // A thread that saw no logits has m = -inf and sum 0; one that saw only NaNs has m = -inf too
+  // (NaN > m is false) but sum NaN, which must reach the loss, as on the CPU.
+  sum = block_sum(m == -INFINITY ? sum : sum * expf(m - mx));
   const float lse = mx + logf(sum);
   const float target_logit = softcap * tanhf(to_float(z[target]) / softcap);
   if (threadIdx.x == 0) losses[row] = lse - target_logit;

@@ -17,6 +17,8 @@ TEST_CASE("MFU peaks follow the device name with PCIe and NVL parts before SXM",
   CHECK(dense_bf16_peak_flops("NVIDIA H800 PCIe") == 756e12);
   CHECK(dense_bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12);
   CHECK(dense_bf16_peak_flops("NVIDIA A10") == 125e12);
+  CHECK(dense_bf16_peak_flops("NVIDIA A10G") == 0.0);  // another part, not listed
+  CHECK(dense_bf16_peak_flops("NVIDIA A100 80GB PCIe") == 312e12);
   CHECK(dense_bf16_peak_flops("NVIDIA GeForce RTX 4090") == 165e12);
   CHECK(dense_bf16_peak_flops("Some Future GPU") == 0.0);  // unknown: MFU reads n/a
 }

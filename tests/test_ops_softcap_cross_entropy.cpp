@@ -55,6 +55,24 @@ TEST_CASE("softcap cross-entropy gradient matches finite differences", "[ops]") 
   });
 }
 
+// A NaN logit reaches its row's loss (the trainer's non-finite check stops on it) and no other.
+TEST_CASE("softcap cross-entropy keeps a NaN logit's NaN in its row", "[ops]") {
+  CpuBackend cpu;
+  std::mt19937 rng(23);
+  for (float grad_scale : {0.f, 1.f}) {
+    std::vector<float> logits = randn(N * Vp, rng, 3.f), losses(N, -1.f);
+    logits[2 * Vp + 5] = NAN;  // row 2, not its target
+    logits[3 * Vp + 4] = NAN;  // row 3, beside its target 10
+    std::vector<int32_t> tgt = targets();
+    cpu.softcap_cross_entropy(f32(logits, {N, Vp}), f32(losses, {N}), i32(tgt, {N}), int(V), kCap,
+                              grad_scale);
+    for (int64_t n = 0; n < N; ++n) {
+      INFO("row " << n << " grad_scale " << grad_scale);
+      CHECK(std::isnan(losses[n]) == (n == 2 || n == 3));
+    }
+  }
+}
+
 TEST_CASE("softcap cross-entropy rejects bad targets and shapes", "[ops]") {
   CpuBackend cpu;
   std::vector<float> logits(2 * 8), losses(2), losses3(3);

@@ -724,6 +724,39 @@ TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
   }
 }
 
+// A NaN logit makes its row's loss NaN (the run then stops naming the step), also when one
+// thread's share of the row is nothing but NaNs: columns 8..15 are a whole share of one thread
+// in each layout (4 or 8 columns per packed thread, 1 unpacked), the target's share is finite.
+TEST_CASE("gpu softcap_cross_entropy keeps a NaN logit's NaN", "[gpu][ops]") {
+  for (DType act : kModes) {
+    lmtrain::CudaBackend& b = backend(act);
+    for (int64_t Vp : {128, 77}) {
+      const int vocab = 77, N = 2;
+      std::vector<float> logits = randn(size_t(N * Vp), 10.f);
+      for (int64_t j = 8; j < 16; ++j) logits[size_t(j)] = NAN;  // row 0 only
+      std::vector<uint16_t> bits(logits.size());
+      for (size_t i = 0; i < bits.size(); ++i) bits[i] = bf16_bits(logits[i]);
+      const std::vector<int32_t> targets = {0, 5};
+      lmtrain::Buffer memory = b.allocate(size_t(N * Vp) * 4 + 64 * 4);
+      const lmtrain::Tensor z = memory.tensor({N, Vp}, act);
+      const lmtrain::Tensor losses = memory.tensor({N}, DType::f32, size_t(N * Vp) * 4);
+      const lmtrain::Tensor ids = memory.tensor({N}, DType::i32, size_t(N * Vp) * 4 + 32 * 4);
+      b.upload(ids, targets.data());
+      for (float grad_scale : {0.f, 1.f}) {
+        if (act == DType::bf16)
+          b.upload(z, bits.data());
+        else
+          b.upload(z, logits.data());
+        b.softcap_cross_entropy(z, losses, ids, vocab, 15.f, grad_scale);
+        const std::vector<float> got = fetch(b, losses);
+        INFO(mode_name(act) << " Vp " << Vp << " grad_scale " << grad_scale);
+        CHECK(std::isnan(got[0]));
+        CHECK(std::isfinite(got[1]));
+      }
+    }
+  }
+}
+
 TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
   for (DType act : kModes) {
     const int64_t n = 20011;

@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cctype>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -60,8 +62,11 @@ double dense_bf16_peak_flops(const std::string& name) {
                                 {"H100 NVL", 835e12}, {"H100", 989e12}, {"H800 PCIe", 756e12},
                                 {"H800", 989e12},     {"A100", 312e12}, {"L40S", 362e12},
                                 {"A10", 125e12},      {"4090", 165e12}};
+  // A key ends where the model number does: "A10" is not the A10G, whose peak is not listed.
   for (const auto& e : table) {
-    if (name.find(e.key) != std::string::npos) return e.flops;
+    const size_t at = name.find(e.key), end = at + std::strlen(e.key);
+    if (at != std::string::npos && (end == name.size() || !std::isalnum(uint8_t(name[end]))))
+      return e.flops;
   }
   return 0.0;
 }
