@@ -381,24 +381,59 @@ TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][mat
   unsetenv("LMTRAIN_MATMUL_TUNING");
 }
 
+// Weight gradients sum over every token of a batch: K in the tens of thousands, where cuBLASLt
+// may split K and use its workspace, accumulated in place (C == D) into an f32 gradient and an
+// activation-dtype output; with cuBLASLt's first suggestion and with measured algorithms.
+TEST_CASE("gpu matmul accumulating over many rows matches the CPU", "[gpu][ops][matmul]") {
+  require_gpu();
+  const int64_t M = 256, K = 65536, N = 192;
+  for (DType act : kModes) {
+    lmtrain::CpuBackend cpu;
+    OpCase c(act);
+    c.add("dout", {K, M}, Kind::act, randn(size_t(K * M)))
+        .add("x", {K, N}, Kind::act, randn(size_t(K * N)))
+        .add("grad", {M, N}, Kind::f32, randn(size_t(M * N)))
+        .add("acc", {M, N}, Kind::act, randn(size_t(M * N)));
+    const Op op = [](Backend& b, const Args& t) {
+      b.matmul(t["grad"], t["dout"], t["x"], true, false, true);
+      b.matmul(t["acc"], t["dout"], t["x"], true, false, true, 0.5f);
+    };
+    const Results want = c.run(cpu, op);
+    for (const char* tuning : {"heuristic", "measure"}) {
+      REQUIRE(setenv("LMTRAIN_MATMUL_TUNING", tuning, 1) == 0);
+      lmtrain::CudaBackend gpu(act);
+      const Results got = c.run(gpu, op);
+      const std::string what = std::string("[") + mode_name(act) + "] matmul K=65536 in place" +
+                               (std::string(tuning) == "measure" ? ", measured " : " ");
+      compare(what + "grad", got.at("grad"), want.at("grad"), kReduction);
+      compare(what + "acc", got.at("acc"), want.at("acc"), act == DType::bf16 ? kBf16 : kReduction);
+    }
+    unsetenv("LMTRAIN_MATMUL_TUNING");
+  }
+}
+
 TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
   struct Case {
     int64_t N, C;
     const char* ids;
+    int64_t V = 50;
   };
   // The backward adds sorted rows in chunks of 64: runs of one id inside a chunk, across a few
   // chunks, across most of them, filling chunks exactly, and (runs of 96) a run that starts on a
   // chunk's first entry and continues, one that starts inside a chunk and continues, one that
   // ends on a boundary; fewer rows than a chunk. C = 64 and 2056 move in packs in both dtypes,
   // 300 only in f32 (packs of 4, not 8), 70 and 302 in neither; 300 in bf16, 302 and 2056 need
-  // more than one channel tile (256 threads) per chunk.
+  // more than one channel tile (256 threads) per chunk. The model's vocabulary (50304: ids of
+  // 16 bits, two passes of the radix sort, and the last id) with one id at 30%; one id in 45%
+  // of 40000 rows (a run over 280 chunks, as the most frequent token of a d12 batch).
   for (DType act : kModes) {
     for (Case s :
          {Case{300, 70, "every third"}, Case{300, 64, "every third"}, Case{5000, 64, "70%"},
           Case{5000, 70, "70%"}, Case{640, 64, "blocks of 64"}, Case{640, 64, "blocks of 96"},
           Case{640, 300, "blocks of 96"}, Case{640, 302, "blocks of 96"},
-          Case{300, 2056, "every third"}, Case{37, 64, "every third"}, Case{1, 64, "one row"}}) {
-      const int64_t V = 50, N = s.N, C = s.C;
+          Case{300, 2056, "every third"}, Case{37, 64, "every third"}, Case{1, 64, "one row"},
+          Case{4096, 64, "30% and the last id", 50304}, Case{40000, 64, "45%"}}) {
+      const int64_t V = s.V, N = s.N, C = s.C;
       const std::string pattern = s.ids;
       std::vector<int32_t> ids = random_ids(size_t(N), 0, int(V) - 1);
       for (size_t i = 0; i < ids.size(); ++i) {
@@ -406,7 +441,10 @@ TEST_CASE("gpu embedding matches the CPU", "[gpu][ops]") {
         if (pattern == "70%" && i % 10 < 7) ids[i] = 3;
         if (pattern == "blocks of 64") ids[i] = int32_t(i / 64) * 3;  // sorted runs of 64
         if (pattern == "blocks of 96") ids[i] = int32_t(i / 96) * 3;
+        if (pattern == "45%" && i % 20 < 9) ids[i] = 11;
+        if (pattern == "30% and the last id" && i % 10 < 3) ids[i] = 40000;
       }
+      if (pattern == "30% and the last id") ids[5] = ids[N - 1] = int32_t(V - 1);
       OpCase c(act);
       c.add_ids("tokens", {N}, ids)
           .add("table", {V, C}, Kind::act, randn(size_t(V * C)))
@@ -828,22 +866,32 @@ TEST_CASE("gpu optimizer ops match the CPU", "[gpu][ops][optim]") {
 TEST_CASE("gpu Muon matrix ops match the CPU", "[gpu][ops][optim]") {
   struct Stack {
     int64_t K, rows, cols;
+    int64_t zero = -1;  // a matrix of zeros, as the padding of a stack split over ranks
   };
+  // Matrices of 19200 elements take several chunks of the per-matrix norms, in every matrix of
+  // the stack; a zero matrix must come out as zeros (not NaN) and its state decays.
   for (DType act : kModes) {
-    for (Stack s : {Stack{3, 37, 53}, Stack{2, 70, 30}, Stack{2, 30, 70}, Stack{1, 300, 300}}) {
+    for (Stack s : {Stack{3, 37, 53}, Stack{2, 70, 30}, Stack{2, 30, 70}, Stack{1, 300, 300},
+                    Stack{3, 96, 200}, Stack{3, 200, 96, 1}}) {
       const int64_t size = s.K * s.rows * s.cols, slots = std::max(s.rows, s.cols);
+      const int64_t matrix = s.rows * s.cols;
+      std::vector<float> x = randn(size_t(size), 3.f), y = randn(size_t(size));
+      if (s.zero >= 0) {
+        std::fill_n(x.begin() + s.zero * matrix, matrix, 0.f);
+        std::fill_n(y.begin() + s.zero * matrix, matrix, 0.f);
+      }
       OpCase c(act);
       const Shape shape{s.K, s.rows, s.cols}, transposed{s.K, s.cols, s.rows};
-      c.add("x", shape, Kind::f32, randn(size_t(size), 3.f))
+      c.add("x", shape, Kind::f32, x)
           .add("xt", transposed, Kind::f32, poison(size_t(size)))
           .add("work", shape, Kind::act, poison(size_t(size)))
           .add("work_t", transposed, Kind::act, poison(size_t(size)))
           .add("act", shape, Kind::act, randn(size_t(size)))
           .add("act_t", transposed, Kind::f32, poison(size_t(size)))
-          .add("y", shape, Kind::f32, randn(size_t(size)))
+          .add("y", shape, Kind::f32, y)
           .add("state", {s.K, slots}, Kind::f32, uniform(size_t(s.K * slots), 0.f, 2.f));
       c.check("muon matrices " + std::to_string(s.K) + "x" + std::to_string(s.rows) + "x" +
-                  std::to_string(s.cols),
+                  std::to_string(s.cols) + (s.zero >= 0 ? " one zero" : ""),
               [](Backend& b, const Args& t) {
                 b.transpose_matrices(t["xt"], t["x"]);
                 b.transpose_matrices(t["act_t"], t["act"]);  // from the work dtype to f32
