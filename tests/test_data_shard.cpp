@@ -33,6 +33,8 @@ void write_raw(const std::string& path, const std::vector<int32_t>& header, size
   out.write(payload.data(), static_cast<std::streamsize>(payload.size()));
 }
 
+void write_text(const std::string& file, const std::string& text) { std::ofstream(file) << text; }
+
 std::string error_of(const std::string& path) {
   try {
     TokenShard shard(path);
@@ -107,6 +109,39 @@ TEST_CASE("list_shards accepts a file, a directory or a prefix", "[data][shard]"
                     empty.path().string() + ": no train_*.bin shards in this directory");
   CHECK_THROWS_WITH(list_shards(dir / "nope_", "train"),
                     (dir / "nope_") + ": no such shard file, directory or shard prefix");
+}
+
+// A shard that prepare_data.py's meta.json lists (an incomplete copy) is refused when it is
+// gone, in the selection it belongs to only; shards it does not list are taken as they are.
+TEST_CASE("list_shards refuses a selection missing a shard that meta.json lists", "[data][shard]") {
+  TempDir dir;
+  const auto tokens = random_tokens(10, 100, 1);
+  for (const char* name : {"train_000000.bin", "train_000002.bin", "val_000000.bin"})
+    write_shard(dir / name, tokens);
+  const std::string meta = dir / "meta.json";
+  write_text(meta, R"({"vocab_size": 100, "bos_id": 0, "sha256": {
+      "tokenizer.json": "00", "train_000000.bin": "01", "train_000001.bin": "02",
+      "train_000002.bin": "03", "train_000003.bin": "04", "train_000004.bin": "05",
+      "train_000005.bin": "06", "val_000000.bin": "07", "val_text.jsonl": "08"}})");
+  CHECK_THROWS_WITH(list_shards(dir.path().string(), "train"),
+                    dir.path().string() + ": 4 shards that " + meta +
+                        " lists are missing (train_000001.bin, train_000003.bin, "
+                        "train_000004.bin, ...); an incomplete copy? Copy them, or move "
+                        "meta.json away to train on the shards that are there");
+  CHECK_THROWS_WITH(list_shards(dir / "train_00000", "ignored"),
+                    Catch::Contains("train_000001.bin, train_000003.bin"));
+  CHECK(list_shards(dir.path().string(), "val").size() == 1);         // complete
+  CHECK(list_shards(dir / "train_000002.bin", "train").size() == 1);  // one file: as asked
+
+  write_text(meta, R"({"vocab_size": 100, "bos_id": 0, "sha256": {"train_000001.bin": "02"}})");
+  CHECK_THROWS_WITH(
+      list_shards(dir.path().string(), "train"),
+      Catch::Contains(": 1 shard that " + meta + " lists is missing (train_000001.bin)"));
+  write_shard(dir / "train_000001.bin", tokens);
+  CHECK(list_shards(dir.path().string(), "train").size() == 3);  // extra shards are welcome
+  write_text(meta, R"({"vocab_size": 100, "bos_id": 0})");       // no list: nothing to check
+  std::filesystem::remove(dir / "train_000001.bin");
+  CHECK(list_shards(dir.path().string(), "train").size() == 2);
 }
 
 // Listing opens each shard, so a damaged validation shard is refused before a run trains.
@@ -274,9 +309,6 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
   write_shard(dir / "train_000000.bin", random_tokens(100, 8192, std::random_device{}()));
   const std::string meta = dir / "meta.json";
   const std::string shard = list_shards(dir / "train_", "train").front();  // a prefix: its dir
-  auto write_text = [](const std::string& file, const std::string& text) {
-    std::ofstream(file) << text;
-  };
   auto write_meta = [&](const std::string& text) { write_text(meta, text); };
 
   CHECK_NOTHROW(check_shard_meta(shard, "tok.json", 8192, 0));  // no meta.json: llm.c's shards

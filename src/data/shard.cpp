@@ -1,6 +1,7 @@
 #include "data/shard.h"
 
 #include <fcntl.h>
+#include <fmt/ranges.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "core/error.h"
 #include "io/atomic_dir.h"
@@ -143,6 +145,40 @@ void write_shard(const std::string& path, std::span<const uint32_t> tokens) {
   check(out.good(), "{}: write failed", path);
 }
 
+namespace {
+
+// prepare_data.py's meta.json beside the shards lists every file it wrote (with its sha256). A
+// shard of this selection that it lists and that is gone (an incomplete copy) is an error, not
+// a run that quietly trains on less data. A meta.json that is malformed is check_shard_meta's
+// to name; one without the list (or no meta.json: llm.c's shards) checks nothing.
+void check_listed_shards_present(const std::filesystem::path& dir, const std::string& prefix,
+                                 const std::vector<std::string>& found) {
+  namespace fs = std::filesystem;
+  const fs::path path = dir / "meta.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return;
+  const auto meta = nlohmann::json::parse(read_file(path.string()), nullptr, false);
+  if (!meta.is_object() || !meta.contains("sha256") || !meta["sha256"].is_object()) return;
+  std::set<std::string> names;
+  for (const auto& file : found) names.insert(fs::path(file).filename().string());
+  std::vector<std::string> missing;
+  for (const auto& [name, hash] : meta["sha256"].items()) {
+    if (name.starts_with(prefix) && name.ends_with(".bin") && !names.contains(name))
+      missing.push_back(name);
+  }
+  if (missing.empty()) return;
+  const size_t shown = std::min<size_t>(missing.size(), 3);
+  fail(
+      "{}: {} shard{} that {} lists {} missing ({}{}); an incomplete copy? Copy them, or move "
+      "meta.json away to train on the shards that are there",
+      dir.string(), missing.size(), missing.size() > 1 ? "s" : "", path.string(),
+      missing.size() > 1 ? "are" : "is",
+      fmt::format("{}", fmt::join(missing.begin(), missing.begin() + long(shown), ", ")),
+      missing.size() > shown ? ", ..." : "");
+}
+
+}  // namespace
+
 std::vector<std::string> list_shards(const std::string& path_or_dir, const std::string& split) {
   namespace fs = std::filesystem;
   const fs::path path(path_or_dir);
@@ -170,6 +206,7 @@ std::vector<std::string> list_shards(const std::string& path_or_dir, const std::
     if (is_dir) fail("{}: no {}_*.bin shards in this directory", path_or_dir, split);
     fail("{}: no such shard file, directory or shard prefix", path_or_dir);
   }
+  check_listed_shards_present(dir, prefix, found);
   // Opening checks each header against its file size, so a damaged shard is reported now rather
   // than when it is first read (validation shards: after the whole training run).
   for (const auto& file : found) TokenShard{file};
