@@ -125,4 +125,10 @@ TEST_CASE("rendezvous timeout from LMTRAIN_RENDEZVOUS_TIMEOUT", "[dist]") {
         std::chrono::milliseconds(2500));
   CHECK_THROWS_WITH(rendezvous_timeout(env_of({{"LMTRAIN_RENDEZVOUS_TIMEOUT", "soon"}})),
                     Catch::Matchers::Contains("LMTRAIN_RENDEZVOUS_TIMEOUT='soon'"));
+  CHECK(rendezvous_timeout(env_of({{"LMTRAIN_RENDEZVOUS_TIMEOUT", "1e7"}})) ==
+        std::chrono::seconds(10000000));
+  // "Forever" written as a huge number would overflow the deadlines into the past.
+  CHECK_THROWS_WITH(rendezvous_timeout(env_of({{"LMTRAIN_RENDEZVOUS_TIMEOUT", "1e10"}})),
+                    "LMTRAIN_RENDEZVOUS_TIMEOUT='1e10' is not a number of seconds above 0 and at "
+                    "most 1e7 (116 days)");
 }

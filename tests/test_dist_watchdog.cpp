@@ -18,24 +18,28 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// What the watchdog did to its engine, and the engine's error to report.
+// What the watchdog did to its engine, and the engine's error to report. An end that hangs
+// (an abort stuck in the engine) returns once the watchdog has exited the rank.
 struct Engine {
   std::atomic<int> ended{0}, exited{0};
-  std::atomic<bool> can_end{true};
+  std::atomic<bool> end_hangs{false};
+  std::atomic<std::thread::id> watchdog_thread, polled_from;
   std::mutex mutex;
   std::string error;
 
   CollectiveWatchdog::Hooks hooks() {
     return {
+        .on_thread_start = [this] { watchdog_thread = std::this_thread::get_id(); },
         .engine_error =
             [this] {
+              polled_from = std::this_thread::get_id();
               std::lock_guard lock(mutex);
               return error;
             },
         .end =
             [this] {
               ++ended;
-              return can_end.load();
+              while (end_hangs && exited == 0) std::this_thread::sleep_for(1ms);
             },
         .exit = [this] { ++exited; },
     };
@@ -134,7 +138,7 @@ TEST_CASE("watchdog: an engine error with nothing in flight is left to the next 
 TEST_CASE("watchdog: a rank gets one timeout to stop after the end", "[dist][watchdog]") {
   Engine engine;
   Collective stuck;
-  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 1, 2, 200ms, engine.hooks());
+  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 1, 2, 1s, engine.hooks());
   watchdog->watch("all_reduce_mean", stuck.done());
   REQUIRE_FALSE(wait_for_failure(*watchdog).empty());
   CHECK(eventually([&] { return engine.ended == 1; }));
@@ -149,14 +153,39 @@ TEST_CASE("watchdog: a rank gets one timeout to stop after the end", "[dist][wat
   }
 }
 
-TEST_CASE("watchdog: collectives that cannot be ended exit the rank at once", "[dist][watchdog]") {
+// An abort can hang in the engine: the end runs on a thread of its own, and the rank is exited
+// a timeout after the end began, whether it is still running or already destroying the
+// watchdog (which then waits for the end no longer than that).
+TEST_CASE("watchdog: an end that hangs exits the rank a timeout later", "[dist][watchdog]") {
   Engine engine;
-  engine.can_end = false;  // the rank is stuck inside the engine
+  engine.end_hangs = true;
   Collective stuck;
-  CollectiveWatchdog watchdog("nccl", 1, 2, 2s, engine.hooks());
-  watchdog.watch("all_reduce_sum", stuck.done());
-  REQUIRE_FALSE(wait_for_failure(watchdog).empty());
+  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 1, 2, 500ms, engine.hooks());
+  watchdog->watch("all_gather", stuck.done());
+  REQUIRE_FALSE(wait_for_failure(*watchdog).empty());
   const auto failed = Clock::now();
-  CHECK(eventually([&] { return engine.exited == 1; }));
-  CHECK(Clock::now() - failed < 1500ms);  // not a second timeout later
+  CHECK(eventually([&] { return engine.ended == 1; }));
+  SECTION("the rank stays") {
+    CHECK(eventually([&] { return engine.exited == 1; }));
+    CHECK(Clock::now() - failed >= 400ms);
+  }
+  SECTION("the rank stops, and waits for the end") {
+    watchdog.reset();
+    CHECK(engine.exited == 1);
+    CHECK(Clock::now() - failed >= 400ms);
+  }
+  watchdog.reset();
+  CHECK(engine.exited == 1);
+}
+
+// Its own thread prepares itself first (NCCL: selects the rank's GPU) and does all the polling.
+TEST_CASE("watchdog: the thread start hook runs on the thread that polls", "[dist][watchdog]") {
+  Engine engine;
+  Collective stuck;
+  CollectiveWatchdog watchdog("nccl", 0, 2, 60s, engine.hooks());
+  watchdog.watch("broadcast", stuck.done());
+  CHECK(eventually([&] { return engine.polled_from.load() != std::thread::id(); }));
+  CHECK(engine.watchdog_thread.load() == engine.polled_from.load());
+  CHECK(engine.watchdog_thread.load() != std::this_thread::get_id());
+  stuck.complete();
 }

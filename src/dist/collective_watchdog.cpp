@@ -33,8 +33,17 @@ CollectiveWatchdog::~CollectiveWatchdog() {
     std::lock_guard lock(mutex_);
     stopping_ = true;
   }
-  wake_.notify_one();
+  wake_.notify_all();
   thread_.join();
+  if (!ender_.joinable()) return;
+  std::unique_lock lock(mutex_);
+  if (!wake_.wait_until(lock, end_began_ + timeout_, [this] { return ended_; })) {
+    lock.unlock();
+    exit_rank("ending its collectives");
+  } else {
+    lock.unlock();
+  }
+  ender_.join();
 }
 
 void CollectiveWatchdog::watch(const char* op, std::function<bool()> done) {
@@ -61,7 +70,21 @@ std::string CollectiveWatchdog::check_oldest() {
       name, seconds(timeout_));
 }
 
+void CollectiveWatchdog::exit_rank(const char* what) {
+  {
+    std::lock_guard lock(mutex_);
+    if (exited_) return;  // once (an exit hook of a test returns)
+    exited_ = true;
+  }
+  spdlog::error(
+      "{} (rank {} of {}): still {} {:g} s after its collectives began to be ended; "
+      "exiting",
+      engine_, rank_, world_size_, what, seconds(timeout_));
+  hooks_.exit();
+}
+
 void CollectiveWatchdog::run() {
+  if (hooks_.on_thread_start) hooks_.on_thread_start();
   const auto poll = poll_interval(timeout_);
   std::unique_lock lock(mutex_);
   while (!wake_.wait_for(lock, poll, [this] { return stopping_; })) {
@@ -69,24 +92,24 @@ void CollectiveWatchdog::run() {
     if (why.empty()) continue;
     failure_ = why;
     watched_.clear();
+    end_began_ = std::chrono::steady_clock::now();
     lock.unlock();
     spdlog::error("{}; ending this rank's collectives", why);
-    if (!hooks_.end()) {
-      spdlog::error("{} (rank {} of {}): the collectives cannot be ended; exiting", engine_, rank_,
-                    world_size_);
-      hooks_.exit();
-      return;
-    }
+    ender_ = std::thread([this] {
+      hooks_.end();
+      {
+        std::lock_guard ended(mutex_);
+        ended_ = true;
+      }
+      wake_.notify_all();
+    });
     lock.lock();
     // Ending the collectives releases the rank, whose next collective then fails with the
-    // reason and unwinds it; a rank that has not stopped a timeout later is stuck elsewhere.
-    if (wake_.wait_for(lock, timeout_, [this] { return stopping_; })) return;
+    // reason and unwinds it, destroying the watchdog; a rank still here a timeout later is
+    // stuck (in the engine, or elsewhere).
+    if (wake_.wait_until(lock, end_began_ + timeout_, [this] { return stopping_; })) return;
     lock.unlock();
-    spdlog::error(
-        "{} (rank {} of {}): still running {:g} s after its collectives were ended; "
-        "exiting",
-        engine_, rank_, world_size_, seconds(timeout_));
-    hooks_.exit();
+    exit_rank("running");
     return;
   }
 }

@@ -8,8 +8,9 @@
 // within the timeout, or the engine reports an error, the watchdog logs why and calls `end`
 // (NCCL: abort the communicator, which ends the collectives in flight and so releases the host
 // waiting behind them); the communicator then refuses its next collective, naming failure().
-// A rank that `end` cannot release (it is stuck inside the engine), or that has not stopped one
-// more timeout later, is ended by `exit`, so that its launcher sees it fail and stops the rest.
+// `end` runs on a thread of its own, since an abort can hang too. A rank that has not stopped
+// (destroyed the watchdog) one timeout after the end began, or whose end has not returned by
+// then, is ended by `exit`, so that its launcher sees it fail and stops the rest.
 #pragma once
 
 #include <chrono>
@@ -26,8 +27,9 @@ namespace lmtrain::dist {
 class CollectiveWatchdog {
  public:
   struct Hooks {
+    std::function<void()> on_thread_start;      // first, on the watchdog's thread
     std::function<std::string()> engine_error;  // the engine's asynchronous error, "" if none
-    std::function<bool()> end;                  // ends the collectives in flight; false: cannot
+    std::function<void()> end;                  // ends the collectives in flight
     std::function<void()> exit;                 // ends the process
   };
 
@@ -35,7 +37,8 @@ class CollectiveWatchdog {
   // (rank 1 of 2, collective 7)".
   CollectiveWatchdog(std::string engine, int rank, int world_size,
                      std::chrono::milliseconds timeout, Hooks hooks);
-  // Stops watching (and joins the thread); what is still in flight is the owner's to end.
+  // Stops watching (and joins the thread); what is still in flight is the owner's to end. After
+  // a failure it waits for `end` to return, a timeout at most from when it began, then `exit`.
   ~CollectiveWatchdog();
   CollectiveWatchdog(const CollectiveWatchdog&) = delete;
   CollectiveWatchdog& operator=(const CollectiveWatchdog&) = delete;
@@ -56,6 +59,8 @@ class CollectiveWatchdog {
   void run();
   // The failure of the oldest collective in flight, or "" while it is fine.
   std::string check_oldest();
+  // Logs that the rank is still running `what` a timeout after the end began, and exits it.
+  void exit_rank(const char* what);
 
   const std::string engine_;
   const int rank_, world_size_;
@@ -66,7 +71,9 @@ class CollectiveWatchdog {
   std::deque<Watched> watched_;
   uint64_t started_ = 0;
   std::string failure_;
-  bool stopping_ = false;
+  std::chrono::steady_clock::time_point end_began_;
+  bool stopping_ = false, ended_ = false, exited_ = false;
+  std::thread ender_;   // runs `end`
   std::thread thread_;  // last: starts after the members it uses exist
 };
 

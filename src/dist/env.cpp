@@ -139,8 +139,11 @@ std::chrono::milliseconds rendezvous_timeout(const EnvLookup& env) {
   if (!text) return std::chrono::seconds(300);
   char* end = nullptr;
   double seconds = std::strtod(text->c_str(), &end);
-  check(!text->empty() && *end == '\0' && std::isfinite(seconds) && seconds > 0,
-        "LMTRAIN_RENDEZVOUS_TIMEOUT='{}' is not a positive number of seconds", *text);
+  // Bounded so that deadlines stay far inside the clocks' range (1e10 s would overflow them).
+  check(!text->empty() && *end == '\0' && std::isfinite(seconds) && seconds > 0 && seconds <= 1e7,
+        "LMTRAIN_RENDEZVOUS_TIMEOUT='{}' is not a number of seconds above 0 and at most 1e7 (116 "
+        "days)",
+        *text);
   return std::chrono::milliseconds(int64_t(std::ceil(seconds * 1000)));
 }
 

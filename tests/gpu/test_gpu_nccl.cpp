@@ -127,9 +127,10 @@ TEST_CASE("gpu nccl abort ends the communicator", "[gpu][nccl]") {
 
 // A collective that does not complete within the timeout is aborted by the watchdog, and the
 // next collective is refused naming it. One rank cannot lose a peer, so a host function holds
-// the backend's stream instead: the collective is queued after it and cannot start. Hidden
-// ([.]): `make test-gpu` runs it in a process of its own, because a watchdog whose rank does not
-// stop within a second timeout ends the process.
+// the backend's stream instead: the collective (a mean, which on one rank is a real NCCL kernel;
+// an in-place sum is none) is queued after it and cannot start. What one GPU cannot show is an
+// abort releasing a collective that waits for a peer. Hidden ([.]): `make test-gpu` runs it in
+// a process of its own, because a watchdog whose rank does not stop in time ends the process.
 TEST_CASE("gpu nccl watchdog aborts a collective that does not complete", "[.][nccl-watchdog]") {
   lmtrain::CudaBackend& b = backend(DType::f32);
   auto comm = one_rank(b, 3s);
@@ -152,7 +153,7 @@ TEST_CASE("gpu nccl watchdog aborts a collective that does not complete", "[.][n
 
   const auto started = std::chrono::steady_clock::now();
   std::vector<lmtrain::dist::PendingPtr> queued;
-  queued.push_back(comm->start_all_reduce_sum(x));
+  queued.push_back(comm->start_all_reduce_mean(x));
   std::string refused;
   while (refused.empty() && std::chrono::steady_clock::now() - started < 15s) {
     std::this_thread::sleep_for(50ms);
@@ -163,7 +164,7 @@ TEST_CASE("gpu nccl watchdog aborts a collective that does not complete", "[.][n
     }
   }
   CHECK(std::chrono::steady_clock::now() - started >= 3s);
-  CHECK_THAT(refused, Catch::Contains("the communicator was aborted because nccl all_reduce_sum "
+  CHECK_THAT(refused, Catch::Contains("the communicator was aborted because nccl all_reduce_mean "
                                       "(rank 0 of 1, collective 1): not complete after 3 s"));
   release = true;
   queued.clear();

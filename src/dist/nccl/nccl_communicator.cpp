@@ -27,7 +27,7 @@ void cuda_check(cudaError_t err, const char* what, int rank, int world) {
 
 // The communicator's asynchronous error: a collective that failed (a peer gone, a network
 // error) shows here, while its event may never complete.
-ncclResult_t async_error(ncclComm_t comm) {
+ncclResult_t comm_async_error(ncclComm_t comm) {
   ncclResult_t async = ncclSuccess;
   if (ncclCommGetAsyncError(comm, &async) != ncclSuccess) return ncclInternalError;
   return async == ncclInProgress ? ncclSuccess : async;
@@ -114,26 +114,30 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
              world_size_);
   cuda_check(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "event", rank_,
              world_size_);
-  watchdog_.emplace("nccl", rank_, world_size_, store_->timeout(),
-                    CollectiveWatchdog::Hooks{
-                        .engine_error =
-                            [comm = comm_] {
-                              const ncclResult_t error = async_error(comm);
-                              if (error == ncclSuccess) return std::string();
-                              return fmt::format("{} ({})", ncclGetErrorString(error),
-                                                 ncclGetLastError(nullptr));
-                            },
-                        .end =
-                            [this] {
-                              // A call stuck inside NCCL (connecting to a peer that is
-                              // gone) cannot be aborted under it: the rank exits instead.
-                              std::unique_lock lock(enqueue_mutex_, std::defer_lock);
-                              if (!lock.try_lock_for(std::chrono::seconds(5))) return false;
-                              abort();
-                              return true;
-                            },
-                        .exit = [] { std::_Exit(1); },
-                    });
+  int device = 0;
+  cuda_check(cudaGetDevice(&device), "device", rank_, world_size_);
+  watchdog_.emplace(
+      "nccl", rank_, world_size_, store_->timeout(),
+      CollectiveWatchdog::Hooks{
+          // Its queries of the events would otherwise make a context on GPU 0 for every rank.
+          .on_thread_start = [device] { cudaSetDevice(device); },
+          .engine_error =
+              [this] {
+                // Not waiting: the rank's thread may be stuck in an NCCL call holding the lock.
+                std::unique_lock lock(comm_mutex_, std::try_to_lock);
+                const ncclResult_t error =
+                    lock.owns_lock() && !*aborted_ ? comm_async_error(comm_) : ncclSuccess;
+                if (error == ncclSuccess) return std::string();
+                return fmt::format("{} ({})", ncclGetErrorString(error), ncclGetLastError(nullptr));
+              },
+          .end = [this] { abort(); },
+          .exit = [] { std::_Exit(1); },
+      });
+}
+
+ncclResult_t NcclCommunicator::async_error() {
+  std::lock_guard lock(comm_mutex_);
+  return *aborted_ ? ncclSuccess : comm_async_error(comm_);
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -143,7 +147,7 @@ NcclCommunicator::~NcclCommunicator() {
   const bool unwinding = std::uncaught_exceptions() > 0;
   if (!unwinding && !*aborted_) cudaStreamSynchronize(comm_stream_);
   watchdog_.reset();  // it reads comm_, and may be aborting it: let it finish first
-  if (unwinding || *aborted_ || async_error(comm_) != ncclSuccess) {
+  if (unwinding || *aborted_ || async_error() != ncclSuccess) {
     abort();  // nothing more if it was aborted already
   } else {
     ncclCommDestroy(comm_);
@@ -166,7 +170,7 @@ PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
     cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
     cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
     {
-      std::lock_guard lock(enqueue_mutex_);
+      std::lock_guard lock(comm_mutex_);
       refuse_if_aborted(op);  // the watchdog may have aborted comm_ since the check above
       nccl_check(enqueue(), op, rank_, world_size_);
     }
@@ -237,12 +241,15 @@ void NcclCommunicator::barrier() {
   cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
   cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
   refuse_if_aborted("barrier");
-  nccl_check(async_error(comm_), "collective (reported at the barrier)", rank_, world_size_);
+  nccl_check(async_error(), "collective (reported at the barrier)", rank_, world_size_);
   store_->barrier("nccl");
 }
 
 void NcclCommunicator::abort() {
-  if (aborted_->exchange(true)) return;
+  {
+    std::lock_guard lock(comm_mutex_);  // no NCCL call is using comm_ once this is set
+    if (aborted_->exchange(true)) return;
+  }
   ncclCommAbort(comm_);
 }
 

@@ -58,9 +58,12 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
   // Set by abort(); shared with the Pendings, which then stop waiting for their collectives.
   std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
-  // Held by the rank's thread inside NCCL calls that queue a collective: the watchdog aborts
-  // comm_ only while no such call uses it.
-  std::timed_mutex enqueue_mutex_;
+  // Guards comm_ against its abort: held by the NCCL calls that queue a collective or read its
+  // error, and by abort() while it marks the communicator aborted (not while it aborts, which
+  // may take long). Once aborted_ is set, nothing touches comm_ but ncclCommAbort.
+  std::mutex comm_mutex_;
+  // The communicator's asynchronous error; success once it is aborted.
+  ncclResult_t async_error();
   // Started once comm_ exists; stopped first when the communicator goes, as it reads comm_.
   std::optional<CollectiveWatchdog> watchdog_;
 };
