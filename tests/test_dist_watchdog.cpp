@@ -1,5 +1,6 @@
 // The collective watchdog (the NCCL communicator's timeout) with stand-in collectives: flags
 // that say when each is done, and hooks that record what the watchdog did.
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -8,6 +9,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "dist/collective_watchdog.h"
 
@@ -23,13 +25,18 @@ namespace {
 struct Engine {
   std::atomic<int> ended{0}, exited{0};
   std::atomic<bool> end_hangs{false};
-  std::atomic<std::thread::id> watchdog_thread, polled_from;
+  std::atomic<std::thread::id> polled_from, ended_on;
   std::mutex mutex;
   std::string error;
+  std::vector<std::thread::id> started;  // the threads the start hook ran on
 
   CollectiveWatchdog::Hooks hooks() {
     return {
-        .on_thread_start = [this] { watchdog_thread = std::this_thread::get_id(); },
+        .on_thread_start =
+            [this] {
+              std::lock_guard lock(mutex);
+              started.push_back(std::this_thread::get_id());
+            },
         .engine_error =
             [this] {
               polled_from = std::this_thread::get_id();
@@ -38,6 +45,7 @@ struct Engine {
             },
         .end =
             [this] {
+              ended_on = std::this_thread::get_id();
               ++ended;
               while (end_hangs && exited == 0) std::this_thread::sleep_for(1ms);
             },
@@ -178,14 +186,21 @@ TEST_CASE("watchdog: an end that hangs exits the rank a timeout later", "[dist][
   CHECK(engine.exited == 1);
 }
 
-// Its own thread prepares itself first (NCCL: selects the rank's GPU) and does all the polling.
-TEST_CASE("watchdog: the thread start hook runs on the thread that polls", "[dist][watchdog]") {
+// Each of its threads prepares itself first (NCCL: selects the rank's GPU): the one that polls
+// and the one that ends the collectives, neither of them the rank's.
+TEST_CASE("watchdog: the thread start hook runs on the threads that poll and end",
+          "[dist][watchdog]") {
   Engine engine;
   Collective stuck;
-  CollectiveWatchdog watchdog("nccl", 0, 2, 60s, engine.hooks());
-  watchdog.watch("broadcast", stuck.done());
-  CHECK(eventually([&] { return engine.polled_from.load() != std::thread::id(); }));
-  CHECK(engine.watchdog_thread.load() == engine.polled_from.load());
-  CHECK(engine.watchdog_thread.load() != std::this_thread::get_id());
-  stuck.complete();
+  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 0, 2, 200ms, engine.hooks());
+  watchdog->watch("broadcast", stuck.done());
+  REQUIRE_FALSE(wait_for_failure(*watchdog).empty());
+  CHECK(eventually([&] { return engine.ended == 1; }));
+  watchdog.reset();
+  const std::vector<std::thread::id> started = engine.started;
+  REQUIRE(started.size() == 2);
+  CHECK(started[0] == engine.polled_from.load());
+  CHECK(started[1] == engine.ended_on.load());
+  CHECK(started[0] != started[1]);
+  CHECK(std::find(started.begin(), started.end(), std::this_thread::get_id()) == started.end());
 }

@@ -96,6 +96,7 @@ void CollectiveWatchdog::run() {
     lock.unlock();
     spdlog::error("{}; ending this rank's collectives", why);
     ender_ = std::thread([this] {
+      if (hooks_.on_thread_start) hooks_.on_thread_start();
       hooks_.end();
       {
         std::lock_guard ended(mutex_);

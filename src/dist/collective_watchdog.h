@@ -27,7 +27,7 @@ namespace lmtrain::dist {
 class CollectiveWatchdog {
  public:
   struct Hooks {
-    std::function<void()> on_thread_start;      // first, on the watchdog's thread
+    std::function<void()> on_thread_start;      // first, on each of the watchdog's threads
     std::function<std::string()> engine_error;  // the engine's asynchronous error, "" if none
     std::function<void()> end;                  // ends the collectives in flight
     std::function<void()> exit;                 // ends the process

@@ -119,7 +119,8 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
   watchdog_.emplace(
       "nccl", rank_, world_size_, store_->timeout(),
       CollectiveWatchdog::Hooks{
-          // Its queries of the events would otherwise make a context on GPU 0 for every rank.
+          // Its queries of the events (and the abort's CUDA calls) would otherwise make a
+          // context on GPU 0 for every rank.
           .on_thread_start = [device] { cudaSetDevice(device); },
           .engine_error =
               [this] {
