@@ -20,6 +20,14 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// Set by the start hook on the thread it runs on: every other hook and done() must see it set,
+// i.e. run on a thread that was prepared first.
+thread_local bool thread_prepared = false;
+std::atomic<int> unprepared_calls{0};
+void expect_prepared() {
+  if (!thread_prepared) ++unprepared_calls;
+}
+
 // What the watchdog did to its engine, and the engine's error to report. An end that hangs
 // (an abort stuck in the engine) returns once the watchdog has exited the rank.
 struct Engine {
@@ -34,17 +42,20 @@ struct Engine {
     return {
         .on_thread_start =
             [this] {
+              thread_prepared = true;
               std::lock_guard lock(mutex);
               started.push_back(std::this_thread::get_id());
             },
         .engine_error =
             [this] {
+              expect_prepared();
               polled_from = std::this_thread::get_id();
               std::lock_guard lock(mutex);
               return error;
             },
         .end =
             [this] {
+              expect_prepared();
               ended_on = std::this_thread::get_id();
               ++ended;
               while (end_hangs && exited == 0) std::this_thread::sleep_for(1ms);
@@ -61,7 +72,10 @@ struct Engine {
 struct Collective {
   std::shared_ptr<std::atomic<bool>> flag = std::make_shared<std::atomic<bool>>(false);
   std::function<bool()> done() const {
-    return [flag = flag] { return flag->load(); };
+    return [flag = flag] {
+      expect_prepared();
+      return flag->load();
+    };
   }
   void complete() const { *flag = true; }
 };
@@ -113,7 +127,6 @@ TEST_CASE("watchdog: the oldest collective past the timeout ends them all", "[di
                            "after 0.2 s; another rank has failed, stopped or stalled"));
   CHECK_THAT(why, Contains("LMTRAIN_RENDEZVOUS_TIMEOUT"));
   CHECK(eventually([&] { return engine.ended == 1; }));  // right after the failure is set
-  CHECK(engine.exited == 0);                             // the rank is given a timeout to stop
 }
 
 TEST_CASE("watchdog: an error the engine reports ends the collectives at once",
@@ -138,8 +151,12 @@ TEST_CASE("watchdog: an engine error with nothing in flight is left to the next 
   Engine engine;
   engine.report("an error of a collective long done");
   CollectiveWatchdog watchdog("nccl", 0, 2, 100ms, engine.hooks());
-  std::this_thread::sleep_for(100ms);
+  auto polls = std::make_shared<std::atomic<int>>(0);
+  watchdog.watch("all_reduce_sum", [polls] { return ++*polls > 0; });  // done when first polled
+  CHECK(eventually([&] { return *polls >= 1; }));
+  std::this_thread::sleep_for(100ms);  // 20 more polls, nothing in flight
   CHECK(watchdog.failure().empty());
+  CHECK(engine.polled_from.load() == std::thread::id());  // the error was never read
   CHECK(engine.ended == 0);
 }
 
@@ -169,18 +186,18 @@ TEST_CASE("watchdog: an end that hangs exits the rank a timeout later", "[dist][
   engine.end_hangs = true;
   Collective stuck;
   auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 1, 2, 500ms, engine.hooks());
+  const auto watched = Clock::now();  // the end begins a timeout later, the exit two
   watchdog->watch("all_gather", stuck.done());
   REQUIRE_FALSE(wait_for_failure(*watchdog).empty());
-  const auto failed = Clock::now();
   CHECK(eventually([&] { return engine.ended == 1; }));
   SECTION("the rank stays") {
     CHECK(eventually([&] { return engine.exited == 1; }));
-    CHECK(Clock::now() - failed >= 400ms);
+    CHECK(Clock::now() - watched >= 1000ms);
   }
   SECTION("the rank stops, and waits for the end") {
     watchdog.reset();
     CHECK(engine.exited == 1);
-    CHECK(Clock::now() - failed >= 400ms);
+    CHECK(Clock::now() - watched >= 1000ms);
   }
   watchdog.reset();
   CHECK(engine.exited == 1);
@@ -203,4 +220,34 @@ TEST_CASE("watchdog: the thread start hook runs on the threads that poll and end
   CHECK(started[1] == engine.ended_on.load());
   CHECK(started[0] != started[1]);
   CHECK(std::find(started.begin(), started.end(), std::this_thread::get_id()) == started.end());
+  CHECK(unprepared_calls == 0);  // no done(), error read or end before its thread's hook
+}
+
+// The rank's own aborts (an error unwinding it) go through the watchdog too: the end runs once,
+// on its thread, under the same timeout, and is no watchdog failure.
+TEST_CASE("watchdog: an end the rank asks for runs once under the timeout", "[dist][watchdog]") {
+  Engine engine;
+  Collective stuck;
+  auto watchdog = std::make_unique<CollectiveWatchdog>("nccl", 0, 2, 60s, engine.hooks());
+  watchdog->watch("all_gather", stuck.done());
+  watchdog->end();
+  watchdog->end();  // once is enough; again does nothing
+  CHECK(eventually([&] { return engine.ended == 1; }));
+  CHECK(engine.ended_on.load() != std::this_thread::get_id());
+  CHECK(watchdog->failure().empty());
+  SECTION("the rank stops") {
+    watchdog.reset();
+    CHECK(engine.ended == 1);
+    CHECK(engine.exited == 0);
+  }
+  SECTION("the end hangs and the rank stops: exited a timeout after the end began") {
+    Engine hanging;
+    hanging.end_hangs = true;
+    auto short_one = std::make_unique<CollectiveWatchdog>("nccl", 0, 2, 300ms, hanging.hooks());
+    const auto asked = Clock::now();
+    short_one->end();
+    short_one.reset();
+    CHECK(hanging.exited == 1);
+    CHECK(Clock::now() - asked >= 300ms);
+  }
 }

@@ -83,36 +83,46 @@ void CollectiveWatchdog::exit_rank(const char* what) {
   hooks_.exit();
 }
 
+void CollectiveWatchdog::end() {
+  std::lock_guard lock(mutex_);
+  begin_end();
+}
+
+void CollectiveWatchdog::begin_end() {
+  if (ender_.joinable()) return;
+  watched_.clear();
+  end_began_ = std::chrono::steady_clock::now();
+  ender_ = std::thread([this] {
+    if (hooks_.on_thread_start) hooks_.on_thread_start();
+    hooks_.end();
+    {
+      std::lock_guard lock(mutex_);
+      ended_ = true;
+    }
+    wake_.notify_all();
+  });
+  wake_.notify_all();
+}
+
 void CollectiveWatchdog::run() {
   if (hooks_.on_thread_start) hooks_.on_thread_start();
   const auto poll = poll_interval(timeout_);
   std::unique_lock lock(mutex_);
-  while (!wake_.wait_for(lock, poll, [this] { return stopping_; })) {
+  while (!wake_.wait_for(lock, poll, [this] { return stopping_ || ender_.joinable(); })) {
     std::string why = check_oldest();
     if (why.empty()) continue;
     failure_ = why;
-    watched_.clear();
-    end_began_ = std::chrono::steady_clock::now();
     lock.unlock();
     spdlog::error("{}; ending this rank's collectives", why);
-    ender_ = std::thread([this] {
-      if (hooks_.on_thread_start) hooks_.on_thread_start();
-      hooks_.end();
-      {
-        std::lock_guard ended(mutex_);
-        ended_ = true;
-      }
-      wake_.notify_all();
-    });
     lock.lock();
-    // Ending the collectives releases the rank, whose next collective then fails with the
-    // reason and unwinds it, destroying the watchdog; a rank still here a timeout later is
-    // stuck (in the engine, or elsewhere).
-    if (wake_.wait_until(lock, end_began_ + timeout_, [this] { return stopping_; })) return;
-    lock.unlock();
-    exit_rank("running");
-    return;
+    begin_end();
   }
+  // Ending the collectives releases the rank, whose next collective then fails and unwinds it,
+  // destroying the watchdog; a rank still here a timeout later is stuck (in the engine, or
+  // elsewhere).
+  if (wake_.wait_until(lock, end_began_ + timeout_, [this] { return stopping_; })) return;
+  lock.unlock();
+  exit_rank("running");
 }
 
 }  // namespace lmtrain::dist

@@ -8,9 +8,10 @@
 // within the timeout, or the engine reports an error, the watchdog logs why and calls `end`
 // (NCCL: abort the communicator, which ends the collectives in flight and so releases the host
 // waiting behind them); the communicator then refuses its next collective, naming failure().
-// `end` runs on a thread of its own, since an abort can hang too. A rank that has not stopped
-// (destroyed the watchdog) one timeout after the end began, or whose end has not returned by
-// then, is ended by `exit`, so that its launcher sees it fail and stops the rest.
+// The rank's own aborts (an error unwinding it) go through end() too. `end` runs once, on a
+// thread of its own, since an abort can hang. A rank that has not stopped (destroyed the
+// watchdog) one timeout after the end began, or whose end has not returned by then, is ended by
+// `exit`, so that its launcher sees it fail and stops the rest.
 #pragma once
 
 #include <chrono>
@@ -46,8 +47,11 @@ class CollectiveWatchdog {
   // Watches the collective `op` from now on. `done` is called from the watchdog's thread until
   // it returns true, so what it reads must stay valid that long.
   void watch(const char* op, std::function<bool()> done);
-  // Why the watchdog ended the collectives; empty while it has not.
+  // Why the watchdog ended the collectives; empty while it has not (or the rank ended them).
   std::string failure() const;
+  // Ends the collectives in flight (`end`, on its own thread, once) and starts the timeout
+  // within which the rank must stop. Returns at once.
+  void end();
 
  private:
   struct Watched {
@@ -59,6 +63,8 @@ class CollectiveWatchdog {
   void run();
   // The failure of the oldest collective in flight, or "" while it is fine.
   std::string check_oldest();
+  // Starts the end unless it has begun; the caller holds mutex_.
+  void begin_end();
   // Logs that the rank is still running `what` a timeout after the end began, and exits it.
   void exit_rank(const char* what);
 

@@ -60,7 +60,8 @@ class Communicator {
   virtual void barrier() = 0;
   // Ends this rank's collectives in flight without waiting for the other ranks, where the engine
   // needs it (NCCL: a collective whose peer has failed never completes, and freeing memory
-  // synchronizes the device). The communicator takes no collective afterwards.
+  // synchronizes the device; the abort runs on the watchdog's thread, which exits a rank it
+  // leaves stuck). The communicator takes no collective afterwards.
   virtual void abort() {}
 
   void all_reduce_sum(Tensor x) { start_all_reduce_sum(x)->wait(); }

@@ -131,7 +131,11 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
                 if (error == ncclSuccess) return std::string();
                 return fmt::format("{} ({})", ncclGetErrorString(error), ncclGetLastError(nullptr));
               },
-          .end = [this] { abort(); },
+          .end =
+              [this] {
+                mark_aborted();
+                ncclCommAbort(comm_);
+              },
           .exit = [] { std::_Exit(1); },
       });
 }
@@ -147,12 +151,10 @@ NcclCommunicator::~NcclCommunicator() {
   // the started collectives finish first, which the watchdog bounds.
   const bool unwinding = std::uncaught_exceptions() > 0;
   if (!unwinding && !*aborted_) cudaStreamSynchronize(comm_stream_);
-  watchdog_.reset();  // it reads comm_, and may be aborting it: let it finish first
-  if (unwinding || *aborted_ || async_error() != ncclSuccess) {
-    abort();  // nothing more if it was aborted already
-  } else {
-    ncclCommDestroy(comm_);
-  }
+  if (unwinding || *aborted_ || async_error() != ncclSuccess) abort();
+  const bool aborted = *aborted_;
+  watchdog_.reset();  // waits for an abort: a timeout at most, then the rank exits
+  if (!aborted) ncclCommDestroy(comm_);
   cudaEventDestroy(inputs_ready_);
   cudaStreamDestroy(comm_stream_);
 }
@@ -171,8 +173,11 @@ PendingPtr NcclCommunicator::start(const char* op, Enqueue&& enqueue) {
     cuda_check(cudaEventRecord(inputs_ready_, stream_), op, rank_, world_size_);
     cuda_check(cudaStreamWaitEvent(comm_stream_, inputs_ready_, 0), op, rank_, world_size_);
     {
-      std::lock_guard lock(comm_mutex_);
-      refuse_if_aborted(op);  // the watchdog may have aborted comm_ since the check above
+      std::unique_lock lock(comm_mutex_);
+      if (*aborted_) {  // since the check above; refused without the lock (it reads the watchdog)
+        lock.unlock();
+        refuse_if_aborted(op);
+      }
       nccl_check(enqueue(), op, rank_, world_size_);
     }
     cuda_check(cudaEventRecord(done->event(), comm_stream_), op, rank_, world_size_);
@@ -246,12 +251,14 @@ void NcclCommunicator::barrier() {
   store_->barrier("nccl");
 }
 
+void NcclCommunicator::mark_aborted() {
+  std::lock_guard lock(comm_mutex_);  // no NCCL call is using comm_ once this is set
+  *aborted_ = true;
+}
+
 void NcclCommunicator::abort() {
-  {
-    std::lock_guard lock(comm_mutex_);  // no NCCL call is using comm_ once this is set
-    if (aborted_->exchange(true)) return;
-  }
-  ncclCommAbort(comm_);
+  mark_aborted();
+  watchdog_->end();  // ncclCommAbort on the watchdog's thread, within its timeout
 }
 
 }  // namespace lmtrain::dist

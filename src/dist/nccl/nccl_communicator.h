@@ -59,11 +59,14 @@ class NcclCommunicator final : public Communicator {
   // Set by abort(); shared with the Pendings, which then stop waiting for their collectives.
   std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
   // Guards comm_ against its abort: held by the NCCL calls that queue a collective or read its
-  // error, and by abort() while it marks the communicator aborted (not while it aborts, which
-  // may take long). Once aborted_ is set, nothing touches comm_ but ncclCommAbort.
+  // error, and while the communicator is marked aborted (not while it aborts, which may take
+  // long). Once aborted_ is set, nothing touches comm_ but ncclCommAbort, which only the
+  // watchdog's end calls (once).
   std::mutex comm_mutex_;
   // The communicator's asynchronous error; success once it is aborted.
   ncclResult_t async_error();
+  // From now on the communicator refuses collectives and nothing touches comm_ but its abort.
+  void mark_aborted();
   // Started once comm_ exists; stopped first when the communicator goes, as it reads comm_.
   std::optional<CollectiveWatchdog> watchdog_;
 };
