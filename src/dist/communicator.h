@@ -63,6 +63,9 @@ class Communicator {
   // synchronizes the device; the abort runs on the watchdog's thread, which exits a rank it
   // leaves stuck). The communicator takes no collective afterwards.
   virtual void abort() {}
+  // Throws, naming the reason, when the communicator was aborted since `op` was started: its
+  // results on the host may be partial (NCCL; the other engines fail the collective itself).
+  virtual void check_results(const char* /*op*/) {}
 
   void all_reduce_sum(Tensor x) { start_all_reduce_sum(x)->wait(); }
   void all_reduce_mean(Tensor x) { start_all_reduce_mean(x)->wait(); }

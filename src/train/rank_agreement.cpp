@@ -17,6 +17,7 @@ void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
   backend.upload(t, values.data());
   comm.all_reduce_sum(t);
   backend.download(values.data(), t);
+  comm.check_results("all_reduce_sum");  // not decisions taken on what an abort left
 }
 
 void stop_on_nonfinite_loss(dist::Communicator& comm, Backend& backend, Tensor scratch, double loss,

@@ -1,6 +1,6 @@
 // Decisions every rank must take together. A rank that stopped on its own would leave the
-// others waiting in their next collective: Gloo's end at the rendezvous timeout, NCCL's have
-// none and wait until the launcher stops them.
+// others waiting in their next collective until the rendezvous timeout (Gloo's own, NCCL's
+// watchdog) fails them.
 #pragma once
 
 #include <vector>
@@ -11,7 +11,7 @@
 namespace lmtrain {
 
 // Sums `values` over ranks through `scratch`, a device tensor of at least values.size() f32
-// (a no-op for one rank).
+// (a no-op for one rank). Throws when the sum was cut short (an aborted communicator).
 void all_reduce_sum(dist::Communicator& comm, Backend& backend, Tensor scratch,
                     std::vector<float>& values);
 

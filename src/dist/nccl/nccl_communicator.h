@@ -41,6 +41,7 @@ class NcclCommunicator final : public Communicator {
   PendingPtr start_broadcast(Tensor x, int root) override;
   void barrier() override;
   void abort() override;
+  void check_results(const char* op) override { refuse_if_aborted(op); }
 
  private:
   // Orders the communication stream after the backend's stream, runs `enqueue` (one NCCL
