@@ -359,18 +359,30 @@ TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][mat
         .add("sum", {M, N}, Kind::act, poison(size_t(M * N)))
         .add("grad", {N, K}, Kind::f32, randn(size_t(N * K)))
         .add("dout", {M, N}, Kind::act, randn(size_t(M * N)));
+    // Polar Express's rank-3 forms on a stack of 4 wide matrices, the addend an operand.
+    const int64_t S = 4, r = 64, cols = 192;
+    c.add("x", {S, r, cols}, Kind::act, randn(size_t(S * r * cols), 1.f / std::sqrt(float(cols))))
+        .add("gram", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.3f))
+        .add("poly", {S, r, r}, Kind::act, poison(size_t(S * r * r)))
+        .add("poly_in", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.5f))
+        .add("y", {S, r, cols}, Kind::act, poison(size_t(S * r * cols)));
     const Op op = [](Backend& b, const Args& t) {
       b.matmul(t["out"], t["a"], t["b"], false, true, false);
       b.matmul(t["acc"], t["a"], t["b"], false, true, true, 0.5f);  // in place
       b.matmul_add(t["sum"], t["a"], t["b"], false, true, t["addend"], 1.f, -2.f);
       b.matmul(t["grad"], t["dout"], t["a"], true, false, true);  // a weight gradient
+      b.matmul_add(t["poly"], t["gram"], t["gram"], false, false, t["gram"], 2.0315f, -4.7750f);
+      b.matmul_add(t["y"], t["poly_in"], t["x"], false, false, t["x"], 1.f, 3.4445f);
     };
     const Results want = c.run(cpu, op), got = c.run(tuned, op), again = c.run(tuned, op);
     for (const Expect& e : std::vector<Expect>{{"out", kReduction, kBf16},
                                                {"acc", kReduction, kBf16},
                                                {"sum", kReduction, kBf16},
                                                {"addend", kExact, kExact},
-                                               {"grad", kReduction, kReduction}}) {
+                                               {"grad", kReduction, kReduction},
+                                               {"poly", kReduction, kBf16},
+                                               {"y", kReduction, kBf16},
+                                               {"gram", kExact, kExact}}) {
       const std::string& name = e.name;
       const std::string what = std::string("[") + mode_name(act) + "] tuned matmul " + name;
       compare(what, got.at(name), want.at(name), act == DType::bf16 ? e.bf16_tol : e.fp32_tol);
