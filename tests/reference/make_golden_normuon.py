@@ -67,6 +67,8 @@ def stack_variants() -> dict[str, dict]:
         "newton_schulz5": {"orthogonalizer": "newton_schulz5"},
         "ortho_none": {"orthogonalizer": "none"},
         "polar_express_3_steps": {"ortho_steps": 3},
+        # An even count: the CUDA backend's iterations end in its other work buffer.
+        "polar_express_4_steps": {"ortho_steps": 4},
         "polar_express_7_steps": {"ortho_steps": 7},
         "scale_moonshot": {"lr_scale": "moonshot"},
         "scale_sqrt_max": {"lr_scale": "sqrt_max"},
