@@ -66,6 +66,14 @@ TEST_CASE("cpu elementwise utilities reject bad dtypes and sizes", "[ops]") {
   CHECK_THROWS_AS(cpu.fill(i32(ids, {6}), 1.f), Error);
   CHECK_THROWS_AS(cpu.copy(Tensor{x.data(), {6}, DType::bf16}, Tensor{x.data(), {6}, DType::bf16}),
                   Error);
+  // add: x may be y itself, not a view that overlaps it in part.
+  std::vector<float> z = {1, 2, 3, 4, 5, 6};
+  cpu.add(f32(z, {6}), f32(z, {6}), 1.f);
+  CHECK(z == std::vector<float>{2, 4, 6, 8, 10, 12});
+  CHECK_THROWS_WITH(
+      cpu.add(Tensor{z.data() + 1, {4}, DType::f32}, Tensor{z.data(), {4}, DType::f32}, 1.f),
+      "add: y (4) and x (4) overlap (only the same tensor may be both)");
+  CHECK(z == std::vector<float>{2, 4, 6, 8, 10, 12});  // refused before writing
 }
 
 // The backend cannot tell what an allocation is for: its error names the keys that size them.

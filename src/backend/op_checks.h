@@ -6,6 +6,23 @@
 
 namespace lmtrain {
 
+// Whether two tensors share any byte of memory.
+inline bool overlap(Tensor a, Tensor b) {
+  const char* pa = static_cast<const char*>(a.data);
+  const char* pb = static_cast<const char*>(b.data);
+  return pa < pb + b.bytes() && pb < pa + a.bytes();
+}
+
+// y += alpha * x elementwise: x may be y itself, but no other tensor that shares y's memory
+// (the elements would be read after they are written, in an order the threads decide).
+inline void check_add_args(Tensor y, Tensor x) {
+  check(y.numel() == x.numel(), "add: y {} and x {} differ in element count", y.shape.str(),
+        x.shape.str());
+  check(y.data == x.data || !overlap(y, x),
+        "add: y {} and x {} overlap (only the same tensor may be both)", y.shape.str(),
+        x.shape.str());
+}
+
 // x (B, T, H, D) in `act` with D even, y (out, dout or dx) like x, rstd f32 with one entry per
 // head row; cos/sin f32 (T_max, D/2) covering positions [pos0, pos0 + T).
 inline void check_norm_rope_args(const char* op, Tensor y, const char* y_name, Tensor x,

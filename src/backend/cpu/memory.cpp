@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_checks.h"
 
 namespace lmtrain {
 
@@ -56,8 +57,7 @@ void CpuBackend::copy(Tensor dst, Tensor src) {
 void CpuBackend::add(Tensor y, Tensor x, float alpha) {
   check_f32("add", "y", y);
   check_f32("add", "x", x);
-  check(y.numel() == x.numel(), "add: y {} and x {} differ in element count", y.shape.str(),
-        x.shape.str());
+  check_add_args(y, x);
   float* py = y.f32();
   const float* px = x.f32();
   int64_t n = y.numel();

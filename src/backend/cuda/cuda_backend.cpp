@@ -3,6 +3,7 @@
 
 #include "backend/cuda/attention_cudnn.h"
 #include "backend/cuda/checks.h"
+#include "backend/op_checks.h"
 #include "cuda_check.cuh"
 #include "elementwise.cuh"
 
@@ -106,9 +107,7 @@ void CudaBackend::copy(Tensor dst, Tensor src) {
   if (dst.dtype == src.dtype && dst.data == src.data) return;
   // Overlapping buffers would race: a converting kernel's threads read and write packs of
   // different byte widths.
-  const char* d = static_cast<const char*>(dst.data);
-  const char* s = static_cast<const char*>(src.data);
-  check(d + dst.bytes() <= s || s + src.bytes() <= d, "copy: dst and src overlap");
+  check(!overlap(dst, src), "copy: dst and src overlap");
   if (dst.dtype == src.dtype) {
     cuda_check(
         cudaMemcpyAsync(dst.data, src.data, dst.bytes(), cudaMemcpyDeviceToDevice, stream_.get()),
@@ -123,8 +122,7 @@ void CudaBackend::copy(Tensor dst, Tensor src) {
 }
 
 void CudaBackend::add(Tensor y, Tensor x, float alpha) {
-  check(y.numel() == x.numel(), "add: y {} and x {} differ in element count", y.shape.str(),
-        x.shape.str());
+  check_add_args(y, x);
   expect_dtype("add", "x", x, y.dtype);
   dispatch("add", y.dtype, [&](auto tag) {
     using T = decltype(tag);
