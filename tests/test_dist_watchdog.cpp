@@ -129,6 +129,19 @@ TEST_CASE("watchdog: the oldest collective past the timeout ends them all", "[di
   CHECK(eventually([&] { return engine.ended == 1; }));  // right after the failure is set
 }
 
+// A hint says what to check for the step that timed out (the NCCL init: the network).
+TEST_CASE("watchdog: a timeout's message ends with the step's hint", "[dist][watchdog]") {
+  Engine engine;
+  Collective stuck;
+  CollectiveWatchdog watchdog("nccl", 1, 2, 100ms, engine.hooks());
+  watchdog.watch("init", stuck.done(), "NCCL_SOCKET_IFNAME picks the network interface");
+  const std::string why = wait_for_failure(watchdog);
+  CHECK_THAT(why, Catch::Matchers::StartsWith("nccl init (rank 1 of 2, collective 1): not complete "
+                                              "after 0.1 s"));
+  CHECK_THAT(why, Catch::Matchers::EndsWith(
+                      "sets this limit); NCCL_SOCKET_IFNAME picks the network interface"));
+}
+
 TEST_CASE("watchdog: an error the engine reports ends the collectives at once",
           "[dist][watchdog]") {
   Engine engine;

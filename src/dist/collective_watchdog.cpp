@@ -46,9 +46,9 @@ CollectiveWatchdog::~CollectiveWatchdog() {
   ender_.join();
 }
 
-void CollectiveWatchdog::watch(const char* op, std::function<bool()> done) {
+void CollectiveWatchdog::watch(const char* op, std::function<bool()> done, const char* hint) {
   std::lock_guard lock(mutex_);
-  watched_.push_back({op, ++started_, std::chrono::steady_clock::now(), std::move(done)});
+  watched_.push_back({op, hint, ++started_, std::chrono::steady_clock::now(), std::move(done)});
 }
 
 std::string CollectiveWatchdog::failure() const {
@@ -66,8 +66,8 @@ std::string CollectiveWatchdog::check_oldest() {
   if (std::chrono::steady_clock::now() - oldest.started < timeout_) return "";
   return fmt::format(
       "{}: not complete after {:g} s; another rank has failed, stopped or stalled, or cannot "
-      "be reached (its own output says which; LMTRAIN_RENDEZVOUS_TIMEOUT sets this limit)",
-      name, seconds(timeout_));
+      "be reached (its own output says which; LMTRAIN_RENDEZVOUS_TIMEOUT sets this limit){}{}",
+      name, seconds(timeout_), oldest.hint ? "; " : "", oldest.hint ? oldest.hint : "");
 }
 
 void CollectiveWatchdog::exit_rank(const char* what) {

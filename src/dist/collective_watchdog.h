@@ -45,8 +45,9 @@ class CollectiveWatchdog {
   CollectiveWatchdog& operator=(const CollectiveWatchdog&) = delete;
 
   // Watches the collective `op` from now on. `done` is called from the watchdog's thread until
-  // it returns true, so what it reads must stay valid that long.
-  void watch(const char* op, std::function<bool()> done);
+  // it returns true, so what it reads must stay valid that long. A `hint` ends the message of a
+  // timeout (what to check).
+  void watch(const char* op, std::function<bool()> done, const char* hint = nullptr);
   // Why the watchdog ended the collectives; empty while it has not (or the rank ended them).
   std::string failure() const;
   // Ends the collectives in flight (`end`, on its own thread, once) and starts the timeout
@@ -56,6 +57,7 @@ class CollectiveWatchdog {
  private:
   struct Watched {
     const char* op;
+    const char* hint;
     uint64_t number;  // counts the collectives started, from 1: the ranks' numbers match
     std::chrono::steady_clock::time_point started;
     std::function<bool()> done;

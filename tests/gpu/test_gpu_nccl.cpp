@@ -164,8 +164,9 @@ TEST_CASE("gpu nccl watchdog aborts a collective that does not complete", "[.][n
     }
   }
   CHECK(std::chrono::steady_clock::now() - started >= 3s);
-  CHECK_THAT(refused, Catch::Contains("the communicator was aborted because nccl all_reduce_mean "
-                                      "(rank 0 of 1, collective 1): not complete after 3 s"));
+  CHECK_THAT(refused, Catch::Contains(
+                          "the communicator was aborted because nccl all_reduce_mean "
+                          "(rank 0 of 1, collective 2): not complete after 3 s"));  // 1: the init
   // Results read after the abort are refused too: they may be partial.
   CHECK_THROWS_WITH(comm->check_results("all_reduce_mean"),
                     Catch::Contains("the communicator was aborted because"));

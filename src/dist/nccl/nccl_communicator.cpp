@@ -109,11 +109,6 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
         "ncclUniqueId ({} bytes)",
         key, published.size(), sizeof id.internal);
   std::memcpy(id.internal, published.data(), sizeof id.internal);
-  nccl_check(ncclCommInitRank(&comm_, world_size_, id, rank_), "init", rank_, world_size_);
-  cuda_check(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking), "stream", rank_,
-             world_size_);
-  cuda_check(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "event", rank_,
-             world_size_);
   int device = 0;
   cuda_check(cudaGetDevice(&device), "device", rank_, world_size_);
   watchdog_.emplace(
@@ -127,17 +122,40 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
                 // Not waiting: the rank's thread may be stuck in an NCCL call holding the lock.
                 std::unique_lock lock(comm_mutex_, std::try_to_lock);
                 const ncclResult_t error =
-                    lock.owns_lock() && !*aborted_ ? comm_async_error(comm_) : ncclSuccess;
+                    lock.owns_lock() && comm_ && !*aborted_ ? comm_async_error(comm_) : ncclSuccess;
                 if (error == ncclSuccess) return std::string();
                 return fmt::format("{} ({})", ncclGetErrorString(error), ncclGetLastError(nullptr));
               },
           .end =
               [this] {
                 mark_aborted();
+                // An init that never returned leaves nothing to abort and nothing that could
+                // release the rank: it exits now (the reason is logged).
+                if (!comm_ready_) std::_Exit(1);
                 ncclCommAbort(comm_);
               },
           .exit = [] { std::_Exit(1); },
       });
+
+  // The init meets every other rank over NCCL's own sockets: a machine that cannot reach rank
+  // 0's address would wait in it for ever. It is watched like a collective.
+  auto initialized = std::make_shared<std::atomic<bool>>(false);
+  watchdog_->watch(
+      "init", [initialized] { return initialized->load(); },
+      "NCCL_SOCKET_IFNAME picks the network interface NCCL uses between machines");
+  ncclComm_t comm = nullptr;
+  const ncclResult_t init = ncclCommInitRank(&comm, world_size_, id, rank_);
+  *initialized = true;
+  nccl_check(init, "init", rank_, world_size_);
+  {
+    std::lock_guard lock(comm_mutex_);
+    comm_ = comm;
+    comm_ready_ = true;
+  }
+  cuda_check(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking), "stream", rank_,
+             world_size_);
+  cuda_check(cudaEventCreateWithFlags(&inputs_ready_, cudaEventDisableTiming), "event", rank_,
+             world_size_);
 }
 
 ncclResult_t NcclCommunicator::async_error() {

@@ -57,6 +57,7 @@ class NcclCommunicator final : public Communicator {
   cudaEvent_t inputs_ready_ = nullptr;  // recorded on stream_ at each start
   int rank_ = 0, world_size_ = 1;
   ncclComm_t comm_ = nullptr;
+  std::atomic<bool> comm_ready_ = false;  // comm_ is set (its init returned)
   // Set by abort(); shared with the Pendings, which then stop waiting for their collectives.
   std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
   // Guards comm_ against its abort: held by the NCCL calls that queue a collective or read its
