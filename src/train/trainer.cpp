@@ -474,7 +474,6 @@ int train(const TrainOptions& options) {
   // A signal during the last evaluation or sample: the run is complete, but it was asked to
   // stop, so it saves (whatever checkpoint.save_final says) and says so in its exit code.
   const int late_signal = agreed_stop();
-  comm->barrier();  // a collective ended by the NCCL watchdog fails the run here at the latest
   if (config.checkpoint.save_final || late_signal) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
