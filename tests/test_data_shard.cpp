@@ -126,8 +126,8 @@ TEST_CASE("list_shards refuses a selection missing a shard that meta.json lists"
   CHECK_THROWS_WITH(list_shards(dir.path().string(), "train"),
                     dir.path().string() + ": 4 shards that " + meta +
                         " lists are missing (train_000001.bin, train_000003.bin, "
-                        "train_000004.bin, ...); an incomplete copy? Copy them, or move "
-                        "meta.json away to train on the shards that are there");
+                        "train_000004.bin, ...); an incomplete copy? Copy them, or remove "
+                        "their names from its \"sha256\" to use the shards that are there");
   CHECK_THROWS_WITH(list_shards(dir / "train_00000", "ignored"),
                     Catch::Contains("train_000001.bin, train_000003.bin"));
   CHECK(list_shards(dir.path().string(), "val").size() == 1);         // complete

@@ -196,7 +196,7 @@ TEST_CASE("e2e: a signal during an evaluation stops the run at that step", "[e2e
   const RunPaths run(out_dir, "e2e");
   Background bg;
   run_lmtrain_background({"train", "--config", config}, tmp, bg);
-  REQUIRE(wait_for_step(run.metrics, 2));  // the evaluation at step 2 follows at once
+  REQUIRE(wait_for_step(run.metrics, 2));  // the evaluation at step 2 follows, seconds long
   REQUIRE(::kill(bg.pid, SIGTERM) == 0);
   const Result stopped = bg.wait();
   INFO(stopped.all());
@@ -219,6 +219,38 @@ TEST_CASE("e2e: a signal during an evaluation stops the run at that step", "[e2e
   INFO(resumed.all());
   REQUIRE(resumed.code == 0);
   CHECK(val_steps() == std::vector<int>{0, 2, 3});
+}
+
+// A periodic save just before the evaluation at its step, and a signal during that evaluation:
+// the checkpoint is saved again, now marked evaluated, so --resume does not evaluate again.
+TEST_CASE("e2e: a signal during the evaluation after a periodic save marks it evaluated", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config = write_config(
+      tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 3}}},
+                                 {"checkpoint", {{"every", 2}}},
+                                 {"eval", {{"every", 2}, {"tokens", 40000}}}}));  // seconds each
+  const RunPaths run(out_dir, "e2e");
+  const fs::path meta = run.ckpt / "step_000002" / "meta.json";
+  Background bg;
+  run_lmtrain_background({"train", "--config", config}, tmp, bg);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!fs::exists(meta) && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  REQUIRE(fs::exists(meta));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // into the evaluation
+  REQUIRE(::kill(bg.pid, SIGTERM) == 0);
+  const Result stopped = bg.wait();
+  INFO(stopped.all());
+  CHECK(stopped.code == 143);
+  CHECK(json::parse(read_text(meta))["extra"]["evaluated"] == true);
+  CHECK_FALSE(fs::exists(run.ckpt / "step_000003"));
+
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(resumed.all());
+  REQUIRE(resumed.code == 0);
+  CHECK(resumed.out.find("step 2/3 | val loss") == std::string::npos);
+  CHECK(resumed.out.find("step 3/3 | val loss") != std::string::npos);
 }
 
 // run.name "." would make run.out_dir itself the run directory.

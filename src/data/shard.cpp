@@ -169,8 +169,8 @@ void check_listed_shards_present(const std::filesystem::path& dir, const std::st
   if (missing.empty()) return;
   const size_t shown = std::min<size_t>(missing.size(), 3);
   fail(
-      "{}: {} shard{} that {} lists {} missing ({}{}); an incomplete copy? Copy them, or move "
-      "meta.json away to train on the shards that are there",
+      "{}: {} shard{} that {} lists {} missing ({}{}); an incomplete copy? Copy them, or "
+      "remove their names from its \"sha256\" to use the shards that are there",
       dir.string(), missing.size(), missing.size() > 1 ? "s" : "", path.string(),
       missing.size() > 1 ? "are" : "is",
       fmt::format("{}", fmt::join(missing.begin(), missing.begin() + long(shown), ", ")),

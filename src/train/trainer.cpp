@@ -312,9 +312,13 @@ int train(const TrainOptions& options) {
   // Saves the state after `completed` optimizer steps (every rank takes part).
   // `evaluated`: the evaluation at `completed` has run (the final checkpoint's case), so a run
   // resumed from it does not repeat it.
-  int saved_step = options.resume ? loop.step : -1;  // the newest checkpoint's step
+  const bool resumed_evaluated = options.resume && resume_meta["extra"].value("evaluated", false);
+  // The newest checkpoint's step, and whether it was saved after that step's evaluation.
+  int saved_step = options.resume ? loop.step : -1;
+  bool saved_evaluated = resumed_evaluated;
   auto save = [&](int completed, bool evaluated = false) {
     saved_step = completed;
+    saved_evaluated = evaluated;
     loop.step = completed;
     loop.loader = loader.state();
     loop.extra = {{"trained_seconds", trained_seconds}, {"evaluated", evaluated}};
@@ -371,7 +375,7 @@ int train(const TrainOptions& options) {
   };
   auto stop = [&](int signal, int completed, bool evaluated) {
     write_profile();
-    if (saved_step != completed) save(completed, evaluated);
+    if (saved_step != completed || (evaluated && !saved_evaluated)) save(completed, evaluated);
     spdlog::warn("stopped by signal {} after step {}; checkpoint saved", signal, completed);
     return 128 + signal;
   };
@@ -379,7 +383,6 @@ int train(const TrainOptions& options) {
   std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
   const auto& e = config.eval;
   const int first_step = loop.step;
-  const bool resumed_evaluated = options.resume && resume_meta["extra"].value("evaluated", false);
   for (int step = loop.step; step <= N; ++step) {
     const bool last = step == N;
     const bool evaluated = step == first_step && resumed_evaluated;
