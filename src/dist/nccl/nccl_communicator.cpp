@@ -120,9 +120,7 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
           .engine_error =
               [this] {
                 // Not waiting: the rank's thread may be stuck in an NCCL call holding the lock.
-                std::unique_lock lock(comm_mutex_, std::try_to_lock);
-                const ncclResult_t error =
-                    lock.owns_lock() && comm_ && !*aborted_ ? comm_async_error(comm_) : ncclSuccess;
+                const ncclResult_t error = async_error(/*wait=*/false);
                 if (error == ncclSuccess) return std::string();
                 return fmt::format("{} ({})", ncclGetErrorString(error), ncclGetLastError(nullptr));
               },
@@ -158,9 +156,14 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<TcpStore> store, cudaStream_t
              world_size_);
 }
 
-ncclResult_t NcclCommunicator::async_error() {
-  std::lock_guard lock(comm_mutex_);
-  return *aborted_ ? ncclSuccess : comm_async_error(comm_);
+ncclResult_t NcclCommunicator::async_error(bool wait) {
+  std::unique_lock lock(comm_mutex_, std::defer_lock);
+  if (wait) {
+    lock.lock();
+  } else if (!lock.try_lock()) {
+    return ncclSuccess;
+  }
+  return comm_ && !*aborted_ ? comm_async_error(comm_) : ncclSuccess;
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -169,7 +172,7 @@ NcclCommunicator::~NcclCommunicator() {
   // the started collectives finish first, which the watchdog bounds.
   const bool unwinding = std::uncaught_exceptions() > 0;
   if (!unwinding && !*aborted_) cudaStreamSynchronize(comm_stream_);
-  if (unwinding || *aborted_ || async_error() != ncclSuccess) abort();
+  if (unwinding || *aborted_ || async_error(/*wait=*/true) != ncclSuccess) abort();
   const bool aborted = *aborted_;
   watchdog_.reset();  // waits for an abort: a timeout at most, then the rank exits
   if (!aborted) ncclCommDestroy(comm_);
@@ -265,7 +268,8 @@ void NcclCommunicator::barrier() {
   cuda_check(cudaStreamSynchronize(stream_), "barrier", rank_, world_size_);
   cuda_check(cudaStreamSynchronize(comm_stream_), "barrier", rank_, world_size_);
   refuse_if_aborted("barrier");
-  nccl_check(async_error(), "collective (reported at the barrier)", rank_, world_size_);
+  nccl_check(async_error(/*wait=*/true), "collective (reported at the barrier)", rank_,
+             world_size_);
   store_->barrier("nccl");
 }
 

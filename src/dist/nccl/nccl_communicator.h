@@ -65,8 +65,9 @@ class NcclCommunicator final : public Communicator {
   // long). Once aborted_ is set, nothing touches comm_ but ncclCommAbort, which only the
   // watchdog's end calls (once).
   std::mutex comm_mutex_;
-  // The communicator's asynchronous error; success once it is aborted.
-  ncclResult_t async_error();
+  // The communicator's asynchronous error; success before its init returned, once it is
+  // aborted, and (without `wait`) while another thread holds comm_mutex_.
+  ncclResult_t async_error(bool wait);
   // From now on the communicator refuses collectives and nothing touches comm_ but its abort.
   void mark_aborted();
   // Started once comm_ exists; stopped first when the communicator goes, as it reads comm_.
