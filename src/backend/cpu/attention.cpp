@@ -29,6 +29,7 @@ void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
 
 float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
+#pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }

@@ -29,6 +29,7 @@ void CpuBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targ
 #pragma omp parallel
   {
     std::vector<float> th(vocab);  // tanh(z / cap), reused by the gradient
+    std::vector<double> e(vocab);  // exp(c - max), reused by the gradient
 #pragma omp for
     for (int64_t n = 0; n < N; ++n) {
       float* z = logits.f32() + n * Vp;
@@ -43,13 +44,16 @@ void CpuBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targ
         mx = std::max(mx, softcap * th[j]);
       }
       double sum = 0.0;
-      for (int64_t j = 0; j < vocab; ++j) sum += std::exp(double(softcap * th[j] - mx));
+      for (int64_t j = 0; j < vocab; ++j) {
+        e[j] = std::exp(double(softcap * th[j] - mx));
+        sum += e[j];
+      }
       double lse = mx + std::log(sum);
       losses.f32()[n] = float(lse - softcap * th[tgt[n]]);
       if (grad_scale == 0.f) continue;
       // dL/dc = softmax(c) - onehot(target); dc/dz = 1 - tanh^2.
       for (int64_t j = 0; j < vocab; ++j) {
-        double p = std::exp(softcap * th[j] - lse) - (j == tgt[n] ? 1.0 : 0.0);
+        double p = e[j] / sum - (j == tgt[n] ? 1.0 : 0.0);
         z[j] = float(grad_scale * p * (1.0 - double(th[j]) * th[j]));
       }
       std::fill(z + vocab, z + Vp, 0.f);
