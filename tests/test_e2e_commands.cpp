@@ -140,6 +140,15 @@ TEST_CASE("e2e: sample is deterministic at temperature 0 and eval prints loss an
   CHECK(first.out == second.out);
   CHECK(first.out.rfind("To be, or not", 0) == 0);
   CHECK(first.out.size() > std::string("To be, or not\n").size());
+  CHECK(first.err.find("sample:") == std::string::npos);  // the 5 tokens asked for
+
+  // More tokens than the sequence holds: it stops early, says why on stderr and prints no BOS.
+  const Result long_sample = run_lmtrain(
+      {"sample", "--ckpt", run.string(), "--max-tokens", "100000", "--temperature", "0"}, tmp);
+  INFO(long_sample.all());
+  REQUIRE(long_sample.code == 0);
+  CHECK(long_sample.err.find(" of 100000 tokens: ") != std::string::npos);
+  CHECK(long_sample.out.find("<|bos|>") == std::string::npos);
 
   const Result eval = run_lmtrain(
       {"eval", "--ckpt", (run / "ckpt" / "step_000002").string(), "--data", "data/tiny"}, tmp);

@@ -55,7 +55,9 @@ TEST_CASE("initialisation follows the reference distributions and parameter tabl
   }
 }
 
-TEST_CASE("KV-cache generation equals greedy decoding with the full forward pass", "[model]") {
+TEST_CASE(
+    "KV-cache generation equals greedy decoding and stops at the stop token or the sequence end",
+    "[model]") {
   const Config c = test_support::golden_config();
   const GptShape shape = GptShape::from(c.model, c.model.vocab_size);
   CpuBackend backend;
@@ -72,8 +74,9 @@ TEST_CASE("KV-cache generation equals greedy decoding with the full forward pass
   const std::vector<int32_t> prompt = {3, 17, 42};
   const int new_tokens = shape.seq_len - int(prompt.size());
   Generator generator(model);
-  auto cached = generator.generate(prompt, {new_tokens, 0.0, 0, 1});
-  REQUIRE(int(cached.size()) == new_tokens);
+  const Generation cached = generator.generate(prompt, {new_tokens, 0.0, 0, 1});
+  REQUIRE(int(cached.tokens.size()) == new_tokens);
+  CHECK(cached.end == Generation::End::max_tokens);
 
   // Reference: run the whole sequence each time and take the argmax at the last real position.
   std::vector<int32_t> sequence = prompt;
@@ -86,7 +89,21 @@ TEST_CASE("KV-cache generation equals greedy decoding with the full forward pass
     const float* row = logits.data() + size_t(sequence.size() - 1) * Vp;
     sequence.push_back(int32_t(std::max_element(row, row + shape.vocab) - row));
   }
-  CHECK(std::vector<int32_t>(sequence.begin() + prompt.size(), sequence.end()) == cached);
+  CHECK(std::vector<int32_t>(sequence.begin() + prompt.size(), sequence.end()) == cached.tokens);
+
+  // Asked for more than the sequence holds, it stops with one token more: the one predicted
+  // after the last position, which is never run.
+  const Generation full = generator.generate(prompt, {T, 0.0, 0, 1});
+  CHECK(full.end == Generation::End::sequence_len);
+  REQUIRE(int(full.tokens.size()) == new_tokens + 1);
+  CHECK(std::equal(cached.tokens.begin(), cached.tokens.end(), full.tokens.begin()));
+
+  // The stop token ends the generation and is not returned.
+  const int32_t stop = cached.tokens[2];
+  const auto first_stop = std::find(cached.tokens.begin(), cached.tokens.end(), stop);
+  const Generation stopped = generator.generate(prompt, {new_tokens, 0.0, 0, 1}, stop);
+  CHECK(stopped.end == Generation::End::stop_token);
+  CHECK(stopped.tokens == std::vector<int32_t>(cached.tokens.begin(), first_stop));
 }
 
 TEST_CASE("a batch whose activations do not fit is refused before allocating", "[model]") {

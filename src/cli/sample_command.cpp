@@ -1,3 +1,5 @@
+#include <cstdio>
+
 #include "cli/commands.h"
 #include "model/generator.h"
 
@@ -19,8 +21,19 @@ int run_sample(const SampleCommandOptions& o) {
   Generator generator(*m.model);
   SampleOptions options = o.sample;
   options.vocab_limit = m.tokenizer->vocab_size();
-  auto tokens = generator.generate(prompt, options, m.tokenizer->bos_id());
-  fmt::print("{}{}\n", o.prompt, m.tokenizer->decode(tokens));
+  const Generation generation = generator.generate(prompt, options, m.tokenizer->bos_id());
+  fmt::print("{}{}\n", o.prompt, m.tokenizer->decode(generation.tokens));
+  // On stderr, so that stdout stays the text alone; after it, also when both go to one pipe.
+  std::fflush(stdout);
+  if (generation.end == Generation::End::stop_token)
+    fmt::print(stderr,
+               "sample: {} of {} tokens: the model ended the document (its next token was BOS)\n",
+               generation.tokens.size(), options.max_tokens);
+  else if (generation.end == Generation::End::sequence_len)
+    fmt::print(
+        stderr,
+        "sample: {} of {} tokens: the prompt and the text fill the model's sequence length {}\n",
+        generation.tokens.size(), options.max_tokens, m.model->shape().seq_len);
   return 0;
 }
 

@@ -114,21 +114,23 @@ int32_t Generator::pick(Rng& rng, const SampleOptions& o) {
   return order[k - 1];
 }
 
-std::vector<int32_t> Generator::generate(std::span<const int32_t> prompt, const SampleOptions& o,
-                                         int32_t stop_token) {
+Generation Generator::generate(std::span<const int32_t> prompt, const SampleOptions& o,
+                               int32_t stop_token) {
   check(!prompt.empty(), "sample: the prompt must hold at least one token");
   check(int(prompt.size()) < shape_.seq_len,
         "sample: the prompt has {} tokens; the model's sequence length is {}", prompt.size(),
         shape_.seq_len);
   Rng rng(o.seed);
-  std::vector<int32_t> out;
+  Generation out;
   run(prompt, 0);
   int pos = int(prompt.size());
-  while (int(out.size()) < o.max_tokens) {
+  while (int(out.tokens.size()) < o.max_tokens) {
     int32_t next = pick(rng, o);
-    out.push_back(next);
-    if (next == stop_token || pos >= shape_.seq_len) break;
-    run(std::span<const int32_t>(&out.back(), 1), pos++);
+    if (next == stop_token) return {std::move(out.tokens), Generation::End::stop_token};
+    out.tokens.push_back(next);
+    if (int(out.tokens.size()) == o.max_tokens) break;
+    if (pos >= shape_.seq_len) return {std::move(out.tokens), Generation::End::sequence_len};
+    run(std::span<const int32_t>(&out.tokens.back(), 1), pos++);
   }
   return out;
 }

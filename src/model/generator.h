@@ -20,13 +20,18 @@ struct SampleOptions {
   int vocab_limit = 0;
 };
 
+struct Generation {
+  std::vector<int32_t> tokens;  // the new tokens, without the stop token
+  enum class End { max_tokens, stop_token, sequence_len } end = End::max_tokens;
+};
+
 class Generator {
  public:
   explicit Generator(const Gpt& model);
-  // Continues `prompt` (non-empty) by up to max_tokens tokens, stopping early at `stop_token`
-  // (when >= 0) or at the model's sequence length. Returns only the new tokens.
-  std::vector<int32_t> generate(std::span<const int32_t> prompt, const SampleOptions& options,
-                                int32_t stop_token = -1);
+  // Continues `prompt` (non-empty) by up to max_tokens tokens, stopping early when it picks
+  // `stop_token` (when >= 0; the end of a document) or at the model's sequence length.
+  Generation generate(std::span<const int32_t> prompt, const SampleOptions& options,
+                      int32_t stop_token = -1);
 
  private:
   // Runs tokens at positions [pos, pos + n) and leaves the last position's logits in logits_.

@@ -93,10 +93,10 @@ std::string sample_text(const Gpt& model, const Tokenizer& tokenizer, const Eval
   auto encoded = tokenizer.encode(e.sample_prompt);
   prompt.insert(prompt.end(), encoded.begin(), encoded.end());
   Generator generator(model);
-  auto tokens = generator.generate(
+  const Generation generation = generator.generate(
       prompt, {e.sample_tokens, e.temperature, e.top_k, seed, tokenizer.vocab_size()},
       tokenizer.bos_id());
-  return e.sample_prompt + tokenizer.decode(tokens);
+  return e.sample_prompt + tokenizer.decode(generation.tokens);
 }
 
 // Whether UTF-8 `text` holds a control character (C0, DEL, C1) or one of Unicode's line

@@ -178,8 +178,8 @@ TEST_CASE("gpu KV-cache generation matches the CPU", "[gpu][model][generate]") {
     const SampleOptions greedy{new_tokens, 0.0, 0, 1};
     cpu.clear();
     gpu.clear();
-    const std::vector<int32_t> want = Generator(cpu_model).generate(prompt, greedy);
-    const std::vector<int32_t> got = Generator(gpu_model).generate(prompt, greedy);
+    const std::vector<int32_t> want = Generator(cpu_model).generate(prompt, greedy).tokens;
+    const std::vector<int32_t> got = Generator(gpu_model).generate(prompt, greedy).tokens;
     const std::string label = "generate from a prompt of " + std::to_string(prompt.size());
     INFO(label);
     REQUIRE(int(want.size()) == new_tokens);
