@@ -7,7 +7,10 @@
     normuon_reference.GPTOptimizer over several steps, including LR warmdown;
   * flops_per_token agrees with gpt_reference.flops_per_token and with `lmtrain info` when a
     built binary is given (--lmtrain build/lmtrain);
-  * the shard reader walks lmtrain's contiguous packing (offsets B*T apart, B*T+1 tokens).
+  * the shard reader walks lmtrain's contiguous packing (offsets B*T apart, B*T+1 tokens);
+  * with --lmtrain, a checkpoint lmtrain trained (10 steps, CPU) loads into the fast model with
+    `safetensors.torch.load_file` and `load_state_dict`, as docs/FORMATS.md shows, and gives the
+    loss `lmtrain eval` reports for the same validation windows.
 
 Run: python3 scripts/bench/test_torch_gpt.py [--lmtrain build/lmtrain]
 """
@@ -15,10 +18,12 @@ Run: python3 scripts/bench/test_torch_gpt.py [--lmtrain build/lmtrain]
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -198,9 +203,49 @@ def test_shards() -> None:
     check(loader.next().tolist() == raw[:B * T + 1].tolist(), "short tail skipped, wraps around")
 
 
+def test_checkpoint(lmtrain: str | None) -> None:
+    data = os.path.join(REPO, "data", "tiny")
+    if not lmtrain or not os.path.isdir(data):
+        print("skip checkpoint test: needs --lmtrain and data/tiny")
+        return
+    from safetensors.torch import load_file
+    B, T, depth = 2, 128, 2
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {"run.backend": "cpu", "run.dtype": "fp32", "run.out_dir": tmp,
+                "model.depth": depth, "model.head_dim": 64, "model.sequence_len": T,
+                "batch.device_batch": B, "schedule.num_iterations": 10,
+                "checkpoint.save_final": "true", "optim.lr_reference_batch": B * T}
+        args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        subprocess.run([lmtrain, "train", "--config", os.path.join(HERE, "lmtrain_bench.json"),
+                        *args], check=True, capture_output=True, text=True, cwd=REPO)
+        run = os.path.join(tmp, "bench")
+        val = sorted(glob.glob(os.path.join(data, "val_*.bin")))[0]
+        out = subprocess.run([lmtrain, "eval", "--ckpt", run, "--data", val, "--tokens",
+                              str(B * T), "--batch", str(B)], check=True, capture_output=True,
+                             text=True, cwd=REPO).stdout
+        want = float(re.search(r"loss ([0-9.]+) \|", out).group(1))
+        state = load_file(os.path.join(run, "ckpt", "step_000010", "model.safetensors"))
+    vocab = tg.read_vocab_size(os.path.join(data, "tokenizer.json"))
+    shape = tg.ModelShape(depth=depth, vocab_size=vocab, aspect_ratio=64, head_dim=64,
+                          sequence_len=T, window_pattern="SSSL")
+    shape.validate()
+    model = tg.GPT(shape, "masked")
+    model.load_state_dict(state)  # strict: every name and shape, nothing left over
+    model.double()
+    chunk = tg.ShardBatches(val, B, T, shape.vocab_size).next()
+    with torch.no_grad():
+        got = model(chunk[:-1].view(B, T), chunk[1:].view(B, T),
+                    tg.make_block_masks(shape, torch.device("cpu"), "masked")).item()
+    trained = all(state[n].abs().max() > 0 for n in state if n.endswith("c_proj.weight"))
+    # eval prints 6 decimals and runs in fp32; a wrong window pattern is off by 8e-4 here.
+    check(trained and abs(got - want) < 5e-6,
+          f"lmtrain checkpoint in torch: loss {got:.6f} == lmtrain eval {want:.6f} "
+          f"(projections trained: {trained})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lmtrain", default="", help="built lmtrain binary to compare FLOP counts with")
+    p.add_argument("--lmtrain", default="", help="built lmtrain binary: compare FLOP counts and a trained checkpoint")
     a = p.parse_args()
     torch.manual_seed(0)
     test_model(depth=3, n_kv_head=0)
@@ -210,6 +255,7 @@ def main() -> int:
     test_bf16_polar_express()
     test_flops(a.lmtrain or None)
     test_shards()
+    test_checkpoint(a.lmtrain or None)
     print(f"\n{len(FAILURES)} failure(s)" if FAILURES else "\nall checks passed")
     return 1 if FAILURES else 0
 
