@@ -1,6 +1,11 @@
-// Causal sliding-window attention with grouped-query heads, written as the plain math: one query
-// row at a time, scores over its visible keys, a softmax, a weighted sum of values. Only the
-// log-sum-exp of each row is saved; the backward recomputes the probabilities from it.
+// Causal sliding-window attention with grouped-query heads. Queries go in blocks of kBlock rows;
+// a block's scores against every key one of its rows sees are one matrix product, masked to each
+// row's window [pos - window, pos], softmaxed row by row and multiplied with the values. The
+// products read q, k, v and their gradients in place through their row strides (a head of
+// (B, T, heads, D) is a (T, D) matrix whose rows are heads * D apart). Only the log-sum-exp of
+// each row is saved; the backward recomputes the probabilities from it.
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -10,6 +15,8 @@
 namespace lmtrain {
 
 namespace {
+
+constexpr int64_t kBlock = 64;
 
 void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v,
                      int window) {
@@ -34,6 +41,32 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// c = alpha * a * op(b) + beta * c on row-major matrices with leading dimensions. Inside the
+// OpenMP loops below, OpenBLAS runs each call on the calling thread.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, a, int(lda), b,
+              int(ldb), beta, c, int(ldc));
+}
+
+// The queries [t0, t0 + rows) at positions from `first` on, and the keys [lo, lo + keys) that
+// any of them sees.
+struct QueryBlock {
+  int64_t t0, rows, first, lo, keys;
+  QueryBlock(int64_t t0, int64_t Tq, int64_t q_offset, int window)
+      : t0(t0),
+        rows(std::min(kBlock, Tq - t0)),
+        first(q_offset + t0),
+        lo(std::max<int64_t>(0, first - window)),
+        keys(first + rows - lo) {}
+  // Row r sees the block's keys [begin(r), end(r)).
+  int64_t begin(int64_t r, int window) const {
+    return std::max<int64_t>(0, first + r - window) - lo;
+  }
+  int64_t end(int64_t r) const { return first + r + 1 - lo; }
+};
+
 }  // namespace
 
 void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
@@ -44,39 +77,39 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
   check(q_offset >= 0 && q_offset + Tq <= Tk,
         "attention_forward: queries at positions [{}, {}) need keys up to there, have {}", q_offset,
         q_offset + Tq, Tk);
-  float scale = 1.f / std::sqrt(float(D));
+  const float scale = 1.f / std::sqrt(float(D));
 
 #pragma omp parallel
   {
-    std::vector<float> p(Tk);
-    std::vector<double> acc(D);
-#pragma omp for collapse(3)
+    std::vector<float> p;  // a block's probabilities, (rows, keys)
+#pragma omp for collapse(2)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < H; ++h) {
-        for (int64_t t = 0; t < Tq; ++t) {
-          int64_t pos = q_offset + t, lo = std::max<int64_t>(0, pos - window);
-          const float* qr = q.f32() + ((b * Tq + t) * H + h) * D;
-          const float* kb = k.f32() + (b * Tk * Hkv + h / group) * D;  // key j at kb + j*Hkv*D
-          const float* vb = v.f32() + (b * Tk * Hkv + h / group) * D;
-
-          float mx = -INFINITY;
-          for (int64_t j = lo; j <= pos; ++j) {
-            p[j] = dot(qr, kb + j * Hkv * D, D) * scale;
-            mx = std::max(mx, p[j]);
+        const float* qh = q.f32() + (b * Tq * H + h) * D;  // query t at qh + t*H*D
+        const float* kg = k.f32() + (b * Tk * Hkv + h / group) * D;
+        const float* vg = v.f32() + (b * Tk * Hkv + h / group) * D;
+        float* oh = out.f32() + (b * Tq * H + h) * D;
+        float* lse_h = lse.f32() + (b * H + h) * Tq;
+        for (int64_t t0 = 0; t0 < Tq; t0 += kBlock) {
+          const QueryBlock blk(t0, Tq, q_offset, window);
+          p.resize(size_t(blk.rows * blk.keys));
+          gemm(false, true, blk.rows, blk.keys, D, scale, qh + t0 * H * D, H * D,
+               kg + blk.lo * Hkv * D, Hkv * D, 0.f, p.data(), blk.keys);
+          for (int64_t r = 0; r < blk.rows; ++r) {
+            float* row = p.data() + r * blk.keys;
+            const int64_t j0 = blk.begin(r, window), j1 = blk.end(r);
+            const float mx = *std::max_element(row + j0, row + j1);
+            double sum = 0.0;
+            for (int64_t j = j0; j < j1; ++j) {
+              row[j] = std::exp(row[j] - mx);
+              sum += row[j];
+            }
+            const float inv = float(1.0 / sum);
+            for (int64_t j = 0; j < blk.keys; ++j) row[j] = j >= j0 && j < j1 ? row[j] * inv : 0.f;
+            lse_h[t0 + r] = mx + float(std::log(sum));
           }
-          double sum = 0.0;
-          for (int64_t j = lo; j <= pos; ++j) {
-            p[j] = std::exp(p[j] - mx);
-            sum += p[j];
-          }
-          std::fill(acc.begin(), acc.end(), 0.0);
-          for (int64_t j = lo; j <= pos; ++j) {
-            const float* vr = vb + j * Hkv * D;
-            for (int64_t d = 0; d < D; ++d) acc[d] += double(p[j]) * vr[d];
-          }
-          float* orow = out.f32() + ((b * Tq + t) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] = float(acc[d] / sum);
-          lse.f32()[(b * H + h) * Tq + t] = mx + float(std::log(sum));
+          gemm(false, false, blk.rows, D, blk.keys, 1.f, p.data(), blk.keys, vg + blk.lo * Hkv * D,
+               Hkv * D, 0.f, oh + t0 * H * D, H * D);
         }
       }
     }
@@ -86,8 +119,8 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
 // With p = softmax(s), s = scale * q.k and delta = dout.out = sum_j p_j (dout.v_j):
 //   ds_j = p_j (dout.v_j - delta),  dq = scale sum_j ds_j k_j,
 //   dk_j = scale sum ds_j q,  dv_j = sum p_j dout  (sums over every query row that sees key j).
-// Threads own a (batch, kv head) pair and every query head reading it, so the dk/dv sums have a
-// single writer and a fixed order; they are kept in double because they run over group * T rows.
+// Threads own a (batch, kv head) pair and every query head reading it, so dk and dv have a
+// single writer, which adds the blocks in a fixed order.
 void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
                                     Tensor k, Tensor v, Tensor out, Tensor lse, int window) {
   check_attention("attention_backward", out, lse, q, k, v, window);
@@ -104,47 +137,51 @@ void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout
   check_grad("dout", dout, out);
   int64_t B = q.dim(0), T = q.dim(1), H = q.dim(2), D = q.dim(3);
   int64_t Hkv = k.dim(2), group = H / Hkv;
-  float scale = 1.f / std::sqrt(float(D));
+  const float scale = 1.f / std::sqrt(float(D));
 
 #pragma omp parallel
   {
-    std::vector<double> dk_acc(T * D), dv_acc(T * D), dq_acc(D);
+    std::vector<float> p, ds;  // a block's probabilities and score gradients, (rows, keys)
 #pragma omp for collapse(2)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t g = 0; g < Hkv; ++g) {
-        std::fill(dk_acc.begin(), dk_acc.end(), 0.0);
-        std::fill(dv_acc.begin(), dv_acc.end(), 0.0);
-        const float* kb = k.f32() + (b * T * Hkv + g) * D;  // key j at kb + j*Hkv*D
-        const float* vb = v.f32() + (b * T * Hkv + g) * D;
+        const float* kg = k.f32() + (b * T * Hkv + g) * D;  // key j at kg + j*Hkv*D
+        const float* vg = v.f32() + (b * T * Hkv + g) * D;
+        float* dkg = dk.f32() + (b * T * Hkv + g) * D;
+        float* dvg = dv.f32() + (b * T * Hkv + g) * D;
+        for (int64_t j = 0; j < T; ++j) {
+          std::fill_n(dkg + j * Hkv * D, D, 0.f);
+          std::fill_n(dvg + j * Hkv * D, D, 0.f);
+        }
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          for (int64_t t = 0; t < T; ++t) {
-            int64_t row = (b * T + t) * H + h, lo = std::max<int64_t>(0, t - window);
-            const float* qr = q.f32() + row * D;
-            const float* gr = dout.f32() + row * D;
-            float delta = dot(gr, out.f32() + row * D, D);
-            float row_lse = lse.f32()[(b * H + h) * T + t];
-            std::fill(dq_acc.begin(), dq_acc.end(), 0.0);
-            for (int64_t j = lo; j <= t; ++j) {
-              const float* kr = kb + j * Hkv * D;
-              float p = std::exp(dot(qr, kr, D) * scale - row_lse);
-              float ds = p * (dot(gr, vb + j * Hkv * D, D) - delta);
-              double* dkr = dk_acc.data() + j * D;
-              double* dvr = dv_acc.data() + j * D;
-              for (int64_t d = 0; d < D; ++d) {
-                dq_acc[d] += double(ds) * kr[d];
-                dkr[d] += double(ds) * qr[d];
-                dvr[d] += double(p) * gr[d];
+          const int64_t head = (b * T * H + h) * D, ld = H * D;  // row t at head + t*ld
+          const float* lse_h = lse.f32() + (b * H + h) * T;
+          for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
+            const QueryBlock blk(t0, T, 0, window);
+            const int64_t rows = blk.rows, keys = blk.keys, first = head + t0 * ld;
+            p.resize(size_t(rows * keys));
+            ds.resize(size_t(rows * keys));
+            gemm(false, true, rows, keys, D, scale, q.f32() + first, ld, kg + blk.lo * Hkv * D,
+                 Hkv * D, 0.f, p.data(), keys);
+            gemm(false, true, rows, keys, D, 1.f, dout.f32() + first, ld, vg + blk.lo * Hkv * D,
+                 Hkv * D, 0.f, ds.data(), keys);
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t j0 = blk.begin(r, window), j1 = blk.end(r);
+              const float delta = dot(dout.f32() + first + r * ld, out.f32() + first + r * ld, D);
+              float* pr = p.data() + r * keys;
+              float* dsr = ds.data() + r * keys;
+              for (int64_t j = 0; j < keys; ++j) {
+                const bool seen = j >= j0 && j < j1;
+                pr[j] = seen ? std::exp(pr[j] - lse_h[t0 + r]) : 0.f;
+                dsr[j] = pr[j] * (dsr[j] - delta);
               }
             }
-            for (int64_t d = 0; d < D; ++d) dq.f32()[row * D + d] = float(scale * dq_acc[d]);
-          }
-        }
-        for (int64_t j = 0; j < T; ++j) {
-          float* dkr = dk.f32() + ((b * T + j) * Hkv + g) * D;
-          float* dvr = dv.f32() + ((b * T + j) * Hkv + g) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dkr[d] = float(scale * dk_acc[j * D + d]);
-            dvr[d] = float(dv_acc[j * D + d]);
+            gemm(false, false, rows, D, keys, scale, ds.data(), keys, kg + blk.lo * Hkv * D,
+                 Hkv * D, 0.f, dq.f32() + first, ld);
+            gemm(true, false, keys, D, rows, scale, ds.data(), keys, q.f32() + first, ld, 1.f,
+                 dkg + blk.lo * Hkv * D, Hkv * D);
+            gemm(true, false, keys, D, rows, 1.f, p.data(), keys, dout.f32() + first, ld, 1.f,
+                 dvg + blk.lo * Hkv * D, Hkv * D);
           }
         }
       }
