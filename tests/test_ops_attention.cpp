@@ -131,6 +131,36 @@ TEST_CASE("attention backward matches finite differences", "[ops]") {
   }
 }
 
+// A row that sees one key has a softmax of exactly 1 whatever its score: dq and dk are exactly
+// zero (the GPU tests compare against them with an absolute tolerance), and dv sums dout over the
+// query heads of its kv head.
+TEST_CASE("attention backward at window 0 gives exact zeros for dq and dk", "[ops]") {
+  CpuBackend cpu;
+  std::mt19937 rng(15);
+  const int64_t B = 2, T = 70, H = 6, Hkv = 2, D = 16;  // T spans two query blocks
+  std::vector<float> q = randn(B * T * H * D, rng), k = randn(B * T * Hkv * D, rng),
+                     v = randn(B * T * Hkv * D, rng), dout = randn(q.size(), rng);
+  std::vector<float> out(q.size()), lse(B * H * T);
+  cpu.attention_forward(f32(out, {B, T, H, D}), f32(lse, {B, H, T}), f32(q, {B, T, H, D}),
+                        f32(k, {B, T, Hkv, D}), f32(v, {B, T, Hkv, D}), 0, 0);
+  std::vector<float> dq = randn(q.size(), rng), dk = randn(k.size(), rng), dv(v.size());
+  cpu.attention_backward(f32(dq, {B, T, H, D}), f32(dk, {B, T, Hkv, D}), f32(dv, {B, T, Hkv, D}),
+                         f32(dout, {B, T, H, D}), f32(q, {B, T, H, D}), f32(k, {B, T, Hkv, D}),
+                         f32(v, {B, T, Hkv, D}), f32(out, {B, T, H, D}), f32(lse, {B, H, T}), 0);
+  CHECK(std::all_of(dq.begin(), dq.end(), [](float x) { return x == 0.f; }));
+  CHECK(std::all_of(dk.begin(), dk.end(), [](float x) { return x == 0.f; }));
+  const int64_t group = H / Hkv;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t d = 0; d < D; ++d) {
+          double want = 0.0;
+          for (int64_t h = g * group; h < (g + 1) * group; ++h)
+            want += dout[((b * T + t) * H + h) * D + d];
+          REQUIRE(dv[((b * T + t) * Hkv + g) * D + d] == Approx(want).margin(1e-6));
+        }
+}
+
 TEST_CASE("attention backward is identical for any thread count", "[ops]") {
   CpuBackend cpu;
   std::mt19937 rng(14);

@@ -3,7 +3,9 @@
 // row's window [pos - window, pos], softmaxed row by row and multiplied with the values. The
 // products read q, k, v and their gradients in place through their row strides (a head of
 // (B, T, heads, D) is a (T, D) matrix whose rows are heads * D apart). Only the log-sum-exp of
-// each row is saved; the backward recomputes the probabilities from it.
+// each row is saved; the backward recomputes the probabilities from it. Masked entries are zeros
+// in the products, so a NaN or Inf in q, k or v reaches every row of its block (the loss is NaN
+// either way).
 #include <cblas.h>
 
 #include <algorithm>
@@ -32,13 +34,6 @@ void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
   check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}", op,
         lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
   check(window >= 0, "{}: window {} must be non-negative", op, window);
-}
-
-float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // c = alpha * a * op(b) + beta * c on row-major matrices with leading dimensions. Inside the
@@ -119,6 +114,8 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
 // With p = softmax(s), s = scale * q.k and delta = dout.out = sum_j p_j (dout.v_j):
 //   ds_j = p_j (dout.v_j - delta),  dq = scale sum_j ds_j k_j,
 //   dk_j = scale sum ds_j q,  dv_j = sum p_j dout  (sums over every query row that sees key j).
+// delta is summed from the same p_j and dout.v_j as ds_j, not read from out: a row that sees one
+// key (window 0) then has ds = 0 exactly, as its true gradient is, and not rounding noise.
 // Threads own a (batch, kv head) pair and every query head reading it, so dk and dv have a
 // single writer, which adds the blocks in a fixed order.
 void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
@@ -167,14 +164,14 @@ void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout
                  Hkv * D, 0.f, ds.data(), keys);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t j0 = blk.begin(r, window), j1 = blk.end(r);
-              const float delta = dot(dout.f32() + first + r * ld, out.f32() + first + r * ld, D);
               float* pr = p.data() + r * keys;
-              float* dsr = ds.data() + r * keys;
+              float* dsr = ds.data() + r * keys;  // dout.v_j until it becomes ds_j
+              double delta = 0.0;
               for (int64_t j = 0; j < keys; ++j) {
-                const bool seen = j >= j0 && j < j1;
-                pr[j] = seen ? std::exp(pr[j] - lse_h[t0 + r]) : 0.f;
-                dsr[j] = pr[j] * (dsr[j] - delta);
+                pr[j] = j >= j0 && j < j1 ? std::exp(pr[j] - lse_h[t0 + r]) : 0.f;
+                delta += double(pr[j]) * dsr[j];
               }
+              for (int64_t j = 0; j < keys; ++j) dsr[j] = pr[j] * (dsr[j] - float(delta));
             }
             gemm(false, false, rows, D, keys, scale, ds.data(), keys, kg + blk.lo * Hkv * D,
                  Hkv * D, 0.f, dq.f32() + first, ld);
