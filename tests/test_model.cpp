@@ -98,12 +98,22 @@ TEST_CASE(
   REQUIRE(int(full.tokens.size()) == new_tokens + 1);
   CHECK(std::equal(cached.tokens.begin(), cached.tokens.end(), full.tokens.begin()));
 
-  // The stop token ends the generation and is not returned.
-  const int32_t stop = cached.tokens[2];
-  const auto first_stop = std::find(cached.tokens.begin(), cached.tokens.end(), stop);
-  const Generation stopped = generator.generate(prompt, {new_tokens, 0.0, 0, 1}, stop);
-  CHECK(stopped.end == Generation::End::stop_token);
-  CHECK(stopped.tokens == std::vector<int32_t>(cached.tokens.begin(), first_stop));
+  // Asked for exactly what the sequence holds, it ends at max_tokens.
+  const Generation exact = generator.generate(prompt, {new_tokens + 1, 0.0, 0, 1});
+  CHECK(exact.end == Generation::End::max_tokens);
+  CHECK(exact.tokens == full.tokens);
+  const Generation none = generator.generate(prompt, {0, 0.0, 0, 1});
+  CHECK(none.tokens.empty());
+  CHECK(none.end == Generation::End::max_tokens);
+
+  // The stop token ends the generation and is not returned, also as the first pick.
+  for (size_t at : {size_t(0), size_t(2)}) {
+    const int32_t stop = cached.tokens[at];
+    const auto first_stop = std::find(cached.tokens.begin(), cached.tokens.end(), stop);
+    const Generation stopped = generator.generate(prompt, {new_tokens, 0.0, 0, 1}, stop);
+    CHECK(stopped.end == Generation::End::stop_token);
+    CHECK(stopped.tokens == std::vector<int32_t>(cached.tokens.begin(), first_stop));
+  }
 }
 
 TEST_CASE("a batch whose activations do not fit is refused before allocating", "[model]") {

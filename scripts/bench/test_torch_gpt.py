@@ -216,14 +216,22 @@ def test_checkpoint(lmtrain: str | None) -> None:
                 "batch.device_batch": B, "schedule.num_iterations": 10,
                 "checkpoint.save_final": "true", "optim.lr_reference_batch": B * T}
         args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-        subprocess.run([lmtrain, "train", "--config", os.path.join(HERE, "lmtrain_bench.json"),
-                        *args], check=True, capture_output=True, text=True, cwd=REPO)
+
+        def lmtrain_out(*cmd: str) -> str:
+            r = subprocess.run([lmtrain, *cmd], capture_output=True, text=True, cwd=REPO)
+            if r.returncode != 0:
+                raise RuntimeError(f"lmtrain {cmd[0]} exited {r.returncode}:\n{r.stderr}")
+            return r.stdout
+
+        lmtrain_out("train", "--config", os.path.join(HERE, "lmtrain_bench.json"), *args)
         run = os.path.join(tmp, "bench")
         val = sorted(glob.glob(os.path.join(data, "val_*.bin")))[0]
-        out = subprocess.run([lmtrain, "eval", "--ckpt", run, "--data", val, "--tokens",
-                              str(B * T), "--batch", str(B)], check=True, capture_output=True,
-                             text=True, cwd=REPO).stdout
-        want = float(re.search(r"loss ([0-9.]+) \|", out).group(1))
+        out = lmtrain_out("eval", "--ckpt", run, "--data", val, "--tokens", str(B * T),
+                          "--batch", str(B))
+        m = re.search(r"loss ([0-9.]+) \|", out)
+        if not m:
+            raise RuntimeError(f"lmtrain eval printed no loss line:\n{out}")
+        want = float(m.group(1))
         state = load_file(os.path.join(run, "ckpt", "step_000010", "model.safetensors"))
     vocab = tg.read_vocab_size(os.path.join(data, "tokenizer.json"))
     shape = tg.ModelShape(depth=depth, vocab_size=vocab, aspect_ratio=64, head_dim=64,

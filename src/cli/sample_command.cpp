@@ -32,7 +32,7 @@ int run_sample(const SampleCommandOptions& o) {
   else if (generation.end == Generation::End::sequence_len)
     fmt::print(
         stderr,
-        "sample: {} of {} tokens: the prompt and the text fill the model's sequence length {}\n",
+        "sample: {} of {} tokens: the prompt and the text reach the model's sequence length {}\n",
         generation.tokens.size(), options.max_tokens, m.model->shape().seq_len);
   return 0;
 }
