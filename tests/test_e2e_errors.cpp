@@ -117,6 +117,11 @@ TEST_CASE("e2e: impossible config values are refused", "[e2e]") {
   SECTION("unknown optimizer preset") {
     expect_refused({{"optim", {{"preset", "lion"}}}}, {}, {"optim.preset", "lion"});
   }
+  SECTION("a param_overrides pattern that matches no NorMuon matrix") {
+    const json overrides = json::array({{{"pattern", "transformer.h.*.mlp.c_prj.weight"}}});
+    expect_refused({{"optim", {{"muon", {{"param_overrides", overrides}}}}}}, {},
+                   {"optim.muon.param_overrides[0].pattern", "c_prj", "matches none"});
+  }
   SECTION("negative loss_chunk_rows") {
     expect_refused({{"run", {{"loss_chunk_rows", -5}}}}, {}, {"run.loss_chunk_rows", ">= 0"});
   }

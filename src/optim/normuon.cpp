@@ -48,6 +48,20 @@ double NorMuon::lr_scale(const std::string& rule, int64_t rows, int64_t cols) {
   fail("optim.muon.lr_scale: unknown rule \"{}\"", rule);
 }
 
+void check_param_overrides(const std::vector<MuonStackSpec>& stacks, const MuonConfig& config) {
+  for (size_t i = 0; i < config.param_overrides.size(); ++i) {
+    const std::string& pattern = config.param_overrides[i].pattern;
+    bool matched = false;
+    for (const MuonStackSpec& s : stacks)
+      for (const std::string& name : s.names)
+        matched = matched || fnmatch(pattern.c_str(), name.c_str(), 0) == 0;
+    check(matched || stacks.empty(),
+          "optim.muon.param_overrides[{}].pattern \"{}\" matches none of the NorMuon matrices "
+          "(a glob over whole names such as {})",
+          i, pattern, stacks.empty() ? "" : stacks.front().names.front());
+  }
+}
+
 NorMuon::NorMuon(Backend& backend, std::vector<MuonStackSpec> stacks, const MuonConfig& config,
                  int depth, dist::Communicator* comm)
     : backend_(backend), config_(config), depth_(depth), comm_(comm) {

@@ -26,6 +26,10 @@ struct MuonStackSpec {
 // The block matrices of a model, stack by stack.
 std::vector<MuonStackSpec> model_stacks(const Gpt& model);
 
+// Refuses a param_overrides pattern that matches none of the stacks' matrices: a typo would
+// otherwise leave every LR and decay as they were without a word.
+void check_param_overrides(const std::vector<MuonStackSpec>& stacks, const MuonConfig& config);
+
 class NorMuon {
  public:
   // `depth` scales the weight decay from its reference depth. With a communicator, each rank

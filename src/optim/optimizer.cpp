@@ -58,7 +58,10 @@ Optimizer::Optimizer(Gpt& model, const OptimConfig& optim, double batch_tokens, 
   };
 
   std::vector<MuonStackSpec> stacks;
-  if (optim.matrix_optimizer == "normuon") stacks = model_stacks(model);
+  if (optim.matrix_optimizer == "normuon") {
+    stacks = model_stacks(model);
+    check_param_overrides(stacks, optim.muon);
+  }
   size_t num_buckets = 0;
   for (const auto& spec : specs) num_buckets += settings(spec.group).kind == "adamw";
   for (const auto& s : stacks)
