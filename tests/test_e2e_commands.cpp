@@ -1,8 +1,10 @@
 // End-to-end: the info, sample and eval commands on real configs and checkpoints.
 #include <cmath>
+#include <random>
 #include <regex>
 
 #include "config/config.h"
+#include "data/shard.h"
 #include "e2e_support.h"
 
 using namespace lmtrain::e2e;
@@ -32,7 +34,34 @@ fs::path train_checkpoint(const TempDir& tmp) {
   return RunPaths(out_dir, "e2e").run;
 }
 
+// A directory holding one validation shard of 1,000 random ids below the default corpus's
+// vocabulary: 7 batches of the e2e model's 4 x 32 tokens.
+std::string small_val_dir(const TempDir& tmp) {
+  const fs::path dir = tmp / "small_val";
+  fs::create_directories(dir);
+  std::mt19937 rng(std::random_device{}());
+  std::vector<uint32_t> tokens(1000);
+  for (auto& t : tokens) t = rng() % 8192;
+  lmtrain::write_shard((dir / "val_000000.bin").string(), tokens);
+  return dir.string();
+}
+
 }  // namespace
+
+// A run whose eval.tokens exceed the validation data says at start what each evaluation reads.
+TEST_CASE("e2e: eval.tokens beyond the validation data is reported at start", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config =
+      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 1}}},
+                                              {"data", {{"val", small_val_dir(tmp)}}},
+                                              {"eval", {{"every", 1}, {"tokens", 1000000000}}}}));
+  const Result r = run_lmtrain({"train", "--config", config}, tmp);
+  INFO(r.all());
+  REQUIRE(r.code == 0);
+  CHECK(r.all().find("eval.tokens 1000000000: the validation shards hold 896 tokens") !=
+        std::string::npos);
+}
 
 // The parameter table of configs/tiny.json adds up: each row's count is its shape's product,
 // the rows sum to the per-kind totals and to the total, and the FLOPs per token are
@@ -161,6 +190,18 @@ TEST_CASE("e2e: sample is deterministic at temperature 0 and eval prints loss an
   CHECK(std::stoll(m[3].str()) == 1024);  // the checkpoint's eval.tokens
   CHECK(loss > 0);
   CHECK(bpb > 0);
+
+  // Asked for more than the data holds, eval reads all of it and says so on stderr.
+  const std::string small = small_val_dir(tmp);
+  const Result capped = run_lmtrain({"eval", "--ckpt", (run / "ckpt" / "step_000002").string(),
+                                     "--data", small, "--tokens", "1000000000"},
+                                    tmp);
+  INFO(capped.all());
+  REQUIRE(capped.code == 0);
+  CHECK(capped.err.find("eval: 1000000000 tokens asked; " + small + " holds 896 ") !=
+        std::string::npos);
+  REQUIRE(std::regex_search(capped.out, m, line));
+  CHECK(m[3].str() == "896");
 
   json final_eval;
   for (const auto& rec : read_metrics(run / "metrics.jsonl")) {

@@ -25,6 +25,11 @@ int run_eval(const EvalOptions& o) {
     return found;
   });
   const int64_t tokens = o.tokens.value_or(m.config.eval.tokens);
+  const int B = m.model->batch(), T = m.model->shape().seq_len;
+  const EvalBatches batches = eval_batches(shards, B, T, tokens, 1);
+  if (batches.capped)
+    fmt::print(stderr, "eval: {} tokens asked; {} holds {} in batches of {} x {}, which are read\n",
+               tokens, o.data, batches.count * B * T, B, T);  // stdout keeps the result alone
   EvalResult r = evaluate(*m.model, shards, *m.tokenizer, tokens);
   fmt::print("loss {:.6f} | bpb {:.6f} | tokens {}\n", r.loss(), r.bpb(), int64_t(r.tokens));
   return 0;
@@ -42,7 +47,9 @@ void add_eval_command(CLI::App& app, Action& action) {
   cmd->add_option("--data", o->data, "a shard file or a directory of val_*.bin shards")
       ->required()
       ->check(non_empty("a shard file or directory"));
-  cmd->add_option("--tokens", o->tokens, "tokens to evaluate (default: the config's eval.tokens)")
+  cmd->add_option("--tokens", o->tokens,
+                  "tokens to evaluate, in whole batches (default: the config's eval.tokens); at "
+                  "most what --data holds, said on stderr")
       ->check(integer_in(1, INT64_MAX));
   cmd->add_option("--batch", o->batch, "sequences per batch (default: the config's device_batch)")
       ->check(integer_in(1, INT32_MAX));

@@ -239,7 +239,9 @@ struct EvalConfig {
     v("every", every,
       "validation at step 0 and every this many steps, and at the end (0: only at the end, -1: "
       "never)");
-    v("tokens", tokens, "validation tokens per evaluation (rounded down to whole batches)");
+    v("tokens", tokens,
+      "validation tokens per evaluation: whole batches, at least one, at most what data.val holds "
+      "(a warning at start says so)");
     v("sample_every", sample_every, "print a sample every this many steps (0: only at the end)");
     v("sample_prompt", sample_prompt, "prompt for samples (empty: start from BOS)");
     v("sample_tokens", sample_tokens, "tokens generated per sample");

@@ -7,13 +7,10 @@
 
 namespace lmtrain {
 
-namespace {
+namespace {}  // namespace
 
-// How many batches of B x T tokens an evaluation of up to `max_tokens` takes per rank: whole
-// batches, at least one, no more than the shards hold without wrapping. Throws naming the shards
-// when they hold less than one batch per rank.
-int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
-                     int world) {
+EvalBatches eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
+                         int world) {
   const int64_t batch_tokens = int64_t(B) * T;
   // Windows the shards hold for this rank without wrapping around to their start.
   int64_t available = 0;
@@ -22,8 +19,11 @@ int64_t eval_batches(const std::vector<std::string>& shards, int B, int T, int64
   available /= world;
   check(available >= 1, "{}: validation data too small for one batch of {} x {} tokens per rank",
         shards.front(), B, T);
-  return std::clamp<int64_t>(max_tokens / batch_tokens, 1, available);
+  const int64_t asked = max_tokens / batch_tokens;
+  return {std::clamp<int64_t>(asked, 1, available), asked > available};
 }
+
+namespace {
 
 // The loader an evaluation reads with: contiguous windows from the shards' start, in file order,
 // this rank's share.
@@ -34,19 +34,21 @@ TokenLoader eval_loader(const std::vector<std::string>& shards, int B, int T, in
 
 }  // namespace
 
-void check_eval_data(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
-                     int rank, int world, int32_t bos_id, int32_t vocab) {
-  const int64_t batches = eval_batches(shards, B, T, max_tokens, world);
+EvalBatches check_eval_data(const std::vector<std::string>& shards, int B, int T,
+                            int64_t max_tokens, int rank, int world, int32_t bos_id,
+                            int32_t vocab) {
+  const EvalBatches batches = eval_batches(shards, B, T, max_tokens, world);
   TokenLoader loader = eval_loader(shards, B, T, rank, world, bos_id, vocab);
   std::vector<int32_t> inputs(size_t(B) * T), targets(size_t(B) * T);
-  for (int64_t i = 0; i < batches; ++i) loader.next_batch(inputs, targets);
+  for (int64_t i = 0; i < batches.count; ++i) loader.next_batch(inputs, targets);
+  return batches;
 }
 
 EvalResult evaluate(Gpt& model, const std::vector<std::string>& shards, const Tokenizer& tokenizer,
                     int64_t max_tokens, int rank, int world) {
   const int B = model.batch(), T = model.shape().seq_len;
   const int64_t batch_tokens = int64_t(B) * T;
-  const int64_t batches = eval_batches(shards, B, T, max_tokens, world);
+  const int64_t batches = eval_batches(shards, B, T, max_tokens, world).count;
 
   TokenLoader loader =
       eval_loader(shards, B, T, rank, world, tokenizer.bos_id(), model.shape().vocab);

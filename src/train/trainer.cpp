@@ -230,8 +230,13 @@ int train(const TrainOptions& options) {
     const auto shards = list_shards(config.data.val, "val");
     check_meta(shards);
     if (config.eval.every >= 0) {
-      check_eval_data(shards, B, T, config.eval.tokens / world, rank, world, tokenizer.bos_id(),
-                      shape.vocab);
+      const EvalBatches batches = check_eval_data(shards, B, T, config.eval.tokens / world, rank,
+                                                  world, tokenizer.bos_id(), shape.vocab);
+      if (batches.capped && rank == 0)
+        spdlog::warn(
+            "eval.tokens {}: the validation shards hold {} tokens for {} rank(s) in "
+            "batches of {} x {}; each evaluation reads those",
+            config.eval.tokens, batches.count * B * T * world, world, B, T);
     }
     return shards;
   });
