@@ -94,10 +94,13 @@ def is_val(text: str, fraction: float) -> bool:
 def train_val_split(docs, fraction: float):
     train = [d for d in docs if not is_val(d[1], fraction)]
     val = [d for d in docs if is_val(d[1], fraction)]
-    if not val:  # tiny inputs: still hold out one document so validation has data
-        if len(train) < 2:
-            sys.exit("need at least 2 documents to make a train and a val split")
+    # Small inputs can hash wholly into one side: move one document over so both have data.
+    if len(train) + len(val) < 2:
+        sys.exit("need at least 2 documents to make a train and a val split")
+    if not val:
         val = [train.pop()]
+    if not train:
+        train = [val.pop()]
     return train, val
 
 
