@@ -149,6 +149,12 @@ TEST_CASE("a config key given twice is refused with its path, malformed JSON wit
   const std::string bad = error_for("{\"model\": {\"depth\": 2,}}");
   CHECK(bad.find(path + ": not valid JSON") == 0);
   CHECK(bad.find("line 1, column 23") != std::string::npos);
+  // A byte that is not UTF-8 is named by position and shown escaped, not echoed raw.
+  const std::string not_utf8 = error_for("{\"run\": {\"name\": \"a\xff\"}}");
+  CHECK(not_utf8.find(path + ": not valid JSON: parse error at line 1") == 0);
+  CHECK(not_utf8.find("ill-formed UTF-8 byte") != std::string::npos);
+  CHECK(not_utf8.find("\\xff") != std::string::npos);
+  CHECK(not_utf8.find('\xff') == std::string::npos);
 }
 
 // A config nests 5 levels; a file nested 100,000 deep cost memory quadratic in its depth (7 GB

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <set>
 
+#include "io/json_reason.h"
+
 namespace lmtrain {
 
 namespace {
@@ -184,13 +186,6 @@ std::string read_config_text(const std::string& path) {
   return text;
 }
 
-// nlohmann's message without its "[json.exception.out_of_range.406] " prefix.
-std::string json_reason(const nlohmann::json::exception& e) {
-  const std::string what = e.what();
-  const size_t end = what.find("] ");
-  return end == std::string::npos ? what : what.substr(end + 2);
-}
-
 nlohmann::json read_json_file(const std::string& path) {
   const std::string text = read_config_text(path);
   // JSON lets a key repeat and keeps the last value; in a config that silently drops a setting.
@@ -227,7 +222,7 @@ nlohmann::json read_json_file(const std::string& path) {
     document = nlohmann::json::parse(text, on_event, /*allow_exceptions=*/true,
                                      /*ignore_comments=*/true);
   } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: not valid JSON: {}", path, e.what());
+    fail("{}: not valid JSON: {}", path, json_reason(e));
   } catch (const nlohmann::json::exception& e) {
     // A number beyond a double (1e999): nlohmann names neither a line nor a key.
     const std::string at = current_path();

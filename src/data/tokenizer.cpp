@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_reason.h"
 
 namespace lmtrain {
 
@@ -223,7 +224,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
   try {
     j = nlohmann::json::parse(file);
   } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON: {}", path, e.what());
+    fail("{}: not valid JSON: {}", path, json_reason(e));
   }
   return from_json(j, path);
 }

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "io/json_reason.h"
 
 static_assert(std::endian::native == std::endian::little,
               "safetensors data is little-endian and is copied without byte swapping");
@@ -175,7 +176,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   } catch (const json::parse_error& e) {
     fail("{}: header is not valid JSON (error at byte {} of {})", path, e.byte, header_len);
   } catch (const json::exception& e) {  // a number out of range
-    fail("{}: header is not valid JSON ({})", path, e.what());
+    fail("{}: header is not valid JSON ({})", path, json_reason(e));
   }
   // As the format says (and the Python reader checks): the object starts the header, and only
   // spaces may pad it (the JSON parser would also skip a byte-order mark and other whitespace).
