@@ -35,6 +35,10 @@ std::string load_error(const std::string& path, const std::string& text,
 }  // namespace
 
 TEST_CASE("config errors name the key and what was expected", "[config]") {
+  // --set reads values as JSON: a string key given a number says how to quote it.
+  CHECK(error_of({{"run", {{"name", 123}}}}) ==
+        "cfg.json: run.name: expected a string, got the integer 123 (in --set, quote it: "
+        "run.name='\"123\"')");
   CHECK(error_of({{"model", {{"depht", 4}}}}) ==
         "cfg.json: unknown key 'model.depht' (did you mean 'model.depth'?)");
   CHECK(error_of({{"modle", json::object()}}) ==

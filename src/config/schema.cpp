@@ -66,7 +66,13 @@ bool is_utf8(std::string_view text) {
 }
 
 void Reader::expect(bool ok, const std::string& path, const char* what, const json& value) const {
-  if (!ok) fail("{}: {}: expected {}, got {}", source_, path, what, describe(value));
+  // --set reads a value as JSON first, so --set run.name=123 gives a number, not a string.
+  const bool quote_hint = std::string_view(what).starts_with("a string") &&
+                          path.find('[') == std::string::npos &&
+                          (value.is_number() || value.is_boolean() || value.is_null());
+  if (!ok)
+    fail("{}: {}: expected {}, got {}{}", source_, path, what, describe(value),
+         quote_hint ? fmt::format(" (in --set, quote it: {}='\"{}\"')", path, value.dump()) : "");
 }
 
 void Reader::reject_unknown() const {
