@@ -179,6 +179,12 @@ TEST_CASE("e2e: sample is deterministic at temperature 0 and eval prints loss an
   CHECK(long_sample.err.find(" of 100000 tokens: ") != std::string::npos);
   CHECK(long_sample.out.find("<|bos|>") == std::string::npos);
 
+  // A --backend that does not exist is named as the option, not as the checkpoint's config key.
+  const Result bad_backend =
+      run_lmtrain({"sample", "--ckpt", run.string(), "--backend", "gpu"}, tmp);
+  CHECK(bad_backend.code == 1);
+  CHECK(bad_backend.err.find("error: --backend: unknown backend \"gpu\"") == 0);
+
   const Result eval = run_lmtrain(
       {"eval", "--ckpt", (run / "ckpt" / "step_000002").string(), "--data", "data/tiny"}, tmp);
   INFO(eval.all());

@@ -33,19 +33,19 @@ std::unique_ptr<Backend> make_backend(const std::string& name, const std::string
   if (name == "cpu") return std::make_unique<CpuBackend>();
 #ifdef LMTRAIN_HAVE_CUDA
   if (name == "cuda") {
-    check(cuda::device_count() > 0, "run.backend: cuda requested but no GPU is visible");
+    check(cuda::device_count() > 0, "cuda requested but no GPU is visible");
     return make_cuda(dtype, device);
   }
   if (name == "auto") {
     if (cuda::device_count() > 0) return make_cuda(dtype, device);
     return std::make_unique<CpuBackend>();
   }
-  fail("run.backend: unknown backend \"{}\" (available: cpu, cuda, auto)", name);
+  fail("unknown backend \"{}\" (available: cpu, cuda, auto)", name);
 #else
   (void)device;
   if (name == "auto") return std::make_unique<CpuBackend>();
-  if (name == "cuda") fail("run.backend: cuda requested but this build has no CUDA support");
-  fail("run.backend: \"{}\" is not available in this build (available: cpu, auto)", name);
+  if (name == "cuda") fail("cuda requested but this build has no CUDA support");
+  fail("\"{}\" is not available in this build (available: cpu, auto)", name);
 #endif
 }
 

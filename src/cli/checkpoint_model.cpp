@@ -13,7 +13,11 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   const auto meta = read_checkpoint_meta(dir);
   CheckpointModel m;
   m.config = parse_config(meta["config"], dir + "/meta.json");
-  m.backend = make_backend(backend.empty() ? m.config.run.backend : backend, m.config.run.dtype);
+  m.backend =
+      backend.empty()
+          ? with_context(path + ": the checkpoint's run.backend",
+                         [&] { return make_backend(m.config.run.backend, m.config.run.dtype); })
+          : with_context("--backend", [&] { return make_backend(backend, m.config.run.dtype); });
   m.tokenizer_path = (std::filesystem::path(dir) / "tokenizer.json").string();
   m.tokenizer = std::make_unique<Tokenizer>(Tokenizer::load(m.tokenizer_path));
   const int vocab =

@@ -179,8 +179,9 @@ int train(const TrainOptions& options) {
     openblas_set_num_threads(config.run.threads);
   }
   const dist::RankInfo ranks = dist::read_rank_info();
-  std::unique_ptr<Backend> backend =
-      make_backend(config.run.backend, config.run.dtype, ranks.local_rank);
+  std::unique_ptr<Backend> backend = with_context(options.config_path + ": run.backend", [&] {
+    return make_backend(config.run.backend, config.run.dtype, ranks.local_rank);
+  });
   auto comm = dist::make_communicator(ranks, *backend, dist::rendezvous_timeout());
   const int rank = comm->rank(), world = comm->world_size();
   const bool lead = rank == 0;  // prints, writes metrics and samples
