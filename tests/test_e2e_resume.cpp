@@ -182,6 +182,13 @@ TEST_CASE("e2e: a run resumed from its final checkpoint does not repeat the last
   const Result first = run_lmtrain({"train", "--config", config}, tmp);
   INFO(first.all());
   REQUIRE(first.code == 0);
+  // The same horizon: nothing to train, said so, and the final checkpoint is not written again.
+  const Result again = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(again.all());
+  REQUIRE(again.code == 0);
+  CHECK(again.all().find("the run is complete at step 4: nothing left to train") !=
+        std::string::npos);
+  CHECK(again.all().find("saved checkpoint") == std::string::npos);
   const Result longer = run_lmtrain(
       {"train", "--config", config, "--resume", "--set", "schedule.num_iterations=6"}, tmp);
   INFO(longer.all());

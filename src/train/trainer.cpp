@@ -264,6 +264,7 @@ int train(const TrainOptions& options) {
     trained_seconds = resume_meta["extra"].value("trained_seconds", 0.0);
     spdlog::info("resuming from {} at step {} ({} ranks, saved with {})", resume_dir, loop.step,
                  world, resume_meta.value("world_size", 1));
+    if (loop.step == N) spdlog::info("the run is complete at step {}: nothing left to train", N);
   } else if (!options.init_from.empty()) {
     std::string dir = resolve_checkpoint(options.init_from);
     read_checkpoint_meta(dir);  // a checkpoint this version wrote, whole
@@ -483,7 +484,9 @@ int train(const TrainOptions& options) {
   // A signal during the last evaluation or sample: the run is complete, but it was asked to
   // stop, so it saves (whatever checkpoint.save_final says) and says so in its exit code.
   const int late_signal = agreed_stop();
-  if (config.checkpoint.save_final || late_signal) save(N, true);
+  // A run resumed from its final checkpoint has that state saved already.
+  const bool saved_final = saved_step == N && saved_evaluated;
+  if ((config.checkpoint.save_final || late_signal) && !saved_final) save(N, true);
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
   if (late_signal) {
