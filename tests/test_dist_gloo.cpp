@@ -147,6 +147,11 @@ TEST_CASE("rendezvous with a missing rank times out with a clear error", "[dist]
       Catch::Matchers::Contains("rendezvous: rank 0 waited 1 s for key") &&
           Catch::Matchers::Contains("are all WORLD_SIZE=2 ranks started"));
   CHECK(std::chrono::duration<double>(Clock::now() - start).count() < 5.0);
+  // Under srun the world size came from SLURM_NTASKS, which the hint names instead.
+  RankInfo slurm = rank_info(0, 2, free_port("127.0.0.1"));
+  slurm.source = "slurm";
+  CHECK_THROWS_WITH(make_communicator(slurm, backend, rendezvous_timeout(env)),
+                    Catch::Matchers::Contains("are all SLURM_NTASKS=2 ranks started"));
 }
 
 TEST_CASE("started collectives do not block the caller, run in order, and report errors at wait",

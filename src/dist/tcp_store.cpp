@@ -226,8 +226,11 @@ std::vector<Bytes> TcpStore::request(const std::vector<Bytes>& message,
           all_met_ ? "every rank had met before: has one failed or stopped? (its own output "
                      "says why)"
                    : fmt::format(
-                         "are all WORLD_SIZE={} ranks started with the same "
+                         "are all {}={} ranks started with the same "
                          "MASTER_ADDR:MASTER_PORT ({}:{})?",
+                         info_.source == "slurm"     ? "SLURM_NTASKS"
+                         : info_.source == "openmpi" ? "OMPI_COMM_WORLD_SIZE"
+                                                     : "WORLD_SIZE",
                          info_.world_size, info_.master_addr, info_.master_port);
       fail("rendezvous: rank {} waited {:g} s for {}; {}", info_.rank, timeout.count() / 1000.0,
            waited_for, hint);
