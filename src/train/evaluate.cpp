@@ -7,8 +7,6 @@
 
 namespace lmtrain {
 
-namespace {}  // namespace
-
 EvalBatches eval_batches(const std::vector<std::string>& shards, int B, int T, int64_t max_tokens,
                          int world) {
   const int64_t batch_tokens = int64_t(B) * T;
