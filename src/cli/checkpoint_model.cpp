@@ -15,7 +15,7 @@ CheckpointModel open_checkpoint_model(const std::string& path, const std::string
   m.config = parse_config(meta["config"], dir + "/meta.json");
   m.backend =
       backend.empty()
-          ? with_context(path + ": the checkpoint's run.backend",
+          ? with_context(path + ": the checkpoint's run.backend (--backend chooses another)",
                          [&] { return make_backend(m.config.run.backend, m.config.run.dtype); })
           : with_context("--backend", [&] { return make_backend(backend, m.config.run.dtype); });
   m.tokenizer_path = (std::filesystem::path(dir) / "tokenizer.json").string();
