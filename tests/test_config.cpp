@@ -35,10 +35,8 @@ std::string load_error(const std::string& path, const std::string& text,
 }  // namespace
 
 TEST_CASE("config errors name the key and what was expected", "[config]") {
-  // --set reads values as JSON: a string key given a number says how to quote it.
   CHECK(error_of({{"run", {{"name", 123}}}}) ==
-        "cfg.json: run.name: expected a string, got the integer 123 (in --set, quote it: "
-        "run.name='\"123\"')");
+        "cfg.json: run.name: expected a string, got the integer 123");
   CHECK(error_of({{"model", {{"depht", 4}}}}) ==
         "cfg.json: unknown key 'model.depht' (did you mean 'model.depth'?)");
   CHECK(error_of({{"modle", json::object()}}) ==
@@ -201,7 +199,8 @@ TEST_CASE("config strings and keys holding NUL are refused", "[config]") {
   CHECK(load_error(path, R"({"data": {"tokenizer": "\u0000"}})") ==
         path + ": data.tokenizer: expected a string without NUL characters");
   CHECK(load_error(path, "{}", {R"(run.name="x\u0000")"}) ==
-        path + ": run.name: expected a string without NUL characters");
+        path + R"( with --set run.name="x\u0000": run.name: expected a string without NUL )"
+               "characters");
 }
 
 // An empty path reached whatever opened it, as "error: : no such checkpoint directory".
@@ -229,6 +228,31 @@ TEST_CASE("a section that is not an object is refused with or without --set", "[
   CHECK(load_error(path, "[]", {"run.seed=3"}) ==
         path + ": expected a JSON object at the top level");
   CHECK(load_error(path, "{}", {"run.seed=3", "optim.muon.beta2=0.9"}).empty());
+}
+
+// An error about a key a --set wrote names that --set: the file may say something else.
+TEST_CASE("errors about a key given by --set name the --set", "[config]") {
+  test_support::TempDir dir;
+  const std::string path = dir / "c.json";
+  const std::string file = R"({"model": {"depth": 4}, "run": {"name": "x"}})";
+  CHECK(load_error(path, file, {"model.depth=0"}) ==
+        path + " with --set model.depth=0: model.depth: expected an integer >= 1");
+  CHECK(load_error(path, file, {"model.depth=0", "model.depth=2"}).empty());
+  CHECK(load_error(path, file, {"model.depht=4"}) ==
+        path +
+            " with --set model.depht=4: unknown key 'model.depht' (did you mean "
+            "'model.depth'?)");
+  // A --set of a whole section covers the keys under it.
+  CHECK(load_error(path, file, {R"(optim.muon={"beta2": 2})"})
+            .starts_with(path + R"( with --set optim.muon={"beta2": 2}: optim.muon.beta2: )"));
+  // --set reads values as JSON first: a string key given a number says how to quote it.
+  CHECK(load_error(path, file, {"run.name=123"}) ==
+        path +
+            " with --set run.name=123: run.name: expected a string, got the integer 123 "
+            "(quote it: --set run.name='\"123\"')");
+  // A key the --set did not write is the file's.
+  CHECK(load_error(path, R"({"model": {"depth": 0}})", {"run.seed=3"}) ==
+        path + ": model.depth: expected an integer >= 1");
 }
 
 // model.softcap 1e-300 passed "> 0" and became 0 as the kernels' float, failing at step 1.
@@ -274,13 +298,18 @@ TEST_CASE("config strings that are not UTF-8 are refused naming the key", "[conf
   CHECK(error_of({{"run", {{"name", "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82"}}}}).empty());
   test_support::TempDir dir;
   const std::string path = dir / "c.json";
+  // The --set is quoted with the bytes that are not text escaped.
   CHECK(load_error(path, "{}", {"run.name=\xed\xa0\x80"}) ==
-        path + ": run.name: expected UTF-8 text");
+        path + " with --set run.name=\\xed\\xa0\\x80: run.name: expected UTF-8 text");
   CHECK(load_error(path, "{}", {"eval.sample_prompt=To be\xe2\x82"}) ==
-        path + ": eval.sample_prompt: expected UTF-8 text");
+        path +
+            " with --set eval.sample_prompt=To be\\xe2\\x82: eval.sample_prompt: expected "
+            "UTF-8 text");
   // A non-string key given such bytes is described, replaced, rather than thrown on by dump().
   CHECK(load_error(path, "{}", {"batch.device_batch=\xff"}) ==
-        path + ": batch.device_batch: expected an integer, got the string \"\xef\xbf\xbd\"");
+        path +
+            " with --set batch.device_batch=\\xff: batch.device_batch: expected an integer, "
+            "got the string \"\xef\xbf\xbd\"");
 }
 
 TEST_CASE("is_utf8 accepts well-formed UTF-8 only", "[config]") {

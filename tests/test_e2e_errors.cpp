@@ -458,7 +458,8 @@ TEST_CASE("e2e: a run name outside run.out_dir is refused", "[e2e]") {
 // the config's JSON dump; a newline made a directory whose name split every line showing it.
 TEST_CASE("e2e: a run name that is not UTF-8 text or holds control characters is refused",
           "[e2e]") {
-  expect_refused({}, {"--set", "run.name=ab\xff"}, {"config.json: run.name: expected UTF-8 text"});
+  expect_refused({}, {"--set", "run.name=ab\xff"},
+                 {"config.json with --set run.name=ab\\xff: run.name: expected UTF-8 text"});
   // C0, DEL, C1 (U+0085), and Unicode's line separator and bidirectional overrides.
   for (const char* name : {"a\nb", "a\x7f",
                            "a\xc2\x85"
@@ -483,7 +484,8 @@ TEST_CASE("e2e: a run name that is not UTF-8 text or holds control characters is
   CHECK(r.code == 0);
   CHECK(fs::exists(fs::path(tmp / "runs") / "\xc3\xa9t\xc3\xa9-\xe2\x80\x94"));
   expect_refused({}, {"--set", "eval.sample_prompt=To be\xe2\x82"},
-                 {"config.json: eval.sample_prompt: expected UTF-8 text"});
+                 {"config.json with --set eval.sample_prompt=To be\\xe2\\x82: "
+                  "eval.sample_prompt: expected UTF-8 text"});
 }
 
 // A data path that leads nowhere names the config key that gave it, not only the path.

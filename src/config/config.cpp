@@ -33,14 +33,14 @@ bool below_one(double x) { return x >= 0 && float(x) < 1.0f; }
 constexpr const char* kBelowOne = "a number in [0, 1) (at most 0.99999994, the last float below 1)";
 
 // Cross-field and range checks; each error names the key path and what was expected.
-void validate(const Config& c, const std::string& src) {
+void validate(const Config& c, const config::Source& src) {
   auto require = [&](bool ok, const char* key, const std::string& expected) {
-    if (!ok) fail("{}: {}: expected {}", src, key, expected);
+    if (!ok) fail("{}: {}: expected {}", src.at(key), key, expected);
   };
   auto choice = [&](const std::string& value, const char* key,
                     std::initializer_list<const char*> allowed) {
     if (!one_of(value, allowed))
-      fail("{}: {}: expected {}, got \"{}\"", src, key, join(allowed), value);
+      fail("{}: {}: expected {}, got \"{}\"", src.at(key), key, join(allowed), value);
   };
 
   choice(c.run.backend, "run.backend", {"auto", "cpu", "cuda"});
@@ -262,6 +262,11 @@ std::string find_preset(const std::string& name, const std::string& source) {
 }  // namespace
 
 Config parse_config(const nlohmann::json& input, const std::string& source) {
+  return parse_config(input, config::Source{source, {}});
+}
+
+Config parse_config(const nlohmann::json& input, const config::Source& source_of) {
+  const std::string& source = source_of.file;
   check(input.is_object(), "{}: expected a JSON object at the top level", source);
   nlohmann::json document = input;
   if (document.contains("optim") && document["optim"].is_object() &&
@@ -275,17 +280,18 @@ Config parse_config(const nlohmann::json& input, const std::string& source) {
     document["optim"] = optim;
   }
   Config config;
-  config::Reader reader(document, "", source);
+  config::Reader reader(document, "", source_of);
   config.visit(reader);
   reader.reject_unknown();
-  validate(config, source);
+  validate(config, source_of);
   return config;
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   nlohmann::json document = path.empty() ? nlohmann::json::object() : read_json_file(path);
-  const std::string source = path.empty() ? "config" : path;
-  for (const auto& assignment : overrides) config::apply_override(document, assignment, source);
+  const config::Source source{path.empty() ? "config" : path, overrides};
+  for (const auto& assignment : overrides)
+    config::apply_override(document, assignment, source.file);
   return parse_config(document, source);
 }
 

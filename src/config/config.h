@@ -294,6 +294,8 @@ struct Config {
 
 // Parses a JSON document into a Config; `source` names it in errors. Validates every value.
 Config parse_config(const nlohmann::json& document, const std::string& source);
+// The same, naming the --set that wrote a key in errors about it.
+Config parse_config(const nlohmann::json& document, const config::Source& source);
 // Reads `path`, applies `--set key=value` overrides, parses and validates.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides);
 nlohmann::json to_json(const Config& config);

@@ -65,14 +65,31 @@ bool is_utf8(std::string_view text) {
   return true;
 }
 
+const std::string* Source::set_of(const std::string& path) const {
+  for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
+    const std::string key = it->substr(0, it->find('='));
+    if (path == key || path.starts_with(key + ".") || path.starts_with(key + "[")) return &*it;
+  }
+  return nullptr;
+}
+
+std::string Source::at(const std::string& path) const {
+  const std::string* set = set_of(path);
+  if (!set) return file;
+  // A --set value is whatever bytes the shell passed (invalid UTF-8, line breaks, bidirectional
+  // overrides): quoted with everything outside printable ASCII escaped.
+  return fmt::format("{} with --set {}", file, escape_unprintable(*set));
+}
+
 void Reader::expect(bool ok, const std::string& path, const char* what, const json& value) const {
+  if (ok) return;
   // --set reads a value as JSON first, so --set run.name=123 gives a number, not a string.
-  const bool quote_hint = std::string_view(what).starts_with("a string") &&
-                          path.find('[') == std::string::npos &&
+  const std::string* set = source_.set_of(path);
+  const bool quote_hint = set && set->starts_with(path + "=") &&
+                          std::string_view(what).starts_with("a string") &&
                           (value.is_number() || value.is_boolean() || value.is_null());
-  if (!ok)
-    fail("{}: {}: expected {}, got {}{}", source_, path, what, describe(value),
-         quote_hint ? fmt::format(" (in --set, quote it: {}='\"{}\"')", path, value.dump()) : "");
+  fail("{}: {}: expected {}, got {}{}", source_.at(path), path, what, describe(value),
+       quote_hint ? fmt::format(" (quote it: --set {}='\"{}\"')", path, value.dump()) : "");
 }
 
 void Reader::reject_unknown() const {
@@ -81,11 +98,11 @@ void Reader::reject_unknown() const {
     std::string where = path_.empty() ? key : path_ + "." + key;
     // A NUL would cut the message short.
     if (key.find('\0') != std::string::npos)
-      fail("{}: {}expected keys without NUL characters", source_,
+      fail("{}: {}expected keys without NUL characters", source_.at(where),
            path_.empty() ? "" : path_ + ": ");
     std::string hint = closest_key(key, seen_);
     if (!hint.empty() && !path_.empty()) hint = path_ + "." + hint;
-    fail("{}: unknown key '{}'{}", source_, where,
+    fail("{}: unknown key '{}'{}", source_.at(where), where,
          hint.empty() ? "" : fmt::format(" (did you mean '{}'?)", hint));
   }
 }

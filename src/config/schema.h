@@ -37,10 +37,21 @@ std::string describe(const json& value);
 // surrogates or code points past U+10FFFF.
 bool is_utf8(std::string_view text);
 
+// Where a config's values came from: its file and the --set assignments applied over it, so
+// that an error about a key a --set wrote names that --set rather than the file alone.
+struct Source {
+  std::string file;
+  std::vector<std::string> sets;  // "key.path=value" as typed, in order
+  // The last --set that wrote `path` or a section holding it; nullptr when the file did.
+  const std::string* set_of(const std::string& path) const;
+  // "<file>", or "<file> with --set key=value" for a key a --set wrote.
+  std::string at(const std::string& path) const;
+};
+
 // Reads fields from a JSON object; every key of the object must be visited.
 class Reader {
  public:
-  Reader(const json& object, std::string path, std::string source)
+  Reader(const json& object, std::string path, Source source)
       : object_(object), path_(std::move(path)), source_(std::move(source)) {}
 
   template <class T>
@@ -67,7 +78,7 @@ class Reader {
                             ? value.get<uint64_t>() <= uint64_t(std::numeric_limits<T>::max())
                             : i >= int64_t(std::numeric_limits<T>::min());
       if (!fits) {
-        fail("{}: {}: expected an integer in [{}, {}], got {}", source_, path,
+        fail("{}: {}: expected an integer in [{}, {}], got {}", source_.at(path), path,
              std::numeric_limits<T>::min(), std::numeric_limits<T>::max(), value.dump());
       }
       field = value.get<T>();
@@ -79,10 +90,10 @@ class Reader {
       field = value.get<std::string>();
       // A NUL would cut every message and path that later holds the value.
       if (field.find('\0') != std::string::npos)
-        fail("{}: {}: expected a string without NUL characters", source_, path);
+        fail("{}: {}: expected a string without NUL characters", source_.at(path), path);
       // A file's strings are UTF-8 already (the parser checks them); a --set value is taken as
       // given, and invalid UTF-8 made a run directory before the config's JSON dump threw.
-      if (!is_utf8(field)) fail("{}: {}: expected UTF-8 text", source_, path);
+      if (!is_utf8(field)) fail("{}: {}: expected UTF-8 text", source_.at(path), path);
     } else if constexpr (is_vector<T>::value) {
       expect(value.is_array(), path, "an array", value);
       field.clear();
@@ -102,7 +113,8 @@ class Reader {
   void expect(bool ok, const std::string& path, const char* what, const json& value) const;
 
   const json& object_;
-  std::string path_, source_;
+  std::string path_;
+  Source source_;
   std::vector<std::string> seen_;
 };
 

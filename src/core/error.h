@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace lmtrain {
 
@@ -22,6 +23,17 @@ template <typename... Args>
 template <typename... Args>
 void check(bool ok, fmt::format_string<Args...> format, Args&&... args) {
   if (!ok) throw Error(fmt::format(format, std::forward<Args>(args)...));
+}
+
+// `text` with every byte outside printable ASCII written \xNN, for quoting input that may be
+// ill-formed UTF-8 or hold control characters in a one-line message.
+inline std::string escape_unprintable(std::string_view text) {
+  std::string out;
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    out += byte >= 0x20 && byte < 0x7f ? std::string(1, c) : fmt::format("\\x{:02x}", byte);
+  }
+  return out;
 }
 
 // Returns f(); an exception it throws becomes an Error with `context` in front ("config.json:
