@@ -6,13 +6,12 @@
 // each row is saved; the backward recomputes the probabilities from it. Masked entries are zeros
 // in the products, so a NaN or Inf in q, k or v reaches every row of its block (the loss is NaN
 // either way).
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/gemm.h"
 
 namespace lmtrain {
 
@@ -34,15 +33,6 @@ void check_attention(const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
   check(lse.shape == Shape{q.dim(0), q.dim(2), q.dim(1)}, "{}: lse {} must be (B, H, Tq) = {}", op,
         lse.shape.str(), Shape{q.dim(0), q.dim(2), q.dim(1)}.str());
   check(window >= 0, "{}: window {} must be non-negative", op, window);
-}
-
-// c = alpha * a * op(b) + beta * c on row-major matrices with leading dimensions. Inside the
-// OpenMP loops below, OpenBLAS runs each call on the calling thread.
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, a, int(lda), b,
-              int(ldb), beta, c, int(ldc));
 }
 
 // The queries [t0, t0 + rows) at positions from `first` on, and the keys [lo, lo + keys) that

@@ -1,8 +1,7 @@
-// out = alpha * op(a) @ op(b) (+ out), straight onto row-major cblas_sgemm. A batched (rank 3)
-// matmul is a loop of plain ones: OpenBLAS already uses every core inside each call.
-#include <cblas.h>
-
+// out = alpha * op(a) @ op(b) (+ out), straight onto row-major cblas_sgemm (gemm.h). A batched
+// (rank 3) matmul is a loop of plain ones: OpenBLAS already uses every core inside each call.
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/gemm.h"
 #include "backend/op_checks.h"
 
 namespace lmtrain {
@@ -29,10 +28,8 @@ void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans
   // Leading dimensions are the stored row lengths, whatever the transposition.
   int64_t lda = a.dim(-1), ldb = b.dim(-1);
   for (int64_t i = 0; i < batch; ++i) {
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha,
-                a.f32() + i * M * K, int(lda), b.f32() + i * K * N, int(ldb),
-                accumulate ? 1.f : 0.f, out.f32() + i * M * N, int(N));
+    gemm(trans_a, trans_b, M, N, K, alpha, a.f32() + i * M * K, lda, b.f32() + i * K * N, ldb,
+         accumulate ? 1.f : 0.f, out.f32() + i * M * N, N);
   }
 }
 
