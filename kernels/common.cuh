@@ -27,10 +27,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 }
 
 // Butterfly reductions: every lane ends with the full result, and the order of additions is
-// fixed by the lane pattern, so results are bit-identical from run to run.
+// fixed by the lane pattern, so results are bit-identical from run to run. warp_sum(v, lanes)
+// sums within aligned groups of `lanes` lanes (a power of two up to 32); every lane of the warp
+// must call it.
 template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+__device__ __forceinline__ A warp_sum(A v, int lanes = 32) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
@@ -142,6 +145,15 @@ bool rows_packed(int64_t C, const P*... ptrs) {
   return C % kPack<T> == 0 && packs_aligned(16, ptrs...);
 }
 
+// Kernels that give each row of `len` elements a group of lanes (a short row per warp would leave
+// most of it idle, or move too few bytes per load): the fewest lanes, a power of two up to 32,
+// that give each lane one pack of V. Groups are aligned within the warp, for warp_sum(v, lanes).
+inline int lanes_per_row(int64_t len, int V) {
+  int lanes = 1;
+  while (lanes < 32 && int64_t(lanes) * V < len) lanes *= 2;
+  return lanes;
+}
+
 // Calls launch(std::integral_constant<int, V>{}) with V = Wide when `packed`, else V = 1.
 template <int Wide, typename F>
 void launch_packed(bool packed, F&& launch) {
@@ -150,6 +162,29 @@ void launch_packed(bool packed, F&& launch) {
   } else {
     launch(std::integral_constant<int, 1>{});
   }
+}
+
+// In a kernel launched by launch_rows: the row of this thread's group of `lanes` lanes, its lane
+// in the group, and whether the row exists (the last block's groups may run past the rows; they
+// must still join their group's shuffles).
+struct LaneGroup {
+  int64_t row;
+  int lane;
+  bool valid;
+  __device__ LaneGroup(int64_t rows, int lanes)
+      : row(int64_t(blockIdx.x) * (blockDim.x / lanes) + threadIdx.x / lanes),
+        lane(threadIdx.x % lanes),
+        valid(row < rows) {}
+};
+
+// Calls kernel(V, lanes, blocks) for `rows` rows of `len` elements in lane groups of
+// lanes_per_row(len, V) lanes, in blocks of kThreads: V = Wide when `packed`, else 1.
+template <int Wide, typename F>
+void launch_rows(bool packed, int64_t rows, int64_t len, F&& kernel) {
+  launch_packed<Wide>(packed, [&](auto V) {
+    const int lanes = lanes_per_row(len, decltype(V)::value);
+    kernel(V, lanes, blocks_for(rows, kThreads / lanes));
+  });
 }
 
 }  // namespace lmtrain::cuda

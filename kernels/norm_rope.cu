@@ -1,7 +1,10 @@
-// One warp per head row (D <= a few hundred), as rmsnorm.cu. Lane l owns the channel pairs
-// (i, i + D/2) for i in packs of V starting at l * V, l * V + 32 V, ...: it reads its pairs
-// before writing them and no other lane touches them, which is what makes the in-place forms
-// safe. V = 2 fills the 32 lanes at head_dim 128 (64 pairs).
+// A group of G lanes per head row (G a power of two up to 32, the fewest that cover the row in
+// one pack each where they can: 8 lanes at head_dim 128 in bf16, so a warp moves four rows of
+// 16-byte packs at once; one lane per row moved too few bytes per load to come near the memory
+// bandwidth). Lane l of a group owns the channel pairs (i, i + D/2) for i in the packs
+// [l V, l V + V), [l V + G V, ...), ...: it reads its pairs before writing them and no other
+// lane touches them, which is what makes the in-place forms safe. The second pass reads the
+// row again, from L1.
 #include <cfloat>
 
 #include "common.cuh"
@@ -12,18 +15,14 @@ namespace lmtrain::cuda {
 
 namespace {
 
-constexpr int kRowsPerBlock = kThreads / 32;
-
-// The head row (b, t, h) this thread's warp works on, its lane, and the table rows of position
+// The head row (b, t, h) of this thread's lane group (LaneGroup) and the table rows of position
 // pos0 + t (d = D/2 entries each).
-struct HeadRow {
-  int64_t row;
-  int lane;
+struct HeadRow : LaneGroup {
   const float *cos, *sin;
-  __device__ HeadRow(const float* cos_table, const float* sin_table, int64_t T_, int64_t H,
-                     int64_t d, int pos0)
-      : row(int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32), lane(threadIdx.x % 32) {
-    const int64_t t = (row / H) % T_;
+  __device__ HeadRow(const float* cos_table, const float* sin_table, int64_t rows, int64_t T_,
+                     int64_t H, int64_t d, int pos0, int G)
+      : LaneGroup(rows, G) {
+    const int64_t t = valid ? (row / H) % T_ : 0;
     cos = cos_table + (pos0 + t) * d;
     sin = sin_table + (pos0 + t) * d;
   }
@@ -44,22 +43,22 @@ __device__ __forceinline__ void load_pairs(float (&a)[V], float (&e)[V], float (
 template <int V, typename T>
 __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const float* cos,
                                          const float* sin, int64_t rows, int64_t T_, int64_t H,
-                                         int64_t d, int pos0) {
-  const HeadRow h(cos, sin, T_, H, d, pos0);
-  if (h.row >= rows) return;
+                                         int64_t d, int pos0, int G) {
+  const HeadRow h(cos, sin, rows, T_, H, d, pos0, G);
   const T* xr = x + h.row * 2 * d;
   T* yr = out + h.row * 2 * d;
   float ss = 0.f;
-  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+  for (int64_t i = h.lane * V; h.valid && i < d; i += G * V) {
     float a[V], e[V];
     load(a, xr + i);
     load(e, xr + i + d);
 #pragma unroll
     for (int k = 0; k < V; ++k) ss += a[k] * a[k] + e[k] * e[k];
   }
-  ss = warp_sum(ss);
+  ss = warp_sum(ss, G);
+  if (!h.valid) return;
   const float r = 1.f / sqrtf(ss / float(2 * d) + FLT_EPSILON);
-  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+  for (int64_t i = h.lane * V; i < d; i += G * V) {
     float a[V], e[V], c[V], s[V], y1[V], y2[V];
     load_pairs(a, e, c, s, xr, h, i, d);
 #pragma unroll
@@ -95,23 +94,23 @@ __device__ __forceinline__ void unrotate(float (&n1)[V], float (&n2)[V], float (
 template <int V, typename T>
 __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, const float* rstd,
                                           const float* cos, const float* sin, int64_t rows,
-                                          int64_t T_, int64_t H, int64_t d, int pos0) {
-  const HeadRow h(cos, sin, T_, H, d, pos0);
-  if (h.row >= rows) return;
+                                          int64_t T_, int64_t H, int64_t d, int pos0, int G) {
+  const HeadRow h(cos, sin, rows, T_, H, d, pos0, G);
   const T* xr = x + h.row * 2 * d;
   const T* gr = dout + h.row * 2 * d;
   T* dr = dx + h.row * 2 * d;
   float dot = 0.f;
-  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+  for (int64_t i = h.lane * V; h.valid && i < d; i += G * V) {
     float n1[V], n2[V], a[V], e[V];
     unrotate(n1, n2, a, e, gr, xr, h, i, d);
 #pragma unroll
     for (int k = 0; k < V; ++k) dot += n1[k] * a[k] + n2[k] * e[k];
   }
-  dot = warp_sum(dot);
+  dot = warp_sum(dot, G);
+  if (!h.valid) return;
   const float r = rstd[h.row];
   const float scale = dot / float(2 * d) * r * r;
-  for (int64_t i = h.lane * V; i < d; i += 32 * V) {
+  for (int64_t i = h.lane * V; i < d; i += G * V) {
     float n1[V], n2[V], a[V], e[V];
     unrotate(n1, n2, a, e, gr, xr, h, i, d);
 #pragma unroll
@@ -124,12 +123,13 @@ __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, cons
   }
 }
 
-// Packs of two channels: the half-row length d must be even (so that every row, half row and
-// table row starts on a pack) and every pointer aligned to a pack.
+// Packs of 16 bytes of T (pairs of channels V at a time) when the half-row length d is a
+// multiple of the pack (so that every row, half row and table row starts on a pack) and every
+// pointer is aligned to one (the tables to V floats); else single pairs.
 template <typename T, typename... P>
 bool pairs_packed(int64_t d, const float* cos, const float* sin, const P*... rows) {
-  return d % 2 == 0 && packs_aligned(2 * sizeof(float), cos, sin) &&
-         packs_aligned(2 * sizeof(T), rows...);
+  return d % kPack<T> == 0 && packs_aligned(kPack<T> * sizeof(float), cos, sin) &&
+         packs_aligned(16, rows...);
 }
 
 }  // namespace
@@ -137,13 +137,13 @@ bool pairs_packed(int64_t d, const float* cos, const float* sin, const P*... row
 template <typename T>
 void norm_rope_forward(T* out, float* rstd, const T* x, const float* cos, const float* sin,
                        int64_t B, int64_t T_, int64_t H, int64_t D, int pos0, cudaStream_t stream) {
-  const int64_t rows = B * T_ * H;
+  const int64_t rows = B * T_ * H, d = D / 2;
   if (rows == 0) return;
-  launch_packed<2>(pairs_packed<T>(D / 2, cos, sin, out, x), [&](auto V) {
-    norm_rope_forward_kernel<decltype(V)::value>
-        <<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(out, rstd, x, cos, sin, rows, T_,
-                                                                   H, D / 2, pos0);
-  });
+  launch_rows<kPack<T>>(
+      pairs_packed<T>(d, cos, sin, out, x), rows, d, [&](auto V, int G, unsigned blocks) {
+        norm_rope_forward_kernel<decltype(V)::value>
+            <<<blocks, kThreads, 0, stream>>>(out, rstd, x, cos, sin, rows, T_, H, d, pos0, G);
+      });
   launch_check("norm_rope_forward", stream);
 }
 
@@ -151,13 +151,13 @@ template <typename T>
 void norm_rope_backward(T* dx, const T* dout, const T* x, const float* rstd, const float* cos,
                         const float* sin, int64_t B, int64_t T_, int64_t H, int64_t D, int pos0,
                         cudaStream_t stream) {
-  const int64_t rows = B * T_ * H;
+  const int64_t rows = B * T_ * H, d = D / 2;
   if (rows == 0) return;
-  launch_packed<2>(pairs_packed<T>(D / 2, cos, sin, dx, dout, x), [&](auto V) {
-    norm_rope_backward_kernel<decltype(V)::value>
-        <<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(dx, dout, x, rstd, cos, sin,
-                                                                   rows, T_, H, D / 2, pos0);
-  });
+  launch_rows<kPack<T>>(
+      pairs_packed<T>(d, cos, sin, dx, dout, x), rows, d, [&](auto V, int G, unsigned blocks) {
+        norm_rope_backward_kernel<decltype(V)::value>
+            <<<blocks, kThreads, 0, stream>>>(dx, dout, x, rstd, cos, sin, rows, T_, H, d, pos0, G);
+      });
   launch_check("norm_rope_backward", stream);
 }
 

@@ -6,28 +6,26 @@ namespace lmtrain::cuda {
 
 namespace {
 
-constexpr int kWarpsPerBlock = kThreads / 32;
-
-// One warp per (token, kv head); lane l moves elements [l * W, l * W + W) of each 32 * W of the
-// head's D.
+// A group of L lanes per (token, kv head) (launch_rows: 16 at D = 128 in bf16, two rows per
+// warp); lane l moves elements [l * W, l * W + W) of each L * W of the head's D.
 template <typename T, int W>
 __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const T* gate_w,
-                                          const T* table, const int32_t* tokens, ValueGateShape s) {
-  const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (nh >= s.N * s.Hkv) return;
-  const int64_t n = nh / s.Hkv, h = nh % s.Hkv;
+                                          const T* table, const int32_t* tokens, ValueGateShape s,
+                                          int L) {
+  const LaneGroup r(s.N * s.Hkv, L);
+  const int64_t n = r.row / s.Hkv, h = r.row % s.Hkv;
   float a = 0.f;
-  for (int64_t g = lane; g < s.G; g += 32)
+  for (int64_t g = r.lane; r.valid && g < s.G; g += L)
     a += to_float(xn[n * s.C + g]) * to_float(gate_w[h * s.G + g]);
-  a = warp_sum(a);
+  a = warp_sum(a, L);
+  if (!r.valid) return;
   const float sg = 2.f / (1.f + expf(-a));
-  if (lane == 0) gate[nh] = sg;
+  if (r.lane == 0) gate[r.row] = sg;
   const int32_t id = tokens[n];
   check_token(id, n, s.V);
-  T* vr = v + nh * s.D;
+  T* vr = v + r.row * s.D;
   const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
-  for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
+  for (int64_t d = int64_t(r.lane) * W; d < s.D; d += L * W) {
     float x[W], e[W];
     load<W>(x, vr + d);
     load<W>(e, er + d);
@@ -37,33 +35,37 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
   }
 }
 
-// One warp per (token, kv head), lanes as in the forward: the gate's logit gradient da, and dve.
+// Lane groups as in the forward: the gate's logit gradient da, and dve.
 template <typename T, int W>
 __global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* table,
-                                 const int32_t* tokens, const float* gate, ValueGateShape s) {
-  const int64_t nh = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (nh >= s.N * s.Hkv) return;
-  const int64_t n = nh / s.Hkv, h = nh % s.Hkv;
-  const int32_t id = tokens[n];
-  check_token(id, n, s.V);
-  const T* gr = dv + nh * s.D;
-  const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
-  const float sg = gate[nh];
+                                 const int32_t* tokens, const float* gate, ValueGateShape s,
+                                 int L) {
+  const LaneGroup r(s.N * s.Hkv, L);
+  const int64_t n = r.row / s.Hkv, h = r.row % s.Hkv;
   float dgate = 0.f;
-  for (int64_t d = int64_t(lane) * W; d < s.D; d += 32 * W) {
-    float g[W], e[W];
-    load<W>(g, gr + d);
-    load<W>(e, er + d);
+  if (r.valid) {
+    const int32_t id = tokens[n];
+    check_token(id, n, s.V);
+    const T* gr = dv + r.row * s.D;
+    const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
+    const float sg = gate[r.row];
+    for (int64_t d = int64_t(r.lane) * W; d < s.D; d += L * W) {
+      float g[W], e[W];
+      load<W>(g, gr + d);
+      load<W>(e, er + d);
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      dgate += g[k] * e[k];
-      g[k] *= sg;
+      for (int k = 0; k < W; ++k) {
+        dgate += g[k] * e[k];
+        g[k] *= sg;
+      }
+      store<W>(dve + r.row * s.D + d, g);
     }
-    store<W>(dve + nh * s.D + d, g);
   }
-  dgate = warp_sum(dgate);
-  if (lane == 0) da[nh] = dgate * sg * (1.f - 0.5f * sg);
+  dgate = warp_sum(dgate, L);
+  if (r.valid && r.lane == 0) {
+    const float sg = gate[r.row];
+    da[r.row] = dgate * sg * (1.f - 0.5f * sg);
+  }
 }
 
 // One thread per (token, gate channel): dxn[n, g] += sum_h da[n, h] gate_w[h, g].
@@ -113,11 +115,11 @@ template <typename T>
 void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* table,
                         const int32_t* tokens, const ValueGateShape& s, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
-  launch_packed<kPack<T>>(rows_packed<T>(s.D, v, table), [&](auto pack) {
-    value_gate_forward_kernel<T, decltype(pack)::value>
-        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(v, gate, xn, gate_w,
-                                                                           table, tokens, s);
-  });
+  launch_rows<kPack<T>>(
+      rows_packed<T>(s.D, v, table), s.N * s.Hkv, s.D, [&](auto W, int L, unsigned blocks) {
+        value_gate_forward_kernel<T, decltype(W)::value>
+            <<<blocks, kThreads, 0, stream>>>(v, gate, xn, gate_w, table, tokens, s, L);
+      });
   launch_check("value_gate_forward", stream);
 }
 
@@ -131,11 +133,11 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
                          const ValueGateShape& s, void* scratch, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
   auto* da = static_cast<float*>(scratch);
-  launch_packed<kPack<T>>(rows_packed<T>(s.D, dve, dv, table), [&](auto pack) {
-    gate_grad_kernel<T, decltype(pack)::value>
-        <<<blocks_for(s.N * s.Hkv, kWarpsPerBlock), kThreads, 0, stream>>>(da, dve, dv, table,
-                                                                           tokens, gate, s);
-  });
+  launch_rows<kPack<T>>(
+      rows_packed<T>(s.D, dve, dv, table), s.N * s.Hkv, s.D, [&](auto W, int L, unsigned blocks) {
+        gate_grad_kernel<T, decltype(W)::value>
+            <<<blocks, kThreads, 0, stream>>>(da, dve, dv, table, tokens, gate, s, L);
+      });
   launch_check("value_gate_backward (gate)", stream);
   if (s.G == 0) return;
   dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);

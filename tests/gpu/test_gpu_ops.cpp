@@ -530,7 +530,9 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
 
 TEST_CASE("gpu norm_rope matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t D : {16, 18, 64, 128, 192}) {  // 18: an odd number of pairs, no packs
+    // 18: an odd number of pairs, no packs; 130: the same, with more pairs than lanes in a warp,
+    // so each lane loops.
+    for (int64_t D : {16, 18, 64, 128, 130, 192}) {
       const int64_t B = 2, T = 7, H = 3, Tmax = 12, n = B * T * H * D;
       std::vector<float> angle = uniform(size_t(Tmax * D / 2), -3.f, 3.f), cos(angle), sin(angle);
       for (size_t i = 0; i < angle.size(); ++i) {
