@@ -17,21 +17,23 @@ fs::path one_step_checkpoint(const TempDir& tmp, const std::string& config) {
 
 }  // namespace
 
+// A second training on a run directory in use is refused at once, whatever it asks, before it
+// writes anything: also while the first run has no checkpoint yet, when there is nothing to
+// resume and no earlier run to replace, but the reason to give is still that the directory is
+// in use. RunLock's own refusal is tested in test_io_run_lock.cpp.
 TEST_CASE("e2e: a second training on a run directory in use is refused", "[e2e]") {
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
   const std::string config =
       write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}},
-                                              {"checkpoint", {{"every", 1}}}}));
+                                              {"checkpoint", {{"every", 100000}}}}));
   const RunPaths run(out_dir, "e2e");
   Background first;
   run_lmtrain_background({"train", "--config", config}, tmp, first);
-  REQUIRE(wait_for_step(run.metrics, 2));  // its step-1 checkpoint exists
-
-  // Both get past the check for an earlier run, and stop at the lock before they write: the
-  // one that would delete the run's files most of all.
+  REQUIRE(wait_for_step(run.metrics, 1));
+  REQUIRE(!fs::exists(run.ckpt / "latest"));
   for (const std::vector<std::string> mode :
-       {std::vector<std::string>{"--overwrite"}, {"--resume"}}) {
+       {std::vector<std::string>{"--resume"}, {}, {"--overwrite"}}) {
     std::vector<std::string> args = {"train", "--config", config};
     args.insert(args.end(), mode.begin(), mode.end());
     const Result second = run_lmtrain(args, tmp);
@@ -40,6 +42,7 @@ TEST_CASE("e2e: a second training on a run directory in use is refused", "[e2e]"
   }
   REQUIRE(::kill(first.pid, SIGTERM) == 0);
   CHECK(first.wait().code == 143);
+  CHECK(fs::exists(run.ckpt / "latest"));  // SIGTERM saved
   // The first run's metrics are its own: one record per step, in order.
   int last = 0;
   for (const auto& record : read_metrics(run.metrics)) {

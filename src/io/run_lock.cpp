@@ -1,5 +1,6 @@
 #include "io/run_lock.h"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <unistd.h>
@@ -12,6 +13,29 @@
 
 namespace lmtrain {
 
+namespace {
+
+// The error for a run directory whose lock file `path` another process holds.
+[[noreturn]] void fail_in_use(const std::string& run_dir, const std::string& path) {
+  std::string holder = read_file(path);
+  while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+  fail(
+      "{}: in use by another lmtrain run (process {}); wait for it, or start this one with "
+      "--set run.name=NAME",
+      run_dir, holder.empty() ? "?" : holder);
+}
+
+}  // namespace
+
+void RunLock::refuse_if_held(const std::string& run_dir) {
+  const std::string path = run_dir + "/.lock";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // no lock file: no run has held this directory
+  const UniqueFd probe(fd);
+  if (::flock(probe.get(), LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK)
+    fail_in_use(run_dir, path);
+}
+
 RunLock::RunLock(const std::string& run_dir) {
   std::error_code ec;
   std::filesystem::create_directories(run_dir, ec);
@@ -20,12 +44,7 @@ RunLock::RunLock(const std::string& run_dir) {
   fd_ = open_file(path, O_RDWR | O_CREAT | O_CLOEXEC);
   if (::flock(fd_.get(), LOCK_EX | LOCK_NB) != 0) {
     const int error = errno;
-    std::string holder = read_file(path);
-    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-    check(error != EWOULDBLOCK,
-          "{}: in use by another lmtrain run (process {}); wait for it, or start this one with "
-          "--set run.name=NAME",
-          run_dir, holder.empty() ? "?" : holder);
+    if (error == EWOULDBLOCK) fail_in_use(run_dir, path);
     // A filesystem without locks (some network filesystems) must not stop the run.
     spdlog::warn(
         "{}: cannot lock ({}): a second training on this run directory would not be "

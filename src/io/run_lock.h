@@ -15,6 +15,11 @@ class RunLock {
   // filesystem without locks it warns and goes on unlocked.
   explicit RunLock(const std::string& run_dir);
 
+  // Throws the same error when another process holds `run_dir`'s lock now (a probe that takes
+  // and drops a shared lock; nothing is created). Lets a run that would fail at the lock say so
+  // before it looks for checkpoints the holder may not have written yet.
+  static void refuse_if_held(const std::string& run_dir);
+
  private:
   UniqueFd fd_;
 };

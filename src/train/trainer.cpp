@@ -150,6 +150,11 @@ int train(const TrainOptions& options) {
   std::error_code ec;
   check(!fs::exists(ckpt_parent, ec) || fs::is_directory(ckpt_parent, ec),
         "train: {}: expected the run's checkpoint directory, found a file", ckpt_parent);
+  // A run holding the directory (say, before its first checkpoint) is the reason to give, not
+  // the missing checkpoint or the earlier run's files it is writing. The lock itself is taken
+  // after start-up, so this is a courtesy; the lock decides.
+  with_context(options.config_path + ": run.out_dir and run.name",
+               [&] { RunLock::refuse_if_held(run_dir); });
   refuse_earlier_run();
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
