@@ -6,8 +6,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include "core/error.h"
 
@@ -29,7 +31,7 @@ namespace {
 
 void RunLock::refuse_if_held(const std::string& run_dir) {
   const std::string path = run_dir + "/.lock";
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO must not hang
   if (fd < 0) return;  // no lock file: no run has held this directory
   const UniqueFd probe(fd);
   if (::flock(probe.get(), LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK)
@@ -42,8 +44,17 @@ RunLock::RunLock(const std::string& run_dir) {
   check(!ec, "{}: cannot create the run directory: {}", run_dir, ec.message());
   const std::string path = run_dir + "/.lock";
   fd_ = open_file(path, O_RDWR | O_CREAT | O_CLOEXEC);
-  if (::flock(fd_.get(), LOCK_EX | LOCK_NB) != 0) {
-    const int error = errno;
+  // Another run's refuse_if_held holds a shared lock for a moment: try a few times over 100 ms
+  // before calling the directory in use.
+  int error = 0;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    if (attempt) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    // (The call comes first: errno must not be read in the same call that may set it.)
+    const bool locked = ::flock(fd_.get(), LOCK_EX | LOCK_NB) == 0;
+    error = locked ? 0 : errno;
+    if (error != EWOULDBLOCK) break;
+  }
+  if (error != 0) {
     if (error == EWOULDBLOCK) fail_in_use(run_dir, path);
     // A filesystem without locks (some network filesystems) must not stop the run.
     spdlog::warn(

@@ -75,8 +75,12 @@ struct Comparison {
   bool nan = false;
 };
 
-inline Comparison measure(const std::vector<float>& got, const std::vector<float>& want) {
+// `min_scale`: a floor under max |want|, for tensors whose error is set by something larger
+// than their own elements.
+inline Comparison measure(const std::vector<float>& got, const std::vector<float>& want,
+                          double min_scale = 0) {
   Comparison c;
+  c.scale = min_scale;
   for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
     if (!std::isfinite(got[i]) || !std::isfinite(want[i])) {
       if (!c.nan) c.worst = i;
@@ -94,8 +98,8 @@ inline Comparison measure(const std::vector<float>& got, const std::vector<float
 
 // Prints one line per comparison and CHECKs rel <= tol.
 inline void compare(const std::string& what, const std::vector<float>& got,
-                    const std::vector<float>& want, double tol) {
-  const Comparison c = measure(got, want);
+                    const std::vector<float>& want, double tol, double min_scale = 0) {
+  const Comparison c = measure(got, want, min_scale);
   const bool sizes = got.size() == want.size() && !got.empty();
   const bool ok = sizes && !c.nan && c.rel <= tol;
   std::printf("%-4s %-58s rel %9.3e  tol %7.1e  worst [%zu] got %-13.7g want %-13.7g scale %.4g\n",

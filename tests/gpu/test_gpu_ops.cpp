@@ -531,8 +531,9 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
 TEST_CASE("gpu norm_rope matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     // 18: an odd number of pairs, no packs; 130: the same, with more pairs than lanes in a warp,
-    // so each lane loops.
-    for (int64_t D : {16, 18, 64, 128, 130, 192}) {
+    // so each lane loops; 528: packs, with more packs than lanes (two passes in bf16, three in
+    // fp32).
+    for (int64_t D : {16, 18, 64, 128, 130, 192, 528}) {
       const int64_t B = 2, T = 7, H = 3, Tmax = 12, n = B * T * H * D;
       std::vector<float> angle = uniform(size_t(Tmax * D / 2), -3.f, 3.f), cos(angle), sin(angle);
       for (size_t i = 0; i < angle.size(); ++i) {
