@@ -471,8 +471,10 @@ TEST_CASE("e2e: a run name that is not UTF-8 text or holds control characters is
                            "a\xe2\x81\xa6"
                            "b"}) {
     CAPTURE(name);
-    expect_refused({}, {"--set", std::string("run.name=") + name},
-                   {"config.json: run.name: expected a name without control characters"});
+    const std::string set = std::string("run.name=") + name;
+    expect_refused({}, {"--set", set},
+                   {"config.json with --set " + lmtrain::escape_unprintable(set) +
+                    ": run.name: expected a name without control characters"});
   }
   // Other characters outside ASCII are names like any other.
   TempDir tmp;
@@ -503,13 +505,37 @@ TEST_CASE("e2e: missing data paths name their config key", "[e2e]") {
                  {"config.json: data.train: ", "File name too long"});
 
   const std::string config = write_config(tmp, tiny_config(tmp / "runs"));
+  // From --set, they name the --set.
   require_one_error_line(
       run_lmtrain({"info", "--config", config, "--set", "data.tokenizer=" + missing}, tmp),
-      {config + ": data.tokenizer: " + missing + " does not exist"});
+      {config + " with --set data.tokenizer=" + missing + ": data.tokenizer: " + missing +
+       " does not exist"});
   require_one_error_line(
       run_lmtrain({"info", "--config", config, "--set", "data.tokenizer=" + tmp.path().string()},
                   tmp),
-      {config + ": data.tokenizer: " + tmp.path().string() + ": is a directory"});
+      {config + " with --set data.tokenizer=" + tmp.path().string() +
+       ": data.tokenizer: " + tmp.path().string() + ": is a directory"});
+  expect_refused({}, {"--set", "data.val=" + missing},
+                 {"config.json with --set data.val=" + missing + ": data.val: " + missing});
+}
+
+// Checks outside the config's schema (the batch plan, the horizon, the run name, the sample
+// prompt's length) name the --set that wrote a key they are about, like the schema's own.
+TEST_CASE("e2e: errors about keys a --set wrote name the --set", "[e2e]") {
+  expect_refused({}, {"--set", "batch.total_batch_tokens=1000"},
+                 {"config.json with --set batch.total_batch_tokens=1000: "
+                  "batch.total_batch_tokens: 1000 is not a multiple of device_batch"});
+  expect_refused({}, {"--set", "batch.device_batch=3"},
+                 {"config.json with --set batch.device_batch=3: batch.total_batch_tokens: "});
+  expect_refused({},
+                 {"--set", "schedule.target_flops=1e300", "--set", "schedule.num_iterations=-1"},
+                 {"config.json with --set schedule.num_iterations=-1: schedule.target_flops: "
+                  "the horizon comes to"});
+  expect_refused({}, {"--set", "run.name=../x"},
+                 {"config.json with --set run.name=../x: run.name: expected a relative name"});
+  // The file's own values are the file's.
+  expect_refused({{"batch", {{"total_batch_tokens", 1000}}}}, {"--set", "run.seed=3"},
+                 {"config.json: batch.total_batch_tokens: 1000 is not a multiple"});
 }
 
 // A horizon no step counter can hold, and a checkpoint resumed past the run's horizon.

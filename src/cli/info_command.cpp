@@ -36,8 +36,9 @@ int run_info(const InfoOptions& o) {
   }
   check(!o.config_path.empty(), "info: --config is required (or --keys for the key reference)");
   Config config = load_config(o.config_path, o.overrides);
+  const config::Source source{o.config_path, o.overrides};
   int vocab = config.model.vocab_size;
-  const std::string tokenizer_key = o.config_path + ": data.tokenizer";
+  const std::string tokenizer_key = source.at("data.tokenizer") + ": data.tokenizer";
   auto tokenizer_vocab = [&] {
     return with_context(tokenizer_key,
                         [&] { return Tokenizer::load(config.data.tokenizer).vocab_size(); });
@@ -52,7 +53,7 @@ int run_info(const InfoOptions& o) {
     // train refuses this; say so here rather than print a plan for a run that cannot start.
     const int needed = tokenizer_vocab();
     check(vocab >= needed, "{}: model.vocab_size: {} is smaller than the {} tokens of {}",
-          o.config_path, vocab, needed, config.data.tokenizer);
+          source.at("model.vocab_size"), vocab, needed, config.data.tokenizer);
   }
   const GptShape shape = GptShape::from(config.model, vocab);
   const ParamTable table(shape);
@@ -76,8 +77,7 @@ int run_info(const InfoOptions& o) {
   fmt::print("windows per layer (+ve: value embedding): {}\n", windows);
   print_activation_memory(config, shape);
   fmt::print("\n");
-  fmt::print("{}",
-             make_plan(config, shape, 1, o.config_path, /*require_horizon=*/false).describe());
+  fmt::print("{}", make_plan(config, shape, 1, source, /*require_horizon=*/false).describe());
   return 0;
 }
 

@@ -9,6 +9,7 @@
 //   };
 #pragma once
 
+#include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -42,10 +43,14 @@ bool is_utf8(std::string_view text);
 struct Source {
   std::string file;
   std::vector<std::string> sets;  // "key.path=value" as typed, in order
-  // The last --set that wrote `path` or a section holding it; nullptr when the file did.
-  const std::string* set_of(const std::string& path) const;
-  // "<file>", or "<file> with --set key=value" for a key a --set wrote.
-  std::string at(const std::string& path) const;
+  // The last --set that wrote one of `paths` or a section holding one; nullptr when the file
+  // did.
+  const std::string* set_of(std::initializer_list<std::string_view> paths) const;
+  // "<file>", or "<file> with --set key=value" for the last --set that wrote one of `paths`
+  // (an error about several keys, such as a batch that does not divide, names any of them).
+  std::string at(std::initializer_list<std::string_view> paths) const;
+  const std::string* set_of(std::string_view path) const { return set_of({path}); }
+  std::string at(std::string_view path) const { return at({path}); }
 };
 
 // Reads fields from a JSON object; every key of the object must be visited.

@@ -5,8 +5,8 @@
 
 namespace lmtrain {
 
-TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const std::string& source,
-                       bool require_horizon) {
+TrainingPlan make_plan(const Config& c, const GptShape& shape, int world,
+                       const config::Source& source, bool require_horizon) {
   TrainingPlan p;
   p.tokens_per_micro_step = int64_t(c.batch.device_batch) * shape.seq_len * world;
   p.batch_tokens =
@@ -14,20 +14,24 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const 
   check(p.batch_tokens % p.tokens_per_micro_step == 0,
         "{}: batch.total_batch_tokens: {} is not a multiple of device_batch {} x sequence_len {} x "
         "ranks {} = {}",
-        source, p.batch_tokens, c.batch.device_batch, shape.seq_len, world,
-        p.tokens_per_micro_step);
+        source.at({"batch.total_batch_tokens", "batch.device_batch", "model.sequence_len"}),
+        p.batch_tokens, c.batch.device_batch, shape.seq_len, world, p.tokens_per_micro_step);
   p.grad_accum = int(p.batch_tokens / p.tokens_per_micro_step);
   p.flops_per_token = shape.flops_per_token();
   p.scaling_params = count_params(ParamTable(shape)).scaling();
 
   const auto& s = c.schedule;
+  // The keys the horizon comes from: an error about it names the --set of any of them.
+  const std::string horizon_source = source.at({"schedule.num_iterations", "schedule.target_flops",
+                                                "schedule.target_param_data_ratio",
+                                                "batch.total_batch_tokens", "batch.device_batch"});
   // A horizon from a budget, rounded to whole steps; one past int's range is refused, not wrapped.
   auto steps = [&](double exact, const char* key) {
     const double rounded = std::nearbyint(exact);
     check(rounded <= double(std::numeric_limits<int>::max()),
           "{}: schedule.{}: the horizon comes to {:.3g} steps, more than a run can count; lower "
           "the budget",
-          source, key, rounded);
+          horizon_source, key, rounded);
     return int(rounded);
   };
   if (s.num_iterations > 0) {
@@ -39,11 +43,11 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world, const 
                              "target_param_data_ratio");
   } else if (require_horizon) {
     fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio",
-         source);
+         horizon_source);
   }
   if (require_horizon) {
     check(p.num_iterations >= 1, "{}: schedule: the horizon comes to {} steps; raise the budget",
-          source, p.num_iterations);
+          horizon_source, p.num_iterations);
   }
   return p;
 }

@@ -23,8 +23,8 @@ struct TrainingPlan {
 };
 
 // `require_horizon` false allows configs without a horizon (info on a model alone). `source`
-// names the config in errors.
+// names the config, or the --set that wrote a key, in errors.
 TrainingPlan make_plan(const Config& config, const GptShape& shape, int world,
-                       const std::string& source, bool require_horizon = true);
+                       const config::Source& source, bool require_horizon = true);
 
 }  // namespace lmtrain

@@ -131,7 +131,12 @@ void check_run_name(const std::string& run_name, const std::string& source) {
 int train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   const nlohmann::json resolved = to_json(config);
-  check_run_name(config.run.name, options.config_path);
+  // Errors about keys name the config, or the --set that wrote the key.
+  const config::Source source{options.config_path, options.overrides};
+  auto at_key = [&](std::string_view key) { return fmt::format("{}: {}", source.at(key), key); };
+  const std::string at_run_dir =
+      source.at({"run.out_dir", "run.name"}) + ": run.out_dir and run.name";
+  check_run_name(config.run.name, source.at("run.name"));
   const std::string run_dir = (fs::path(config.run.out_dir) / config.run.name).string();
   const std::string ckpt_parent = (fs::path(run_dir) / "ckpt").string();
   check(!(options.resume && !options.init_from.empty()),
@@ -153,8 +158,7 @@ int train(const TrainOptions& options) {
   // A run holding the directory (say, before its first checkpoint) is the reason to give, not
   // the missing checkpoint or the earlier run's files it is writing. The lock itself is taken
   // after start-up, so this is a courtesy; the lock decides.
-  with_context(options.config_path + ": run.out_dir and run.name",
-               [&] { RunLock::refuse_if_held(run_dir); });
+  with_context(at_run_dir, [&] { RunLock::refuse_if_held(run_dir); });
   refuse_earlier_run();
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
@@ -184,7 +188,7 @@ int train(const TrainOptions& options) {
     openblas_set_num_threads(config.run.threads);
   }
   const dist::RankInfo ranks = dist::read_rank_info();
-  std::unique_ptr<Backend> backend = with_context(options.config_path + ": run.backend", [&] {
+  std::unique_ptr<Backend> backend = with_context(at_key("run.backend"), [&] {
     return make_backend(config.run.backend, config.run.dtype, ranks.local_rank);
   });
   auto comm = dist::make_communicator(ranks, *backend, dist::rendezvous_timeout());
@@ -198,16 +202,15 @@ int train(const TrainOptions& options) {
   if (config.run.profile_steps > 0) timed = std::make_unique<TimedBackend>(*backend);
   Backend& ops = timed ? static_cast<Backend&>(*timed) : *backend;
 
-  // What the data keys name is read now; an error there names the key as well as the file.
-  auto at_key = [&](const char* key) { return options.config_path + ": " + key; };
+  // What the data keys name is read now; an error there names the key as well as the config.
   Tokenizer tokenizer = with_context(at_key("data.tokenizer"),
                                      [&] { return Tokenizer::load(config.data.tokenizer); });
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
   check(tokenizer.vocab_size() <= vocab,
-        "{}: model.vocab_size: {} is smaller than the tokenizer's {}", options.config_path, vocab,
-        tokenizer.vocab_size());
+        "{}: model.vocab_size: {} is smaller than the tokenizer's {}",
+        source.at("model.vocab_size"), vocab, tokenizer.vocab_size());
   const GptShape shape = GptShape::from(config.model, vocab);
-  const TrainingPlan plan = make_plan(config, shape, world, options.config_path);
+  const TrainingPlan plan = make_plan(config, shape, world, source);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
   if (options.resume) {
     const int saved_step = resume_meta["step"].get<int>();
@@ -250,7 +253,7 @@ int train(const TrainOptions& options) {
   check(prompt_tokens < size_t(T),
         "{}: eval.sample_prompt: {} tokens with the BOS, but samples need fewer than "
         "model.sequence_len {}",
-        options.config_path, prompt_tokens, T);
+        source.at({"eval.sample_prompt", "model.sequence_len"}), prompt_tokens, T);
   // The few values the ranks share each step: four sums, or a loss and one value per rank.
   const int64_t num_scalars = std::max(4, world + 1);
   Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
@@ -287,7 +290,7 @@ int train(const TrainOptions& options) {
   // writes there only from now on. A run started beside this one may have written meanwhile.
   std::optional<RunLock> run_lock;
   if (lead) {
-    with_context(at_key("run.out_dir") + " and run.name", [&] { run_lock.emplace(run_dir); });
+    with_context(at_run_dir, [&] { run_lock.emplace(run_dir); });
     refuse_earlier_run();
     if (options.overwrite && run_dir_state(run_dir).earlier_run()) {
       spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
