@@ -158,18 +158,27 @@ inline void run_lmtrain_background(const std::vector<std::string>& args, const T
   bg.pid = pid;
 }
 
-// Waits up to a minute for a metrics file to hold the record of step `step` (or a later one).
-inline bool wait_for_step(const fs::path& metrics, int step) {
+// Polls `done` every 5 ms for up to 60 s; returns whether it came true.
+template <typename F>
+bool wait_until(F&& done) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return false;
+}
+
+// Waits up to a minute for a metrics file to hold the record of step `step` (or a later one).
+inline bool wait_for_step(const fs::path& metrics, int step) {
+  return wait_until([&] {
     for (const auto& line : lines_of(read_text(metrics))) {
       const json record = json::parse(line, nullptr, false);  // a line being written: not yet
       if (record.is_discarded() || !record.contains("train_loss")) continue;
       if (record["step"].get<int>() >= step) return true;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  return false;
+    return false;
+  });
 }
 
 // The records of a run's metrics.jsonl, in order.

@@ -444,7 +444,43 @@ TEST_CASE("e2e: a new run never replaces an earlier one unasked", "[e2e]") {
   const auto records = lines_of(read_text(run.run / "metrics.jsonl"));
   int steps = 0;
   for (const auto& line : records) steps += json::parse(line).contains("train_loss");
-  CHECK(steps == 1);  // only the new run's step
+  CHECK(steps == 1);                                  // only the new run's step
+  CHECK_FALSE(fs::exists(run.run / "replaced_run"));  // gone with the new run's checkpoint
+}
+
+// --overwrite keeps the earlier run in replaced_run/ until the new run has a checkpoint: a new
+// run killed before its first one loses neither, the next command says where the earlier run
+// is, and moved back it resumes.
+TEST_CASE("e2e: --overwrite keeps the earlier run until the new run has a checkpoint", "[e2e]") {
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
+  const fs::path replaced = run.run / "replaced_run";
+  Background second;
+  run_lmtrain_background({"train", "--config", config, "--overwrite", "--set",
+                          "schedule.num_iterations=100000", "--set", "checkpoint.every=100000"},
+                         tmp, second);
+  // The earlier run's metrics have step 1 too: wait for them to be set aside first.
+  REQUIRE(wait_until([&] { return fs::exists(replaced / "metrics.jsonl"); }));
+  REQUIRE(wait_for_step(run.metrics, 1));
+  REQUIRE(::kill(second.pid, SIGKILL) == 0);
+  second.wait();
+  CHECK(fs::exists(replaced / "ckpt" / "step_000002" / "model.safetensors"));
+  CHECK(fs::exists(replaced / "metrics.jsonl"));
+  CHECK_FALSE(fs::exists(run.ckpt));
+
+  const std::string hint = "the run --overwrite replaced is kept in " + replaced.string();
+  require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
+                         {"no such checkpoint directory", hint});
+  require_one_error_line(run_lmtrain({"train", "--config", config}, tmp),
+                         {"holds an earlier run", hint});
+
+  fs::rename(replaced / "ckpt", run.ckpt);
+  fs::rename(replaced / "metrics.jsonl", run.metrics);
+  fs::remove_all(replaced);
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(resumed.all());
+  CHECK(resumed.code == 0);
+  CHECK(resumed.out.find("resuming from") != std::string::npos);
 }
 
 // A run writes only inside run.out_dir; the name is checked by train alone, so a checkpoint's

@@ -30,6 +30,7 @@
 #include "train/op_profile.h"
 #include "train/plan.h"
 #include "train/rank_agreement.h"
+#include "train/run_dir.h"
 
 namespace lmtrain {
 
@@ -40,24 +41,6 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 
 extern "C" void on_stop_signal(int signal) { g_stop_signal = signal; }
-
-// What an earlier run left in a run directory: checkpoints (hidden entries of ckpt/ are the
-// unfinished saves of killed runs) and logged metrics. A run that ended before its first step or
-// save left nothing to lose.
-struct RunDirState {
-  bool checkpoints = false, metrics = false;
-  bool earlier_run() const { return checkpoints || metrics; }
-};
-
-RunDirState run_dir_state(const std::string& run_dir) {
-  RunDirState state;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(fs::path(run_dir) / "ckpt", ec))
-    state.checkpoints |= entry.path().filename().string().front() != '.';
-  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
-  state.metrics = fs::exists(metrics, ec) && fs::file_size(metrics, ec) > 0;
-  return state;
-}
 
 // The stop signal every rank acts on, from each rank's own (one per rank, summed over ranks,
 // from `first`): the lowest rank's that got one, so that all ranks exit with the same code.
@@ -149,8 +132,9 @@ int train(const TrainOptions& options) {
     const RunDirState state = run_dir_state(run_dir);
     check(!state.earlier_run(),
           "train: {} holds an earlier run: {}start another with --set run.name=NAME, or replace "
-          "it with --overwrite",
-          run_dir, state.checkpoints ? "continue it with --resume, " : "");
+          "it with --overwrite{}",
+          run_dir, state.checkpoints ? "continue it with --resume, " : "",
+          replaced_run_hint(run_dir));
   };
   std::error_code ec;
   check(!fs::exists(ckpt_parent, ec) || fs::is_directory(ckpt_parent, ec),
@@ -165,7 +149,13 @@ int train(const TrainOptions& options) {
   std::string resume_dir;
   nlohmann::json resume_meta;
   if (options.resume) {
-    resume_dir = resolve_checkpoint(ckpt_parent);
+    try {
+      resume_dir = resolve_checkpoint(ckpt_parent);
+    } catch (const Error& e) {
+      const std::string hint = replaced_run_hint(run_dir);
+      if (hint.empty()) throw;
+      fail("{}{}", e.what(), hint);
+    }
     resume_meta = read_checkpoint_meta(resume_dir);
     const nlohmann::json& saved = resume_meta["config"];
     for (const char* section : {"model", "batch", "data"}) {
@@ -292,12 +282,12 @@ int train(const TrainOptions& options) {
   if (lead) {
     with_context(at_run_dir, [&] { run_lock.emplace(run_dir); });
     refuse_earlier_run();
-    if (options.overwrite && run_dir_state(run_dir).earlier_run()) {
-      spdlog::warn("--overwrite: deleting the earlier run's checkpoints and metrics in {}",
-                   run_dir);
-      fs::remove_all(ckpt_parent);
-      for (const char* file : {"metrics.jsonl", "op_profile.json"})
-        fs::remove(fs::path(run_dir) / file);
+    if (options.overwrite &&
+        (run_dir_state(run_dir).earlier_run() || fs::exists(replaced_run_dir(run_dir), ec))) {
+      spdlog::warn(
+          "--overwrite: the earlier run's checkpoints and metrics are in {} until this run saves "
+          "its first checkpoint",
+          set_aside_earlier_run(run_dir));
     } else if (const int removed = remove_unfinished(ckpt_parent)) {
       spdlog::info("{}: removed {} unfinished checkpoint directories of a run that was killed",
                    ckpt_parent, removed);
@@ -324,6 +314,12 @@ int train(const TrainOptions& options) {
                plan.describe());
 
   const double peak = peak_flops(*backend);
+  // The run --overwrite replaced goes once this run has a checkpoint or has finished.
+  auto discard_replaced = [&](const char* why) {
+    if (discard_replaced_run(run_dir))
+      spdlog::info("deleted {}, the run --overwrite replaced: this run{}",
+                   replaced_run_dir(run_dir), why);
+  };
   // Saves the state after `completed` optimizer steps (every rank takes part).
   // `evaluated`: the evaluation at `completed` has run (the final checkpoint's case), so a run
   // resumed from it does not repeat it.
@@ -341,6 +337,7 @@ int train(const TrainOptions& options) {
     std::string dir = save_checkpoint(ckpt_parent, resolved, model, &optimizer, loop,
                                       config.data.tokenizer, *comm);
     spdlog::info("saved checkpoint {}", dir);
+    if (lead) discard_replaced(" has a checkpoint");
   };
 
   // The op profile of steps [profile_start, profile_start + profile_steps), 1-based: written
@@ -495,6 +492,7 @@ int train(const TrainOptions& options) {
   // A run resumed from its final checkpoint has that state saved already.
   const bool saved_final = saved_step == N && saved_evaluated;
   if ((config.checkpoint.save_final || late_signal) && !saved_final) save(N, true);
+  if (lead) discard_replaced(" has finished");
   spdlog::info("peak {} memory: {:.1f} MiB", backend->name(), backend->peak_bytes() / 1048576.0);
   if (lead) metrics->write({{"step", N}, {"peak_memory_bytes", backend->peak_bytes()}});
   if (late_signal) {
