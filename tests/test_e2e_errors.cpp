@@ -483,6 +483,42 @@ TEST_CASE("e2e: --overwrite keeps the earlier run until the new run has a checkp
   CHECK(resumed.out.find("resuming from") != std::string::npos);
 }
 
+// What a failed replacement can leave besides: no metrics at all (it died in set-up or its
+// first step), a set-aside killed halfway, and a replaced_run that is not a directory.
+TEST_CASE("e2e: what a failed --overwrite leaves is never taken for nothing", "[e2e]") {
+  TrainedRun trained;
+  const auto& [tmp, out_dir, config, run, ckpt] = trained;
+  const fs::path replaced = run.run / "replaced_run";
+  // Died before its first record: an empty metrics file, the earlier run aside. A plain start
+  // must not take the directory for empty (its first save would delete the earlier run).
+  fs::create_directories(replaced);
+  fs::rename(run.ckpt, replaced / "ckpt");
+  fs::rename(run.metrics, replaced / "metrics.jsonl");
+  write_text(run.metrics, "");
+  require_one_error_line(run_lmtrain({"train", "--config", config}, tmp),
+                         {"holds an earlier run", "kept in " + replaced.string()});
+  CHECK(fs::exists(replaced / "ckpt" / "step_000002"));
+
+  // Killed while setting aside: replaced_run is built under a temporary name; the next run
+  // moves its files back, and --resume continues the earlier run.
+  fs::remove(run.metrics);
+  fs::rename(replaced, run.run / ".replaced_run.tmp");
+  const Result resumed = run_lmtrain({"train", "--config", config, "--resume"}, tmp);
+  INFO(resumed.all());
+  CHECK(resumed.code == 0);
+  CHECK(resumed.out.find("moved back the files of a run that --overwrite was setting aside") !=
+        std::string::npos);
+  CHECK(fs::exists(run.ckpt / "step_000002"));
+  CHECK_FALSE(fs::exists(run.run / ".replaced_run.tmp"));
+
+  // A file where replaced_run goes: refused before anything moves.
+  write_text(replaced, "not a directory");
+  require_one_error_line(run_lmtrain({"train", "--config", config, "--overwrite"}, tmp),
+                         {replaced.string(), "found something else"});
+  CHECK(fs::exists(run.ckpt / "step_000002"));
+  CHECK(fs::exists(run.metrics));
+}
+
 // A run writes only inside run.out_dir; the name is checked by train alone, so a checkpoint's
 // saved config stays readable by eval and sample whatever its name.
 TEST_CASE("e2e: a run name outside run.out_dir is refused", "[e2e]") {
@@ -569,6 +605,12 @@ TEST_CASE("e2e: errors about keys a --set wrote name the --set", "[e2e]") {
                   "the horizon comes to"});
   expect_refused({}, {"--set", "run.name=../x"},
                  {"config.json with --set run.name=../x: run.name: expected a relative name"});
+  // A --set of a whole section covers its keys; a --set of a key that cannot cause the error is
+  // not named.
+  expect_refused({}, {"--set", R"(batch={"device_batch": 3})"},
+                 {R"(config.json with --set batch={"device_batch": 3}: batch.total_batch_tokens)"});
+  expect_refused({}, {"--set", "schedule.num_iterations=-1", "--set", "run.seed=4"},
+                 {"config.json with --set schedule.num_iterations=-1: schedule: set one of"});
   // The file's own values are the file's.
   expect_refused({{"batch", {{"total_batch_tokens", 1000}}}}, {"--set", "run.seed=3"},
                  {"config.json: batch.total_batch_tokens: 1000 is not a multiple"});

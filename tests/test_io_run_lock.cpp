@@ -1,12 +1,15 @@
 // The run directory's lock: held by one RunLock at a time (flock locks belong to an open file,
 // so a second RunLock in the same process is refused like another process's), its refusal
 // naming the holder's process id, and the probe that refuses without taking the lock.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "io/run_lock.h"
 #include "test_support.h"
@@ -36,4 +39,21 @@ TEST_CASE("RunLock is held by one holder at a time and named when refused", "[io
   std::optional<RunLock> again;
   again.emplace(run_dir);
   CHECK_THROWS_WITH(RunLock::refuse_if_held(run_dir), Contains(in_use));
+}
+
+// Another run's probe holds a shared lock for a moment: RunLock waits it out instead of calling
+// the directory in use.
+TEST_CASE("RunLock waits out a probe's shared lock", "[io]") {
+  TempDir tmp;
+  const std::string run_dir = tmp / "run";
+  { const RunLock first(run_dir); }  // creates the lock file
+  const int fd = ::open((run_dir + "/.lock").c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(::flock(fd, LOCK_SH | LOCK_NB) == 0);
+  std::thread release([fd] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    ::close(fd);
+  });
+  CHECK_NOTHROW(RunLock(run_dir));
+  release.join();
 }

@@ -53,7 +53,7 @@ int run_info(const InfoOptions& o) {
     // train refuses this; say so here rather than print a plan for a run that cannot start.
     const int needed = tokenizer_vocab();
     check(vocab >= needed, "{}: model.vocab_size: {} is smaller than the {} tokens of {}",
-          source.at("model.vocab_size"), vocab, needed, config.data.tokenizer);
+          source.at({"model.vocab_size", "data.tokenizer"}), vocab, needed, config.data.tokenizer);
   }
   const GptShape shape = GptShape::from(config.model, vocab);
   const ParamTable table(shape);

@@ -15,8 +15,8 @@ void add_train_command(CLI::App& app, Action& action) {
   cmd->add_option("--init-from", options->init_from, "start a new run from a checkpoint's weights")
       ->check(non_empty("a checkpoint directory"));
   cmd->add_flag("--overwrite", options->overwrite,
-                "start a new run in a run directory that holds an earlier one, deleting its "
-                "checkpoints and metrics");
+                "start a new run in a run directory that holds an earlier one, replacing it "
+                "(kept in replaced_run/ until the new run saves its first checkpoint)");
   cmd->callback([&action, options] { action = [options] { return train(*options); }; });
 }
 

@@ -65,17 +65,19 @@ bool is_utf8(std::string_view text) {
   return true;
 }
 
-const std::string* Source::set_of(std::initializer_list<std::string_view> paths) const {
+const std::string* Source::set_of(std::span<const std::string_view> paths) const {
   for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
     const std::string key = it->substr(0, it->find('='));
     for (std::string_view path : paths) {
-      if (path == key || path.starts_with(key + ".") || path.starts_with(key + "[")) return &*it;
+      if (path == key || path.starts_with(key + ".") || path.starts_with(key + "[") ||
+          std::string_view(key).starts_with(std::string(path) + "."))
+        return &*it;
     }
   }
   return nullptr;
 }
 
-std::string Source::at(std::initializer_list<std::string_view> paths) const {
+std::string Source::at(std::span<const std::string_view> paths) const {
   const std::string* set = set_of(paths);
   if (!set) return file;
   // A --set value is whatever bytes the shell passed (invalid UTF-8, line breaks, bidirectional

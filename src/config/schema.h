@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -43,12 +44,18 @@ bool is_utf8(std::string_view text);
 struct Source {
   std::string file;
   std::vector<std::string> sets;  // "key.path=value" as typed, in order
-  // The last --set that wrote one of `paths` or a section holding one; nullptr when the file
-  // did.
-  const std::string* set_of(std::initializer_list<std::string_view> paths) const;
+  // The last --set that wrote one of `paths`, a section holding one, or (for a path that is a
+  // section, "model") a key inside it; nullptr when the file did.
+  const std::string* set_of(std::span<const std::string_view> paths) const;
   // "<file>", or "<file> with --set key=value" for the last --set that wrote one of `paths`
   // (an error about several keys, such as a batch that does not divide, names any of them).
-  std::string at(std::initializer_list<std::string_view> paths) const;
+  std::string at(std::span<const std::string_view> paths) const;
+  const std::string* set_of(std::initializer_list<std::string_view> paths) const {
+    return set_of(std::span(paths.begin(), paths.size()));
+  }
+  std::string at(std::initializer_list<std::string_view> paths) const {
+    return at(std::span(paths.begin(), paths.size()));
+  }
   const std::string* set_of(std::string_view path) const { return set_of({path}); }
   std::string at(std::string_view path) const { return at({path}); }
 };

@@ -42,17 +42,6 @@ std::string unfinished_name(const std::string& file) {
   return {};
 }
 
-void rename_or_fail(const std::string& from, const std::string& to) {
-  if (::rename(from.c_str(), to.c_str()) != 0)
-    fail("{}: cannot rename to {}: {}", from, to, errno_text());
-}
-
-void remove_all_or_warn(const std::string& path) {
-  std::error_code ec;
-  fs::remove_all(path, ec);
-  if (ec) spdlog::warn("{}: could not remove: {}", path, ec.message());
-}
-
 // fsync every file and directory below `dir`, then `dir` itself, so the rename that publishes it
 // cannot become durable before its contents.
 void sync_tree(const std::string& dir) {
@@ -66,6 +55,17 @@ void sync_tree(const std::string& dir) {
 }
 
 }  // namespace
+
+void rename_or_fail(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    fail("{}: cannot rename to {}: {}", from, to, errno_text());
+}
+
+void remove_all_or_warn(const std::string& path) {
+  std::error_code ec;
+  fs::remove_all(path, ec);
+  if (ec) spdlog::warn("{}: could not remove: {}", path, ec.message());
+}
 
 UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
   if (this != &other) {

@@ -80,6 +80,12 @@ class AtomicDir {
   bool committed_ = false;
 };
 
+// rename(2), throwing "<from>: cannot rename to <to>: <errno text>".
+void rename_or_fail(const std::string& from, const std::string& to);
+// Removes `path` and everything below it; a failure is a warning, for clean-ups that must not
+// fail what they follow.
+void remove_all_or_warn(const std::string& path);
+
 // The name in <parent>/latest, or nullopt if there is no pointer file yet. Throws if the pointer
 // names a directory that does not exist: silently starting over would discard a run.
 std::optional<std::string> read_latest(const std::string& parent);

@@ -44,7 +44,7 @@ RunLock::RunLock(const std::string& run_dir) {
   check(!ec, "{}: cannot create the run directory: {}", run_dir, ec.message());
   const std::string path = run_dir + "/.lock";
   fd_ = open_file(path, O_RDWR | O_CREAT | O_CLOEXEC);
-  // Another run's refuse_if_held holds a shared lock for a moment: try a few times over 100 ms
+  // Another run's refuse_if_held holds a shared lock for a moment: try 5 times, 20 ms apart,
   // before calling the directory in use.
   int error = 0;
   for (int attempt = 0; attempt < 5; ++attempt) {

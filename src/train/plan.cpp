@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <limits>
+#include <string_view>
+#include <vector>
 
 namespace lmtrain {
 
@@ -21,10 +23,16 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world,
   p.scaling_params = count_params(ParamTable(shape)).scaling();
 
   const auto& s = c.schedule;
-  // The keys the horizon comes from: an error about it names the --set of any of them.
-  const std::string horizon_source = source.at({"schedule.num_iterations", "schedule.target_flops",
+  // The keys the horizon comes from: an error about it names the --set of any of them. The
+  // batch's tokens come from the device batch only when total_batch_tokens is -1; the budgets
+  // divide by the model's FLOPs or parameters.
+  std::vector<std::string_view> horizon_keys = {"schedule.num_iterations", "schedule.target_flops",
                                                 "schedule.target_param_data_ratio",
-                                                "batch.total_batch_tokens", "batch.device_batch"});
+                                                "batch.total_batch_tokens"};
+  if (c.batch.total_batch_tokens == -1)
+    horizon_keys.insert(horizon_keys.end(), {"batch.device_batch", "model.sequence_len"});
+  if (s.num_iterations <= 0) horizon_keys.push_back("model");
+  const std::string horizon_source = source.at(horizon_keys);
   // A horizon from a budget, rounded to whole steps; one past int's range is refused, not wrapped.
   auto steps = [&](double exact, const char* key) {
     const double rounded = std::nearbyint(exact);
@@ -43,7 +51,8 @@ TrainingPlan make_plan(const Config& c, const GptShape& shape, int world,
                              "target_param_data_ratio");
   } else if (require_horizon) {
     fail("{}: schedule: set one of num_iterations, target_flops or target_param_data_ratio",
-         horizon_source);
+         source.at({"schedule.num_iterations", "schedule.target_flops",
+                    "schedule.target_param_data_ratio"}));
   }
   if (require_horizon) {
     check(p.num_iterations >= 1, "{}: schedule: the horizon comes to {} steps; raise the budget",

@@ -139,10 +139,20 @@ int train(const TrainOptions& options) {
   std::error_code ec;
   check(!fs::exists(ckpt_parent, ec) || fs::is_directory(ckpt_parent, ec),
         "train: {}: expected the run's checkpoint directory, found a file", ckpt_parent);
+  check_replaced_run_dir(run_dir);
   // A run holding the directory (say, before its first checkpoint) is the reason to give, not
   // the missing checkpoint or the earlier run's files it is writing. The lock itself is taken
   // after start-up, so this is a courtesy; the lock decides.
   with_context(at_run_dir, [&] { RunLock::refuse_if_held(run_dir); });
+  // A set-aside by --overwrite killed halfway: its files go back before anything looks for them
+  // (the checkpoint to resume, the earlier run). The lead rank alone moves them; another rank
+  // that looks first may not find them, and the run started again does.
+  const dist::RankInfo ranks = dist::read_rank_info();
+  if (ranks.rank == 0 && undo_unfinished_set_aside(run_dir))
+    spdlog::warn(
+        "{}: moved back the files of a run that --overwrite was setting aside when it "
+        "was killed",
+        run_dir);
   refuse_earlier_run();
 
   // Resuming: the checkpoint's model, batch and data must be the ones configured now.
@@ -177,7 +187,6 @@ int train(const TrainOptions& options) {
     omp_set_num_threads(config.run.threads);
     openblas_set_num_threads(config.run.threads);
   }
-  const dist::RankInfo ranks = dist::read_rank_info();
   std::unique_ptr<Backend> backend = with_context(at_key("run.backend"), [&] {
     return make_backend(config.run.backend, config.run.dtype, ranks.local_rank);
   });
@@ -198,7 +207,7 @@ int train(const TrainOptions& options) {
   const int vocab = config.model.vocab_size ? config.model.vocab_size : tokenizer.vocab_size();
   check(tokenizer.vocab_size() <= vocab,
         "{}: model.vocab_size: {} is smaller than the tokenizer's {}",
-        source.at("model.vocab_size"), vocab, tokenizer.vocab_size());
+        source.at({"model.vocab_size", "data.tokenizer"}), vocab, tokenizer.vocab_size());
   const GptShape shape = GptShape::from(config.model, vocab);
   const TrainingPlan plan = make_plan(config, shape, world, source);
   const int B = config.batch.device_batch, T = shape.seq_len, N = plan.num_iterations;
@@ -243,7 +252,8 @@ int train(const TrainOptions& options) {
   check(prompt_tokens < size_t(T),
         "{}: eval.sample_prompt: {} tokens with the BOS, but samples need fewer than "
         "model.sequence_len {}",
-        source.at({"eval.sample_prompt", "model.sequence_len"}), prompt_tokens, T);
+        source.at({"eval.sample_prompt", "model.sequence_len", "data.tokenizer"}), prompt_tokens,
+        T);
   // The few values the ranks share each step: four sums, or a loss and one value per rank.
   const int64_t num_scalars = std::max(4, world + 1);
   Buffer scalar_memory = backend->allocate(size_t(num_scalars) * sizeof(float));
@@ -282,8 +292,7 @@ int train(const TrainOptions& options) {
   if (lead) {
     with_context(at_run_dir, [&] { run_lock.emplace(run_dir); });
     refuse_earlier_run();
-    if (options.overwrite &&
-        (run_dir_state(run_dir).earlier_run() || fs::exists(replaced_run_dir(run_dir), ec))) {
+    if (options.overwrite && run_dir_state(run_dir).earlier_run()) {
       spdlog::warn(
           "--overwrite: the earlier run's checkpoints and metrics are in {} until this run saves "
           "its first checkpoint",
@@ -316,7 +325,8 @@ int train(const TrainOptions& options) {
   const double peak = peak_flops(*backend);
   // The run --overwrite replaced goes once this run has a checkpoint or has finished.
   auto discard_replaced = [&](const char* why) {
-    if (discard_replaced_run(run_dir))
+    // (A new run never gets here with one: refuse_earlier_run counts it as an earlier run.)
+    if ((options.overwrite || options.resume) && discard_replaced_run(run_dir))
       spdlog::info("deleted {}, the run --overwrite replaced: this run{}",
                    replaced_run_dir(run_dir), why);
   };
