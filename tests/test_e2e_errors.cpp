@@ -473,6 +473,12 @@ TEST_CASE("e2e: --overwrite keeps the earlier run until the new run has a checkp
                          {"no such checkpoint directory", hint});
   require_one_error_line(run_lmtrain({"train", "--config", config}, tmp),
                          {"holds an earlier run", hint});
+  require_one_error_line(run_lmtrain({"sample", "--ckpt", run.run.string()}, tmp),
+                         {"not a checkpoint", hint});
+  const Result kept =
+      run_lmtrain({"sample", "--ckpt", replaced.string(), "--max-tokens", "3"}, tmp);
+  INFO(kept.all());
+  CHECK(kept.code == 0);
 
   fs::rename(replaced / "ckpt", run.ckpt);
   fs::rename(replaced / "metrics.jsonl", run.metrics);

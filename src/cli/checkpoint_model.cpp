@@ -4,12 +4,13 @@
 #include "cli/commands.h"
 #include "io/safetensors.h"
 #include "train/checkpoint.h"
+#include "train/run_dir.h"
 
 namespace lmtrain {
 
 CheckpointModel open_checkpoint_model(const std::string& path, const std::string& backend,
                                       int batch) {
-  const std::string dir = resolve_checkpoint(path);
+  const std::string dir = resolve_run_checkpoint(path);
   const auto meta = read_checkpoint_meta(dir);
   CheckpointModel m;
   m.config = parse_config(meta["config"], dir + "/meta.json");

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "io/atomic_dir.h"
+#include "train/checkpoint.h"
 
 namespace fs = std::filesystem;
 
@@ -97,9 +98,22 @@ std::string replaced_run_hint(const std::string& run_dir) {
   const fs::path replaced(replaced_run_dir(run_dir));
   if (!present(replaced / "ckpt")) return "";
   return fmt::format(
-      " (the run --overwrite replaced is kept in {}: to resume it, put its ckpt/ and "
-      "metrics.jsonl in place of this directory's)",
+      " (the run --overwrite replaced is kept in {}: eval and sample read it there; to resume "
+      "it, put its ckpt/ and metrics.jsonl in place of this directory's)",
       replaced.string());
+}
+
+std::string resolve_run_checkpoint(const std::string& path) {
+  try {
+    return resolve_checkpoint(path);
+  } catch (const Error& e) {
+    fs::path run_dir = fs::path(path).lexically_normal();
+    if (run_dir.filename().empty()) run_dir = run_dir.parent_path();  // a trailing '/'
+    if (run_dir.filename() == "ckpt") run_dir = run_dir.parent_path();
+    const std::string hint = replaced_run_hint(run_dir.string());
+    if (hint.empty()) throw;
+    fail("{}{}", e.what(), hint);
+  }
 }
 
 }  // namespace lmtrain

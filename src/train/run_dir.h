@@ -42,4 +42,8 @@ bool discard_replaced_run(const std::string& run_dir);
 // else "": for the errors that find no checkpoint to resume or an earlier run in the way.
 std::string replaced_run_hint(const std::string& run_dir);
 
+// resolve_checkpoint(path) (a checkpoint, a ckpt/ directory or a run directory), its error
+// completed with replaced_run_hint for the run directory `path` is or is in.
+std::string resolve_run_checkpoint(const std::string& path);
+
 }  // namespace lmtrain

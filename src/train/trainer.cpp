@@ -159,13 +159,7 @@ int train(const TrainOptions& options) {
   std::string resume_dir;
   nlohmann::json resume_meta;
   if (options.resume) {
-    try {
-      resume_dir = resolve_checkpoint(ckpt_parent);
-    } catch (const Error& e) {
-      const std::string hint = replaced_run_hint(run_dir);
-      if (hint.empty()) throw;
-      fail("{}{}", e.what(), hint);
-    }
+    resume_dir = resolve_run_checkpoint(ckpt_parent);
     resume_meta = read_checkpoint_meta(resume_dir);
     const nlohmann::json& saved = resume_meta["config"];
     for (const char* section : {"model", "batch", "data"}) {
