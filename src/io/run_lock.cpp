@@ -17,6 +17,8 @@ namespace lmtrain {
 
 namespace {
 
+std::string lock_path(const std::string& run_dir) { return run_dir + "/.lock"; }
+
 // The error for a run directory whose lock file `path` another process holds.
 [[noreturn]] void fail_in_use(const std::string& run_dir, const std::string& path) {
   std::string holder = read_file(path);
@@ -30,7 +32,7 @@ namespace {
 }  // namespace
 
 void RunLock::refuse_if_held(const std::string& run_dir) {
-  const std::string path = run_dir + "/.lock";
+  const std::string path = lock_path(run_dir);
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);  // a FIFO must not hang
   if (fd < 0) return;  // no lock file: no run has held this directory
   const UniqueFd probe(fd);
@@ -42,7 +44,7 @@ RunLock::RunLock(const std::string& run_dir) {
   std::error_code ec;
   std::filesystem::create_directories(run_dir, ec);
   check(!ec, "{}: cannot create the run directory: {}", run_dir, ec.message());
-  const std::string path = run_dir + "/.lock";
+  const std::string path = lock_path(run_dir);
   fd_ = open_file(path, O_RDWR | O_CREAT | O_CLOEXEC);
   // Another run's refuse_if_held holds a shared lock for a moment: try 5 times, 20 ms apart,
   // before calling the directory in use.
