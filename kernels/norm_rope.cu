@@ -19,12 +19,19 @@ namespace {
 // pos0 + t (d = D/2 entries each).
 struct HeadRow : LaneGroup {
   const float *cos, *sin;
+  int64_t token, head;  // b * T + t, h
   __device__ HeadRow(const float* cos_table, const float* sin_table, int64_t rows, int64_t T_,
                      int64_t H, int64_t d, int pos0, int G)
-      : LaneGroup(rows, G) {
-    const int64_t t = valid ? (row / H) % T_ : 0;
+      : LaneGroup(rows, G), token(row / H), head(row % H) {
+    const int64_t t = valid ? token % T_ : 0;
     cos = cos_table + (pos0 + t) * d;
     sin = sin_table + (pos0 + t) * d;
+  }
+  // This head row in a tensor whose tokens start `pitch` elements apart (H * D when dense, more
+  // in a band of a packed projection).
+  template <typename T>
+  __device__ T* in(T* base, int64_t pitch, int64_t d) const {
+    return base + token * pitch + head * 2 * d;
   }
 };
 
@@ -43,10 +50,10 @@ __device__ __forceinline__ void load_pairs(float (&a)[V], float (&e)[V], float (
 template <int V, typename T>
 __global__ void norm_rope_forward_kernel(T* out, float* rstd, const T* x, const float* cos,
                                          const float* sin, int64_t rows, int64_t T_, int64_t H,
-                                         int64_t d, int pos0, int G) {
+                                         int64_t d, int pos0, int G, Pitches p) {
   const HeadRow h(cos, sin, rows, T_, H, d, pos0, G);
-  const T* xr = x + h.row * 2 * d;
-  T* yr = out + h.row * 2 * d;
+  const T* xr = h.in(x, p.x, d);
+  T* yr = h.in(out, p.y, d);
   float ss = 0.f;
   for (int64_t i = h.lane * V; h.valid && i < d; i += G * V) {
     float a[V], e[V];
@@ -94,11 +101,12 @@ __device__ __forceinline__ void unrotate(float (&n1)[V], float (&n2)[V], float (
 template <int V, typename T>
 __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, const float* rstd,
                                           const float* cos, const float* sin, int64_t rows,
-                                          int64_t T_, int64_t H, int64_t d, int pos0, int G) {
+                                          int64_t T_, int64_t H, int64_t d, int pos0, int G,
+                                          Pitches p) {
   const HeadRow h(cos, sin, rows, T_, H, d, pos0, G);
-  const T* xr = x + h.row * 2 * d;
-  const T* gr = dout + h.row * 2 * d;
-  T* dr = dx + h.row * 2 * d;
+  const T* xr = h.in(x, p.x, d);
+  const T* gr = h.in(dout, p.dout, d);
+  T* dr = h.in(dx, p.y, d);
   float dot = 0.f;
   for (int64_t i = h.lane * V; h.valid && i < d; i += G * V) {
     float n1[V], n2[V], a[V], e[V];
@@ -123,12 +131,14 @@ __global__ void norm_rope_backward_kernel(T* dx, const T* dout, const T* x, cons
   }
 }
 
-// Packs of 16 bytes of T (pairs of channels V at a time) when the half-row length d is a
-// multiple of the pack (so that every row, half row and table row starts on a pack) and every
-// pointer is aligned to one (the tables to V floats); else single pairs.
+// Packs of 16 bytes of T (pairs of channels V at a time) when the half-row length d and the
+// token pitches are multiples of the pack (so that every row, half row and table row starts on a
+// pack) and every pointer is aligned to one (the tables to V floats); else single pairs.
 template <typename T, typename... P>
-bool pairs_packed(int64_t d, const float* cos, const float* sin, const P*... rows) {
-  return d % kPack<T> == 0 && packs_aligned(kPack<T> * sizeof(float), cos, sin) &&
+bool pairs_packed(int64_t d, const Pitches& p, const float* cos, const float* sin,
+                  const P*... rows) {
+  return d % kPack<T> == 0 && p.x % kPack<T> == 0 && p.y % kPack<T> == 0 &&
+         p.dout % kPack<T> == 0 && packs_aligned(kPack<T> * sizeof(float), cos, sin) &&
          packs_aligned(16, rows...);
 }
 
@@ -136,13 +146,14 @@ bool pairs_packed(int64_t d, const float* cos, const float* sin, const P*... row
 
 template <typename T>
 void norm_rope_forward(T* out, float* rstd, const T* x, const float* cos, const float* sin,
-                       int64_t B, int64_t T_, int64_t H, int64_t D, int pos0, cudaStream_t stream) {
+                       int64_t B, int64_t T_, int64_t H, int64_t D, int pos0, Pitches p,
+                       cudaStream_t stream) {
   const int64_t rows = B * T_ * H, d = D / 2;
   if (rows == 0) return;
   launch_rows<kPack<T>>(
-      pairs_packed<T>(d, cos, sin, out, x), rows, d, [&](auto V, int G, unsigned blocks) {
+      pairs_packed<T>(d, p, cos, sin, out, x), rows, d, [&](auto V, int G, unsigned blocks) {
         norm_rope_forward_kernel<decltype(V)::value>
-            <<<blocks, kThreads, 0, stream>>>(out, rstd, x, cos, sin, rows, T_, H, d, pos0, G);
+            <<<blocks, kThreads, 0, stream>>>(out, rstd, x, cos, sin, rows, T_, H, d, pos0, G, p);
       });
   launch_check("norm_rope_forward", stream);
 }
@@ -150,27 +161,29 @@ void norm_rope_forward(T* out, float* rstd, const T* x, const float* cos, const 
 template <typename T>
 void norm_rope_backward(T* dx, const T* dout, const T* x, const float* rstd, const float* cos,
                         const float* sin, int64_t B, int64_t T_, int64_t H, int64_t D, int pos0,
-                        cudaStream_t stream) {
+                        Pitches p, cudaStream_t stream) {
   const int64_t rows = B * T_ * H, d = D / 2;
   if (rows == 0) return;
   launch_rows<kPack<T>>(
-      pairs_packed<T>(d, cos, sin, dx, dout, x), rows, d, [&](auto V, int G, unsigned blocks) {
-        norm_rope_backward_kernel<decltype(V)::value>
-            <<<blocks, kThreads, 0, stream>>>(dx, dout, x, rstd, cos, sin, rows, T_, H, d, pos0, G);
+      pairs_packed<T>(d, p, cos, sin, dx, dout, x), rows, d, [&](auto V, int G, unsigned blocks) {
+        norm_rope_backward_kernel<decltype(V)::value><<<blocks, kThreads, 0, stream>>>(
+            dx, dout, x, rstd, cos, sin, rows, T_, H, d, pos0, G, p);
       });
   launch_check("norm_rope_backward", stream);
 }
 
 using bf16 = __nv_bfloat16;
 template void norm_rope_forward<float>(float*, float*, const float*, const float*, const float*,
-                                       int64_t, int64_t, int64_t, int64_t, int, cudaStream_t);
+                                       int64_t, int64_t, int64_t, int64_t, int, Pitches,
+                                       cudaStream_t);
 template void norm_rope_forward<bf16>(bf16*, float*, const bf16*, const float*, const float*,
-                                      int64_t, int64_t, int64_t, int64_t, int, cudaStream_t);
+                                      int64_t, int64_t, int64_t, int64_t, int, Pitches,
+                                      cudaStream_t);
 template void norm_rope_backward<float>(float*, const float*, const float*, const float*,
                                         const float*, const float*, int64_t, int64_t, int64_t,
-                                        int64_t, int, cudaStream_t);
+                                        int64_t, int, Pitches, cudaStream_t);
 template void norm_rope_backward<bf16>(bf16*, const bf16*, const bf16*, const float*, const float*,
                                        const float*, int64_t, int64_t, int64_t, int64_t, int,
-                                       cudaStream_t);
+                                       Pitches, cudaStream_t);
 
 }  // namespace lmtrain::cuda

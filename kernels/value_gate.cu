@@ -23,7 +23,7 @@ __global__ void value_gate_forward_kernel(T* v, float* gate, const T* xn, const 
   if (r.lane == 0) gate[r.row] = sg;
   const int32_t id = tokens[n];
   check_token(id, n, s.V);
-  T* vr = v + r.row * s.D;
+  T* vr = v + n * s.pitch + h * s.D;
   const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
   for (int64_t d = int64_t(r.lane) * W; d < s.D; d += L * W) {
     float x[W], e[W];
@@ -46,7 +46,7 @@ __global__ void gate_grad_kernel(float* da, T* dve, const T* dv, const T* table,
   if (r.valid) {
     const int32_t id = tokens[n];
     check_token(id, n, s.V);
-    const T* gr = dv + r.row * s.D;
+    const T* gr = dv + n * s.pitch + h * s.D;
     const T* er = table + (int64_t(id) * s.Hkv + h) * s.D;
     const float sg = gate[r.row];
     for (int64_t d = int64_t(r.lane) * W; d < s.D; d += L * W) {
@@ -115,11 +115,12 @@ template <typename T>
 void value_gate_forward(T* v, float* gate, const T* xn, const T* gate_w, const T* table,
                         const int32_t* tokens, const ValueGateShape& s, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
-  launch_rows<kPack<T>>(
-      rows_packed<T>(s.D, v, table), s.N * s.Hkv, s.D, [&](auto W, int L, unsigned blocks) {
-        value_gate_forward_kernel<T, decltype(W)::value>
-            <<<blocks, kThreads, 0, stream>>>(v, gate, xn, gate_w, table, tokens, s, L);
-      });
+  launch_rows<kPack<T>>(rows_packed<T>(s.D, v, table) && s.pitch % kPack<T> == 0, s.N * s.Hkv, s.D,
+                        [&](auto W, int L, unsigned blocks) {
+                          value_gate_forward_kernel<T, decltype(W)::value>
+                              <<<blocks, kThreads, 0, stream>>>(v, gate, xn, gate_w, table, tokens,
+                                                                s, L);
+                        });
   launch_check("value_gate_forward", stream);
 }
 
@@ -133,11 +134,11 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
                          const ValueGateShape& s, void* scratch, cudaStream_t stream) {
   if (s.N * s.Hkv == 0) return;
   auto* da = static_cast<float*>(scratch);
-  launch_rows<kPack<T>>(
-      rows_packed<T>(s.D, dve, dv, table), s.N * s.Hkv, s.D, [&](auto W, int L, unsigned blocks) {
-        gate_grad_kernel<T, decltype(W)::value>
-            <<<blocks, kThreads, 0, stream>>>(da, dve, dv, table, tokens, gate, s, L);
-      });
+  launch_rows<kPack<T>>(rows_packed<T>(s.D, dve, dv, table) && s.pitch % kPack<T> == 0, s.N * s.Hkv,
+                        s.D, [&](auto W, int L, unsigned blocks) {
+                          gate_grad_kernel<T, decltype(W)::value><<<blocks, kThreads, 0, stream>>>(
+                              da, dve, dv, table, tokens, gate, s, L);
+                        });
   launch_check("value_gate_backward (gate)", stream);
   if (s.G == 0) return;
   dxn_kernel<<<blocks_for(s.N * s.G, kThreads), kThreads, 0, stream>>>(dxn, da, gate_w, s);

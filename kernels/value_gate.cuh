@@ -1,6 +1,7 @@
 // Value-embedding gate: v[n,h] += gate[n,h] * ve[n,h] with gate = 2 sigmoid(xn[n,:G] . gate_w[h])
 // and ve[n] = table[tokens[n]]. xn (N,C), gate_w (Hkv,G), v (N,Hkv*D), table (V,Hkv*D) in T;
-// gate (N,Hkv) f32. A token id outside [0, V) traps the kernel after printing it.
+// gate (N,Hkv) f32. Rows of v (and dv) start `pitch` elements apart: Hkv*D when dense, more in a
+// band of a packed q|k|v projection. A token id outside [0, V) traps the kernel after printing it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,7 +13,7 @@
 namespace lmtrain::cuda {
 
 struct ValueGateShape {
-  int64_t N, C, Hkv, G, D, V;
+  int64_t N, C, Hkv, G, D, V, pitch;
 };
 
 template <typename T>

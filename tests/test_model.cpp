@@ -1,10 +1,12 @@
 // Model-level properties that the PyTorch goldens do not cover: the real initialisation, the
-// parameter table and FLOPs against the reference's numbers, and KV-cache generation against
-// the full forward pass.
+// parameter table and FLOPs against the reference's numbers, KV-cache generation against the full
+// forward pass, and the packed q/k/v projection of models without GQA against finite differences.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <fstream>
+#include <numeric>
+#include <random>
 
 #include "backend/cpu/cpu_backend.h"
 #include "model/generator.h"
@@ -181,4 +183,69 @@ TEST_CASE("the arithmetic parameter count matches the table and bounds the model
   ModelConfig large;
   large.depth = 400, large.aspect_ratio = 41, large.head_dim = 64;
   CHECK_NOTHROW(GptShape::from(large, 1000000));
+}
+
+// Without GQA, c_q, c_k and c_v lie back to back and the model runs them as one packed matmul
+// (the golden config has GQA, whose three matmuls write bands of the same packed buffer). Its
+// gradients, and those of the value gate reading v inside it, against central differences of
+// the loss, with every weight random (the zero-initialised output projections would leave the
+// attention without gradients).
+TEST_CASE("the packed q/k/v projection's gradients match finite differences", "[model]") {
+  ModelConfig m;
+  m.depth = 2, m.aspect_ratio = 32, m.head_dim = 16, m.n_kv_head = 0, m.sequence_len = 16;
+  m.window_pattern = "SL";
+  const GptShape shape = GptShape::from(m, 64);
+  CpuBackend backend;
+  Gpt model(backend, shape, 2);
+  REQUIRE(shape.n_kv_head == shape.n_head);
+  model.init_weights(5);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> noise(0.f, 0.1f);
+  auto params = test_support::download(backend, model.params());
+  for (float& p : params) p += noise(rng);
+  backend.upload(model.params(), params.data());
+  model.refresh_weights();
+  std::uniform_int_distribution<int32_t> id(0, 63);
+  std::vector<int32_t> tokens(32), targets(32);
+  for (auto* v : {&tokens, &targets})
+    for (int32_t& t : *v) t = id(rng);
+
+  model.zero_grads();
+  model.forward(tokens, targets, /*need_grad=*/true);
+  model.backward();
+  const auto grads = test_support::download(backend, model.grads());
+  auto mean_loss = [&] {
+    const Gpt::Loss l = model.forward(tokens, targets, /*need_grad=*/false);
+    return l.sum / double(l.count);
+  };
+  for (int layer = 0; layer < shape.depth; ++layer) {
+    for (const char* name : {"c_q", "c_k", "c_v", "ve_gate"}) {
+      const std::string full =
+          "transformer.h." + std::to_string(layer) + ".attn." + name + ".weight";
+      if (std::string(name) == "ve_gate" && !shape.value_embed[layer]) continue;
+      const ParamSpec& spec = model.table().find(full);
+      INFO(full);
+      // The three largest gradients of the matrix, where the differences are least noisy.
+      std::vector<size_t> order(size_t(spec.shape.numel()));
+      std::iota(order.begin(), order.end(), spec.offset);
+      std::partial_sort(order.begin(), order.begin() + 3, order.end(), [&](size_t a, size_t b) {
+        return std::abs(grads[a]) > std::abs(grads[b]);
+      });
+      const double largest = std::abs(grads[order[0]]);
+      REQUIRE(largest > 1e-4);
+      for (size_t k = 0; k < 3; ++k) {
+        const size_t at = order[k];
+        const float eps = 1e-2f, kept = params[at];
+        auto loss_with = [&](float value) {
+          params[at] = value;
+          backend.upload(model.params(), params.data());
+          model.refresh_weights();
+          return mean_loss();
+        };
+        const double fd = (loss_with(kept + eps) - loss_with(kept - eps)) / (2.0 * eps);
+        loss_with(kept);
+        CHECK(std::abs(fd - grads[at]) < 0.03 * largest);
+      }
+    }
+  }
 }

@@ -216,15 +216,16 @@ TEST_CASE("e2e: a profiled run writes op_profile.json and trains to the same los
   CHECK(calls(report, "optimizer", "muon_apply") >= double(table.stacks.size()));
   CHECK(calls(report, "optimizer", "muon_apply") <= matrices);
   CHECK(calls(report, "optimizer", "normuon_second_moment") == double(table.stacks.size()));
-  // c_q, c_k and c_v: (128 tokens x 64) @ (64 x 64)^T in each block and micro-step.
+  // c_q, c_k and c_v as one matmul: (128 tokens x 64) @ (192 x 64)^T in each block and
+  // micro-step.
   bool found_qkv = false;
   double percent = 0;
   for (const auto& o : report["ops"]) {
     percent += o["percent"].get<double>();
-    if (o["phase"] == "forward" && o["op"] == "matmul" && o["key"] == "128x64x64 NT f32") {
+    if (o["phase"] == "forward" && o["op"] == "matmul" && o["key"] == "128x192x64 NT f32") {
       found_qkv = true;
-      CHECK(o["calls_per_step"] == 12.0);
-      CHECK(o["flops_per_step"] == 12.0 * 2 * 128 * 64 * 64);
+      CHECK(o["calls_per_step"] == 4.0);
+      CHECK(o["flops_per_step"] == 4.0 * 2 * 128 * 192 * 64);
       CHECK(o["tflop_per_s"].is_number());
       CHECK(o["gb_per_s"].is_null());
     }

@@ -4,6 +4,9 @@
 // Conventions, shared by every op:
 // - Tensors are dense and row-major. Token ids are i32; statistics (rstd, lse, losses) are f32;
 //   activations are in activation_dtype(); parameters, gradients and optimizer state are f32.
+// - Where an op says so, a tensor may instead be a band of a wider array (core/tensor.h): q, k
+//   and v are column bands of one packed (N, q_dim + 2 kv_dim) projection, so that a single
+//   matmul makes them and a single one takes their gradients back. The other ops refuse bands.
 // - Activation gradients are overwritten (dx = ...); parameter gradients are accumulated
 //   (dW += ...), so micro-batches add up without extra passes. Where an op differs it says so.
 // - Row-wise and elementwise ops (rmsnorm, norm_rope, relu2) may run in place: out may alias x in
@@ -62,7 +65,8 @@ class Backend {
 
   // ---- elementwise utilities ----
   virtual void fill(Tensor x, float value) = 0;
-  virtual void copy(Tensor dst, Tensor src) = 0;                // same numel; converts dtype
+  // Same numel; converts dtype. Without converting, dst and src may be bands with the same rows.
+  virtual void copy(Tensor dst, Tensor src) = 0;
   virtual void add(Tensor y, Tensor x, float alpha = 1.f) = 0;  // y += alpha * x
   virtual void scale(Tensor x, float alpha) = 0;                // x *= alpha
   // out (one f32 element, e.g. a slot of a vector) = sum of x^2, accumulated in double.
@@ -70,8 +74,8 @@ class Backend {
   virtual void sum_squares(Tensor out, Tensor x) = 0;
 
   // ---- matmul: out = alpha * op(a) @ op(b) (+ out when accumulate) ----
-  // Rank 2: a (M,K) [or (K,M) with trans_a], b (K,N) [or (N,K) with trans_b], out (M,N).
-  // Rank 3: the same, batched over the leading dimension of all three.
+  // Rank 2: a (M,K) [or (K,M) with trans_a], b (K,N) [or (N,K) with trans_b], out (M,N); any of
+  // the three may be a band. Rank 3: the same, dense, batched over the leading dimension.
   virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
                       float alpha = 1.f) = 0;
   // out = alpha * op(a) @ op(b) + beta * addend, addend of out's shape and dtype: a residual
@@ -94,7 +98,8 @@ class Backend {
   // ---- per-head RMSNorm, then rotary embedding (half-split), on queries or keys ----
   // x (B,T,H,D): out = rope(x * rstd) with rstd (B*T*H) f32 saved; cos/sin are (T_max, D/2) f32
   // tables and row t sits at position pos0 + t. The rotation keeps norms, so this is RMSNorm of
-  // the rotated x in one pass. out may alias x; dx may alias dout.
+  // the rotated x in one pass. out may alias x; dx may alias dout. Every (B,T,H,D) tensor may be
+  // a band over (B, T).
   virtual void norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
                                  int pos0) = 0;
   virtual void norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor cos,
@@ -102,7 +107,8 @@ class Backend {
 
   // ---- causal attention with a sliding window, GQA ----
   // q (B,Tq,H,D), k/v (B,Tk,Hkv,D), out (B,Tq,H,D), lse (B,H,Tq) f32. Query t sits at absolute
-  // position q_offset + t and sees keys j with pos - window <= j <= pos. Scale 1/sqrt(D).
+  // position q_offset + t and sees keys j with pos - window <= j <= pos. Scale 1/sqrt(D). q, k,
+  // v, out and their gradients may be bands over (B, T).
   virtual void attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
                                  int q_offset) = 0;
   // dq, dk, dv overwritten (Tq == Tk, q_offset 0: training only).
@@ -136,7 +142,7 @@ class Backend {
   // ---- ve is row tokens[n] of table (V,Hkv*D), read in place (no gathered copy); xn (N,C),
   // gate_w (Hkv,G), gate (N,Hkv) f32 saved for backward. Backward: dxn[:, :G] += ...;
   // dgate_w += ...; dve = gate * dv (overwritten): the gradient of the gathered rows, which
-  // embedding_backward scatters into the table's gradient.
+  // embedding_backward scatters into the table's gradient. v and dv may be bands.
   virtual void value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
                                   Tensor tokens) = 0;
   virtual void value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,

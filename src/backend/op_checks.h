@@ -46,6 +46,29 @@ inline void check_norm_rope_args(const char* op, Tensor y, const char* y_name, T
         cos.dim(0));
 }
 
+// A copy where dst or src is a band (core/tensor.h): `rows` rows of `width` elements, each
+// tensor's rows its pitch apart. Both must split into the same rows, and share a dtype.
+struct RowCopy {
+  int64_t rows, width, dst_pitch, src_pitch;
+};
+inline RowCopy row_copy(Tensor dst, Tensor src) {
+  check(dst.dtype == src.dtype, "copy: a band copies without converting, got {} to {}",
+        dtype_name(src.dtype), dtype_name(dst.dtype));
+  const Tensor& band = dst.dense() ? src : dst;
+  int64_t rows = 1;
+  for (int i = 0; i < band.row_dims; ++i) rows *= band.dim(i);
+  const int64_t width = band.numel() / rows;
+  auto pitch = [&](const Tensor& t) {
+    if (t.dense()) return width;
+    int64_t t_rows = 1;
+    for (int i = 0; i < t.row_dims; ++i) t_rows *= t.dim(i);
+    check(t_rows == rows, "copy: the bands {} and {} split into different rows", dst.shape.str(),
+          src.shape.str());
+    return t.row_stride;
+  };
+  return {rows, width, pitch(dst), pitch(src)};
+}
+
 // matmul_add's addend stands in for out: the same shape and dtype.
 inline void check_matmul_addend(Tensor out, Tensor addend) {
   check(addend.shape == out.shape && addend.dtype == out.dtype,

@@ -10,10 +10,12 @@ namespace {
 const std::string kNoKey;
 
 // The bytes of `tensors`: callers list each input once, each output once, a tensor updated in
-// place twice (see OpStats::bytes). An empty Tensor (an optional argument left out) counts 0.
+// place twice (see OpStats::bytes). An empty Tensor (an optional argument left out) counts 0; a
+// band counts its elements, not the gaps between its rows.
 double bytes_of(std::initializer_list<Tensor> tensors) {
   double total = 0;
-  for (const Tensor& t : tensors) total += t.data ? double(t.bytes()) : 0.0;
+  for (const Tensor& t : tensors)
+    total += t.data ? double(t.numel()) * double(dtype_size(t.dtype)) : 0.0;
   return total;
 }
 

@@ -53,13 +53,11 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
     BlockActs& set = a.blocks[i];
     plan.add(set.xn1, {N, C}, act);
     plan.add(set.rstd1, {N}, f32);
-    plan.add(set.q_raw, {batch, T, H, D}, act);
+    plan.add(set.qkv, {N, (H + 2 * Hkv) * D}, act);
     plan.add(set.rstd_q, {N * H}, f32);
     plan.add(set.q, {batch, T, H, D}, act);
-    plan.add(set.k_raw, {batch, T, Hkv, D}, act);
     plan.add(set.rstd_k, {N * Hkv}, f32);
     plan.add(set.k, {batch, T, Hkv, D}, act);
-    plan.add(set.v, {batch, T, Hkv, D}, act);
     const auto& ve = shape.value_embed;
     if (shared ? std::ranges::find(ve, true) != ve.end() : bool(ve[i])) {
       plan.add(set.gate, {N, Hkv}, f32);
@@ -76,9 +74,7 @@ TensorPlan Gpt::plan(Activations& a, const GptShape& shape, int batch, DType act
   for (Tensor* t : {&a.dx, &a.dx0, &a.dxf, &a.dxmid, &a.dxn}) plan.add(*t, {N, C}, act);
   plan.add(a.dhidden, {N, 4 * C}, act);
   plan.add(a.dy, {batch, T, H, D}, act);
-  plan.add(a.dq, {batch, T, H, D}, act);
-  plan.add(a.dk, {batch, T, Hkv, D}, act);
-  plan.add(a.dv, {batch, T, Hkv, D}, act);
+  plan.add(a.dqkv, {N, (H + 2 * Hkv) * D}, act);
   plan.add(a.dve, {N, Hkv * D}, act);
   return plan;
 }
@@ -172,6 +168,22 @@ Tensor Gpt::dw(int layer, const char* suffix) const {
   return grad(table_.find("transformer.h." + std::to_string(layer) + "." + suffix));
 }
 
+Tensor Gpt::part(Tensor packed, Part which) const {
+  const int64_t H = shape_.n_head, Hkv = shape_.n_kv_head, D = shape_.head_dim;
+  const int64_t first[] = {0, H, H + Hkv}, heads = which == Part::q ? H : Hkv;
+  return packed.columns(first[int(which)] * D, heads * D).view({batch_, shape_.seq_len, heads, D});
+}
+
+Tensor Gpt::qkv_matrix(Tensor flat, int layer) const {
+  const std::string prefix = "transformer.h." + std::to_string(layer) + ".attn.";
+  const ParamSpec &q = table_.find(prefix + "c_q.weight"), &k = table_.find(prefix + "c_k.weight"),
+                  &v = table_.find(prefix + "c_v.weight");
+  const size_t q_size = size_t(q.shape.numel()), kv_size = size_t(k.shape.numel());
+  if (k.offset != q.offset + q_size || v.offset != k.offset + kv_size) return {};
+  return flat.slice(int64_t(q.offset), int64_t(q_size + 2 * kv_size))
+      .view({shape_.q_dim() + 2 * shape_.kv_dim(), shape_.width});
+}
+
 void Gpt::init_weights(uint64_t seed) {
   Rng rng(seed);
   std::vector<float> host(table_.total);
@@ -244,17 +256,26 @@ void Gpt::forward_block(int i, bool with_output) {
   const Tensor resid = param("resid_lambdas"), x0l = param("x0_lambdas");
   BlockActs& a = block(i);
   b.residual_mix_norm_forward(acts_.x_mix, a.xn1, a.rstd1, block_in(i), acts_.x0, resid, x0l, i);
-  // Attention: project, normalise q and k per head and rotate them, gate in value embeddings.
-  b.matmul(a.q_raw.view({N, shape_.q_dim()}), a.xn1, w(i, "attn.c_q.weight"), false, true, false);
-  b.matmul(a.k_raw.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_k.weight"), false, true, false);
-  b.matmul(a.v.view({N, shape_.kv_dim()}), a.xn1, w(i, "attn.c_v.weight"), false, true, false);
+  // Attention: project (one matmul where c_q, c_k and c_v lie back to back), normalise q and k
+  // per head and rotate them, gate in value embeddings.
+  if (const Tensor w_qkv = qkv_matrix(weights_, i); !w_qkv.empty()) {
+    b.matmul(a.qkv, a.xn1, w_qkv, false, true, false);
+  } else {
+    int64_t column = 0;
+    for (const char* name : {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"}) {
+      const Tensor wp = w(i, name);
+      b.matmul(a.qkv.columns(column, wp.dim(0)), a.xn1, wp, false, true, false);
+      column += wp.dim(0);
+    }
+  }
+  const Tensor v = part(a.qkv, Part::v);
   if (shape_.value_embed[i]) {
-    b.value_gate_forward(a.v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
+    b.value_gate_forward(v.view({N, shape_.kv_dim()}), a.gate, a.xn1, w(i, "attn.ve_gate.weight"),
                          weight(value_embeds_name(i)), acts_.tokens);
   }
-  b.norm_rope_forward(a.q, a.rstd_q, a.q_raw, acts_.rope_cos, acts_.rope_sin, 0);
-  b.norm_rope_forward(a.k, a.rstd_k, a.k_raw, acts_.rope_cos, acts_.rope_sin, 0);
-  b.attention_forward(a.y, a.lse, a.q, a.k, a.v, shape_.windows[i], 0);
+  b.norm_rope_forward(a.q, a.rstd_q, part(a.qkv, Part::q), acts_.rope_cos, acts_.rope_sin, 0);
+  b.norm_rope_forward(a.k, a.rstd_k, part(a.qkv, Part::k), acts_.rope_cos, acts_.rope_sin, 0);
+  b.attention_forward(a.y, a.lse, a.q, a.k, v, shape_.windows[i], 0);
   b.matmul_add(a.x_mid, a.y.view({N, shape_.q_dim()}), w(i, "attn.c_proj.weight"), false, true,
                acts_.x_mix);
   // MLP with ReLU squared.
@@ -334,21 +355,30 @@ void Gpt::backward_block(int i) {
   b.matmul(dw(i, "attn.c_proj.weight"), d.dxmid, a.y.view({N, shape_.q_dim()}), true, false, true);
   b.matmul(d.dy.view({N, shape_.q_dim()}), d.dxmid, w(i, "attn.c_proj.weight"), false, false,
            false);
-  b.attention_backward(d.dq, d.dk, d.dv, d.dy, a.q, a.k, a.v, a.y, a.lse, shape_.windows[i]);
-  b.norm_rope_backward(d.dq, d.dq, a.q_raw, a.rstd_q, d.rope_cos, d.rope_sin, 0);
-  b.norm_rope_backward(d.dk, d.dk, a.k_raw, a.rstd_k, d.rope_cos, d.rope_sin, 0);
-  const Tensor dq2 = d.dq.view({N, shape_.q_dim()}), dk2 = d.dk.view({N, shape_.kv_dim()});
-  const Tensor dv2 = d.dv.view({N, shape_.kv_dim()});
-  b.matmul(dw(i, "attn.c_q.weight"), dq2, a.xn1, true, false, true);
-  b.matmul(dw(i, "attn.c_k.weight"), dk2, a.xn1, true, false, true);
-  b.matmul(dw(i, "attn.c_v.weight"), dv2, a.xn1, true, false, true);
-  b.matmul(d.dxn, dq2, w(i, "attn.c_q.weight"), false, false, false);
-  b.matmul(d.dxn, dk2, w(i, "attn.c_k.weight"), false, false, true);
-  b.matmul(d.dxn, dv2, w(i, "attn.c_v.weight"), false, false, true);
+  // The gradients of q, k and v land in the packed dqkv, the raw q's and k's in place, so that
+  // the projection's backward is one matmul each for the weights and the input.
+  const Tensor dq = part(d.dqkv, Part::q), dk = part(d.dqkv, Part::k);
+  const Tensor dv = part(d.dqkv, Part::v);
+  b.attention_backward(dq, dk, dv, d.dy, a.q, a.k, part(a.qkv, Part::v), a.y, a.lse,
+                       shape_.windows[i]);
+  b.norm_rope_backward(dq, dq, part(a.qkv, Part::q), a.rstd_q, d.rope_cos, d.rope_sin, 0);
+  b.norm_rope_backward(dk, dk, part(a.qkv, Part::k), a.rstd_k, d.rope_cos, d.rope_sin, 0);
+  if (const Tensor w_qkv = qkv_matrix(weights_, i); !w_qkv.empty()) {
+    b.matmul(qkv_matrix(grads_, i), d.dqkv, a.xn1, true, false, true);
+    b.matmul(d.dxn, d.dqkv, w_qkv, false, false, false);
+  } else {
+    int64_t column = 0;
+    for (const char* name : {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"}) {
+      const Tensor wp = w(i, name), dpart = d.dqkv.columns(column, wp.dim(0));
+      b.matmul(dw(i, name), dpart, a.xn1, true, false, true);
+      b.matmul(d.dxn, dpart, wp, false, false, /*accumulate=*/column > 0);
+      column += wp.dim(0);
+    }
+  }
   if (shape_.value_embed[i]) {
-    b.value_gate_backward(d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv2, a.xn1,
-                          w(i, "attn.ve_gate.weight"), weight(value_embeds_name(i)), d.tokens,
-                          a.gate);
+    b.value_gate_backward(d.dxn, dw(i, "attn.ve_gate.weight"), d.dve, dv.view({N, shape_.kv_dim()}),
+                          a.xn1, w(i, "attn.ve_gate.weight"), weight(value_embeds_name(i)),
+                          d.tokens, a.gate);
     b.embedding_backward(grad(table_.find(value_embeds_name(i))), d.dve, d.tokens);
   }
   // The attention's norm, its skip connection and the residual mix: d(block input) into dx,

@@ -102,7 +102,9 @@ class Gpt {
  private:
   // What backward() reads of one block besides its input.
   struct BlockActs {
-    Tensor xn1, rstd1, q_raw, rstd_q, q, k_raw, rstd_k, k, v, gate, y, lse;
+    // The packed projection (N, q_dim + 2 kv_dim): raw queries, raw keys, then the values (gated
+    // in place); q and k are normalised and rotated copies.
+    Tensor xn1, rstd1, qkv, rstd_q, q, rstd_k, k, gate, y, lse;
     Tensor x_mid, xn2, rstd2;
     Tensor hidden;  // the MLP's hidden activation: c_fc's output, then relu2'd in place
   };
@@ -114,8 +116,16 @@ class Gpt {
     std::vector<BlockActs> blocks;  // one set per block, or one shared set with recompute
     std::vector<Tensor> block_out;  // each block's output: the next block's input
     // Backward scratch; dxf carries d(xf) from forward() to backward().
-    Tensor dx, dx0, dxf, dxmid, dxn, dhidden, dy, dq, dk, dv, dve;
+    Tensor dx, dx0, dxf, dxmid, dxn, dhidden, dy, dqkv, dve;
   };
+  // The queries' (first), keys' (second) or values' (third) columns of a packed projection or its
+  // gradient, as a (B, T, heads, D) band.
+  enum class Part { q, k, v };
+  Tensor part(Tensor packed, Part which) const;
+  // Layer i's c_q, c_k and c_v as one (q_dim + 2 kv_dim, C) matrix of the flat array `flat`
+  // (weights or gradients), or an empty tensor where they do not lie back to back (GQA: c_q
+  // stacks with c_proj, c_k and c_v with each other).
+  Tensor qkv_matrix(Tensor flat, int layer) const;
   static TensorPlan plan(Activations& a, const GptShape& shape, int batch, DType act,
                          const GptOptions& options);
   static Tensor at(Tensor flat, const ParamSpec& spec) {

@@ -1,11 +1,12 @@
 // Causal sliding-window attention with grouped-query heads. Queries go in blocks of kBlock rows;
 // a block's scores against every key one of its rows sees are one matrix product, masked to each
 // row's window [pos - window, pos], softmaxed row by row and multiplied with the values. The
-// products read q, k, v and their gradients in place through their row strides (a head of
-// (B, T, heads, D) is a (T, D) matrix whose rows are heads * D apart). Only the log-sum-exp of
-// each row is saved; the backward recomputes the probabilities from it. Masked entries are zeros
-// in the products, so a NaN or Inf in q, k or v reaches every row of its block (the loss is NaN
-// either way).
+// products read q, k, v and their gradients in place through their row pitches (a head of
+// (B, T, heads, D) is a (T, D) matrix whose rows are heads * D apart, or further in a band: every
+// tensor may be a band over (B, T), such as q, k and v inside a packed projection). Only the
+// log-sum-exp of each row is saved; the backward recomputes the probabilities from it. Masked
+// entries are zeros in the products, so a NaN or Inf in q, k or v reaches every row of its block
+// (the loss is NaN either way).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -63,6 +64,7 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
         "attention_forward: queries at positions [{}, {}) need keys up to there, have {}", q_offset,
         q_offset + Tq, Tk);
   const float scale = 1.f / std::sqrt(float(D));
+  const int64_t ldq = q.pitch(2), ldk = k.pitch(2), ldv = v.pitch(2), ldo = out.pitch(2);
 
 #pragma omp parallel
   {
@@ -70,16 +72,16 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
 #pragma omp for collapse(2)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q.f32() + (b * Tq * H + h) * D;  // query t at qh + t*H*D
-        const float* kg = k.f32() + (b * Tk * Hkv + h / group) * D;
-        const float* vg = v.f32() + (b * Tk * Hkv + h / group) * D;
-        float* oh = out.f32() + (b * Tq * H + h) * D;
+        const float* qh = q.f32_rows() + b * Tq * ldq + h * D;  // query t at qh + t*ldq
+        const float* kg = k.f32_rows() + b * Tk * ldk + h / group * D;
+        const float* vg = v.f32_rows() + b * Tk * ldv + h / group * D;
+        float* oh = out.f32_rows() + b * Tq * ldo + h * D;
         float* lse_h = lse.f32() + (b * H + h) * Tq;
         for (int64_t t0 = 0; t0 < Tq; t0 += kBlock) {
           const QueryBlock blk(t0, Tq, q_offset, window);
           p.resize(size_t(blk.rows * blk.keys));
-          gemm(false, true, blk.rows, blk.keys, D, scale, qh + t0 * H * D, H * D,
-               kg + blk.lo * Hkv * D, Hkv * D, 0.f, p.data(), blk.keys);
+          gemm(false, true, blk.rows, blk.keys, D, scale, qh + t0 * ldq, ldq, kg + blk.lo * ldk,
+               ldk, 0.f, p.data(), blk.keys);
           for (int64_t r = 0; r < blk.rows; ++r) {
             float* row = p.data() + r * blk.keys;
             const int64_t j0 = blk.begin(r, window), j1 = blk.end(r);
@@ -93,8 +95,8 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
             for (int64_t j = 0; j < blk.keys; ++j) row[j] = j >= j0 && j < j1 ? row[j] * inv : 0.f;
             lse_h[t0 + r] = mx + float(std::log(sum));
           }
-          gemm(false, false, blk.rows, D, blk.keys, 1.f, p.data(), blk.keys, vg + blk.lo * Hkv * D,
-               Hkv * D, 0.f, oh + t0 * H * D, H * D);
+          gemm(false, false, blk.rows, D, blk.keys, 1.f, p.data(), blk.keys, vg + blk.lo * ldv, ldv,
+               0.f, oh + t0 * ldo, ldo);
         }
       }
     }
@@ -125,6 +127,8 @@ void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout
   int64_t B = q.dim(0), T = q.dim(1), H = q.dim(2), D = q.dim(3);
   int64_t Hkv = k.dim(2), group = H / Hkv;
   const float scale = 1.f / std::sqrt(float(D));
+  const int64_t ldq = q.pitch(2), ldk = k.pitch(2), ldv = v.pitch(2), ldgo = dout.pitch(2);
+  const int64_t lddq = dq.pitch(2), lddk = dk.pitch(2), lddv = dv.pitch(2);
 
 #pragma omp parallel
   {
@@ -132,26 +136,29 @@ void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout
 #pragma omp for collapse(2)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t g = 0; g < Hkv; ++g) {
-        const float* kg = k.f32() + (b * T * Hkv + g) * D;  // key j at kg + j*Hkv*D
-        const float* vg = v.f32() + (b * T * Hkv + g) * D;
-        float* dkg = dk.f32() + (b * T * Hkv + g) * D;
-        float* dvg = dv.f32() + (b * T * Hkv + g) * D;
+        const float* kg = k.f32_rows() + b * T * ldk + g * D;  // key j at kg + j*ldk
+        const float* vg = v.f32_rows() + b * T * ldv + g * D;
+        float* dkg = dk.f32_rows() + b * T * lddk + g * D;
+        float* dvg = dv.f32_rows() + b * T * lddv + g * D;
         for (int64_t j = 0; j < T; ++j) {
-          std::fill_n(dkg + j * Hkv * D, D, 0.f);
-          std::fill_n(dvg + j * Hkv * D, D, 0.f);
+          std::fill_n(dkg + j * lddk, D, 0.f);
+          std::fill_n(dvg + j * lddv, D, 0.f);
         }
         for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const int64_t head = (b * T * H + h) * D, ld = H * D;  // row t at head + t*ld
+          // Query row t of this head, in q, dout and dq.
+          const float* qh = q.f32_rows() + b * T * ldq + h * D;
+          const float* goh = dout.f32_rows() + b * T * ldgo + h * D;
+          float* dqh = dq.f32_rows() + b * T * lddq + h * D;
           const float* lse_h = lse.f32() + (b * H + h) * T;
           for (int64_t t0 = 0; t0 < T; t0 += kBlock) {
             const QueryBlock blk(t0, T, 0, window);
-            const int64_t rows = blk.rows, keys = blk.keys, first = head + t0 * ld;
+            const int64_t rows = blk.rows, keys = blk.keys;
             p.resize(size_t(rows * keys));
             ds.resize(size_t(rows * keys));
-            gemm(false, true, rows, keys, D, scale, q.f32() + first, ld, kg + blk.lo * Hkv * D,
-                 Hkv * D, 0.f, p.data(), keys);
-            gemm(false, true, rows, keys, D, 1.f, dout.f32() + first, ld, vg + blk.lo * Hkv * D,
-                 Hkv * D, 0.f, ds.data(), keys);
+            gemm(false, true, rows, keys, D, scale, qh + t0 * ldq, ldq, kg + blk.lo * ldk, ldk, 0.f,
+                 p.data(), keys);
+            gemm(false, true, rows, keys, D, 1.f, goh + t0 * ldgo, ldgo, vg + blk.lo * ldv, ldv,
+                 0.f, ds.data(), keys);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t j0 = blk.begin(r, window), j1 = blk.end(r);
               float* pr = p.data() + r * keys;
@@ -163,12 +170,12 @@ void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout
               }
               for (int64_t j = 0; j < keys; ++j) dsr[j] = pr[j] * (dsr[j] - float(delta));
             }
-            gemm(false, false, rows, D, keys, scale, ds.data(), keys, kg + blk.lo * Hkv * D,
-                 Hkv * D, 0.f, dq.f32() + first, ld);
-            gemm(true, false, keys, D, rows, scale, ds.data(), keys, q.f32() + first, ld, 1.f,
-                 dkg + blk.lo * Hkv * D, Hkv * D);
-            gemm(true, false, keys, D, rows, 1.f, p.data(), keys, dout.f32() + first, ld, 1.f,
-                 dvg + blk.lo * Hkv * D, Hkv * D);
+            gemm(false, false, rows, D, keys, scale, ds.data(), keys, kg + blk.lo * ldk, ldk, 0.f,
+                 dqh + t0 * lddq, lddq);
+            gemm(true, false, keys, D, rows, scale, ds.data(), keys, qh + t0 * ldq, ldq, 1.f,
+                 dkg + blk.lo * lddk, lddk);
+            gemm(true, false, keys, D, rows, 1.f, p.data(), keys, goh + t0 * ldgo, ldgo, 1.f,
+                 dvg + blk.lo * lddv, lddv);
           }
         }
       }

@@ -1,5 +1,6 @@
 // out = alpha * op(a) @ op(b) (+ out), straight onto row-major cblas_sgemm (gemm.h). A batched
 // (rank 3) matmul is a loop of plain ones: OpenBLAS already uses every core inside each call.
+// Rank-2 operands may be bands (core/tensor.h); rank-3 ones are dense.
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/gemm.h"
 #include "backend/op_checks.h"
@@ -25,11 +26,16 @@ void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans
         "matmul: a {}{} times b {}{} does not give out {}", a.shape.str(), trans_a ? "^T" : "",
         b.shape.str(), trans_b ? "^T" : "", out.shape.str());
 
-  // Leading dimensions are the stored row lengths, whatever the transposition.
-  int64_t lda = a.dim(-1), ldb = b.dim(-1);
+  if (rank == 2) {
+    // Leading dimensions are the row pitches, whatever the transposition: a rank-2 operand may
+    // be a band of a wider array.
+    gemm(trans_a, trans_b, M, N, K, alpha, a.f32_rows(), a.pitch(1), b.f32_rows(), b.pitch(1),
+         accumulate ? 1.f : 0.f, out.f32_rows(), out.pitch(1));
+    return;
+  }
   for (int64_t i = 0; i < batch; ++i) {
-    gemm(trans_a, trans_b, M, N, K, alpha, a.f32() + i * M * K, lda, b.f32() + i * K * N, ldb,
-         accumulate ? 1.f : 0.f, out.f32() + i * M * N, N);
+    gemm(trans_a, trans_b, M, N, K, alpha, a.f32() + i * M * K, a.dim(-1), b.f32() + i * K * N,
+         b.dim(-1), accumulate ? 1.f : 0.f, out.f32() + i * M * N, N);
   }
 }
 

@@ -51,7 +51,17 @@ void CpuBackend::copy(Tensor dst, Tensor src) {
   check(dst.dtype == src.dtype && dst.dtype != DType::bf16,
         "copy: the cpu backend copies f32 to f32 or i32 to i32, not {} to {}",
         dtype_name(src.dtype), dtype_name(dst.dtype));
-  std::memmove(dst.data, src.data, dst.bytes());
+  if (dst.dense() && src.dense()) {
+    std::memmove(dst.data, src.data, dst.bytes());
+    return;
+  }
+  const RowCopy c = row_copy(dst, src);
+  const size_t size = dtype_size(dst.dtype);
+  for (int64_t r = 0; r < c.rows; ++r) {
+    std::memmove(static_cast<char*>(dst.data) + size_t(r * c.dst_pitch) * size,
+                 static_cast<const char*>(src.data) + size_t(r * c.src_pitch) * size,
+                 size_t(c.width) * size);
+  }
 }
 
 void CpuBackend::add(Tensor y, Tensor x, float alpha) {

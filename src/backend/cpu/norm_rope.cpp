@@ -1,7 +1,8 @@
 // Per-head RMSNorm followed by half-split rotary embedding on (B, T, H, D) queries or keys:
 // channel i pairs with channel i + D/2 and the pair is rotated by the angle of (position, i),
 // read from the cos/sin tables. A rotation keeps norms, so normalising first gives RMSNorm of
-// the rotated vector, and the backward needs only the unrotated input.
+// the rotated vector, and the backward needs only the unrotated input. x, out, dout and dx may
+// be bands over (B, T): the queries or keys inside a packed q|k|v projection.
 #include <cfloat>
 #include <cmath>
 #include <utility>
@@ -16,7 +17,16 @@ namespace {
 // As rmsnorm.cpp: FLT_EPSILON is torch's F.rms_norm default for fp32.
 constexpr double kEps = FLT_EPSILON;
 
-// Calls f(x row, its rstd slot, cos row, sin row) for every head row of x (B, T, H, D).
+// The head rows of a (B, T, H, D) tensor, dense or a band whose rows are the (B, T) positions.
+struct HeadRows {
+  float* base;
+  int64_t pitch, H, D;
+  explicit HeadRows(Tensor x) : base(x.f32_rows()), pitch(x.pitch(2)), H(x.dim(2)), D(x.dim(3)) {}
+  // Head row i = (b * T + t) * H + h, the index of its rstd.
+  float* operator[](int64_t i) const { return base + i / H * pitch + i % H * D; }
+};
+
+// Calls f(head row index, cos row, sin row) for every head row of x (B, T, H, D).
 template <typename F>
 void for_each_head(Tensor x, Tensor cos, Tensor sin, int pos0, F&& f) {
   const int64_t B = x.dim(0), T = x.dim(1), H = x.dim(2), D = x.dim(3), d = D / 2;
@@ -37,9 +47,10 @@ void CpuBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos
                                    int pos0) {
   check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, DType::f32);
   const int64_t D = x.dim(3), d = D / 2;
+  const HeadRows xs(x), outs(out);
   for_each_head(x, cos, sin, pos0, [&](int64_t row, const float* c, const float* s) {
-    const float* xr = x.f32() + row * D;
-    float* yr = out.f32() + row * D;
+    const float* xr = xs[row];
+    float* yr = outs[row];
     double ss = 0.0;
     for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
     const float r = float(1.0 / std::sqrt(ss / double(D) + kEps));
@@ -59,10 +70,11 @@ void CpuBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rst
   check_norm_rope_args("norm_rope_backward", dout, "dout", x, rstd, cos, sin, pos0, DType::f32);
   check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, DType::f32);
   const int64_t D = x.dim(3), d = D / 2;
+  const HeadRows xs(x), douts(dout), dxs(dx);
   for_each_head(x, cos, sin, pos0, [&](int64_t row, const float* c, const float* s) {
-    const float* xr = x.f32() + row * D;
-    const float* gr = dout.f32() + row * D;
-    float* dr = dx.f32() + row * D;
+    const float* xr = xs[row];
+    const float* gr = douts[row];
+    float* dr = dxs[row];
     // dn for the pair (i, i + d), computed again in the second pass rather than stored.
     auto dn = [&](int64_t i) {
       return std::pair{gr[i] * c[i] - gr[i + d] * s[i], gr[i] * s[i] + gr[i + d] * c[i]};

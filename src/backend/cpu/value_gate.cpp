@@ -1,6 +1,7 @@
 // Value-embedding gate: v[n, h] += gate[n, h] * table[tokens[n], h], gate = 2 sigmoid(xn[n, :G] .
 // gate_w[h]). Each kv head gets one scalar gate per token from the first G channels of the
-// normed input; the value embeddings are read from the table, never gathered into a copy.
+// normed input; the value embeddings are read from the table, never gathered into a copy. v
+// and dv may be bands (the values inside a packed q|k|v projection).
 #include <cmath>
 #include <vector>
 
@@ -24,6 +25,7 @@ void CpuBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gat
   const int64_t D = check_value_gate_args(op, v, gate, xn, gate_w, table, tokens, DType::f32);
   const int64_t N = xn.rows(), C = xn.dim(-1), Hkv = gate_w.dim(0), G = gate_w.dim(1);
   cpu::check_token_ids(op, table, tokens);
+  const int64_t v_pitch = v.pitch(1);
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     const float* ve = table_row(table, tokens, n);
@@ -32,7 +34,7 @@ void CpuBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gat
       for (int64_t g = 0; g < G; ++g) a += xn.f32()[n * C + g] * gate_w.f32()[h * G + g];
       float s = 2.f / (1.f + std::exp(-a));
       gate.f32()[n * Hkv + h] = s;
-      float* vr = v.f32() + (n * Hkv + h) * D;
+      float* vr = v.f32_rows() + n * v_pitch + h * D;
       const float* er = ve + h * D;
       for (int64_t d = 0; d < D; ++d) vr[d] += s * er[d];
     }
@@ -56,12 +58,13 @@ void CpuBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Ten
   const int64_t N = xn.rows(), C = xn.dim(-1), Hkv = gate_w.dim(0), G = gate_w.dim(1);
   cpu::check_token_ids(op, table, tokens);
   std::vector<double> da(N * Hkv);
+  const int64_t dv_pitch = dv.pitch(1);
 
 #pragma omp parallel for
   for (int64_t n = 0; n < N; ++n) {
     const float* ve = table_row(table, tokens, n);
     for (int64_t h = 0; h < Hkv; ++h) {
-      const float* gr = dv.f32() + (n * Hkv + h) * D;
+      const float* gr = dv.f32_rows() + n * dv_pitch + h * D;
       const float* er = ve + h * D;
       float* der = dve.f32() + (n * Hkv + h) * D;
       float s = gate.f32()[n * Hkv + h];

@@ -75,26 +75,31 @@ Mode mode_from_env() {
 // Tensor uids of the variant packs.
 enum Uid : int64_t { kQ = 1, kK, kV, kO, kStats, kdO, kdQ, kdK, kdV };
 
+// (B, heads, T, D) dims over our (B, T, heads, D) memory, tokens `pitch` elements apart (0:
+// dense).
+std::vector<int64_t> bshd_stride(const AttentionShape& s, int heads, int64_t pitch) {
+  const int64_t P = pitch ? pitch : int64_t(heads) * s.D;
+  return {s.T * P, s.D, P, 1};
+}
+
 std::shared_ptr<fe::graph::Tensor_attributes> bshd(fe::graph::Graph& g, const char* name,
-                                                   int64_t uid, const AttentionShape& s,
-                                                   int heads) {
-  const int64_t B = s.B, T = s.T, Hn = heads, D = s.D;
+                                                   int64_t uid, const AttentionShape& s, int heads,
+                                                   int64_t pitch) {
   return g.tensor(fe::graph::Tensor_attributes()
                       .set_name(name)
                       .set_uid(uid)
                       .set_data_type(fe::DataType_t::BFLOAT16)
-                      .set_dim({B, Hn, T, D})
-                      .set_stride({T * Hn * D, D, Hn * D, 1}));
+                      .set_dim({s.B, heads, s.T, s.D})
+                      .set_stride(bshd_stride(s, heads, pitch)));
 }
 
 void set_bshd_output(const std::shared_ptr<fe::graph::Tensor_attributes>& t, int64_t uid,
-                     const AttentionShape& s, int heads) {
-  const int64_t B = s.B, T = s.T, Hn = heads, D = s.D;
+                     const AttentionShape& s, int heads, int64_t pitch) {
   t->set_output(true)
       .set_uid(uid)
       .set_data_type(fe::DataType_t::BFLOAT16)
-      .set_dim({B, Hn, T, D})
-      .set_stride({T * Hn * D, D, Hn * D, 1});
+      .set_dim({s.B, heads, s.T, s.D})
+      .set_stride(bshd_stride(s, heads, pitch));
 }
 
 // lse / Stats: (B, H, T, 1) f32, contiguous like our (B, H, T).
@@ -115,7 +120,8 @@ struct CudnnAttention::Impl {
     std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN cannot run this shape
     int64_t workspace = 0;
   };
-  using Key = std::tuple<int, int, int, int, int, int, bool>;  // B, T, H, Hkv, D, window, backward
+  // B, T, H, Hkv, D, window, pitches, backward
+  using Key = std::tuple<int, int, int, int, int, int, AttentionPitches, bool>;
 
   cudnnHandle_t handle = nullptr;
   bool deterministic = true;
@@ -180,9 +186,9 @@ struct CudnnAttention::Impl {
 
   Plan build_forward(const AttentionShape& s) {
     auto g = new_graph();
-    auto q = bshd(*g, "q", kQ, s, s.H);
-    auto k = bshd(*g, "k", kK, s, s.Hkv);
-    auto v = bshd(*g, "v", kV, s, s.Hkv);
+    auto q = bshd(*g, "q", kQ, s, s.H, s.pitch.q);
+    auto k = bshd(*g, "k", kK, s, s.Hkv, s.pitch.k);
+    auto v = bshd(*g, "v", kV, s, s.Hkv, s.pitch.v);
     auto opts = fe::graph::SDPA_attributes()
                     .set_name("lmtrain_attention_forward")
                     .set_generate_stats(true)
@@ -191,7 +197,7 @@ struct CudnnAttention::Impl {
                     .set_diagonal_band_right_bound(0);
     if (!causal_only(s)) opts.set_diagonal_band_left_bound(s.window + 1);
     auto [o, stats] = g->sdpa(q, k, v, opts);
-    set_bshd_output(o, kO, s, s.H);
+    set_bshd_output(o, kO, s, s.H, s.pitch.out);
     stats->set_output(true);
     set_stats(stats, s);
     return build(g, s, false);
@@ -199,11 +205,11 @@ struct CudnnAttention::Impl {
 
   Plan build_backward(const AttentionShape& s) {
     auto g = new_graph();
-    auto q = bshd(*g, "q", kQ, s, s.H);
-    auto k = bshd(*g, "k", kK, s, s.Hkv);
-    auto v = bshd(*g, "v", kV, s, s.Hkv);
-    auto o = bshd(*g, "o", kO, s, s.H);
-    auto dout = bshd(*g, "dout", kdO, s, s.H);
+    auto q = bshd(*g, "q", kQ, s, s.H, s.pitch.q);
+    auto k = bshd(*g, "k", kK, s, s.Hkv, s.pitch.k);
+    auto v = bshd(*g, "v", kV, s, s.Hkv, s.pitch.v);
+    auto o = bshd(*g, "o", kO, s, s.H, s.pitch.out);
+    auto dout = bshd(*g, "dout", kdO, s, s.H, s.pitch.dout);
     auto stats = g->tensor(fe::graph::Tensor_attributes().set_name("lse"));
     set_stats(stats, s);
     auto opts = fe::graph::SDPA_backward_attributes()
@@ -214,16 +220,16 @@ struct CudnnAttention::Impl {
                     .set_deterministic_algorithm(deterministic);
     if (!causal_only(s)) opts.set_diagonal_band_left_bound(s.window + 1);
     auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dout, stats, opts);
-    set_bshd_output(dq, kdQ, s, s.H);
-    set_bshd_output(dk, kdK, s, s.Hkv);
-    set_bshd_output(dv, kdV, s, s.Hkv);
+    set_bshd_output(dq, kdQ, s, s.H, s.pitch.dq);
+    set_bshd_output(dk, kdK, s, s.Hkv, s.pitch.dk);
+    set_bshd_output(dv, kdV, s, s.Hkv, s.pitch.dv);
     return build(g, s, true);
   }
 
   const Plan& plan(const AttentionShape& s, bool backward) {
     // Every window >= T - 1 is the same causal graph.
     const int window = causal_only(s) ? -1 : s.window;
-    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, backward};
+    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, s.pitch, backward};
     auto it = plans.find(key);
     if (it == plans.end()) {
       Plan p = backward ? build_backward(s) : build_forward(s);

@@ -3,7 +3,7 @@
 // Tq == Tk: q (B,T,H,D), k/v (B,T,Hkv,D), out (B,T,H,D) bf16 row-major; lse (B,H,T) f32, the
 // natural-log log-sum-exp of the scaled scores (cuDNN's softmax "Stats"); scale 1/sqrt(D); query i
 // sees keys i - window <= j <= i (window >= T - 1: plain causal); query head h reads kv head
-// h / (H / Hkv).
+// h / (H / Hkv). Any of the (B,T,heads,D) tensors may be a band (AttentionPitches).
 //
 // No cuDNN type appears here, so the backend's header stays free of cuDNN; without
 // LMTRAIN_HAVE_CUDNN (no cuDNN or no frontend headers at build time) create() returns null.
@@ -20,8 +20,16 @@
 
 namespace lmtrain::cuda {
 
+// Elements between consecutive tokens (b, t) of each tensor; 0: dense, heads * D. A tensor
+// with more is a band of a packed q|k|v projection (or of its gradient).
+struct AttentionPitches {
+  int64_t q = 0, k = 0, v = 0, out = 0, dq = 0, dk = 0, dv = 0, dout = 0;
+  auto operator<=>(const AttentionPitches&) const = default;
+};
+
 struct AttentionShape {
   int B, T, H, Hkv, D, window;
+  AttentionPitches pitch{};
 };
 
 class CudnnAttention {

@@ -8,8 +8,17 @@
 
 namespace lmtrain::cuda_ops {
 
+// The data of a dense tensor: ops that do not take bands refuse them here.
 template <typename T>
 T* ptr(Tensor t) {
+  check(t.dense(), "this op needs a dense tensor, got a band {} with rows {} apart", t.shape.str(),
+        t.row_stride);
+  return static_cast<T*>(t.data);
+}
+
+// The first element of a dense tensor or a band, for ops that take each row's pitch.
+template <typename T>
+T* rows_ptr(Tensor t) {
   return static_cast<T*>(t.data);
 }
 

@@ -104,6 +104,15 @@ void CudaBackend::fill(Tensor x, float value) {
 void CudaBackend::copy(Tensor dst, Tensor src) {
   check(dst.numel() == src.numel(), "copy: dst {} and src {} differ in element count",
         dst.shape.str(), src.shape.str());
+  if (!dst.dense() || !src.dense()) {
+    const RowCopy c = row_copy(dst, src);
+    const size_t size = dtype_size(dst.dtype);
+    cuda_check(cudaMemcpy2DAsync(dst.data, size_t(c.dst_pitch) * size, src.data,
+                                 size_t(c.src_pitch) * size, size_t(c.width) * size, size_t(c.rows),
+                                 cudaMemcpyDeviceToDevice, stream_.get()),
+               "copy (band)");
+    return;
+  }
   if (dst.dtype == src.dtype && dst.data == src.data) return;
   // Overlapping buffers would race: a converting kernel's threads read and write packs of
   // different byte widths.

@@ -119,6 +119,7 @@ class CudaBackend final : public Backend {
   // pointer alignments (algorithms may need more alignment than a view into a flat array has).
   struct MatmulKey {
     int64_t m, n, k, batch;
+    int64_t ld_a, ld_b, ld_out;  // row pitches: the stored row length, or a band's stride
     bool trans_a, trans_b;
     DType in, out;
     int align_a, align_b, align_out;

@@ -75,10 +75,43 @@ void check_like(const char* op, const char* name, Tensor t, Tensor like, DType a
         like.shape.str());
 }
 
+// Our own attention kernels read and write dense tensors: a band goes through a dense copy made
+// for the call. They run in the fp32 comparison mode, for generation and where cuDNN cannot,
+// none of them where the copies' cost shows.
+class DenseStaging {
+ public:
+  explicit DenseStaging(Backend& backend) : backend_(backend) {}
+  Tensor input(Tensor t) {
+    if (t.dense()) return t;
+    Tensor copy = fresh(t);
+    backend_.copy(copy, t);
+    return copy;
+  }
+  Tensor output(Tensor t) {
+    if (t.dense()) return t;
+    Tensor copy = fresh(t);
+    outputs_.emplace_back(t, copy);
+    return copy;
+  }
+  // After the kernel: the outputs' copies into their bands.
+  void write_back() {
+    for (const auto& [band, copy] : outputs_) backend_.copy(band, copy);
+  }
+
+ private:
+  Tensor fresh(Tensor like) {
+    buffers_.push_back(backend_.allocate(size_t(like.numel()) * dtype_size(like.dtype)));
+    return buffers_.back().tensor(like.shape, like.dtype);
+  }
+  Backend& backend_;
+  std::vector<Buffer> buffers_;
+  std::vector<std::pair<Tensor, Tensor>> outputs_;
+};
+
 cuda::ValueGateShape check_value_gate(const char* op, Tensor v, Tensor gate, Tensor xn,
                                       Tensor gate_w, Tensor table, Tensor tokens, DType act) {
   const int64_t D = check_value_gate_args(op, v, gate, xn, gate_w, table, tokens, act);
-  return {xn.rows(), xn.dim(-1), gate_w.dim(0), gate_w.dim(1), D, table.dim(0)};
+  return {xn.rows(), xn.dim(-1), gate_w.dim(0), gate_w.dim(1), D, table.dim(0), v.pitch(1)};
 }
 
 }  // namespace
@@ -136,9 +169,9 @@ void CudaBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor co
   check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, activation_);
   dispatch("norm_rope_forward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::norm_rope_forward(ptr<T>(out), ptr<float>(rstd), ptr<T>(x), ptr<float>(cos),
+    cuda::norm_rope_forward(rows_ptr<T>(out), ptr<float>(rstd), rows_ptr<T>(x), ptr<float>(cos),
                             ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2), x.dim(3), pos0,
-                            stream_.get());
+                            {x.pitch(2), out.pitch(2), 0}, stream_.get());
   });
 }
 
@@ -148,8 +181,9 @@ void CudaBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rs
   check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, activation_);
   dispatch("norm_rope_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::norm_rope_backward(ptr<T>(dx), ptr<T>(dout), ptr<T>(x), ptr<float>(rstd), ptr<float>(cos),
-                             ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2), x.dim(3), pos0,
+    cuda::norm_rope_backward(rows_ptr<T>(dx), rows_ptr<T>(dout), rows_ptr<T>(x), ptr<float>(rstd),
+                             ptr<float>(cos), ptr<float>(sin), x.dim(0), x.dim(1), x.dim(2),
+                             x.dim(3), pos0, {x.pitch(2), dx.pitch(2), dout.pitch(2)},
                              stream_.get());
   });
 }
@@ -165,16 +199,22 @@ void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, 
         q_offset + Tq, Tk);
   // Training and full-sequence evaluation in bf16 go to cuDNN; generation (q_offset, Tq < Tk),
   // the fp32 mode and shapes cuDNN rejects run our own kernel (docs/CUDA.md, "Attention").
+  cuda::AttentionPitches pitch;
+  pitch.q = q.pitch(2), pitch.k = k.pitch(2), pitch.v = v.pitch(2), pitch.out = out.pitch(2);
   if (cudnn_attention_ && activation_ == DType::bf16 && q_offset == 0 && Tq == Tk &&
       cudnn_attention_->forward(out.data, ptr<float>(lse), q.data, k.data, v.data,
-                                {B, Tq, H, Hkv, D, window},
+                                {B, Tq, H, Hkv, D, window, pitch},
                                 [this](size_t bytes) { return scratch(bytes); }))
     return;
+  DenseStaging dense(*this);
+  const Tensor qd = dense.input(q), kd = dense.input(k), vd = dense.input(v);
+  const Tensor od = dense.output(out);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::attention_forward(ptr<T>(out), ptr<float>(lse), ptr<T>(q), ptr<T>(k), ptr<T>(v), B, Tq,
+    cuda::attention_forward(ptr<T>(od), ptr<float>(lse), ptr<T>(qd), ptr<T>(kd), ptr<T>(vd), B, Tq,
                             Tk, H, Hkv, D, window, q_offset, stream_.get());
   });
+  dense.write_back();
 }
 
 void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
@@ -189,18 +229,25 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
   check_like(op, "dout", dout, out, activation_);
   const int B = int(q.dim(0)), Tn = int(q.dim(1)), H = int(q.dim(2)), D = int(q.dim(3));
   const int Hkv = int(k.dim(2));
+  const cuda::AttentionPitches pitch{q.pitch(2),  k.pitch(2),  v.pitch(2),  out.pitch(2),
+                                     dq.pitch(2), dk.pitch(2), dv.pitch(2), dout.pitch(2)};
   if (cudnn_attention_ && activation_ == DType::bf16 &&
       cudnn_attention_->backward(dq.data, dk.data, dv.data, dout.data, q.data, k.data, v.data,
-                                 out.data, ptr<float>(lse), {B, Tn, H, Hkv, D, window},
+                                 out.data, ptr<float>(lse), {B, Tn, H, Hkv, D, window, pitch},
                                  [this](size_t bytes) { return scratch(bytes); }))
     return;
+  DenseStaging dense(*this);
+  const Tensor qd = dense.input(q), kd = dense.input(k), vd = dense.input(v);
+  const Tensor od = dense.input(out), doutd = dense.input(dout);
+  const Tensor dqd = dense.output(dq), dkd = dense.output(dk), dvd = dense.output(dv);
   void* work = scratch(cuda::attention_backward_workspace_bytes(B, Tn, H, Hkv, D));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::attention_backward(ptr<T>(dq), ptr<T>(dk), ptr<T>(dv), ptr<T>(dout), ptr<T>(q), ptr<T>(k),
-                             ptr<T>(v), ptr<T>(out), ptr<float>(lse), B, Tn, H, Hkv, D, window,
-                             work, stream_.get());
+    cuda::attention_backward(ptr<T>(dqd), ptr<T>(dkd), ptr<T>(dvd), ptr<T>(doutd), ptr<T>(qd),
+                             ptr<T>(kd), ptr<T>(vd), ptr<T>(od), ptr<float>(lse), B, Tn, H, Hkv, D,
+                             window, work, stream_.get());
   });
+  dense.write_back();
 }
 
 // What the two ops above will ask scratch() for: per direction cuDNN's graph workspace, or the
@@ -280,8 +327,8 @@ void CudaBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor ga
       check_value_gate(op, v, gate, xn, gate_w, table, tokens, activation_);
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::value_gate_forward(ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w), ptr<T>(table),
-                             ptr<int32_t>(tokens), s, stream_.get());
+    cuda::value_gate_forward(rows_ptr<T>(v), ptr<float>(gate), ptr<T>(xn), ptr<T>(gate_w),
+                             ptr<T>(table), ptr<int32_t>(tokens), s, stream_.get());
   });
 }
 
@@ -299,9 +346,9 @@ void CudaBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Te
   void* work = scratch(cuda::value_gate_backward_scratch_bytes(s));
   dispatch(op, activation_, [&](auto tag) {
     using T = decltype(tag);
-    cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), ptr<T>(dv), ptr<T>(xn),
-                              ptr<T>(gate_w), ptr<T>(table), ptr<int32_t>(tokens), ptr<float>(gate),
-                              s, work, stream_.get());
+    cuda::value_gate_backward(ptr<T>(dxn), ptr<float>(dgate_w), ptr<T>(dve), rows_ptr<T>(dv),
+                              ptr<T>(xn), ptr<T>(gate_w), ptr<T>(table), ptr<int32_t>(tokens),
+                              ptr<float>(gate), s, work, stream_.get());
   });
 }
 

@@ -3,7 +3,8 @@
 // cuBLASLt is column-major. A row-major (r, c) array is the column-major (c, r) array holding its
 // transpose, so the row-major product out = op(a) op(b) is computed as the column-major product
 // out^T = op(b)^T op(a)^T: cuBLASLt's A is our b, its B is our a, each with its own transpose
-// flag, and its C (N, M) is our out. Rank-3 tensors are dense, so batches are strided.
+// flag, and its C (N, M) is our out. Rank-3 tensors are dense, so batches are strided; rank-2
+// ones may be bands of a wider array, whose row stride is the leading dimension.
 //
 // Compute is fp32 (CUBLAS_COMPUTE_32F). With f32 activations (the mode that is compared with the
 // CPU) f32 matmuls stay true fp32; with bf16 activations an f32 matmul may use TF32 tensor cores
@@ -66,8 +67,9 @@ size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
   auto mix = [&h](int64_t v) {
     h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
   };
-  for (int64_t v : {k.m, k.n, k.k, k.batch, int64_t(k.trans_a), int64_t(k.trans_b), int64_t(k.in),
-                    int64_t(k.out), int64_t(k.align_a), int64_t(k.align_b), int64_t(k.align_out)})
+  for (int64_t v : {k.m, k.n, k.k, k.batch, k.ld_a, k.ld_b, k.ld_out, int64_t(k.trans_a),
+                    int64_t(k.trans_b), int64_t(k.in), int64_t(k.out), int64_t(k.align_a),
+                    int64_t(k.align_b), int64_t(k.align_out)})
     mix(v);
   return h;
 }
@@ -90,10 +92,11 @@ CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
   lt_check(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)),
            "matmul transb");
 
-  // A column-major (rows, cols) layout with leading dimension rows, strided over the batch.
-  auto layout = [&](DType dtype, int64_t rows, int64_t cols) {
+  // A column-major (rows, cols) layout with leading dimension ld (rows when dense), strided over
+  // the batch.
+  auto layout = [&](DType dtype, int64_t rows, int64_t cols, int64_t ld) {
     cublasLtMatrixLayout_t l = nullptr;
-    lt_check(cublasLtMatrixLayoutCreate(&l, cuda_type(dtype), uint64_t(rows), uint64_t(cols), rows),
+    lt_check(cublasLtMatrixLayoutCreate(&l, cuda_type(dtype), uint64_t(rows), uint64_t(cols), ld),
              "cublasLtMatrixLayoutCreate");
     Layout owned(l);
     if (key.batch > 1) {
@@ -109,9 +112,11 @@ CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
     return owned;
   };
   // Our b is stored (K, N), or (N, K) when transposed; our a (M, K), or (K, M) when transposed.
-  plan.a = key.trans_b ? layout(key.in, key.k, key.n) : layout(key.in, key.n, key.k);
-  plan.b = key.trans_a ? layout(key.in, key.m, key.k) : layout(key.in, key.k, key.m);
-  plan.out = layout(key.out, key.n, key.m);
+  plan.a =
+      key.trans_b ? layout(key.in, key.k, key.n, key.ld_b) : layout(key.in, key.n, key.k, key.ld_b);
+  plan.b =
+      key.trans_a ? layout(key.in, key.m, key.k, key.ld_a) : layout(key.in, key.k, key.m, key.ld_a);
+  plan.out = layout(key.out, key.n, key.m, key.ld_out);
 
   cublasLtMatmulPreference_t pref = nullptr;
   lt_check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
@@ -165,8 +170,10 @@ void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void
   const std::vector<cublasLtMatmulAlgo_t> candidates = std::exchange(plan.untimed, {});
   void* d = out.data;
   if (c == out.data && beta != 0.f) {
-    if (out.bytes() > kTuneScratchLimit) return;
-    d = scratch(out.bytes());
+    // out's rows at its pitch: a band's scratch keeps its layout.
+    const size_t span = size_t(key.batch * key.m * key.ld_out) * dtype_size(key.out);
+    if (span > kTuneScratchLimit) return;
+    d = scratch(span);
     c = d;
     beta = 0.f;  // the scratch holds nothing to add
   }
@@ -235,10 +242,21 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
     return;
   }
 
+  // Rank 2 takes bands: the row pitch is the leading dimension. C and D share a layout, so an
+  // addend other than out must have out's.
+  const bool bands = rank == 2;
+  const int64_t ld_out = bands ? out.pitch(1) : out.dim(-1);
+  check(!accumulate || addend.data == out.data ||
+            (bands ? addend.pitch(1) : addend.dim(-1)) == ld_out,
+        "matmul_add: the addend's rows must lie as out's ({} apart)", ld_out);
+  check(bands || (a.dense() && b.dense() && out.dense()), "matmul: rank-3 operands must be dense");
   const MatmulKey key{M,
                       N,
                       K,
                       batch,
+                      bands ? a.pitch(1) : a.dim(-1),
+                      bands ? b.pitch(1) : b.dim(-1),
+                      ld_out,
                       trans_a,
                       trans_b,
                       a.dtype,
