@@ -78,9 +78,9 @@ class Backend {
   // the three may be a band. Rank 3: the same, dense, batched over the leading dimension.
   virtual void matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, bool accumulate,
                       float alpha = 1.f) = 0;
-  // out = alpha * op(a) @ op(b) + beta * addend, addend of out's shape and dtype: a residual
-  // connection (or a polynomial's lower terms) in one pass, where copying addend into out and
-  // accumulating would take two or three.
+  // out = alpha * op(a) @ op(b) + beta * addend, addend of out's shape and dtype (both dense): a
+  // residual connection (or a polynomial's lower terms) in one pass, where copying addend into out
+  // and accumulating would take two or three.
   virtual void matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend,
                           float alpha = 1.f, float beta = 1.f) = 0;
 

@@ -2,11 +2,13 @@
 // then the moment updates, then the bias-corrected step.
 #include <cmath>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
 
 void CpuBackend::adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWHyper& h) {
+  cpu::require_dense("adamw_update", {param, grad, m, v});
   for (Tensor t : {param, grad, m, v})
     check(t.dtype == DType::f32 && t.shape == param.shape,
           "adamw_update: param {}, grad, m and v must all be f32 of that shape, got {} {}",

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/gemm.h"
 
@@ -57,6 +58,7 @@ struct QueryBlock {
 
 void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int window,
                                    int q_offset) {
+  cpu::require_dense("attention_forward", {lse});
   check_attention("attention_forward", out, lse, q, k, v, window);
   int64_t B = q.dim(0), Tq = q.dim(1), H = q.dim(2), D = q.dim(3);
   int64_t Tk = k.dim(1), Hkv = k.dim(2), group = H / Hkv;
@@ -112,6 +114,7 @@ void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor q, Tensor k, T
 // single writer, which adds the blocks in a fixed order.
 void CpuBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
                                     Tensor k, Tensor v, Tensor out, Tensor lse, int window) {
+  cpu::require_dense("attention_backward", {lse});
   check_attention("attention_backward", out, lse, q, k, v, window);
   check(q.dim(1) == k.dim(1), "attention_backward: q {} and k {} must cover the same positions",
         q.shape.str(), k.shape.str());

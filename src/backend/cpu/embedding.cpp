@@ -24,6 +24,7 @@ void check_embedding(const char* op, Tensor rows, Tensor table, Tensor tokens) {
 }  // namespace
 
 void CpuBackend::embedding_forward(Tensor out, Tensor table, Tensor tokens) {
+  cpu::require_dense("embedding_forward", {out, table, tokens});
   check_embedding("embedding_forward", out, table, tokens);
   int64_t N = out.rows(), C = table.dim(1);
   const int32_t* ids = tokens.i32();
@@ -35,6 +36,7 @@ void CpuBackend::embedding_forward(Tensor out, Tensor table, Tensor tokens) {
 // Repeated ids make rows collide, so threads split the channels instead of the tokens: each
 // element is then summed by one thread in token order, race-free and deterministic.
 void CpuBackend::embedding_backward(Tensor dtable, Tensor dout, Tensor tokens) {
+  cpu::require_dense("embedding_backward", {dtable, dout, tokens});
   check_embedding("embedding_backward", dout, dtable, tokens);
   int64_t N = dout.rows(), C = dtable.dim(1);
   const int32_t* ids = tokens.i32();

@@ -1,6 +1,7 @@
 // out = alpha * op(a) @ op(b) (+ out), straight onto row-major cblas_sgemm (gemm.h). A batched
 // (rank 3) matmul is a loop of plain ones: OpenBLAS already uses every core inside each call.
 // Rank-2 operands may be bands (core/tensor.h); rank-3 ones are dense.
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/gemm.h"
 #include "backend/op_checks.h"
@@ -41,6 +42,7 @@ void CpuBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans
 
 void CpuBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
                             Tensor addend, float alpha, float beta) {
+  cpu::require_dense("matmul_add", {out, addend});
   check_matmul_addend(out, addend);
   if (out.data != addend.data) copy(out, addend);
   if (beta != 1.f) scale(out, beta);

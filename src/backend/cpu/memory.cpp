@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_checks.h"
 
@@ -38,6 +39,7 @@ void CpuBackend::upload(Tensor dst, const void* host) { std::memcpy(dst.data, ho
 void CpuBackend::download(void* host, Tensor src) { std::memcpy(host, src.data, src.bytes()); }
 
 void CpuBackend::fill(Tensor x, float value) {
+  cpu::require_dense("fill", {x});
   check_f32("fill", "x", x);
   float* p = x.f32();
   int64_t n = x.numel();
@@ -65,6 +67,7 @@ void CpuBackend::copy(Tensor dst, Tensor src) {
 }
 
 void CpuBackend::add(Tensor y, Tensor x, float alpha) {
+  cpu::require_dense("add", {y, x});
   check_f32("add", "y", y);
   check_f32("add", "x", x);
   check_add_args(y, x);
@@ -76,6 +79,7 @@ void CpuBackend::add(Tensor y, Tensor x, float alpha) {
 }
 
 void CpuBackend::scale(Tensor x, float alpha) {
+  cpu::require_dense("scale", {x});
   check_f32("scale", "x", x);
   float* p = x.f32();
   int64_t n = x.numel();
@@ -86,6 +90,7 @@ void CpuBackend::scale(Tensor x, float alpha) {
 // Partial sums over fixed-size chunks, added in chunk order: the result is the same for any
 // thread count, which bit-exact training resume depends on (this feeds gradient clipping).
 void CpuBackend::sum_squares(Tensor out, Tensor x) {
+  cpu::require_dense("sum_squares", {out, x});
   check_f32("sum_squares", "x", x);
   check_f32("sum_squares", "out", out);
   check(out.numel() == 1, "sum_squares: out must have one element, got {}", out.shape.str());

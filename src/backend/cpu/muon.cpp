@@ -2,6 +2,7 @@
 // through matmul(). Per-matrix reductions are summed in double in a fixed order.
 #include <cmath>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_checks.h"
 
@@ -24,6 +25,7 @@ double frobenius(const float* x, int64_t n) {
 
 void CpuBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool lerp,
                                bool nesterov) {
+  cpu::require_dense("muon_momentum", {u, buf, grad});
   for (Tensor t : {u, buf})
     check(t.dtype == DType::f32 && t.numel() == grad.numel(),
           "muon_momentum: u, buf and grad must be f32 of {} elements", grad.numel());
@@ -47,6 +49,7 @@ void CpuBackend::muon_momentum(Tensor u, Tensor buf, Tensor grad, float mu, bool
 
 void CpuBackend::normalize_matrices(Tensor out, Tensor x, float norm_mult, float eps,
                                     bool transpose) {
+  cpu::require_dense("normalize_matrices", {out, x});
   check_stack("normalize_matrices", x);
   check_stack("normalize_matrices", out);
   check_stack_pair("normalize_matrices", out, x, transpose);
@@ -63,6 +66,7 @@ void CpuBackend::normalize_matrices(Tensor out, Tensor x, float norm_mult, float
 }
 
 void CpuBackend::transpose_matrices(Tensor out, Tensor x) {
+  cpu::require_dense("transpose_matrices", {out, x});
   check_stack("transpose_matrices", x);
   check_stack("transpose_matrices", out);
   check_stack_pair("transpose_matrices", out, x, true);
@@ -75,6 +79,7 @@ void CpuBackend::transpose_matrices(Tensor out, Tensor x) {
 }
 
 void CpuBackend::normuon_second_moment(Tensor x, Tensor state, float beta2) {
+  cpu::require_dense("normuon_second_moment", {x, state});
   check_stack("normuon_second_moment", x);
   const int64_t K = x.dim(0), rows = x.dim(1), cols = x.dim(2), size = rows * cols;
   const bool per_row = rows >= cols;
@@ -105,6 +110,7 @@ void CpuBackend::normuon_second_moment(Tensor x, Tensor state, float beta2) {
 }
 
 void CpuBackend::muon_apply(Tensor param, Tensor update, float lr, float decay, bool cautious) {
+  cpu::require_dense("muon_apply", {param, update});
   check(param.dtype == DType::f32 && update.dtype == DType::f32 && param.numel() == update.numel(),
         "muon_apply: param {} and update {} must be f32 of one size", param.shape.str(),
         update.shape.str());

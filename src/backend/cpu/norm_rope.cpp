@@ -7,6 +7,7 @@
 #include <cmath>
 #include <utility>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_checks.h"
 
@@ -45,6 +46,7 @@ void for_each_head(Tensor x, Tensor cos, Tensor sin, int pos0, F&& f) {
 // n = x * r, r = 1 / sqrt(mean(x^2) + eps); out1 = n1 cos + n2 sin, out2 = -n1 sin + n2 cos.
 void CpuBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
                                    int pos0) {
+  cpu::require_dense("norm_rope_forward", {rstd, cos, sin});
   check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, DType::f32);
   const int64_t D = x.dim(3), d = D / 2;
   const HeadRows xs(x), outs(out);
@@ -67,6 +69,7 @@ void CpuBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos
 // dx = r * (dn - x * r^2 * mean(dn * x)). dx may alias dout: a row is read before it is written.
 void CpuBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor cos,
                                     Tensor sin, int pos0) {
+  cpu::require_dense("norm_rope_backward", {rstd, cos, sin});
   check_norm_rope_args("norm_rope_backward", dout, "dout", x, rstd, cos, sin, pos0, DType::f32);
   check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, DType::f32);
   const int64_t D = x.dim(3), d = D / 2;

@@ -2,6 +2,7 @@
 // dout.
 #include <cmath>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
@@ -18,6 +19,7 @@ void check_relu2(const char* op, Tensor y, const char* y_name, Tensor x) {
 }  // namespace
 
 void CpuBackend::relu2_forward(Tensor out, Tensor x) {
+  cpu::require_dense("relu2_forward", {out, x});
   check_relu2("relu2_forward", out, "out", x);
   int64_t n = x.numel();
 #pragma omp parallel for
@@ -28,6 +30,7 @@ void CpuBackend::relu2_forward(Tensor out, Tensor x) {
 }
 
 void CpuBackend::relu2_backward(Tensor dx, Tensor dout, Tensor out) {
+  cpu::require_dense("relu2_backward", {dx, dout, out});
   check_relu2("relu2_backward", dout, "dout", out);
   check_relu2("relu2_backward", dx, "dx", out);
   int64_t n = out.numel();

@@ -2,6 +2,7 @@
 // the normed embedding, resid and x0l learned per-layer scalars), then the attention's RMSNorm.
 #include <vector>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/rmsnorm.h"
 #include "backend/op_checks.h"
@@ -29,6 +30,7 @@ void mix_row(float* out, const float* x, const float* x0, float a, float b, int6
 
 void CpuBackend::residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x,
                                            Tensor x0, Tensor resid, Tensor x0l, int layer) {
+  cpu::require_dense("residual_mix_norm_forward", {mixed, normed, rstd, x, x0, resid, x0l});
   const char* op = "residual_mix_norm_forward";
   check_layer_scalars(op, resid, x0l, layer);
   check_like(op, "x", x, x);
@@ -53,6 +55,8 @@ void CpuBackend::residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor r
 void CpuBackend::residual_mix_norm_backward(Tensor dx, Tensor dx0, Tensor dresid, Tensor dx0l,
                                             Tensor dnormed, Tensor dmixed, Tensor x, Tensor x0,
                                             Tensor rstd, Tensor resid, Tensor x0l, int layer) {
+  cpu::require_dense("residual_mix_norm_backward",
+                     {dx, dx0, dresid, dx0l, dnormed, dmixed, x, x0, rstd, resid, x0l});
   const char* op = "residual_mix_norm_backward";
   check_layer_scalars(op, resid, x0l, layer);
   check_layer_scalars(op, dresid, dx0l, layer);

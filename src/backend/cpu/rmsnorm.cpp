@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
@@ -52,6 +53,7 @@ void rmsnorm_backward_row(float* dx, const float* dout, const float* x, float r,
 }  // namespace cpu
 
 void CpuBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
+  cpu::require_dense("rmsnorm_forward", {out, rstd, x});
   check_rmsnorm("rmsnorm_forward", out, "out", x, rstd);
   const int64_t N = x.rows(), C = x.dim(-1);
 #pragma omp parallel for
@@ -60,6 +62,7 @@ void CpuBackend::rmsnorm_forward(Tensor out, Tensor rstd, Tensor x) {
 }
 
 void CpuBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd, Tensor residual) {
+  cpu::require_dense("rmsnorm_backward", {dx, dout, x, rstd, residual});
   check_rmsnorm("rmsnorm_backward", dout, "dout", x, rstd);
   check_rmsnorm("rmsnorm_backward", dx, "dx", x, rstd);
   if (!residual.empty()) check_rmsnorm("rmsnorm_backward", residual, "residual", x, rstd);

@@ -5,12 +5,14 @@
 #include <cmath>
 #include <vector>
 
+#include "backend/cpu/checks.h"
 #include "backend/cpu/cpu_backend.h"
 
 namespace lmtrain {
 
 void CpuBackend::softcap_cross_entropy(Tensor logits, Tensor losses, Tensor targets, int vocab,
                                        float softcap, float grad_scale) {
+  cpu::require_dense("softcap_cross_entropy", {logits, losses, targets});
   const char* op = "softcap_cross_entropy";
   check(logits.dtype == DType::f32 && losses.dtype == DType::f32 && targets.dtype == DType::i32,
         "{}: logits and losses must be f32 and targets i32, got {}, {}, {}", op,

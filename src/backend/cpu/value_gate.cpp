@@ -21,6 +21,7 @@ const float* table_row(Tensor table, Tensor tokens, int64_t n) {
 
 void CpuBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gate_w, Tensor table,
                                     Tensor tokens) {
+  cpu::require_dense("value_gate_forward", {gate, xn, gate_w, table, tokens});
   const char* op = "value_gate_forward";
   const int64_t D = check_value_gate_args(op, v, gate, xn, gate_w, table, tokens, DType::f32);
   const int64_t N = xn.rows(), C = xn.dim(-1), Hkv = gate_w.dim(0), G = gate_w.dim(1);
@@ -46,6 +47,7 @@ void CpuBackend::value_gate_forward(Tensor v, Tensor gate, Tensor xn, Tensor gat
 // weight, in token order, so the parameter gradient is deterministic.
 void CpuBackend::value_gate_backward(Tensor dxn, Tensor dgate_w, Tensor dve, Tensor dv, Tensor xn,
                                      Tensor gate_w, Tensor table, Tensor tokens, Tensor gate) {
+  cpu::require_dense("value_gate_backward", {dxn, dgate_w, dve, xn, gate_w, table, tokens, gate});
   const char* op = "value_gate_backward";
   const int64_t D = check_value_gate_args(op, dv, gate, xn, gate_w, table, tokens, DType::f32);
   check(dxn.dtype == DType::f32 && dxn.shape == xn.shape, "{}: dxn {} {} must be f32 like xn {}",

@@ -209,6 +209,7 @@ void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool tran
 void CudaBackend::matmul_add(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
                              Tensor addend, float alpha, float beta) {
   check_matmul_addend(out, addend);
+  check(out.dense() && addend.dense(), "matmul_add: out and addend must be dense");
   gemm(out, a, b, trans_a, trans_b, addend, alpha, beta);
 }
 
@@ -242,13 +243,10 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
     return;
   }
 
-  // Rank 2 takes bands: the row pitch is the leading dimension. C and D share a layout, so an
-  // addend other than out must have out's.
+  // Rank 2 takes bands: the row pitch is the leading dimension (matmul_add's out and addend
+  // are dense, so C and D share out's layout).
   const bool bands = rank == 2;
   const int64_t ld_out = bands ? out.pitch(1) : out.dim(-1);
-  check(!accumulate || addend.data == out.data ||
-            (bands ? addend.pitch(1) : addend.dim(-1)) == ld_out,
-        "matmul_add: the addend's rows must lie as out's ({} apart)", ld_out);
   check(bands || (a.dense() && b.dense() && out.dense()), "matmul: rank-3 operands must be dense");
   const MatmulKey key{M,
                       N,
