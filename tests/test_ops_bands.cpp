@@ -85,6 +85,10 @@ TEST_CASE("copy moves rows into and out of bands", "[ops]") {
   CHECK(other.dense() == src);
   CHECK(other.gaps_intact());
   CHECK_NOTHROW(cpu.copy(other.band({4, 3}), wide.band({2, 2, 3})));  // the same rows
+  // Two bands of one array whose rows interleave: refused rather than copied row over row.
+  CHECK_THROWS_WITH(cpu.copy(wide.band({4, 3}).view({4, 3}),
+                             Tensor{wide.mem.data(), {4, 7}, DType::f32}.columns(0, 3)),
+                    Catch::Contains("overlap"));
   Wide two_rows(2, 6, 9, 1);
   CHECK_THROWS_WITH(cpu.copy(two_rows.band({2, 6}), wide.band({4, 3})),
                     Catch::Contains("split into different rows"));
@@ -163,6 +167,11 @@ TEST_CASE("value_gate updates a band of values and reads a band of their gradien
   CHECK(dgw2 == dgw);
   CHECK(dve2 == dve);
   CHECK((v_band.gaps_intact() && dv_band.gaps_intact()));
+  // v's rows are its N tokens: another shape of the same elements would give another pitch.
+  CHECK_THROWS_WITH(
+      cpu.value_gate_forward(f32(v_dense, {N, Hkv, D}), f32(gate, {N, Hkv}), f32(xn, {N, C}),
+                             f32(gate_w, {Hkv, G}), f32(table, {V, Hkv * D}), i32(tokens, {N})),
+      Catch::Contains("must be (N, Hkv * D)"));
 }
 
 TEST_CASE("attention forward and backward read and write bands of packed q/k/v", "[ops]") {

@@ -51,9 +51,11 @@ inline void check_norm_rope_args(const char* op, Tensor y, const char* y_name, T
 struct RowCopy {
   int64_t rows, width, dst_pitch, src_pitch;
 };
+// Empty (rows 0) when there is nothing to copy.
 inline RowCopy row_copy(Tensor dst, Tensor src) {
   check(dst.dtype == src.dtype, "copy: a band copies without converting, got {} to {}",
         dtype_name(src.dtype), dtype_name(dst.dtype));
+  if (dst.numel() == 0) return {0, 0, 0, 0};
   const Tensor& band = dst.dense() ? src : dst;
   int64_t rows = 1;
   for (int i = 0; i < band.row_dims; ++i) rows *= band.dim(i);
@@ -66,7 +68,15 @@ inline RowCopy row_copy(Tensor dst, Tensor src) {
           src.shape.str());
     return t.row_stride;
   };
-  return {rows, width, pitch(dst), pitch(src)};
+  const RowCopy c{rows, width, pitch(dst), pitch(src)};
+  // The bytes from each one's first element to its last: rows copied one after another (or by
+  // cudaMemcpy2D) must not read what an earlier row wrote.
+  auto span_end = [&](const Tensor& t, int64_t p) {
+    return static_cast<const char*>(t.data) + size_t((rows - 1) * p + width) * dtype_size(t.dtype);
+  };
+  check(span_end(dst, c.dst_pitch) <= src.data || span_end(src, c.src_pitch) <= dst.data,
+        "copy: the bands {} and {} overlap", dst.shape.str(), src.shape.str());
+  return c;
 }
 
 // matmul_add's addend stands in for out: the same shape and dtype.
@@ -93,7 +103,8 @@ inline int64_t check_value_gate_args(const char* op, Tensor v, Tensor gate, Tens
   const int64_t N = xn.rows(), Hkv = gate_w.dim(0);
   check(gate.numel() == N * Hkv, "{}: gate {} must hold (N, Hkv) = ({}, {})", op, gate.shape.str(),
         N, Hkv);
-  check(N * Hkv > 0 && v.numel() % (N * Hkv) == 0,
+  // Rank 2, so that v's row pitch is that of its N rows (it may be a band).
+  check(N * Hkv > 0 && v.shape.rank == 2 && v.dim(0) == N && v.dim(1) % Hkv == 0,
         "{}: v {} must be (N, Hkv * D) with N = {}, Hkv = {}", op, v.shape.str(), N, Hkv);
   const int64_t width = v.numel() / N;
   check(table.shape.rank == 2 && table.dim(1) == width,

@@ -229,7 +229,15 @@ struct CudnnAttention::Impl {
   const Plan& plan(const AttentionShape& s, bool backward) {
     // Every window >= T - 1 is the same causal graph.
     const int window = causal_only(s) ? -1 : s.window;
-    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, s.pitch, backward};
+    // A pitch of heads * D is dense: one key for both, so that the graphs attention_scratch_bytes
+    // builds for dense tensors serve dense calls.
+    AttentionPitches pitch = s.pitch;
+    auto dense_as_0 = [&](int64_t& one, int heads) {
+      if (one == int64_t(heads) * s.D) one = 0;
+    };
+    for (int64_t* q_like : {&pitch.q, &pitch.out, &pitch.dq, &pitch.dout}) dense_as_0(*q_like, s.H);
+    for (int64_t* kv_like : {&pitch.k, &pitch.v, &pitch.dk, &pitch.dv}) dense_as_0(*kv_like, s.Hkv);
+    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, pitch, backward};
     auto it = plans.find(key);
     if (it == plans.end()) {
       Plan p = backward ? build_backward(s) : build_forward(s);

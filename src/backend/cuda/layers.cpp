@@ -93,9 +93,11 @@ class DenseStaging {
     outputs_.emplace_back(t, copy);
     return copy;
   }
-  // After the kernel: the outputs' copies into their bands.
+  // After the kernel: the outputs' copies into their bands, then a wait for the stream, so that
+  // the copies' memory is not freed under queued work.
   void write_back() {
     for (const auto& [band, copy] : outputs_) backend_.copy(band, copy);
+    if (!buffers_.empty()) backend_.synchronize();
   }
 
  private:
