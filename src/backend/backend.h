@@ -114,9 +114,10 @@ class Backend {
   // dq, dk, dv overwritten (Tq == Tk, q_offset 0: training only).
   virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
                                   Tensor v, Tensor out, Tensor lse, int window) = 0;
-  // Bytes of device scratch that training attention (Tq == Tk == T) takes at this shape, so that
-  // a model counts them before it runs: cuDNN's workspace on the CUDA backend (B·H·T² · 2 bytes
-  // for the deterministic backward on Hopper), 0 where the ops need none.
+  // Bytes of device scratch that training attention (Tq == Tk == T) takes at this shape, with
+  // dense tensors or as the model passes them (v, dq, dk, dv bands of the packed projection), so
+  // that a model counts them before it runs: cuDNN's workspace on the CUDA backend (B·H·T² · 2
+  // bytes for the deterministic backward on Hopper), 0 where the ops need none.
   virtual size_t attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) = 0;
 
   // ---- ReLU squared: out = max(x, 0)^2 ----

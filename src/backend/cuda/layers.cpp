@@ -258,11 +258,17 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
 size_t CudaBackend::attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) {
   size_t forward = 0, backward = cuda::attention_backward_workspace_bytes(B, T, H, Hkv, D);
   if (cudnn_attention_ && activation_ == DType::bf16) {
-    const cuda::AttentionShape s{B, T, H, Hkv, D, window};
-    if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, false); bytes >= 0)
-      forward = size_t(bytes);
-    if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, true); bytes >= 0)
-      backward = size_t(bytes);
+    // Dense tensors, and the model's layout: v and the gradients as bands of the packed q|k|v
+    // projection (docs/CUDA.md), whose graphs are then built and cached before the first step.
+    const int64_t P = int64_t(H + 2 * Hkv) * D;
+    for (const cuda::AttentionPitches pitch :
+         {cuda::AttentionPitches{}, cuda::AttentionPitches{.v = P, .dq = P, .dk = P, .dv = P}}) {
+      const cuda::AttentionShape s{B, T, H, Hkv, D, window, pitch};
+      if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, false); bytes >= 0)
+        forward = std::max(forward, size_t(bytes));
+      if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, true); bytes >= 0)
+        backward = std::max(backward, size_t(bytes));
+    }
   }
   return std::max(forward, backward);
 }
