@@ -56,16 +56,11 @@ inline RowCopy row_copy(Tensor dst, Tensor src) {
   check(dst.dtype == src.dtype, "copy: a band copies without converting, got {} to {}",
         dtype_name(src.dtype), dtype_name(dst.dtype));
   if (dst.numel() == 0) return {0, 0, 0, 0};
-  const Tensor& band = dst.dense() ? src : dst;
-  int64_t rows = 1;
-  for (int i = 0; i < band.row_dims; ++i) rows *= band.dim(i);
-  const int64_t width = band.numel() / rows;
+  const int64_t rows = (dst.dense() ? src : dst).band_rows(), width = dst.numel() / rows;
   auto pitch = [&](const Tensor& t) {
     if (t.dense()) return width;
-    int64_t t_rows = 1;
-    for (int i = 0; i < t.row_dims; ++i) t_rows *= t.dim(i);
-    check(t_rows == rows, "copy: the bands {} and {} split into different rows", dst.shape.str(),
-          src.shape.str());
+    check(t.band_rows() == rows, "copy: the bands {} and {} split into different rows",
+          dst.shape.str(), src.shape.str());
     return t.row_stride;
   };
   const RowCopy c{rows, width, pitch(dst), pitch(src)};

@@ -28,11 +28,13 @@ void Tensor::refuse_band() const {
   fail("this op needs a dense tensor, got a band {} with rows {} apart", shape.str(), row_stride);
 }
 
+int64_t Tensor::band_rows() const { return product(shape, 0, row_dims); }
+
 int64_t Tensor::pitch(int lead) const {
   check(lead >= 1 && lead <= shape.rank, "pitch: {} leading dimensions of {}", lead, shape.str());
   if (dense()) return product(shape, lead, shape.rank);
   // Dimensions of size 1 may move the split: the count of rows is what must agree.
-  check(product(shape, 0, lead) == product(shape, 0, row_dims),
+  check(product(shape, 0, lead) == band_rows(),
         "pitch: the band {} has rows over its first {} dimensions, not {}", shape.str(), row_dims,
         lead);
   return row_stride;
@@ -42,7 +44,7 @@ Tensor Tensor::view(Shape s) const {
   check(s.numel() == numel(), "cannot view {} as {}", shape.str(), s.str());
   Tensor t{data, s, dtype};
   if (dense()) return t;
-  const int64_t rows = product(shape, 0, row_dims);
+  const int64_t rows = band_rows();
   for (int k = 1; k <= s.rank; ++k) {
     if (product(s, 0, k) == rows && product(s, k, s.rank) == numel() / rows) {
       t.row_stride = row_stride;

@@ -73,15 +73,18 @@ struct Tensor {
   bool empty() const { return data == nullptr; }
   bool dense() const { return row_stride == 0; }
 
-  // Typed pointers to a dense tensor.
-  float* f32() const {
+  // Throws, naming the band, unless the tensor is dense.
+  void require_dense() const {
     if (row_stride != 0) [[unlikely]]
       refuse_band();
+  }
+  // Typed pointers to a dense tensor.
+  float* f32() const {
+    require_dense();
     return static_cast<float*>(data);
   }
   int32_t* i32() const {
-    if (row_stride != 0) [[unlikely]]
-      refuse_band();
+    require_dense();
     return static_cast<int32_t*>(data);
   }
   // The first element of a dense tensor or a band, for ops that step through rows by pitch().
@@ -91,6 +94,8 @@ struct Tensor {
   // flattened: the product of the other dimensions when dense, row_stride for a band whose rows
   // are those indices (any other split of a band is not evenly spaced, and fails).
   int64_t pitch(int lead) const;
+  // The rows of a band: the product of its first row_dims dimensions.
+  int64_t band_rows() const;
   // The same memory under another shape with the same element count. A band keeps its rows: the
   // new shape must split into the same rows and row length.
   Tensor view(Shape s) const;

@@ -10,6 +10,9 @@ namespace lmtrain {
 
 namespace {
 
+// A block's attention input projections, in the order of the packed q|k|v columns.
+constexpr const char* kQkvWeights[] = {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"};
+
 // Rows [begin, begin + n) of a tensor viewed as (rows, last dimension).
 Tensor rows(Tensor t, int64_t begin, int64_t n) {
   const int64_t width = t.shape[-1];
@@ -175,9 +178,10 @@ Tensor Gpt::part(Tensor packed, Part which) const {
 }
 
 Tensor Gpt::qkv_matrix(Tensor flat, int layer) const {
-  const std::string prefix = "transformer.h." + std::to_string(layer) + ".attn.";
-  const ParamSpec &q = table_.find(prefix + "c_q.weight"), &k = table_.find(prefix + "c_k.weight"),
-                  &v = table_.find(prefix + "c_v.weight");
+  const std::string prefix = "transformer.h." + std::to_string(layer) + ".";
+  const ParamSpec &q = table_.find(prefix + kQkvWeights[0]),
+                  &k = table_.find(prefix + kQkvWeights[1]),
+                  &v = table_.find(prefix + kQkvWeights[2]);
   const size_t q_size = size_t(q.shape.numel()), kv_size = size_t(k.shape.numel());
   if (k.offset != q.offset + q_size || v.offset != k.offset + kv_size) return {};
   return flat.slice(int64_t(q.offset), int64_t(q_size + 2 * kv_size))
@@ -262,7 +266,7 @@ void Gpt::forward_block(int i, bool with_output) {
     b.matmul(a.qkv, a.xn1, w_qkv, false, true, false);
   } else {
     int64_t column = 0;
-    for (const char* name : {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"}) {
+    for (const char* name : kQkvWeights) {
       const Tensor wp = w(i, name);
       b.matmul(a.qkv.columns(column, wp.dim(0)), a.xn1, wp, false, true, false);
       column += wp.dim(0);
@@ -368,7 +372,7 @@ void Gpt::backward_block(int i) {
     b.matmul(d.dxn, d.dqkv, w_qkv, false, false, false);
   } else {
     int64_t column = 0;
-    for (const char* name : {"attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight"}) {
+    for (const char* name : kQkvWeights) {
       const Tensor wp = w(i, name), dpart = d.dqkv.columns(column, wp.dim(0));
       b.matmul(dw(i, name), dpart, a.xn1, true, false, true);
       b.matmul(d.dxn, dpart, wp, false, false, /*accumulate=*/column > 0);

@@ -11,8 +11,7 @@ namespace lmtrain::cuda_ops {
 // The data of a dense tensor: ops that do not take bands refuse them here.
 template <typename T>
 T* ptr(Tensor t) {
-  check(t.dense(), "this op needs a dense tensor, got a band {} with rows {} apart", t.shape.str(),
-        t.row_stride);
+  t.require_dense();
   return static_cast<T*>(t.data);
 }
 
