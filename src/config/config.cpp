@@ -160,6 +160,32 @@ void validate(const Config& c, const config::Source& src) {
   }
 }
 
+// Keys of `top` replace those of `base`, recursing into objects present in both.
+void deep_merge(nlohmann::json& base, const nlohmann::json& top) {
+  for (const auto& [key, value] : top.items()) {
+    if (value.is_object() && base.contains(key) && base[key].is_object()) {
+      deep_merge(base[key], value);
+    } else {
+      base[key] = value;
+    }
+  }
+}
+
+// optim.preset names configs/optim/<preset>.json, searched next to the config file, under the
+// working directory, then in the source tree this binary was built from.
+std::string find_preset(const std::string& name, const std::string& source) {
+  namespace fs = std::filesystem;
+  check(name.find('/') == std::string::npos, "{}: optim.preset: expected a preset name, got \"{}\"",
+        source, name);
+  std::vector<fs::path> candidates = {fs::path(source).parent_path() / "optim" / (name + ".json"),
+                                      fs::path("configs/optim") / (name + ".json"),
+                                      fs::path(LMTRAIN_CONFIG_DIR) / "optim" / (name + ".json")};
+  for (const auto& path : candidates) {
+    if (fs::exists(path)) return path.string();
+  }
+  fail("{}: optim.preset: no preset \"{}\" (looked for {})", source, name, candidates[1].string());
+}
+
 // A config is a few KB: the bound keeps a device (/dev/zero) or a stray huge file from filling
 // memory before the parser can object.
 constexpr size_t kMaxConfigBytes = size_t(16) << 20;
@@ -185,6 +211,8 @@ std::string read_config_text(const std::string& path) {
   }
   return text;
 }
+
+}  // namespace
 
 nlohmann::json read_json_file(const std::string& path) {
   const std::string text = read_config_text(path);
@@ -232,34 +260,6 @@ nlohmann::json read_json_file(const std::string& path) {
   check(duplicate.empty(), "{}: key '{}' appears twice; keep one", path, duplicate);
   return document;
 }
-
-// Keys of `top` replace those of `base`, recursing into objects present in both.
-void deep_merge(nlohmann::json& base, const nlohmann::json& top) {
-  for (const auto& [key, value] : top.items()) {
-    if (value.is_object() && base.contains(key) && base[key].is_object()) {
-      deep_merge(base[key], value);
-    } else {
-      base[key] = value;
-    }
-  }
-}
-
-// optim.preset names configs/optim/<preset>.json, searched next to the config file, under the
-// working directory, then in the source tree this binary was built from.
-std::string find_preset(const std::string& name, const std::string& source) {
-  namespace fs = std::filesystem;
-  check(name.find('/') == std::string::npos, "{}: optim.preset: expected a preset name, got \"{}\"",
-        source, name);
-  std::vector<fs::path> candidates = {fs::path(source).parent_path() / "optim" / (name + ".json"),
-                                      fs::path("configs/optim") / (name + ".json"),
-                                      fs::path(LMTRAIN_CONFIG_DIR) / "optim" / (name + ".json")};
-  for (const auto& path : candidates) {
-    if (fs::exists(path)) return path.string();
-  }
-  fail("{}: optim.preset: no preset \"{}\" (looked for {})", source, name, candidates[1].string());
-}
-
-}  // namespace
 
 Config parse_config(const nlohmann::json& input, const std::string& source) {
   return parse_config(input, config::Source{source, {}});

@@ -299,6 +299,9 @@ Config parse_config(const nlohmann::json& document, const config::Source& source
 // Reads `path`, applies `--set key=value` overrides, parses and validates.
 Config load_config(const std::string& path, const std::vector<std::string>& overrides);
 nlohmann::json to_json(const Config& config);
+// A JSON file read strictly: a key that appears twice in an object is an error (JSON would keep
+// the last), as are files over 16 MiB or nested deeper than 16 levels. Errors name the path.
+nlohmann::json read_json_file(const std::string& path);
 // Markdown table of every key with its default and doc.
 std::string config_reference();
 

@@ -10,10 +10,14 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include "backend/matmul_table.h"
 #include "op_case.h"
+#include "test_support.h"
 
 using namespace gpu_test;
 using lmtrain::AdamWHyper;
@@ -340,57 +344,165 @@ TEST_CASE("gpu matmul on misaligned views and aliased addends matches the CPU",
   }
 }
 
+namespace {
+
+// Matmuls of every form the model and optimizer use, for the algorithm-choice tests below.
+OpCase matmul_forms_case(DType act) {
+  const int64_t M = 256, K = 384, N = 320;
+  OpCase c(act);
+  c.add("a", {M, K}, Kind::act, randn(size_t(M * K)))
+      .add("b", {N, K}, Kind::act, randn(size_t(N * K)))
+      .add("out", {M, N}, Kind::act, poison(size_t(M * N)))
+      .add("acc", {M, N}, Kind::act, randn(size_t(M * N)))
+      .add("addend", {M, N}, Kind::act, randn(size_t(M * N)))
+      .add("sum", {M, N}, Kind::act, poison(size_t(M * N)))
+      .add("grad", {N, K}, Kind::f32, randn(size_t(N * K)))
+      .add("dout", {M, N}, Kind::act, randn(size_t(M * N)));
+  // Polar Express's rank-3 forms on a stack of 4 wide matrices, the addend an operand.
+  const int64_t S = 4, r = 64, cols = 192;
+  c.add("x", {S, r, cols}, Kind::act, randn(size_t(S * r * cols), 1.f / std::sqrt(float(cols))))
+      .add("gram", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.3f))
+      .add("poly", {S, r, r}, Kind::act, poison(size_t(S * r * r)))
+      .add("poly_in", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.5f))
+      .add("y", {S, r, cols}, Kind::act, poison(size_t(S * r * cols)));
+  return c;
+}
+
+void matmul_forms(Backend& b, const Args& t) {
+  b.matmul(t["out"], t["a"], t["b"], false, true, false);
+  b.matmul(t["acc"], t["a"], t["b"], false, true, true, 0.5f);  // in place
+  b.matmul_add(t["sum"], t["a"], t["b"], false, true, t["addend"], 1.f, -2.f);
+  b.matmul(t["grad"], t["dout"], t["a"], true, false, true);  // a weight gradient
+  b.matmul_add(t["poly"], t["gram"], t["gram"], false, false, t["gram"], 2.0315f, -4.7750f);
+  b.matmul_add(t["y"], t["poly_in"], t["x"], false, false, t["x"], 1.f, 3.4445f);
+}
+
+const std::vector<Expect> kMatmulFormsExpect = {
+    {"out", kReduction, kBf16}, {"acc", kReduction, kBf16},       {"sum", kReduction, kBf16},
+    {"addend", kExact, kExact}, {"grad", kReduction, kReduction}, {"poly", kReduction, kBf16},
+    {"y", kReduction, kBf16},   {"gram", kExact, kExact}};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Sets (or with nullptr unsets) an environment variable for one scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    REQUIRE((value ? setenv(name, value, 1) : unsetenv(name)) == 0);
+  }
+  ~ScopedEnv() { unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
+
+}  // namespace
+
 // LMTRAIN_MATMUL_TUNING=measure times cuBLASLt's suggestions on each shape's first call: the
 // timing runs must leave what the real call reads untouched (an accumulation in place is timed
 // on scratch) and the chosen algorithm must give the CPU's result.
 TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][matmul]") {
   require_gpu();
-  REQUIRE(setenv("LMTRAIN_MATMUL_TUNING", "measure", 1) == 0);
+  const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "measure");
   for (DType act : kModes) {
     lmtrain::CudaBackend tuned(act);
     lmtrain::CpuBackend cpu;
-    const int64_t M = 256, K = 384, N = 320;
-    OpCase c(act);
-    c.add("a", {M, K}, Kind::act, randn(size_t(M * K)))
-        .add("b", {N, K}, Kind::act, randn(size_t(N * K)))
-        .add("out", {M, N}, Kind::act, poison(size_t(M * N)))
-        .add("acc", {M, N}, Kind::act, randn(size_t(M * N)))
-        .add("addend", {M, N}, Kind::act, randn(size_t(M * N)))
-        .add("sum", {M, N}, Kind::act, poison(size_t(M * N)))
-        .add("grad", {N, K}, Kind::f32, randn(size_t(N * K)))
-        .add("dout", {M, N}, Kind::act, randn(size_t(M * N)));
-    // Polar Express's rank-3 forms on a stack of 4 wide matrices, the addend an operand.
-    const int64_t S = 4, r = 64, cols = 192;
-    c.add("x", {S, r, cols}, Kind::act, randn(size_t(S * r * cols), 1.f / std::sqrt(float(cols))))
-        .add("gram", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.3f))
-        .add("poly", {S, r, r}, Kind::act, poison(size_t(S * r * r)))
-        .add("poly_in", {S, r, r}, Kind::act, randn(size_t(S * r * r), 0.5f))
-        .add("y", {S, r, cols}, Kind::act, poison(size_t(S * r * cols)));
-    const Op op = [](Backend& b, const Args& t) {
-      b.matmul(t["out"], t["a"], t["b"], false, true, false);
-      b.matmul(t["acc"], t["a"], t["b"], false, true, true, 0.5f);  // in place
-      b.matmul_add(t["sum"], t["a"], t["b"], false, true, t["addend"], 1.f, -2.f);
-      b.matmul(t["grad"], t["dout"], t["a"], true, false, true);  // a weight gradient
-      b.matmul_add(t["poly"], t["gram"], t["gram"], false, false, t["gram"], 2.0315f, -4.7750f);
-      b.matmul_add(t["y"], t["poly_in"], t["x"], false, false, t["x"], 1.f, 3.4445f);
-    };
-    const Results want = c.run(cpu, op), got = c.run(tuned, op), again = c.run(tuned, op);
-    for (const Expect& e : std::vector<Expect>{{"out", kReduction, kBf16},
-                                               {"acc", kReduction, kBf16},
-                                               {"sum", kReduction, kBf16},
-                                               {"addend", kExact, kExact},
-                                               {"grad", kReduction, kReduction},
-                                               {"poly", kReduction, kBf16},
-                                               {"y", kReduction, kBf16},
-                                               {"gram", kExact, kExact}}) {
+    OpCase c = matmul_forms_case(act);
+    const Results want = c.run(cpu, matmul_forms), got = c.run(tuned, matmul_forms),
+                  again = c.run(tuned, matmul_forms);
+    for (const Expect& e : kMatmulFormsExpect) {
       const std::string& name = e.name;
       const std::string what = std::string("[") + mode_name(act) + "] tuned matmul " + name;
       compare(what, got.at(name), want.at(name), act == DType::bf16 ? e.bf16_tol : e.fp32_tol);
-      CHECK(std::memcmp(got.at(name).data(), again.at(name).data(),
-                        got.at(name).size() * sizeof(float)) == 0);
+      CHECK(same_bits(got.at(name), again.at(name)));
     }
   }
-  unsetenv("LMTRAIN_MATMUL_TUNING");
+}
+
+// measure mode with LMTRAIN_MATMUL_TABLE writes its choices; table mode reads them back and runs
+// the same algorithms, so its results are bit-identical to the measuring backend's. A table
+// entry cuBLASLt refuses falls back to the first suggestion; a table made for another GPU, or
+// a table named in heuristic mode, is an error.
+TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][matmul]") {
+  require_gpu();
+  const lmtrain::test_support::TempDir tmp;
+  const std::string path = tmp / "table.json";
+  for (DType act : kModes) {
+    const std::string mode = std::string("[") + mode_name(act) + "] ";
+    OpCase c = matmul_forms_case(act);
+    std::filesystem::remove(path);
+    Results measured, heuristic;
+    {
+      const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "measure");
+      const ScopedEnv table("LMTRAIN_MATMUL_TABLE", path.c_str());
+      lmtrain::CudaBackend gpu(act);
+      measured = c.run(gpu, matmul_forms);
+    }
+    {
+      const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "heuristic");
+      lmtrain::CudaBackend gpu(act);
+      heuristic = c.run(gpu, matmul_forms);
+    }
+    REQUIRE(std::filesystem::exists(path));
+    lmtrain::MatmulTable written = lmtrain::MatmulTable::load(path);
+    INFO(mode << written.size() << " shapes measured");
+    CHECK(written.size() > 0);
+    {
+      const ScopedEnv table("LMTRAIN_MATMUL_TABLE", path.c_str());
+      lmtrain::CudaBackend gpu(act);
+      const Results replayed = c.run(gpu, matmul_forms);
+      for (const Expect& e : kMatmulFormsExpect) {
+        INFO(mode << "table replay " << e.name);
+        CHECK(same_bits(replayed.at(e.name), measured.at(e.name)));
+      }
+    }
+    // Every algorithm word set to all ones: cuBLASLt refuses such descriptors, and each shape
+    // takes the first suggestion.
+    {
+      std::string text = written.dump();
+      const std::string algo = R"("algo":[")";
+      for (size_t at = text.find(algo); at != std::string::npos; at = text.find(algo, at + 1)) {
+        for (size_t i = at + algo.size(), words = 0; words < 8; ++words, i += 19)
+          text.replace(i, 16, std::string(16, 'f'));
+      }
+      std::ofstream(tmp / "scrambled.json") << text;
+    }
+    {
+      const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "scrambled.json").c_str());
+      lmtrain::CudaBackend gpu(act);
+      const Results fallback = c.run(gpu, matmul_forms);
+      for (const Expect& e : kMatmulFormsExpect) {
+        INFO(mode << "scrambled table " << e.name);
+        CHECK(same_bits(fallback.at(e.name), heuristic.at(e.name)));
+      }
+    }
+  }
+  lmtrain::MatmulTable other("another GPU", 1);
+  other.save(tmp / "other.json");
+  {
+    const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "other.json").c_str());
+    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
+                      Catch::Matchers::StartsWith(tmp / "other.json" +
+                                                  ": a table for another GPU with cuBLASLt 1, but "
+                                                  "this is "));
+  }
+  {
+    const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "heuristic");
+    const ScopedEnv table("LMTRAIN_MATMUL_TABLE", path.c_str());
+    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
+                      "LMTRAIN_MATMUL_TABLE=" + path +
+                          " is set, but LMTRAIN_MATMUL_TUNING=heuristic reads no table");
+  }
+  {
+    const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "fastest");
+    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
+                      "LMTRAIN_MATMUL_TUNING=fastest is not one of table (the default), "
+                      "heuristic, measure");
+  }
 }
 
 // Weight gradients sum over every token of a batch: K in the tens of thousands, where cuBLASLt
@@ -412,7 +524,7 @@ TEST_CASE("gpu matmul accumulating over many rows matches the CPU", "[gpu][ops][
     };
     const Results want = c.run(cpu, op);
     for (const char* tuning : {"heuristic", "measure"}) {
-      REQUIRE(setenv("LMTRAIN_MATMUL_TUNING", tuning, 1) == 0);
+      const ScopedEnv env("LMTRAIN_MATMUL_TUNING", tuning);
       lmtrain::CudaBackend gpu(act);
       const Results got = c.run(gpu, op);
       const std::string what = std::string("[") + mode_name(act) + "] matmul K=65536 in place" +
@@ -420,7 +532,6 @@ TEST_CASE("gpu matmul accumulating over many rows matches the CPU", "[gpu][ops][
       compare(what + "grad", got.at("grad"), want.at("grad"), kReduction);
       compare(what + "acc", got.at("acc"), want.at("acc"), act == DType::bf16 ? kBf16 : kReduction);
     }
-    unsetenv("LMTRAIN_MATMUL_TUNING");
   }
 }
 

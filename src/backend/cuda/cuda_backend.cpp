@@ -37,7 +37,7 @@ CudaBackend::CudaBackend(DType activation) : activation_(activation) {
         cublasLtGetStatusString(status));
   lt_.reset(lt);
   lt_workspace_ = allocate(kLtWorkspaceBytes);
-  tune_matmuls_ = matmul_tuning_from_env();
+  configure_matmul_tuning();
   // The fp32 mode keeps our own attention kernel (exact comparison with the CPU; cuDNN's SDPA
   // is bf16/fp16 only).
   if (activation_ == DType::bf16) cudnn_attention_ = cuda::CudnnAttention::create(stream_.get());

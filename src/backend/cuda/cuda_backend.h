@@ -15,12 +15,14 @@
 #include <cuda_runtime.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/matmul_table.h"
 
 namespace lmtrain {
 
@@ -115,19 +117,6 @@ class CudaBackend final : public Backend {
   using MatmulDesc = Handle<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>;
   using Layout = Handle<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>;
 
-  // Everything that selects a cuBLASLt algorithm: shapes, transposes, dtypes, batch and the
-  // pointer alignments (algorithms may need more alignment than a view into a flat array has).
-  struct MatmulKey {
-    int64_t m, n, k, batch;
-    int64_t ld_a, ld_b, ld_out;  // row pitches: the stored row length, or a band's stride
-    bool trans_a, trans_b;
-    DType in, out;
-    int align_a, align_b, align_out;
-    bool operator==(const MatmulKey&) const = default;
-  };
-  struct MatmulKeyHash {
-    size_t operator()(const MatmulKey& k) const;
-  };
   struct MatmulPlan {
     MatmulDesc desc;
     Layout a, b, out;  // cuBLASLt's A, B and C/D (A is our b, B is our a: see matmul.cpp)
@@ -135,11 +124,12 @@ class CudaBackend final : public Backend {
     // cuBLASLt's suggestions still to be timed on the shape's first call (tuning on), or none.
     std::vector<cublasLtMatmulAlgo_t> untimed;
   };
-  MatmulPlan& matmul_plan(const MatmulKey& key);
+  MatmulPlan& matmul_plan(const MatmulShape& key);
   cublasStatus_t lt_matmul(const MatmulPlan& plan, const cublasLtMatmulAlgo_t& algo, const void* a,
                            const void* b, const void* c, void* d, float alpha, float beta);
-  static bool matmul_tuning_from_env();
-  void tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void* a, const void* b,
+  // Reads LMTRAIN_MATMUL_TUNING and LMTRAIN_MATMUL_TABLE, and loads the table they ask for.
+  void configure_matmul_tuning();
+  void tune_matmul(MatmulPlan& plan, const MatmulShape& key, const void* a, const void* b,
                    const void* c, Tensor out, float alpha, float beta);
   // out = alpha * op(a) @ op(b) + beta * addend, or + 0 when addend is empty: cuBLASLt's C is
   // addend and its D is out, which may be the same memory.
@@ -156,9 +146,14 @@ class CudaBackend final : public Backend {
   Stream stream_;
   LtHandle lt_;
   Buffer lt_workspace_, scratch_;
-  std::unordered_map<MatmulKey, MatmulPlan, MatmulKeyHash> matmul_plans_;
-  // LMTRAIN_MATMUL_TUNING=measure: time cuBLASLt's suggestions per shape (see matmul.cpp).
-  bool tune_matmuls_ = false;
+  std::unordered_map<MatmulShape, MatmulPlan, MatmulShapeHash> matmul_plans_;
+  // How a shape's algorithm is chosen (LMTRAIN_MATMUL_TUNING, see matmul.cpp).
+  enum class MatmulTuning { heuristic, table, measure };
+  MatmulTuning matmul_tuning_ = MatmulTuning::table;
+  // The algorithms read from a table, and in measure mode also those timed in this process.
+  std::optional<MatmulTable> matmul_table_;
+  // LMTRAIN_MATMUL_TABLE in measure mode: the file rewritten after each newly timed shape.
+  std::string matmul_table_out_;
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;

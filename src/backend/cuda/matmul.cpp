@@ -10,10 +10,16 @@
 // CPU) f32 matmuls stay true fp32; with bf16 activations an f32 matmul may use TF32 tensor cores
 // (the model and the optimizer's orthogonalization run theirs in bf16 there).
 //
-// The algorithm of each shape is cuBLASLt's first suggestion, or with LMTRAIN_MATMUL_TUNING=measure
-// the fastest of its first kTuneCandidates suggestions, timed on the shape's first call. Timing
-// makes the choice depend on the run (another run may pick another algorithm, which can sum in
-// another order), so it is off by default.
+// The algorithm of each shape (LMTRAIN_MATMUL_TUNING):
+// - table (the default): the one a table of measured algorithms gives for this GPU and cuBLASLt
+//   (backend/matmul_table.h: configs/matmul/, or the file LMTRAIN_MATMUL_TABLE names), and for a
+//   shape the table lacks, cuBLASLt's first suggestion. Either way the choice is fixed by the GPU
+//   model, the library and the table, so runs stay bit-identical.
+// - heuristic: always cuBLASLt's first suggestion.
+// - measure: the fastest of cuBLASLt's first kTuneCandidates suggestions, timed on the shape's
+//   first call. Timing makes the choice depend on the run (another run may pick another
+//   algorithm, which can sum in another order). With LMTRAIN_MATMUL_TABLE the choices are
+//   written to that file, which table mode then reads back.
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -21,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <utility>
 
@@ -47,40 +54,65 @@ int alignment(const void* p) {
 }
 
 constexpr int kTuneCandidates = 8;  // suggestions timed per shape
-constexpr int kTuneRuns = 3;        // timed runs of each, after one warm-up run
+constexpr int kTuneRuns = 5;        // timed runs of each, after one warm-up run
+// Another suggestion replaces the first only when it is faster by more than this fraction:
+// less is within the timing noise, and a table should not record a choice noise made.
+constexpr double kTuneMargin = 0.01;
 // A call that accumulates into its output is timed on a scratch output instead; above this
 // size it keeps the first suggestion rather than grow the scratch.
 constexpr size_t kTuneScratchLimit = size_t(64) << 20;
 
 }  // namespace
 
-bool CudaBackend::matmul_tuning_from_env() {
-  const char* e = std::getenv("LMTRAIN_MATMUL_TUNING");
-  if (!e || !*e || !std::strcmp(e, "heuristic")) return false;
-  check(!std::strcmp(e, "measure"),
-        "LMTRAIN_MATMUL_TUNING={} is not one of heuristic (the default), measure", e);
-  return true;
+void CudaBackend::configure_matmul_tuning() {
+  const char* mode = std::getenv("LMTRAIN_MATMUL_TUNING");
+  const std::string name = mode ? mode : "";
+  if (name.empty() || name == "table") {
+    matmul_tuning_ = MatmulTuning::table;
+  } else if (name == "heuristic") {
+    matmul_tuning_ = MatmulTuning::heuristic;
+  } else if (name == "measure") {
+    matmul_tuning_ = MatmulTuning::measure;
+  } else {
+    fail("LMTRAIN_MATMUL_TUNING={} is not one of table (the default), heuristic, measure", name);
+  }
+  const uint64_t version = cublasLtGetVersion();
+  const char* path = std::getenv("LMTRAIN_MATMUL_TABLE");
+  if (path && *path) {
+    check(matmul_tuning_ != MatmulTuning::heuristic,
+          "LMTRAIN_MATMUL_TABLE={} is set, but LMTRAIN_MATMUL_TUNING=heuristic reads no table",
+          path);
+    // measure mode starts the file when there is none yet, and otherwise adds to it.
+    if (matmul_tuning_ == MatmulTuning::measure) matmul_table_out_ = path;
+    if (matmul_tuning_ == MatmulTuning::measure && !std::filesystem::exists(path)) {
+      matmul_table_.emplace(device_name_, version);
+    } else {
+      matmul_table_ = MatmulTable::load(path);
+      check(matmul_table_->device() == device_name_ && matmul_table_->library_version() == version,
+            "{}: a table for {} with cuBLASLt {}, but this is {} with cuBLASLt {}", path,
+            matmul_table_->device(), matmul_table_->library_version(), device_name_, version);
+    }
+  } else if (matmul_tuning_ == MatmulTuning::table) {
+    matmul_table_ = MatmulTable::builtin(device_name_, version);
+  } else if (matmul_tuning_ == MatmulTuning::measure) {
+    matmul_table_.emplace(device_name_, version);
+  }
+  const bool read = matmul_table_ && !matmul_table_->source().empty();
+  const std::string from =
+      read ? fmt::format(" ({} shapes from {})", matmul_table_->size(), matmul_table_->source())
+           : "";
+  spdlog::info("cuBLASLt {} on {}: matmul algorithms {}{}", version, device_name_,
+               matmul_tuning_ == MatmulTuning::measure ? "timed per shape, not reproducible"
+               : read ? "from the table, else cuBLASLt's first suggestion"
+                      : "from cuBLASLt's first suggestion",
+               from);
 }
 
-size_t CudaBackend::MatmulKeyHash::operator()(const MatmulKey& k) const {
-  size_t h = 0;
-  auto mix = [&h](int64_t v) {
-    h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-  };
-  for (int64_t v : {k.m, k.n, k.k, k.batch, k.ld_a, k.ld_b, k.ld_out, int64_t(k.trans_a),
-                    int64_t(k.trans_b), int64_t(k.in), int64_t(k.out), int64_t(k.align_a),
-                    int64_t(k.align_b), int64_t(k.align_out)})
-    mix(v);
-  return h;
-}
-
-CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
+CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulShape& key) {
   if (auto it = matmul_plans_.find(key); it != matmul_plans_.end()) return it->second;
 
   MatmulPlan plan;
-  const cublasComputeType_t compute = key.in == DType::f32 && activation_ == DType::bf16
-                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                          : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t compute = key.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   cublasLtMatmulDesc_t desc = nullptr;
   lt_check(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F), "cublasLtMatmulDescCreate");
   plan.desc.reset(desc);
@@ -135,17 +167,31 @@ CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulKey& key) {
         cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof(aligns[i])),
         "matmul alignment preference");
 
+  // A table's algorithm, if cuBLASLt confirms that it runs this shape within the workspace.
+  if (const MatmulChoice* choice = matmul_table_ ? matmul_table_->find(key) : nullptr) {
+    static_assert(sizeof(plan.algo.data) == sizeof(choice->algo));
+    std::memcpy(plan.algo.data, choice->algo.data(), sizeof(plan.algo.data));
+    cublasLtMatmulHeuristicResult_t checked{};
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoCheck(lt_.get(), desc, plan.a.get(), plan.b.get(), plan.out.get(),
+                                plan.out.get(), &plan.algo, &checked);
+    if (status == CUBLAS_STATUS_SUCCESS && checked.workspaceSize <= workspace)
+      return matmul_plans_.emplace(key, std::move(plan)).first->second;
+    spdlog::warn(
+        "matmul {}: {} gives an algorithm that does not run here ({}); taking cuBLASLt's "
+        "first suggestion",
+        key.str(), matmul_table_->source().empty() ? "the table" : matmul_table_->source(),
+        status == CUBLAS_STATUS_SUCCESS ? "needs more workspace" : cublasLtGetStatusString(status));
+  }
+
+  const bool measure = matmul_tuning_ == MatmulTuning::measure;
   cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
   int found = 0;
   lt_check(cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan.a.get(), plan.b.get(),
                                           plan.out.get(), plan.out.get(), pref,
-                                          tune_matmuls_ ? kTuneCandidates : 1, results, &found),
+                                          measure ? kTuneCandidates : 1, results, &found),
            "cublasLtMatmulAlgoGetHeuristic");
-  check(found > 0,
-        "matmul: cuBLASLt has no algorithm for M {} N {} K {} batch {} trans_a {} trans_b {} with "
-        "{} inputs and {} output (alignments a {} b {} out {})",
-        key.m, key.n, key.k, key.batch, key.trans_a, key.trans_b, dtype_name(key.in),
-        dtype_name(key.out), key.align_a, key.align_b, key.align_out);
+  check(found > 0, "matmul: cuBLASLt has no algorithm for {}", key.str());
   plan.algo = results[0].algo;
   if (found > 1) {
     for (int i = 0; i < found; ++i) plan.untimed.push_back(results[i].algo);
@@ -161,12 +207,13 @@ cublasStatus_t CudaBackend::lt_matmul(const MatmulPlan& plan, const cublasLtMatm
                         lt_workspace_.bytes(), stream_.get());
 }
 
-// Times each untimed suggestion and keeps the fastest (the first suggestion on ties). The runs
+// Times each untimed suggestion and keeps the fastest, unless it beats the first suggestion by
+// no more than kTuneMargin; records the choice in the table (and its file, if any). The runs
 // read a, b and c as the real call will; they write out itself when the real call overwrites it
 // anyway, and a scratch output when out is also the addend (accumulation in place), so nothing
 // the call reads is changed before it runs. A suggestion that fails to run is skipped.
-void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void* a, const void* b,
-                              const void* c, Tensor out, float alpha, float beta) {
+void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulShape& key, const void* a,
+                              const void* b, const void* c, Tensor out, float alpha, float beta) {
   const std::vector<cublasLtMatmulAlgo_t> candidates = std::exchange(plan.untimed, {});
   void* d = out.data;
   if (c == out.data && beta != 0.f) {
@@ -194,11 +241,18 @@ void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulKey& key, const void
     if (ms < best_ms) best_ms = ms, best = int(i);
   }
   if (best < 0) return;  // none ran: keep the first suggestion, and let the real call report
+  if (best > 0 && std::isfinite(first_ms) && best_ms > first_ms * (1 - kTuneMargin))
+    best = 0, best_ms = first_ms;
   plan.algo = candidates[size_t(best)];
-  spdlog::debug(
-      "matmul tuning {}x{}x{} batch {}: suggestion {} of {}, {:.3f} ms against the first's {:.3f} "
-      "ms",
-      key.m, key.n, key.k, key.batch, best + 1, candidates.size(), best_ms, first_ms);
+  spdlog::debug("matmul tuning {}: suggestion {} of {}, {:.3f} ms against the first's {:.3f} ms",
+                key.str(), best + 1, candidates.size(), best_ms, first_ms);
+  // The first suggestion's time is kept beside the choice (when it ran) to show the gain.
+  MatmulChoice choice;
+  std::memcpy(choice.algo.data(), plan.algo.data, sizeof(plan.algo.data));
+  choice.ms = best_ms;
+  choice.heuristic_ms = std::isfinite(first_ms) ? first_ms : best_ms;
+  matmul_table_->put(key, choice);
+  if (!matmul_table_out_.empty()) matmul_table_->save(matmul_table_out_);
 }
 
 void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
@@ -248,20 +302,21 @@ void CudaBackend::gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_
   const bool bands = rank == 2;
   const int64_t ld_out = bands ? out.pitch(1) : out.dim(-1);
   check(bands || (a.dense() && b.dense() && out.dense()), "matmul: rank-3 operands must be dense");
-  const MatmulKey key{M,
-                      N,
-                      K,
-                      batch,
-                      bands ? a.pitch(1) : a.dim(-1),
-                      bands ? b.pitch(1) : b.dim(-1),
-                      ld_out,
-                      trans_a,
-                      trans_b,
-                      a.dtype,
-                      out.dtype,
-                      alignment(a.data),
-                      alignment(b.data),
-                      std::min(alignment(out.data), accumulate ? alignment(addend.data) : 256)};
+  const MatmulShape key{M,
+                        N,
+                        K,
+                        batch,
+                        bands ? a.pitch(1) : a.dim(-1),
+                        bands ? b.pitch(1) : b.dim(-1),
+                        ld_out,
+                        trans_a,
+                        trans_b,
+                        a.dtype,
+                        out.dtype,
+                        a.dtype == DType::f32 && activation_ == DType::bf16,
+                        alignment(a.data),
+                        alignment(b.data),
+                        std::min(alignment(out.data), accumulate ? alignment(addend.data) : 256)};
   MatmulPlan& plan = matmul_plan(key);
   if (!accumulate) beta = 0.f;
   const void* c = accumulate ? addend.data : out.data;
