@@ -1,10 +1,16 @@
 #include "backend/matmul_table.h"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <spdlog/spdlog.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <tuple>
@@ -52,11 +58,13 @@ struct Row {
 
 struct File {
   std::string device;
+  int sm_count = 0;
   uint64_t cublaslt_version = 0;
   std::vector<Row> matmuls;
   template <class V>
   void visit(V& v) {
     v("device", device, "");
+    v("sm_count", sm_count, "");
     v("cublaslt_version", cublaslt_version, "");
     v("matmuls", matmuls, "");
   }
@@ -107,6 +115,16 @@ MatmulShape to_shape(const Row& r, const std::string& where) {
         "{}.compute: expected \"{}\" or \"{}\", got \"{}\"", where, kCompute32F, kComputeTf32,
         r.compute);
   s.tf32 = r.compute == kComputeTf32;
+  // Only what the backend's matmuls can ask for: f32 inputs give f32 outputs and only they run
+  // on TF32; a batch of matrices is dense. Any other row could never be found.
+  check(s.in == DType::bf16 || s.out == DType::f32, "{}: expected out \"f32\" with in \"f32\"",
+        where);
+  check(!s.tf32 || s.in == DType::f32, "{}: expected compute \"{}\" with in \"bf16\"", where,
+        kCompute32F);
+  check(s.batch == 1 || (s.ld_a == (s.trans_a ? s.m : s.k) && s.ld_b == (s.trans_b ? s.k : s.n) &&
+                         s.ld_out == s.n),
+        "{}: expected ld_a, ld_b and ld_out equal to their rows' lengths with batch {}", where,
+        s.batch);
   s.align_a = r.align_a, s.align_b = r.align_b, s.align_out = r.align_out;
   for (auto [value, key] :
        {std::pair{s.align_a, "align_a"}, {s.align_b, "align_b"}, {s.align_out, "align_out"}})
@@ -173,22 +191,27 @@ size_t MatmulShapeHash::operator()(const MatmulShape& s) const {
   return h;
 }
 
+std::string MatmulDevice::str() const {
+  return fmt::format("{} ({} SMs) with cuBLASLt {}", name, sm_count, cublaslt_version);
+}
+
 MatmulTable MatmulTable::load(const std::string& path) {
   const nlohmann::json document = read_json_file(path);
   check(document.is_object(), "{}: expected a JSON object at the top level", path);
-  require_keys<File>(document, path);
-  if (document["matmuls"].is_array()) {
-    for (size_t i = 0; i < document["matmuls"].size(); ++i)
-      require_keys<Row>(document["matmuls"][i], fmt::format("{}: matmuls[{}]", path, i));
-  }
+  // Unknown keys and wrong types first (the reader names the closest key), then missing ones,
+  // for which the reader would keep a default.
   File file;
   config::Reader reader(document, "", config::Source{path, {}});
   file.visit(reader);
   reader.reject_unknown();
+  require_keys<File>(document, path);
+  for (size_t i = 0; i < file.matmuls.size(); ++i)
+    require_keys<Row>(document["matmuls"][i], fmt::format("{}: matmuls[{}]", path, i));
   check(!file.device.empty(), "{}: device: expected the GPU's name", path);
+  check(file.sm_count > 0, "{}: sm_count: expected the GPU's number of SMs", path);
   check(file.cublaslt_version > 0, "{}: cublaslt_version: expected cublasLtGetVersion()'s value",
         path);
-  MatmulTable table(file.device, file.cublaslt_version);
+  MatmulTable table(MatmulDevice{file.device, file.sm_count, file.cublaslt_version});
   table.source_ = path;
   for (size_t i = 0; i < file.matmuls.size(); ++i) {
     const std::string where = fmt::format("{}: matmuls[{}]", path, i);
@@ -199,18 +222,35 @@ MatmulTable MatmulTable::load(const std::string& path) {
   return table;
 }
 
-std::optional<MatmulTable> MatmulTable::builtin(const std::string& device,
-                                                uint64_t library_version) {
-  const fs::path dir = fs::path(LMTRAIN_CONFIG_DIR) / "matmul";
+std::string MatmulTable::builtin_dir() {
+  return (fs::path(LMTRAIN_CONFIG_DIR) / "matmul").string();
+}
+
+std::optional<MatmulTable> MatmulTable::find_for(const MatmulDevice& device,
+                                                 const std::string& dir) {
   std::error_code error;
   if (!fs::is_directory(dir, error)) return std::nullopt;
   std::vector<fs::path> paths;
   for (const auto& entry : fs::directory_iterator(dir, error))
     if (entry.path().extension() == ".json") paths.push_back(entry.path());
   std::sort(paths.begin(), paths.end());  // the first match wins, whatever the directory order
+  std::vector<std::string> other_versions;
   for (const auto& path : paths) {
-    MatmulTable table = load(path.string());
-    if (table.device() == device && table.library_version() == library_version) return table;
+    try {
+      MatmulTable table = load(path.string());
+      if (table.device() == device) return table;
+      if (table.device().name == device.name && table.device().sm_count == device.sm_count)
+        other_versions.push_back(
+            fmt::format("{} ({})", table.device().cublaslt_version, path.filename().string()));
+    } catch (const Error& e) {
+      spdlog::warn("skipping a matmul table: {}", e.what());
+    }
+  }
+  if (!other_versions.empty()) {
+    spdlog::warn(
+        "no matmul table for {}: {} has this GPU's with cuBLASLt {}; matmuls take cuBLASLt's "
+        "first suggestion",
+        device.str(), dir, fmt::join(other_versions, ", "));
   }
   return std::nullopt;
 }
@@ -220,7 +260,7 @@ std::string MatmulTable::dump() const {
   for (const auto& row : choices_) rows.push_back(&row);
   std::sort(rows.begin(), rows.end(),
             [](auto* a, auto* b) { return ordering(a->first) < ordering(b->first); });
-  File file{device_, library_version_, {}};
+  File file{device_.name, device_.sm_count, device_.cublaslt_version, {}};
   for (const auto* row : rows) {
     const MatmulShape& s = row->first;
     const MatmulChoice& c = row->second;
@@ -248,6 +288,7 @@ std::string MatmulTable::dump() const {
   // One row per line: a table diffs by shape.
   const nlohmann::json document = config::Writer::write(file);
   std::string text = "{\n  \"device\": " + document["device"].dump() +
+                     ",\n  \"sm_count\": " + document["sm_count"].dump() +
                      ",\n  \"cublaslt_version\": " + document["cublaslt_version"].dump() +
                      ",\n  \"matmuls\": [";
   for (size_t i = 0; i < file.matmuls.size(); ++i)
@@ -258,8 +299,33 @@ std::string MatmulTable::dump() const {
 
 void MatmulTable::save(const std::string& path) const {
   const std::string staging = fmt::format("{}.tmp-{}", path, ::getpid());
-  write_file_synced(staging, dump());
-  rename_or_fail(staging, path);
+  try {
+    write_file_synced(staging, dump());
+    rename_or_fail(staging, path);
+  } catch (const Error&) {
+    std::error_code ignored;
+    fs::remove(staging, ignored);
+    throw;
+  }
+  const fs::path parent = fs::path(path).parent_path();
+  fsync_path(parent.empty() ? "." : parent.string());
+}
+
+void MatmulTable::merge_into(const std::string& path) const {
+  const std::string lock_path = path + ".lock";
+  UniqueFd lock = open_file(lock_path, O_RDWR | O_CREAT);
+  while (::flock(lock.get(), LOCK_EX) != 0) {
+    check(errno == EINTR, "{}: cannot lock: {}", lock_path, std::strerror(errno));
+  }
+  std::error_code error;
+  const bool exists = fs::exists(path, error);
+  check(!error, "{}: cannot read: {}", path, error.message());
+  MatmulTable merged = exists ? load(path) : MatmulTable(device_);
+  check(merged.device() == device_, "{}: a table for {}, but this is {}", path,
+        merged.device().str(), device_.str());
+  for (const auto& [shape, choice] : choices_)
+    if (!merged.find(shape)) merged.put(shape, choice);
+  merged.save(path);
 }
 
 const MatmulChoice* MatmulTable::find(const MatmulShape& shape) const {

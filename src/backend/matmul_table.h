@@ -1,5 +1,6 @@
-// Tables of matmul algorithms: for one GPU model and one cuBLASLt version, the algorithm each
-// matmul shape runs, as chosen by timing (LMTRAIN_MATMUL_TUNING=measure, docs/CUDA.md).
+// Tables of matmul algorithms: for one GPU model (name and SM count) and one cuBLASLt version,
+// the algorithm each matmul shape runs, as chosen by timing (LMTRAIN_MATMUL_TUNING=measure,
+// docs/CUDA.md).
 //
 // Timing picks faster algorithms than cuBLASLt's first suggestion, but a choice made by timing
 // depends on the run. A table read back gives the measured speed with the heuristic's
@@ -40,6 +41,17 @@ struct MatmulShapeHash {
   size_t operator()(const MatmulShape& s) const;
 };
 
+// What a table was made on. cuBLASLt promises the same results from the same algorithm only on
+// the same architecture and SM count (a MIG slice has fewer SMs), and a descriptor only for the
+// same library version.
+struct MatmulDevice {
+  std::string name;  // cudaDeviceProp::name
+  int sm_count = 0;  // cudaDeviceProp::multiProcessorCount
+  uint64_t cublaslt_version = 0;
+  bool operator==(const MatmulDevice&) const = default;
+  std::string str() const;  // "<name> (<n> SMs) with cuBLASLt <version>"
+};
+
 // One table row: the algorithm and what timing measured for it and for the first suggestion.
 struct MatmulChoice {
   std::array<uint64_t, 8> algo{};
@@ -48,29 +60,38 @@ struct MatmulChoice {
 
 class MatmulTable {
  public:
-  MatmulTable(std::string device, uint64_t library_version)
-      : device_(std::move(device)), library_version_(library_version) {}
+  explicit MatmulTable(MatmulDevice device) : device_(std::move(device)) {}
 
   // Reads a table file; every error is one line naming the file and the key.
   static MatmulTable load(const std::string& path);
-  // The table of configs/matmul/ made for this device and library, if there is one.
-  static std::optional<MatmulTable> builtin(const std::string& device, uint64_t library_version);
+  // The first table (by file name) of the *.json in `dir` made for this device, if there is one.
+  // A file that does not read is skipped with a warning (the tests read every one of
+  // configs/matmul/), and a warning says so when there are tables for this GPU but another
+  // cuBLASLt.
+  static std::optional<MatmulTable> find_for(const MatmulDevice& device, const std::string& dir);
+  // configs/matmul/ of the source tree this binary was built from.
+  static std::string builtin_dir();
 
   std::string dump() const;  // JSON, rows sorted by shape so that a table diffs cleanly
   void save(const std::string& path) const;  // atomically: a temporary file renamed over `path`
+  // Adds this table's rows to the table file at `path`, or makes it, holding an exclusive lock
+  // on `path`.lock meanwhile. Rows the file has are kept: processes measuring into one file (the
+  // ranks of a run) each add the shapes the others have not. The file must be for this device.
+  void merge_into(const std::string& path) const;
 
-  const std::string& device() const { return device_; }
-  uint64_t library_version() const { return library_version_; }
+  const MatmulDevice& device() const { return device_; }
   // Where the table was read from ("" when it was made in memory).
   const std::string& source() const { return source_; }
   size_t size() const { return choices_.size(); }
 
   const MatmulChoice* find(const MatmulShape& shape) const;
+  const std::unordered_map<MatmulShape, MatmulChoice, MatmulShapeHash>& rows() const {
+    return choices_;
+  }
   void put(const MatmulShape& shape, const MatmulChoice& choice) { choices_[shape] = choice; }
 
  private:
-  std::string device_;
-  uint64_t library_version_;
+  MatmulDevice device_;
   std::string source_;
   std::unordered_map<MatmulShape, MatmulChoice, MatmulShapeHash> choices_;
 };

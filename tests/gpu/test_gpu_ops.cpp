@@ -8,10 +8,11 @@
 //   kBf16        activation outputs stored in bf16 (2^-8 relative rounding, plus what it feeds)
 //   kTf32        f32 matmuls in bf16 mode, which run on TF32 tensor cores (10-bit mantissa)
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -386,19 +387,41 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-// Sets (or with nullptr unsets) an environment variable for one scope.
+// Sets (or with nullptr unsets) an environment variable for one scope, then restores it.
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
     REQUIRE((value ? setenv(name, value, 1) : unsetenv(name)) == 0);
   }
-  ~ScopedEnv() { unsetenv(name_); }
+  ~ScopedEnv() { old_ ? setenv(name_, old_->c_str(), 1) : unsetenv(name_); }
   ScopedEnv(const ScopedEnv&) = delete;
   ScopedEnv& operator=(const ScopedEnv&) = delete;
 
  private:
   const char* name_;
+  std::optional<std::string> old_;
 };
+
+// A real cuBLASLt descriptor made for other data types than any matmul of `act` mode uses:
+// cublasLtMatmulAlgoCheck refuses a descriptor that does not match the layouts.
+std::array<uint64_t, 8> mismatched_algo(DType act) {
+  cublasLtHandle_t lt = nullptr;
+  REQUIRE(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS);
+  const cudaDataType_t t = act == DType::bf16 ? CUDA_R_32F : CUDA_R_16BF;
+  int id = 0, count = 0;
+  cublasLtMatmulAlgo_t algo{};
+  const bool made = cublasLtMatmulAlgoGetIds(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, t, t, t, t, 1, &id,
+                                             &count) == CUBLAS_STATUS_SUCCESS &&
+                    count == 1 &&
+                    cublasLtMatmulAlgoInit(lt, CUBLAS_COMPUTE_32F, CUDA_R_32F, t, t, t, t, id,
+                                           &algo) == CUBLAS_STATUS_SUCCESS;
+  cublasLtDestroy(lt);
+  REQUIRE(made);
+  std::array<uint64_t, 8> words{};
+  std::memcpy(words.data(), algo.data, sizeof(algo.data));
+  return words;
+}
 
 }  // namespace
 
@@ -408,6 +431,7 @@ class ScopedEnv {
 TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][matmul]") {
   require_gpu();
   const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "measure");
+  const ScopedEnv no_table("LMTRAIN_MATMUL_TABLE", nullptr);
   for (DType act : kModes) {
     lmtrain::CudaBackend tuned(act);
     lmtrain::CpuBackend cpu;
@@ -425,10 +449,11 @@ TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][mat
 
 // measure mode with LMTRAIN_MATMUL_TABLE writes its choices; table mode reads them back and runs
 // the same algorithms, so its results are bit-identical to the measuring backend's. A table
-// entry cuBLASLt refuses falls back to the first suggestion; a table made for another GPU, or
-// a table named in heuristic mode, is an error.
+// entry cuBLASLt refuses falls back to the first suggestion, bit for bit what heuristic mode
+// gives; a table made for another GPU, or a table named in heuristic mode, is an error.
 TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][matmul]") {
   require_gpu();
+  const ScopedEnv no_table("LMTRAIN_MATMUL_TABLE", nullptr);
   const lmtrain::test_support::TempDir tmp;
   const std::string path = tmp / "table.json";
   for (DType act : kModes) {
@@ -452,6 +477,7 @@ TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][mat
     INFO(mode << written.size() << " shapes measured");
     CHECK(written.size() > 0);
     {
+      const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "table");
       const ScopedEnv table("LMTRAIN_MATMUL_TABLE", path.c_str());
       lmtrain::CudaBackend gpu(act);
       const Results replayed = c.run(gpu, matmul_forms);
@@ -460,35 +486,31 @@ TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][mat
         CHECK(same_bits(replayed.at(e.name), measured.at(e.name)));
       }
     }
-    // Every algorithm word set to all ones: cuBLASLt refuses such descriptors, and each shape
-    // takes the first suggestion.
+    // Every shape given a descriptor for other data types: each takes the first suggestion.
+    lmtrain::MatmulTable refused(written.device());
+    for (const auto& [shape, choice] : written.rows())
+      refused.put(shape, {mismatched_algo(act), choice.ms, choice.heuristic_ms});
+    refused.save(tmp / "refused.json");
     {
-      std::string text = written.dump();
-      const std::string algo = R"("algo":[")";
-      for (size_t at = text.find(algo); at != std::string::npos; at = text.find(algo, at + 1)) {
-        for (size_t i = at + algo.size(), words = 0; words < 8; ++words, i += 19)
-          text.replace(i, 16, std::string(16, 'f'));
-      }
-      std::ofstream(tmp / "scrambled.json") << text;
-    }
-    {
-      const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "scrambled.json").c_str());
+      const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "table");
+      const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "refused.json").c_str());
       lmtrain::CudaBackend gpu(act);
       const Results fallback = c.run(gpu, matmul_forms);
       for (const Expect& e : kMatmulFormsExpect) {
-        INFO(mode << "scrambled table " << e.name);
+        INFO(mode << "refused table entries " << e.name);
         CHECK(same_bits(fallback.at(e.name), heuristic.at(e.name)));
       }
     }
   }
-  lmtrain::MatmulTable other("another GPU", 1);
+  lmtrain::MatmulTable other(lmtrain::MatmulDevice{"another GPU", 1, 1});
   other.save(tmp / "other.json");
-  {
+  for (const char* tuning : {"table", "measure"}) {
+    const ScopedEnv mode("LMTRAIN_MATMUL_TUNING", tuning);
     const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "other.json").c_str());
-    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
-                      Catch::Matchers::StartsWith(tmp / "other.json" +
-                                                  ": a table for another GPU with cuBLASLt 1, but "
-                                                  "this is "));
+    CHECK_THROWS_WITH(
+        lmtrain::CudaBackend(DType::bf16),
+        Catch::Matchers::StartsWith(tmp / "other.json" + ": a table for another GPU (1 SMs) with "
+                                                         "cuBLASLt 1, but this is "));
   }
   {
     const ScopedEnv tuning("LMTRAIN_MATMUL_TUNING", "heuristic");

@@ -27,14 +27,16 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <functional>
 #include <utility>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/op_checks.h"
+#include "cuda_check.cuh"
 
 namespace lmtrain {
+
+using cuda::cuda_check;
 
 namespace {
 
@@ -76,32 +78,34 @@ void CudaBackend::configure_matmul_tuning() {
   } else {
     fail("LMTRAIN_MATMUL_TUNING={} is not one of table (the default), heuristic, measure", name);
   }
-  const uint64_t version = cublasLtGetVersion();
+  int sm_count = 0;
+  cuda_check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device_),
+             "cudaDeviceGetAttribute");
+  const MatmulDevice device{device_name_, sm_count, cublasLtGetVersion()};
   const char* path = std::getenv("LMTRAIN_MATMUL_TABLE");
   if (path && *path) {
     check(matmul_tuning_ != MatmulTuning::heuristic,
           "LMTRAIN_MATMUL_TABLE={} is set, but LMTRAIN_MATMUL_TUNING=heuristic reads no table",
           path);
-    // measure mode starts the file when there is none yet, and otherwise adds to it.
-    if (matmul_tuning_ == MatmulTuning::measure) matmul_table_out_ = path;
-    if (matmul_tuning_ == MatmulTuning::measure && !std::filesystem::exists(path)) {
-      matmul_table_.emplace(device_name_, version);
-    } else {
-      matmul_table_ = MatmulTable::load(path);
-      check(matmul_table_->device() == device_name_ && matmul_table_->library_version() == version,
-            "{}: a table for {} with cuBLASLt {}, but this is {} with cuBLASLt {}", path,
-            matmul_table_->device(), matmul_table_->library_version(), device_name_, version);
+    if (matmul_tuning_ == MatmulTuning::measure) {
+      // Made now if missing, so that a path that cannot be written fails before training; the
+      // rows it holds already are taken, not timed again.
+      matmul_table_out_ = path;
+      MatmulTable(device).merge_into(path);
     }
+    matmul_table_ = MatmulTable::load(path);
+    check(matmul_table_->device() == device, "{}: a table for {}, but this is {}", path,
+          matmul_table_->device().str(), device.str());
   } else if (matmul_tuning_ == MatmulTuning::table) {
-    matmul_table_ = MatmulTable::builtin(device_name_, version);
+    matmul_table_ = MatmulTable::find_for(device, MatmulTable::builtin_dir());
   } else if (matmul_tuning_ == MatmulTuning::measure) {
-    matmul_table_.emplace(device_name_, version);
+    matmul_table_.emplace(device);
   }
   const bool read = matmul_table_ && !matmul_table_->source().empty();
   const std::string from =
       read ? fmt::format(" ({} shapes from {})", matmul_table_->size(), matmul_table_->source())
            : "";
-  spdlog::info("cuBLASLt {} on {}: matmul algorithms {}{}", version, device_name_,
+  spdlog::info("{}: matmul algorithms {}{}", device.str(),
                matmul_tuning_ == MatmulTuning::measure ? "timed per shape, not reproducible"
                : read ? "from the table, else cuBLASLt's first suggestion"
                       : "from cuBLASLt's first suggestion",
@@ -184,16 +188,16 @@ CudaBackend::MatmulPlan& CudaBackend::matmul_plan(const MatmulShape& key) {
         status == CUBLAS_STATUS_SUCCESS ? "needs more workspace" : cublasLtGetStatusString(status));
   }
 
-  const bool measure = matmul_tuning_ == MatmulTuning::measure;
+  // Every mode asks for the same number of suggestions, so that the first is the same in all.
   cublasLtMatmulHeuristicResult_t results[kTuneCandidates] = {};
   int found = 0;
-  lt_check(cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan.a.get(), plan.b.get(),
-                                          plan.out.get(), plan.out.get(), pref,
-                                          measure ? kTuneCandidates : 1, results, &found),
-           "cublasLtMatmulAlgoGetHeuristic");
+  lt_check(
+      cublasLtMatmulAlgoGetHeuristic(lt_.get(), desc, plan.a.get(), plan.b.get(), plan.out.get(),
+                                     plan.out.get(), pref, kTuneCandidates, results, &found),
+      "cublasLtMatmulAlgoGetHeuristic");
   check(found > 0, "matmul: cuBLASLt has no algorithm for {}", key.str());
   plan.algo = results[0].algo;
-  if (found > 1) {
+  if (matmul_tuning_ == MatmulTuning::measure && found > 1) {
     for (int i = 0; i < found; ++i) plan.untimed.push_back(results[i].algo);
   }
   return matmul_plans_.emplace(key, std::move(plan)).first->second;
@@ -252,7 +256,7 @@ void CudaBackend::tune_matmul(MatmulPlan& plan, const MatmulShape& key, const vo
   choice.ms = best_ms;
   choice.heuristic_ms = std::isfinite(first_ms) ? first_ms : best_ms;
   matmul_table_->put(key, choice);
-  if (!matmul_table_out_.empty()) matmul_table_->save(matmul_table_out_);
+  if (!matmul_table_out_.empty()) matmul_table_->merge_into(matmul_table_out_);
 }
 
 void CudaBackend::matmul(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b,
