@@ -45,6 +45,11 @@ sys.exit(code)
 '''
 
 
+# What the CUDA backend logs about its matmul algorithms, which the results must carry.
+MATMUL_LINE = ("Stand-in GPU (2 SMs) with cuBLASLt 1: matmul algorithms from the table, else "
+               "cuBLASLt's first suggestion (3 shapes from configs/matmul/stand-in.json)")
+
+
 def write_executable(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -63,6 +68,7 @@ def main() -> int:
         env_seen = os.path.join(tmp, "env_seen")  # what the runs got of the env variant
         write_executable(wrapper, f"""#!/bin/bash
 if [ -n "$LMTRAIN_CUDA_SYNC" ]; then echo "$LMTRAIN_CUDA_SYNC" >> {env_seen}; fi
+echo "[2026-11-24 10:00:00.000] [info] {MATMUL_LINE}"
 for arg in "$@"; do
   if [ "$arg" = batch.device_batch=16 ]; then
     echo "error: out of memory: batch.device_batch 16 (stand-in)"; exit 1
@@ -98,6 +104,7 @@ exec {lmtrain} "$@"
         expect(lm["status"] == "ok" and lm["timed_steps"] == 3, f"lmtrain run: {lm}")
         expect(lm["tokens_per_second"] > 0 and lm["peak_memory_bytes"] > 0, "lmtrain numbers")
         expect(lm["loss_first"] > lm["loss_last"] > 0, "lmtrain's loss falls")
+        expect(lm["backend"] == [MATMUL_LINE], f"lmtrain's backend lines: {lm['backend']}")
         profile = row["profile"]
         expect(profile["status"] == "ok" and profile["complete"] and
                (profile["first_step"], profile["last_step"]) == (2, 3), f"profile: {profile}")
@@ -117,6 +124,7 @@ exec {lmtrain} "$@"
         ratio = lm["tokens_per_second"] / row["torch"]["tokens_per_second"]
         expect(f"| d2 | 4 |" in md and f"| {ratio:.2f} |" in md, "results.md: the matched row")
         expect("the reference ran out of memory at B=8" in md, "results.md: the fallback note")
+        expect(f"lmtrain d2 B=4: {MATMUL_LINE}" in md, "results.md: the backend lines")
         expect("### Variants: d2, batch 4" in md and "### Op profile: d2, batch 4" in md,
                "results.md: variants and profile")
 

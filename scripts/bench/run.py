@@ -53,6 +53,10 @@ OOM_PATTERN = re.compile(r"out of memory|cudaErrorMemoryAllocation|CUDA_ERROR_OU
                          r"CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 TORCH_EXIT_OOM = 3
 MIN_RUN_SECONDS = 20  # do not start a run with less budget left than this
+# lmtrain's log lines that say how the GPU backend runs (the cuDNN and its attention backward,
+# where the matmul algorithms come from): results must say what was measured.
+BACKEND_LINE = re.compile(r"(cuDNN attention: .*|\S.*: matmul algorithms .*)$")
+LOG_PREFIX = re.compile(r"^\[[^\]]*\] \[[a-z]+\] ")  # spdlog's "[time] [level] "
 
 
 class Prerequisite(Exception):
@@ -109,6 +113,20 @@ def tail(path: str, lines: int = 25) -> str:
             return "".join(f.readlines()[-lines:])
     except OSError as e:
         return f"(cannot read {path}: {e})"
+
+
+def backend_lines(path: str) -> list[str]:
+    """The BACKEND_LINE lines of a log, once each, without spdlog's prefix."""
+    found = []
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                line = LOG_PREFIX.sub("", line.rstrip("\n"))
+                if BACKEND_LINE.match(line) and line not in found:
+                    found.append(line)
+    except OSError:
+        pass
+    return found
 
 
 def report_run(a, label: str, r: dict, ok_detail, failure_lines: int = 25) -> None:
@@ -253,7 +271,8 @@ def run_lmtrain(a, depth: int, B: int, deadline: float, variant: dict | None = N
             summary = summarize_steps(steps, a.warmup_steps, B * a.seq_len)
         except BadMetrics as e:
             return {**res, "status": "failed", "reason": f"metrics: {e}"}
-        return {**res, "status": "ok", "peak_memory_bytes": peak, **summary}
+        return {**res, "status": "ok", "peak_memory_bytes": peak, **summary,
+                "backend": backend_lines(os.path.join(a.out, res["log"]))}
 
     v = variant or {}
     return lmtrain_job(a, depth, B, deadline, name, collect, extra=v.get("set"), env=v.get("env"))
@@ -501,6 +520,10 @@ def render_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"Benchmark {meta['date']} on {meta['gpu']}, commit {meta['commit']}; "
              f"T={meta['settings']['seq_len']}, {meta['settings']['steps']} steps, first "
              f"{meta['settings']['warmup_steps']} excluded, no gradient accumulation, bf16.", ""]
+    for r in rows:
+        lm = r["lmtrain"]
+        if lm and lm.get("backend"):
+            lines += [f"lmtrain {r['config']} B={lm['batch']}: " + "; ".join(lm["backend"]), ""]
     hdr = ["config", "batch", "tok/s lmtrain", "tok/s torch", "ratio", "MFU lmtrain", "MFU torch",
            "peak mem lmtrain", "peak mem torch", "opt ms lmtrain", "opt ms torch",
            "step ms lmtrain", "step ms torch", "loss lmtrain", "loss torch"]
