@@ -237,6 +237,8 @@ struct CudnnAttention::Impl {
     };
     for (int64_t* q_like : {&pitch.q, &pitch.out, &pitch.dq, &pitch.dout}) dense_as_0(*q_like, s.H);
     for (int64_t* kv_like : {&pitch.k, &pitch.v, &pitch.dk, &pitch.dv}) dense_as_0(*kv_like, s.Hkv);
+    // The forward graph has no gradients: their pitches must not split its key.
+    if (!backward) pitch.dq = pitch.dk = pitch.dv = pitch.dout = 0;
     const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, pitch, backward};
     auto it = plans.find(key);
     if (it == plans.end()) {
