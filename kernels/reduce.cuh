@@ -1,6 +1,6 @@
 // Deterministic sums of squares over contiguous segments, shared by sum_squares (one segment)
-// and the per-matrix norms of the Muon kernels (one segment per matrix). Included only by .cu
-// files.
+// and the per-matrix norms of the Muon kernels (one segment per matrix); the value gate's weight
+// gradient adds its chunk sums with the second pass. Included only by .cu files.
 //
 // Two passes with a fixed split that depends on the sizes alone (not on the GPU): pass 1 gives
 // each block a chunk of kChunk elements and writes the chunk's fp32 sum; pass 2 runs one block
@@ -30,13 +30,15 @@ __global__ void chunk_sum_squares(float* partials, const T* x, int64_t len, int6
   if (threadIdx.x == 0) partials[segment * chunks + chunk] = acc;
 }
 
-template <typename Out>
+// out[segment] = (or += with kAdd) the sum of the segment's `chunks` partials, which lie
+// together: each thread adds a strided set in order, then the block in its fixed tree.
+template <typename Out, bool kAdd = false>
 __global__ void segment_total(Out* out, const float* partials, int64_t chunks) {
   const int64_t segment = blockIdx.x;
   double acc = 0.0;
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) acc += partials[segment * chunks + c];
   acc = block_sum(acc);
-  if (threadIdx.x == 0) out[segment] = Out(acc);
+  if (threadIdx.x == 0) out[segment] = kAdd ? Out(out[segment] + Out(acc)) : Out(acc);
 }
 
 }  // namespace reduce_detail

@@ -1,5 +1,6 @@
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "reduce.cuh"
 #include "value_gate.cuh"
 
 namespace lmtrain::cuda {
@@ -81,30 +82,24 @@ __global__ void dxn_kernel(T* dxn, const float* da, const T* gate_w, ValueGateSh
 
 // dgate_w[h, g] += sum_n da[n, h] xn[n, g] in two passes with a split fixed by the sizes alone:
 // block c sums rows [c * kGateRows, (c + 1) * kGateRows) for every weight (lanes along g read
-// each row's first G channels together), then one thread per weight adds the chunks in order.
-// One block per weight walking all N rows left most of the GPU idle (Hkv * G = 192 blocks).
-constexpr int64_t kGateRows = 256;
+// each row's first G channels together) into partials[w * chunks + c], then one block per weight
+// adds its chunks (reduce.cuh's segment_total). One block per weight walking all N rows left
+// most of the GPU idle (Hkv * G = 192 blocks), and so did one thread per weight adding 512
+// chunks of 256 rows one after another (a d12 batch, 131072 rows); chunks of 64 rows give 2048
+// blocks for the first pass and 8 partials per thread for the second.
+constexpr int64_t kGateRows = 64;
 
 template <typename T>
 __global__ void dgate_w_chunk_kernel(float* partials, const float* da, const T* xn,
-                                     ValueGateShape s) {
+                                     ValueGateShape s, int64_t chunks) {
   const int64_t begin = int64_t(blockIdx.x) * kGateRows, end = min(s.N, begin + kGateRows);
   const int64_t weights = s.Hkv * s.G;
   for (int64_t w = threadIdx.x; w < weights; w += blockDim.x) {
     const int64_t h = w / s.G, g = w % s.G;
     float acc = 0.f;
     for (int64_t n = begin; n < end; ++n) acc += da[n * s.Hkv + h] * to_float(xn[n * s.C + g]);
-    partials[blockIdx.x * weights + w] = acc;
+    partials[w * chunks + blockIdx.x] = acc;
   }
-}
-
-__global__ void dgate_w_total_kernel(float* dgate_w, const float* partials, int64_t chunks,
-                                     int64_t weights) {
-  const int64_t w = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (w >= weights) return;
-  double acc = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) acc += partials[c * weights + w];
-  dgate_w[w] += float(acc);
 }
 
 int64_t gate_chunks(const ValueGateShape& s) { return (s.N + kGateRows - 1) / kGateRows; }
@@ -145,10 +140,10 @@ void value_gate_backward(T* dxn, float* dgate_w, T* dve, const T* dv, const T* x
   launch_check("value_gate_backward (dxn)", stream);
   float* partials = da + s.N * s.Hkv;
   const int64_t chunks = gate_chunks(s), weights = s.Hkv * s.G;
-  dgate_w_chunk_kernel<<<unsigned(chunks), kThreads, 0, stream>>>(partials, da, xn, s);
+  dgate_w_chunk_kernel<<<unsigned(chunks), kThreads, 0, stream>>>(partials, da, xn, s, chunks);
   launch_check("value_gate_backward (dgate_w chunks)", stream);
-  dgate_w_total_kernel<<<blocks_for(weights, kThreads), kThreads, 0, stream>>>(dgate_w, partials,
-                                                                               chunks, weights);
+  reduce_detail::segment_total<float, true>
+      <<<unsigned(weights), kThreads, 0, stream>>>(dgate_w, partials, chunks);
   launch_check("value_gate_backward (dgate_w)", stream);
 }
 

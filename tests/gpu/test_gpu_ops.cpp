@@ -842,13 +842,15 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
 TEST_CASE("gpu value_gate matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     // D = 16, 128 and 264 move in packs (264: more packs than lanes), D = 18 does not. dgate_w
-    // sums chunks of 256 rows (N = 300 and 3000: several, the last partial); 9 heads x 32 gate
-    // channels are more weights than a block has threads.
+    // sums chunks of 64 rows (N = 300 and 3000: several, the last partial; 20000: more chunks
+    // than the second pass has threads); 9 heads x 32 gate channels are more weights than a
+    // block has threads.
     struct Case {
       int64_t N, D, Hkv, G;
     };
-    for (Case s : {Case{37, 16, 3, 12}, Case{3000, 16, 3, 12}, Case{37, 18, 3, 12},
-                   Case{300, 128, 3, 12}, Case{37, 264, 3, 12}, Case{600, 16, 9, 32}}) {
+    for (Case s :
+         {Case{37, 16, 3, 12}, Case{3000, 16, 3, 12}, Case{37, 18, 3, 12}, Case{300, 128, 3, 12},
+          Case{37, 264, 3, 12}, Case{600, 16, 9, 32}, Case{20000, 16, 3, 12}}) {
       const int64_t N = s.N, D = s.D, Hkv = s.Hkv, G = s.G, C = 40, V = 50;
       OpCase c(act);
       c.add("xn", {N, C}, Kind::act, randn(size_t(N * C)))
