@@ -165,6 +165,7 @@ void require_keys(const nlohmann::json& object, const std::string& where) {
     check(object.contains(key), "{}: missing key '{}'", where, key);
 }
 
+// Every field of a shape, in the order rows are sorted; also what the hash mixes.
 auto ordering(const MatmulShape& s) {
   return std::tuple(s.m, s.n, s.k, s.batch, s.ld_a, s.ld_b, s.ld_out, s.trans_a, s.trans_b,
                     int(s.in), int(s.out), s.tf32, s.align_a, s.align_b, s.align_out);
@@ -181,13 +182,12 @@ std::string MatmulShape::str() const {
 
 size_t MatmulShapeHash::operator()(const MatmulShape& s) const {
   size_t h = 0;
-  auto mix = [&h](int64_t v) {
-    h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-  };
-  for (int64_t v : {s.m, s.n, s.k, s.batch, s.ld_a, s.ld_b, s.ld_out, int64_t(s.trans_a),
-                    int64_t(s.trans_b), int64_t(s.in), int64_t(s.out), int64_t(s.tf32),
-                    int64_t(s.align_a), int64_t(s.align_b), int64_t(s.align_out)})
-    mix(v);
+  std::apply(
+      [&h](auto... field) {
+        ((h ^= std::hash<int64_t>{}(int64_t(field)) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2)),
+         ...);
+      },
+      ordering(s));
   return h;
 }
 
