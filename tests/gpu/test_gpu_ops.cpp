@@ -383,10 +383,6 @@ const std::vector<Expect> kMatmulFormsExpect = {
     {"addend", kExact, kExact}, {"grad", kReduction, kReduction}, {"poly", kReduction, kBf16},
     {"y", kReduction, kBf16},   {"gram", kExact, kExact}};
 
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
 // Sets (or with nullptr unsets) an environment variable for one scope, then restores it.
 class ScopedEnv {
  public:
@@ -442,7 +438,7 @@ TEST_CASE("gpu matmul with measured algorithms matches the CPU", "[gpu][ops][mat
       const std::string& name = e.name;
       const std::string what = std::string("[") + mode_name(act) + "] tuned matmul " + name;
       compare(what, got.at(name), want.at(name), act == DType::bf16 ? e.bf16_tol : e.fp32_tol);
-      CHECK(same_bits(got.at(name), again.at(name)));
+      require_identical(what + " again", got.at(name), again.at(name));
     }
   }
 }
@@ -481,10 +477,9 @@ TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][mat
       const ScopedEnv table("LMTRAIN_MATMUL_TABLE", path.c_str());
       lmtrain::CudaBackend gpu(act);
       const Results replayed = c.run(gpu, matmul_forms);
-      for (const Expect& e : kMatmulFormsExpect) {
-        INFO(mode << "table replay " << e.name);
-        CHECK(same_bits(replayed.at(e.name), measured.at(e.name)));
-      }
+      for (const Expect& e : kMatmulFormsExpect)
+        require_identical(mode + "table replay " + e.name, replayed.at(e.name),
+                          measured.at(e.name));
     }
     // Every shape given a descriptor for other data types: each takes the first suggestion.
     lmtrain::MatmulTable refused(written.device());
@@ -496,10 +491,9 @@ TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][mat
       const ScopedEnv table("LMTRAIN_MATMUL_TABLE", (tmp / "refused.json").c_str());
       lmtrain::CudaBackend gpu(act);
       const Results fallback = c.run(gpu, matmul_forms);
-      for (const Expect& e : kMatmulFormsExpect) {
-        INFO(mode << "refused table entries " << e.name);
-        CHECK(same_bits(fallback.at(e.name), heuristic.at(e.name)));
-      }
+      for (const Expect& e : kMatmulFormsExpect)
+        require_identical(mode + "refused table entries " + e.name, fallback.at(e.name),
+                          heuristic.at(e.name));
     }
   }
   lmtrain::MatmulTable other(lmtrain::MatmulDevice{"another GPU", 1, 1});
