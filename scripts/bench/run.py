@@ -2,8 +2,8 @@
 """Throughput benchmark: lmtrain against the PyTorch reference (scripts/bench/torch_gpt.py).
 
 For each config (d12, d20: depth 12/20, aspect 64, head_dim 128, T=2048, the vocabulary of
-data/tiny) it finds the largest device batch lmtrain fits (128, 64, 32, 16, 8, 4: a run that dies
-with an out-of-memory error moves to the next smaller), runs `lmtrain train` at that batch with no
+data/tiny) it finds the largest device batch lmtrain fits (128, 96, 64, 48, 32, 24, 16, 12, 8, 4: a
+run that dies with an out-of-memory error moves to the next smaller), runs `lmtrain train` at that batch with no
 gradient accumulation (total_batch_tokens = B*T) on the data/tiny shards, reads its
 metrics.jsonl, runs the reference at the same batch on the same shards, and prints a table.
 When the reference runs out of memory there, it is tried at the smaller batches that follow in
@@ -678,7 +678,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lmtrain", default=os.path.join(REPO, "build", "lmtrain"), help="the built binary")
     p.add_argument("--quick", action="store_true", help="d12 only")
     p.add_argument("--configs", default="d12,d20", help="comma-separated dDEPTH names")
-    p.add_argument("--batches", default="128,64,32,16,8,4", help="device batches to try, in order")
+    p.add_argument("--batches", default="128,96,64,48,32,24,16,12,8,4", help="device batches to try, in order")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--aspect-ratio", type=int, default=64)
