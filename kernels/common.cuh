@@ -112,16 +112,33 @@ __device__ __forceinline__ void load(float (&f)[V], const T* p, int count = V) {
   }
 }
 
-// p[0, count) = f[0, count), rounded to T.
+// Two floats rounded to bf16, as the 32 bits of a __nv_bfloat162 (low half first).
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &pair, 4);
+  return bits;
+}
+
+// p[0, count) = f[0, count), rounded to T. A whole 16-byte pack goes out as one 16-byte store
+// built from 32-bit words: an assignment of a Pack of bf16 was at times split by the compiler
+// into 2-byte pairs (four or eight stores where one does).
 template <int V, typename T>
 __device__ __forceinline__ void store(T* p, const float (&f)[V], int count = V) {
-  if (count == V) {
+  if (count != V) {
+    for (int k = 0; k < count; ++k) p[k] = from_float<T>(f[k]);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16> && V == 8) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(bf16x2_bits(f[0], f[1])),
+                 "r"(bf16x2_bits(f[2], f[3])), "r"(bf16x2_bits(f[4], f[5])),
+                 "r"(bf16x2_bits(f[6], f[7]))
+                 : "memory");
+  } else if constexpr (std::is_same_v<T, float> && V == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(f[0], f[1], f[2], f[3]);
+  } else {
     Pack<T, V> pack;
 #pragma unroll
     for (int k = 0; k < V; ++k) pack.v[k] = from_float<T>(f[k]);
     *reinterpret_cast<Pack<T, V>*>(p) = pack;
-  } else {
-    for (int k = 0; k < count; ++k) p[k] = from_float<T>(f[k]);
   }
 }
 
@@ -184,6 +201,82 @@ void launch_rows(bool packed, int64_t rows, int64_t len, F&& kernel) {
   launch_packed<Wide>(packed, [&](auto V) {
     const int lanes = lanes_per_row(len, decltype(V)::value);
     kernel(V, lanes, blocks_for(rows, kThreads / lanes));
+  });
+}
+
+// ---- rows kept in registers ----
+// Row kernels make two passes over a row: one for its sum of squares (or dot product), one to
+// write. A lane handles packs p = 0, 1, ... of the row, pack p starting at element
+// (p * lanes + lane) * V. With P > 0 the row has at most P packs per lane: RowPacks::keep reads
+// them all into registers (as stored, 16 bytes a pack) before either pass, with no arithmetic
+// between the loads, and both passes take them from there. P = 0 walks a row of any length and
+// reads it from memory in each pass.
+template <int V, int P, typename F>
+__device__ __forceinline__ void for_row_packs(int lane, int lanes, int64_t len, F&& f) {
+  if constexpr (P > 0) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t c = (int64_t(p) * lanes + lane) * V;
+      if (c < len) f(p, c);
+    }
+  } else {
+    for (int64_t c = int64_t(lane) * V; c < len; c += int64_t(lanes) * V) f(0, c);
+  }
+}
+
+template <typename T, int V, int P>
+struct RowPacks {
+  Pack<T, V> pack[P > 0 ? P : 1];
+  // P > 0: this lane's packs of the row of `len` elements at `row`, into registers.
+  __device__ __forceinline__ void keep(const T* row, int lane, int lanes, int64_t len) {
+    if constexpr (P > 0) {
+      for_row_packs<V, P>(lane, lanes, len, [&](int p, int64_t c) {
+        pack[p] = *reinterpret_cast<const Pack<T, V>*>(row + c);
+      });
+    }
+  }
+  // Pack p, elements [c, c + V) of the row at `row`, in fp32: kept, or from memory when P = 0.
+  __device__ __forceinline__ void get(float (&f)[V], int p, const T* row, int64_t c) const {
+    if constexpr (P > 0) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) f[k] = to_float(pack[p].v[k]);
+    } else {
+      load(f, row + c);
+    }
+  }
+};
+
+// Host side: calls launch(P) (a std::integral_constant) for rows of `len` elements in packs of V
+// with `lanes` lanes a row: P the fewest of 1, 2, 3, 4, 6, 8 packs per lane that cover the row,
+// if that is at most MaxP (a kernel that keeps several tensors' packs keeps fewer of each), else
+// 0. Unpacked rows (V = 1, the rare misaligned case) always take P = 0.
+template <int V, int MaxP, typename F>
+void with_kept_packs(int64_t len, int lanes, F&& launch) {
+  const int64_t packs = (len + int64_t(lanes) * V - 1) / (int64_t(lanes) * V);
+  bool done = false;
+  auto try_p = [&](auto P) {
+    if constexpr (V > 1 && decltype(P)::value <= MaxP) {
+      if (!done && packs <= P()) {
+        launch(P);
+        done = true;
+      }
+    }
+  };
+  try_p(std::integral_constant<int, 1>{});
+  try_p(std::integral_constant<int, 2>{});
+  try_p(std::integral_constant<int, 3>{});
+  try_p(std::integral_constant<int, 4>{});
+  try_p(std::integral_constant<int, 6>{});
+  try_p(std::integral_constant<int, 8>{});
+  if (!done) launch(std::integral_constant<int, 0>{});
+}
+
+// Calls launch(V, P) for rows of `len` elements, one warp a row: V = Wide when `packed`, else 1;
+// P as with_kept_packs gives.
+template <int Wide, int MaxP, typename F>
+void launch_warp_rows(bool packed, int64_t len, F&& launch) {
+  launch_packed<Wide>(packed, [&](auto V) {
+    with_kept_packs<decltype(V)::value, MaxP>(len, 32, [&](auto P) { launch(V, P); });
   });
 }
 

@@ -9,9 +9,10 @@
 // bf16 logits tanh is the hardware's (tanh.approx.f32, one such instruction; relative error
 // below 2^-10, where the bf16 logit itself is rounded to 2^-8) and exp is __expf (the hardware
 // exp2 and a multiply; relative error a few 1e-6). That is two special-function instructions
-// per logit and pass, where tanh as 1 - 2 / (exp(2x) + 1) took three. The fp32 mode, which exists to compare with the CPU (docs/CUDA.md), keeps tanhf, expf
-// and the division: there even the exp2 form of tanh (absolute error ~1e-7) made 10 training
-// steps of the tiny model part from the CPU's after step 7.
+// per logit and pass, where tanh as 1 - 2 / (exp(2x) + 1) took three. The fp32 mode, which exists
+// to compare with the CPU (docs/CUDA.md), keeps tanhf, expf and the division: there even the exp2
+// form of tanh (absolute error ~1e-7) made 10 training steps of the tiny model part from the CPU's
+// after step 7.
 #include <cstdio>
 
 #include "common.cuh"

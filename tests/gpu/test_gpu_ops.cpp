@@ -607,12 +607,16 @@ const std::vector<Expect> kNormOutputs = {
     {"xi", kReduction, kBf16},  {"rstd_i", kReduction, kReduction},
     {"dx", kReduction, kBf16},  {"g_in_place", kReduction, kBf16}};
 
-// C = 16, 96 and 1536 take the packed kernels, 333 (not a multiple of the pack) the element
-// ones; the rmsnorm case also runs a view that starts one element in (element kernels).
+// C = 16, 96, 448, 704, 1536 and 2000 take the packed kernels, 333 (not a multiple of the pack)
+// the element ones; the rmsnorm case also runs a view that starts one element in (element
+// kernels). Packed rows up to some packs per lane are kept in registers (common.cuh, RowPacks;
+// 256 elements a round in bf16, 128 in fp32): in bf16, 448 keeps 2 packs a lane, 704 3, 1536 6
+// (forward) and 2000 8 (forward), the last round partial but for 1536; in fp32, 448 keeps 4 and
+// 704 6 (forward). The rest read the row twice, with a partial last round at 704 and 2000.
 
 TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t C : {16, 96, 333, 1536}) {
+    for (int64_t C : {16, 96, 333, 448, 704, 1536, 2000}) {
       const int64_t N = 67;
       OpCase c(act);
       c.add("x", {N, C}, Kind::act, randn(size_t(N * C), 2.f))
@@ -658,8 +662,9 @@ TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
 TEST_CASE("gpu norm_rope matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
     // 18: an odd number of pairs, no packs; 130: the same, with more pairs than lanes in a warp,
-    // so each lane loops; 528: packs, with more packs than lanes (two passes in bf16, three in
-    // fp32).
+    // so each lane loops; 528: packs, with more packs than lanes (two rounds in bf16, three in
+    // fp32, read twice); 16, 64, 128, 192: one pack of each half a lane, kept in registers
+    // (RowPacks).
     for (int64_t D : {16, 18, 64, 128, 130, 192, 528}) {
       const int64_t B = 2, T = 7, H = 3, Tmax = 12, n = B * T * H * D;
       std::vector<float> angle = uniform(size_t(Tmax * D / 2), -3.f, 3.f), cos(angle), sin(angle);
@@ -770,8 +775,17 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
 
 TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    // C = 96 takes the packed kernels, 73 the element ones; N = 2000 gives many row blocks.
-    for (auto [N, C] : {std::pair<int64_t, int64_t>{41, 73}, {2000, 73}, {41, 96}, {2000, 96}}) {
+    // C = 96, 448, 704 and 2000 take the packed kernels, 73 the element ones; N = 2000 gives
+    // many row blocks. Rows kept in registers (RowPacks): 96 in both dtypes and directions; 448
+    // in bf16 (2 packs a lane, partial) and in the fp32 forward (4); 704 in the bf16 forward (3).
+    // The rest read their rows twice, 704 and 2000 with a partial last round.
+    for (auto [N, C] : {std::pair<int64_t, int64_t>{41, 73},
+                        {2000, 73},
+                        {41, 96},
+                        {2000, 96},
+                        {41, 448},
+                        {41, 704},
+                        {41, 2000}}) {
       const int64_t n = N * C, L = 3;
       OpCase c(act);
       c.add("x", {N, C}, Kind::act, randn(size_t(n)))
