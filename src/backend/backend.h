@@ -125,6 +125,19 @@ class Backend {
   // dx = 2 sqrt(out) dout, from the forward's output rather than its input: max(x, 0) is
   // sqrt(out), so the forward may run in place and the model keeps one hidden buffer, not two.
   virtual void relu2_backward(Tensor dx, Tensor dout, Tensor out) = 0;
+  // The MLP's ends around it, which a backend may fuse with it so that the activation costs no
+  // pass of its own: out = relu2(x @ w^T), and dx = relu2_backward(dout @ w, out) (x, dout, out,
+  // dx dense rank 2; w the (out features, in features) weight). Here: the matmul, then the op.
+  // For training's few fixed shapes: a backend may build and time a fused kernel per shape, so
+  // the generator, whose row count changes every call, keeps the two ops.
+  virtual void matmul_relu2_forward(Tensor out, Tensor x, Tensor w) {
+    matmul(out, x, w, false, true, false);
+    relu2_forward(out, out);
+  }
+  virtual void matmul_relu2_backward(Tensor dx, Tensor dout, Tensor w, Tensor out) {
+    matmul(dx, dout, w, false, false, false);
+    relu2_backward(dx, dx, out);
+  }
 
   // ---- residual mix, then RMSNorm: the top of every block ----
   // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved. mixed

@@ -284,8 +284,7 @@ void Gpt::forward_block(int i, bool with_output) {
                acts_.x_mix);
   // MLP with ReLU squared.
   b.rmsnorm_forward(a.xn2, a.rstd2, a.x_mid);
-  b.matmul(a.hidden, a.xn2, w(i, "mlp.c_fc.weight"), false, true, false);
-  b.relu2_forward(a.hidden, a.hidden);
+  b.matmul_relu2_forward(a.hidden, a.xn2, w(i, "mlp.c_fc.weight"));
   if (!with_output) return;
   b.matmul_add(acts_.block_out[i], a.hidden, w(i, "mlp.c_proj.weight"), false, true, a.x_mid);
 }
@@ -350,8 +349,7 @@ void Gpt::backward_block(int i) {
   // MLP: x_out = x_mid + hidden @ Wproj^T, hidden = relu2(norm(x_mid) @ Wfc^T). dx is d(x_out),
   // which is also the gradient of the MLP branch.
   b.matmul(dw(i, "mlp.c_proj.weight"), d.dx, a.hidden, true, false, true);
-  b.matmul(d.dhidden, d.dx, w(i, "mlp.c_proj.weight"), false, false, false);
-  b.relu2_backward(d.dhidden, d.dhidden, a.hidden);
+  b.matmul_relu2_backward(d.dhidden, d.dx, w(i, "mlp.c_proj.weight"), a.hidden);
   b.matmul(dw(i, "mlp.c_fc.weight"), d.dhidden, a.xn2, true, false, true);
   b.matmul(d.dxn, d.dhidden, w(i, "mlp.c_fc.weight"), false, false, false);
   b.rmsnorm_backward(d.dxmid, d.dxn, a.x_mid, a.rstd2, d.dx);  // + the MLP's skip connection

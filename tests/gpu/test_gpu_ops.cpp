@@ -11,6 +11,7 @@
 #include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -770,6 +771,57 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
              {"g_in_place", kElementwise, kBf16},
              {"shifted", kElementwise, kBf16},
              {"dx_shifted", kElementwise, kBf16}});
+  }
+}
+
+// The MLP's matmul with its relu2, in bf16 through each path LMTRAIN_CUDNN_MLP can pick: the
+// cuDNN graph ("1"), whichever was faster ("auto"), and cuBLASLt with the relu2 kernel ("0", and
+// unset). Each must give the CPU's result and repeat bit for bit; with cuDNN built in, "1" must
+// take the graph and "auto" must have chosen. M is not a multiple of any tile; the second shape is
+// d12's (one sequence of 2048 tokens).
+TEST_CASE("gpu matmul + relu2 matches the CPU on every path", "[gpu][ops][matmul][cudnn]") {
+  require_gpu();
+  for (const auto [M, K, N] : {std::array<int64_t, 3>{300, 64, 256}, {2048, 768, 3072}}) {
+    OpCase c(DType::bf16);
+    // The backward reads the forward's output: squares of random values, some zero.
+    std::vector<float> hidden = randn(size_t(M * N));
+    for (float& v : hidden) v = v > 0.f ? v * v : 0.f;
+    c.add("x", {M, K}, Kind::act, randn(size_t(M * K)))
+        .add("w_fc", {N, K}, Kind::act, randn(size_t(N * K), 0.05f))
+        .add("out", {M, N}, Kind::act, poison(size_t(M * N)))
+        .add("dout", {M, K}, Kind::act, randn(size_t(M * K)))
+        .add("w_proj", {K, N}, Kind::act, randn(size_t(K * N), 0.05f))
+        .add("hidden", {M, N}, Kind::act, hidden)
+        .add("dx", {M, N}, Kind::act, poison(size_t(M * N)));
+    const Op op = [](Backend& b, const Args& t) {
+      b.matmul_relu2_forward(t["out"], t["x"], t["w_fc"]);
+      b.matmul_relu2_backward(t["dx"], t["dout"], t["w_proj"], t["hidden"]);
+    };
+    lmtrain::CpuBackend cpu;
+    const Results want = c.run(cpu, op);
+    for (const char* mode : {"1", "auto", "0", static_cast<const char*>(nullptr)}) {
+      const ScopedEnv env("LMTRAIN_CUDNN_MLP", mode);
+      lmtrain::CudaBackend gpu(DType::bf16);
+      const Results got = c.run(gpu, op), again = c.run(gpu, op);
+      const std::string path =
+          fmt::format("LMTRAIN_CUDNN_MLP={} {}x{}x{}", mode ? mode : "(unset)", M, N, K);
+      for (const char* name : {"out", "dx"}) {
+        compare("[bf16] matmul + relu2 " + path + " " + name, got.at(name), want.at(name), kBf16);
+        require_identical(path + " " + name, got.at(name), again.at(name));
+      }
+      for (const bool backward : {false, true}) {
+        const std::optional<bool> fused = gpu.matmul_relu2_fused({M, K, N, backward});
+        INFO(path << (backward ? " backward" : " forward") << " ran "
+                  << (!fused   ? "no choice"
+                      : *fused ? "the cuDNN graph"
+                               : "cuBLASLt + relu2"));
+        if (!mode || !std::strcmp(mode, "0")) CHECK(!fused);
+#ifdef LMTRAIN_HAVE_CUDNN
+        if (mode && !std::strcmp(mode, "1")) CHECK(fused == true);
+        if (mode && !std::strcmp(mode, "auto")) CHECK(fused.has_value());
+#endif
+      }
+    }
   }
 }
 

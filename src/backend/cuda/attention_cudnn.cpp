@@ -23,24 +23,17 @@
 #include <cstring>
 #include <string>
 
+#include "backend/cuda/cudnn_common.h"
 #include "core/error.h"
 
 #ifdef LMTRAIN_HAVE_CUDNN
-// The frontend reaches cuDNN (and, for engines we never use, NVRTC) through dlopen: no link-time
-// dependency, and a machine without cuDNN runs our own kernel.
-#define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
-#include <cudnn.h>
-#include <cudnn_frontend.h>
-#include <dlfcn.h>
-
 #include <cmath>
 #include <map>
 #include <tuple>
 #include <unordered_map>
-#endif
 
-#ifdef LMTRAIN_HAVE_CUDNN
-// The library handle the frontend's dynamic-loading shim resolves cuDNN's symbols from.
+// The library handle the frontend's dynamic-loading shim resolves cuDNN's symbols from (one
+// definition for the program; cudnn_common.h's CudnnHandle sets it).
 namespace cudnn_frontend {
 void* cudnn_dlhandle = nullptr;
 }
@@ -49,8 +42,6 @@ void* cudnn_dlhandle = nullptr;
 namespace lmtrain::cuda {
 
 #ifdef LMTRAIN_HAVE_CUDNN
-
-namespace fe = cudnn_frontend;
 
 namespace {
 
@@ -123,57 +114,35 @@ struct CudnnAttention::Impl {
   // B, T, H, Hkv, D, window, pitches, backward
   using Key = std::tuple<int, int, int, int, int, int, AttentionPitches, bool>;
 
-  cudnnHandle_t handle = nullptr;
+  // Declared before the plans: destroyed after them, whose cuDNN descriptors it made.
+  std::unique_ptr<CudnnHandle> handle;
   bool deterministic = true;
   std::map<Key, Plan> plans;
   bool warned_misaligned = false;
-
-  ~Impl() {
-    plans.clear();  // the plans' cuDNN descriptors go before the handle they were built with
-    if (handle) fe::detail::destroy_handle(handle);
-  }
 
   static std::string describe(const AttentionShape& s, bool backward) {
     return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}", backward ? "backward" : "forward",
                        s.B, s.T, s.H, s.Hkv, s.D, s.window);
   }
 
-  // validate -> operation graph -> heuristics (mode A) -> support check -> plan build; the first
-  // failing step's message is logged and the shape marked unsupported.
+  // The plan, or none (logged, the shape then runs on the own kernel) when a step of building
+  // it fails.
   Plan build(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s, bool backward) {
-    try {
-      return build_steps(g, s, backward);
-    } catch (const std::exception& e) {
+    Plan plan;
+    const std::string why = build_cudnn_plan(*g, handle->get(), plan.workspace);
+    if (!why.empty()) {
       spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it{}",
-                   describe(s, backward), e.what(), hint(backward));
+                   describe(s, backward), why, hint(backward));
       return Plan{};
     }
+    plan.graph = g;
+    return plan;
   }
 
   // Not every GPU and cuDNN version has a deterministic backward for every shape.
   std::string hint(bool backward) const {
     if (!backward || !deterministic) return "";
     return " (LMTRAIN_CUDNN_ATTENTION=nondeterministic may run it on cuDNN)";
-  }
-
-  Plan build_steps(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s,
-                   bool backward) {
-    auto step = [&](const char* what, fe::error_t status) {
-      if (status.is_good()) return true;
-      spdlog::warn("cuDNN attention {}: {} failed ({}); using the own attention kernel for it{}",
-                   describe(s, backward), what, status.get_message(), hint(backward));
-      return false;
-    };
-    Plan plan;
-    if (!step("validate", g->validate()) ||
-        !step("build_operation_graph", g->build_operation_graph(handle)) ||
-        !step("create_execution_plans", g->create_execution_plans({fe::HeurMode_t::A})) ||
-        !step("check_support", g->check_support(handle)) ||
-        !step("build_plans", g->build_plans(handle)) ||
-        !step("get_workspace_size", g->get_workspace_size(plan.workspace)))
-      return Plan{};
-    plan.graph = g;
-    return plan;
   }
 
   std::shared_ptr<fe::graph::Graph> new_graph() {
@@ -264,7 +233,7 @@ struct CudnnAttention::Impl {
     const Plan& p = plan(s, backward);
     if (!p.graph) return false;
     void* ws = p.workspace > 0 ? workspace(size_t(p.workspace)) : nullptr;
-    fe::error_t status = p.graph->execute(handle, pack, ws);
+    fe::error_t status = p.graph->execute(handle->get(), pack, ws);
     if (!status.is_good())
       fail("cuDNN attention {}: execute failed: {}", describe(s, backward), status.get_message());
     return true;
@@ -278,42 +247,17 @@ std::unique_ptr<CudnnAttention> CudnnAttention::create(cudaStream_t stream) {
         "cuDNN attention off (LMTRAIN_CUDNN_ATTENTION): bf16 attention uses the own kernel");
     return nullptr;
   }
-  if (!fe::cudnn_dlhandle) {
-    for (const char* lib : {"libcudnn.so.9", "libcudnn.so"})
-      if ((fe::cudnn_dlhandle = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
-    if (!fe::cudnn_dlhandle) {
-      const char* why = dlerror();
-      spdlog::warn(
-          "cuDNN attention unavailable: cannot load libcudnn.so.9 ({}); bf16 attention "
-          "uses the own kernel",
-          why ? why : "not found");
-      return nullptr;
-    }
-  }
-  // The shim also loads the CUDA runtime by name: point it at the major version we run on.
-  ::setenv("CUDNN_FRONTEND_CUDART_LIB_NAME",
-           fmt::format("libcudart.so.{}", CUDART_VERSION / 1000).c_str(), /*overwrite=*/0);
   auto impl = std::make_unique<Impl>();
   impl->deterministic = mode == Mode::deterministic;
-  cudnnStatus_t st = CUDNN_STATUS_NOT_INITIALIZED;
-  size_t version = 0;
   try {
-    version = fe::detail::get_backend_version();
-    st = fe::detail::create_handle(&impl->handle);
-    if (st == CUDNN_STATUS_SUCCESS) st = fe::detail::set_stream(impl->handle, stream);
+    impl->handle = std::make_unique<CudnnHandle>(stream);
   } catch (const std::exception& e) {
     spdlog::warn("cuDNN attention unavailable ({}): bf16 attention uses the own kernel", e.what());
     return nullptr;
   }
-  if (st != CUDNN_STATUS_SUCCESS) {
-    spdlog::warn(
-        "cuDNN attention unavailable (cudnnCreate: status {}): bf16 attention uses the "
-        "own kernel",
-        int(st));
-    return nullptr;
-  }
-  spdlog::info("cuDNN attention: cuDNN {} at run time (headers {}), {} backward", version,
-               CUDNN_VERSION, impl->deterministic ? "deterministic" : "nondeterministic");
+  spdlog::info("cuDNN attention: cuDNN {} at run time (headers {}), {} backward",
+               impl->handle->version(), CUDNN_VERSION,
+               impl->deterministic ? "deterministic" : "nondeterministic");
   return std::unique_ptr<CudnnAttention>(new CudnnAttention(std::move(impl)));
 }
 

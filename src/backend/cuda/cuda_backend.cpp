@@ -38,9 +38,12 @@ CudaBackend::CudaBackend(DType activation) : activation_(activation) {
   lt_.reset(lt);
   lt_workspace_ = allocate(kLtWorkspaceBytes);
   configure_matmul_tuning();
-  // The fp32 mode keeps our own attention kernel (exact comparison with the CPU; cuDNN's SDPA
-  // is bf16/fp16 only).
-  if (activation_ == DType::bf16) cudnn_attention_ = cuda::CudnnAttention::create(stream_.get());
+  // The fp32 mode keeps our own attention kernel and the unfused relu2 (exact comparison with the
+  // CPU; the cuDNN graphs are bf16 here).
+  if (activation_ == DType::bf16) {
+    cudnn_attention_ = cuda::CudnnAttention::create(stream_.get());
+    cudnn_matmul_relu2_ = cuda::CudnnMatmulRelu2::create(stream_.get());
+  }
 }
 
 // Kernels may still be running on the stream; they must finish before their memory (freed by

@@ -14,6 +14,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/matmul_relu2_cudnn.h"
 #include "backend/matmul_table.h"
 
 namespace lmtrain {
@@ -81,6 +84,11 @@ class CudaBackend final : public Backend {
 
   void relu2_forward(Tensor out, Tensor x) override;
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;
+  void matmul_relu2_forward(Tensor out, Tensor x, Tensor w) override;
+  void matmul_relu2_backward(Tensor dx, Tensor dout, Tensor w, Tensor out) override;
+  // Whether the shape's calls run as one cuDNN graph (true) or as cuBLASLt and the relu2 kernel
+  // (false); none before its first bf16 call that could take the graph.
+  std::optional<bool> matmul_relu2_fused(const cuda::MatmulRelu2Shape& s) const;
 
   void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x, Tensor x0,
                                  Tensor resid, Tensor x0l, int layer) override;
@@ -136,6 +144,13 @@ class CudaBackend final : public Backend {
   void gemm(Tensor out, Tensor a, Tensor b, bool trans_a, bool trans_b, Tensor addend, float alpha,
             float beta);
 
+  // The matmul with its relu2 as one cuDNN graph where that was chosen for the shape (see
+  // matmul_relu2 in layers.cpp), else `unfused`: the matmul, then the relu2 kernel.
+  void matmul_relu2(const cuda::MatmulRelu2Shape& s, bool shapes_fit, Tensor out, Tensor a,
+                    Tensor w, Tensor hidden, const std::function<void()>& unfused);
+  bool choose_fused_relu2(const cuda::MatmulRelu2Shape& s, const std::function<bool()>& fused,
+                          const std::function<void()>& unfused);
+
   // Device scratch for the ops that need temporary memory. There is one stream, so ops never
   // overlap and can share it; it grows on demand and never shrinks.
   void* scratch(size_t bytes);
@@ -157,6 +172,10 @@ class CudaBackend final : public Backend {
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
+  // The MLP's matmul and relu2 as one cuDNN graph (bf16 with cuDNN, unless LMTRAIN_CUDNN_MLP=0),
+  // and per shape whether it runs rather than cuBLASLt and the relu2 kernel.
+  std::unique_ptr<cuda::CudnnMatmulRelu2> cudnn_matmul_relu2_;
+  std::map<cuda::MatmulRelu2Shape, bool> matmul_relu2_fused_;
 
   // ---- timing points (timing.cpp): cudaEvent_t recorded on stream_ ----
  public:

@@ -1,0 +1,86 @@
+// What the cuDNN paths (attention_cudnn.cpp, matmul_relu2_cudnn.cpp) share: loading cuDNN, a
+// handle on the backend's stream, and turning a frontend graph into an executable plan. Included
+// by their .cpp files alone, so that no other header sees a cuDNN type.
+#pragma once
+
+#ifdef LMTRAIN_HAVE_CUDNN
+// The frontend reaches cuDNN (and NVRTC, for engines that compile their kernels at run time)
+// through dlopen: no link-time dependency, and a machine without cuDNN runs our own kernels.
+#define NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING
+#include <cuda_runtime.h>
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "core/error.h"
+
+namespace lmtrain::cuda {
+
+namespace fe = cudnn_frontend;
+
+// A cuDNN handle whose work goes onto one stream. The first one loads libcudnn.so.9, from which
+// the frontend's shim resolves every cuDNN symbol (fe::cudnn_dlhandle, defined in
+// attention_cudnn.cpp). Throws Error saying what failed.
+class CudnnHandle {
+ public:
+  explicit CudnnHandle(cudaStream_t stream) {
+    if (!fe::cudnn_dlhandle) {
+      for (const char* lib : {"libcudnn.so.9", "libcudnn.so"})
+        if ((fe::cudnn_dlhandle = dlopen(lib, RTLD_NOW | RTLD_LOCAL))) break;
+      const char* why = fe::cudnn_dlhandle ? nullptr : dlerror();
+      check(fe::cudnn_dlhandle != nullptr, "cannot load libcudnn.so.9 ({})",
+            why ? why : "not found");
+    }
+    // The shim also loads the CUDA runtime by name: point it at the major version we run on.
+    ::setenv("CUDNN_FRONTEND_CUDART_LIB_NAME",
+             fmt::format("libcudart.so.{}", CUDART_VERSION / 1000).c_str(), /*overwrite=*/0);
+    version_ = fe::detail::get_backend_version();
+    const cudnnStatus_t created = fe::detail::create_handle(&handle_);
+    check(created == CUDNN_STATUS_SUCCESS, "cudnnCreate: status {}", int(created));
+    const cudnnStatus_t bound = fe::detail::set_stream(handle_, stream);
+    if (bound != CUDNN_STATUS_SUCCESS) {
+      fe::detail::destroy_handle(handle_);
+      fail("cudnnSetStream: status {}", int(bound));
+    }
+  }
+  ~CudnnHandle() { fe::detail::destroy_handle(handle_); }
+  CudnnHandle(const CudnnHandle&) = delete;
+  CudnnHandle& operator=(const CudnnHandle&) = delete;
+
+  cudnnHandle_t get() const { return handle_; }
+  size_t version() const { return version_; }  // of the library loaded, e.g. 91000
+
+ private:
+  cudnnHandle_t handle_ = nullptr;
+  size_t version_ = 0;
+};
+
+// validate -> operation graph -> heuristics (mode A) -> support check -> plan build, then the
+// plan's workspace size. Returns "" when the graph is ready to execute, else the first failing
+// step and cuDNN's message (frontend exceptions included).
+inline std::string build_cudnn_plan(fe::graph::Graph& g, cudnnHandle_t handle, int64_t& workspace) {
+  try {
+    auto failed = [](const char* what, fe::error_t status) {
+      return status.is_good() ? std::string()
+                              : fmt::format("{} failed ({})", what, status.get_message());
+    };
+    std::string why = failed("validate", g.validate());
+    if (why.empty()) why = failed("build_operation_graph", g.build_operation_graph(handle));
+    if (why.empty())
+      why = failed("create_execution_plans", g.create_execution_plans({fe::HeurMode_t::A}));
+    if (why.empty()) why = failed("check_support", g.check_support(handle));
+    if (why.empty()) why = failed("build_plans", g.build_plans(handle));
+    if (why.empty()) why = failed("get_workspace_size", g.get_workspace_size(workspace));
+    return why;
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+}
+
+}  // namespace lmtrain::cuda
+
+#endif
