@@ -172,8 +172,8 @@ class CudaBackend final : public Backend {
   // cuDNN's fused attention with its per-shape graphs, in bf16 mode when cuDNN is available;
   // null otherwise (our own kernel runs). Declared after stream_, so it is destroyed first.
   std::unique_ptr<cuda::CudnnAttention> cudnn_attention_;
-  // The MLP's matmul and relu2 as one cuDNN graph (bf16 with cuDNN, unless LMTRAIN_CUDNN_MLP=0),
-  // and per shape whether it runs rather than cuBLASLt and the relu2 kernel.
+  // The MLP's matmul and relu2 as one cuDNN graph (bf16 with cuDNN, when LMTRAIN_CUDNN_MLP asks
+  // for it), and per shape whether it runs rather than cuBLASLt and the relu2 kernel.
   std::unique_ptr<cuda::CudnnMatmulRelu2> cudnn_matmul_relu2_;
   std::map<cuda::MatmulRelu2Shape, bool> matmul_relu2_fused_;
 

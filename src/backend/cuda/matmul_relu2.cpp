@@ -58,9 +58,11 @@ void CudaBackend::matmul_relu2(const cuda::MatmulRelu2Shape& s, bool shapes_fit,
     return cudnn_matmul_relu2_->run(s, out.data, a.data, w.data, hidden.data, lt_workspace_.data(),
                                     lt_workspace_.bytes());
   };
-  auto [it, first] = matmul_relu2_fused_.try_emplace(s, false);
-  if (first) it->second = choose_fused_relu2(s, fused, unfused);
-  if (!it->second || !fused()) unfused();
+  if (const auto it = matmul_relu2_fused_.find(s); it != matmul_relu2_fused_.end()) {
+    if (!it->second || !fused()) unfused();
+    return;
+  }
+  matmul_relu2_fused_[s] = choose_fused_relu2(s, fused, unfused);
 }
 
 std::optional<bool> CudaBackend::matmul_relu2_fused(const cuda::MatmulRelu2Shape& s) const {
@@ -72,7 +74,11 @@ std::optional<bool> CudaBackend::matmul_relu2_fused(const cuda::MatmulRelu2Shape
 bool CudaBackend::choose_fused_relu2(const cuda::MatmulRelu2Shape& s,
                                      const std::function<bool()>& fused,
                                      const std::function<void()>& unfused) {
-  if (!fused()) return false;  // no graph for the shape: the graph's builder said why
+  // Whichever path is chosen has written the output when this returns.
+  if (!fused()) {  // no graph for the shape: the graph's builder said why
+    unfused();
+    return false;
+  }
   if (cudnn_matmul_relu2_->always()) return true;
   // Both paths overwrite the same output from the same inputs, so running them again is
   // harmless; the first unfused call builds its matmul plan outside the timed runs.
@@ -92,6 +98,7 @@ bool CudaBackend::choose_fused_relu2(const cuda::MatmulRelu2Shape& s,
       "taking the {}",
       s.backward ? "backward" : "forward", s.M, s.N, s.K, fused_ms, unfused_ms,
       faster ? "graph" : "cuBLASLt path");
+  if (faster) fused();  // the unfused runs wrote last
   return faster;
 }
 
