@@ -116,6 +116,34 @@ TEST_CASE("TimedBackend forwards ops unchanged and times them under their labels
   CHECK(timed.profile().steps.size() == 2);
 }
 
+// A backend that does not fuse the MLP's matmul with its activation (the CPU) shows the two
+// ops apart in a profile, as they run; the result is the wrapped backend's.
+TEST_CASE("TimedBackend times an unfused matmul + relu2 as its two ops", "[profile]") {
+  CpuBackend cpu;
+  TimedBackend timed(cpu);
+  REQUIRE_FALSE(timed.fuses_matmul_relu2());
+  const Buffer memory = timed.allocate(96 * sizeof(float));
+  // Byte offsets: x, w, out, want.
+  const Tensor x = memory.tensor({3, 4}, DType::f32), w = memory.tensor({5, 4}, DType::f32, 48);
+  const Tensor out = memory.tensor({3, 5}, DType::f32, 128);
+  const Tensor want = memory.tensor({3, 5}, DType::f32, 192);
+  std::vector<float> values(32);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.25f * float(i) - 3.f;
+  cpu.upload(memory.tensor({32}, DType::f32), values.data());
+  cpu.matmul_relu2_forward(want, x, w);
+  timed.begin_step(1);
+  timed.set_phase("forward");
+  timed.matmul_relu2_forward(out, x, w);
+  timed.end_step(1.0);
+  CHECK(test_support::download(cpu, out) == test_support::download(cpu, want));
+  const OpProfile& p = timed.profile();
+  CHECK(p.ops.size() == 2);
+  REQUIRE(find_op(p, "forward", "matmul") != nullptr);
+  CHECK(find_op(p, "forward", "matmul")->key == "3x5x4 NT f32");
+  CHECK(find_op(p, "forward", "relu2_forward") != nullptr);
+  CHECK(find_op(p, "forward", "matmul_relu2_forward") == nullptr);
+}
+
 TEST_CASE("CPU timing events measure host time and reject misuse", "[profile]") {
   CpuBackend cpu;
   Backend::TimingEvent start = cpu.make_timing_event(), end = cpu.make_timing_event();

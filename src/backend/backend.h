@@ -138,6 +138,8 @@ class Backend {
     matmul(dx, dout, w, false, false, false);
     relu2_backward(dx, dx, out);
   }
+  // Whether the two above may run as one kernel here (else they are the matmul and the op).
+  virtual bool fuses_matmul_relu2() const { return false; }
 
   // ---- residual mix, then RMSNorm: the top of every block ----
   // mixed = resid[layer] * x + x0l[layer] * x0; normed = rmsnorm(mixed) with rstd saved. mixed

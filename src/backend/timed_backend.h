@@ -101,6 +101,7 @@ class TimedBackend final : public Backend {
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;
   void matmul_relu2_forward(Tensor out, Tensor x, Tensor w) override;
   void matmul_relu2_backward(Tensor dx, Tensor dout, Tensor w, Tensor out) override;
+  bool fuses_matmul_relu2() const override { return inner_.fuses_matmul_relu2(); }
 
   void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x, Tensor x0,
                                  Tensor resid, Tensor x0l, int layer) override;

@@ -88,12 +88,6 @@ class LogitsRecorder final : public Backend {
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override {
     inner_.relu2_backward(dx, dout, out);
   }
-  void matmul_relu2_forward(Tensor out, Tensor x, Tensor w) override {
-    inner_.matmul_relu2_forward(out, x, w);
-  }
-  void matmul_relu2_backward(Tensor dx, Tensor dout, Tensor w, Tensor out) override {
-    inner_.matmul_relu2_backward(dx, dout, w, out);
-  }
   void residual_mix_norm_forward(Tensor mixed, Tensor normed, Tensor rstd, Tensor x, Tensor x0,
                                  Tensor resid, Tensor x0l, int layer) override {
     inner_.residual_mix_norm_forward(mixed, normed, rstd, x, x0, resid, x0l, layer);

@@ -86,6 +86,7 @@ class CudaBackend final : public Backend {
   void relu2_backward(Tensor dx, Tensor dout, Tensor out) override;
   void matmul_relu2_forward(Tensor out, Tensor x, Tensor w) override;
   void matmul_relu2_backward(Tensor dx, Tensor dout, Tensor w, Tensor out) override;
+  bool fuses_matmul_relu2() const override { return cudnn_matmul_relu2_ != nullptr; }
   // Whether the shape's calls run as one cuDNN graph (true) or as cuBLASLt and the relu2 kernel
   // (false); none before its first bf16 call that could take the graph.
   std::optional<bool> matmul_relu2_fused(const cuda::MatmulRelu2Shape& s) const;
