@@ -129,7 +129,9 @@ struct CudnnAttention::Impl {
   // it fails.
   Plan build(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s, bool backward) {
     Plan plan;
-    const std::string why = build_cudnn_plan(*g, handle->get(), plan.workspace);
+    // Heuristics mode A alone: a shape it has no engine for runs on the own kernel.
+    const std::string why =
+        build_cudnn_plan(*g, handle->get(), plan.workspace, {fe::HeurMode_t::A});
     if (!why.empty()) {
       spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it{}",
                    describe(s, backward), why, hint(backward));

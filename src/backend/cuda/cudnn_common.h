@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 
@@ -59,10 +60,11 @@ class CudnnHandle {
   size_t version_ = 0;
 };
 
-// validate -> operation graph -> heuristics (mode A) -> support check -> plan build, then the
-// plan's workspace size. Returns "" when the graph is ready to execute, else the first failing
-// step and cuDNN's message (frontend exceptions included).
-inline std::string build_cudnn_plan(fe::graph::Graph& g, cudnnHandle_t handle, int64_t& workspace) {
+// validate -> operation graph -> heuristics (`modes`, in order) -> support check -> plan build,
+// then the plan's workspace size. Returns "" when the graph is ready to execute, else the first
+// failing step and cuDNN's message (frontend exceptions included).
+inline std::string build_cudnn_plan(fe::graph::Graph& g, cudnnHandle_t handle, int64_t& workspace,
+                                    const std::vector<fe::HeurMode_t>& modes) {
   try {
     auto failed = [](const char* what, fe::error_t status) {
       return status.is_good() ? std::string()
@@ -70,8 +72,7 @@ inline std::string build_cudnn_plan(fe::graph::Graph& g, cudnnHandle_t handle, i
     };
     std::string why = failed("validate", g.validate());
     if (why.empty()) why = failed("build_operation_graph", g.build_operation_graph(handle));
-    if (why.empty())
-      why = failed("create_execution_plans", g.create_execution_plans({fe::HeurMode_t::A}));
+    if (why.empty()) why = failed("create_execution_plans", g.create_execution_plans(modes));
     if (why.empty()) why = failed("check_support", g.check_support(handle));
     if (why.empty()) why = failed("build_plans", g.build_plans(handle));
     if (why.empty()) why = failed("get_workspace_size", g.get_workspace_size(workspace));

@@ -108,7 +108,10 @@ struct CudnnMatmulRelu2::Impl {
         .set_dim({1, M, N})
         .set_stride({M * N, N, 1});
     Plan plan;
-    const std::string why = build_cudnn_plan(*g, handle->get(), plan.workspace);
+    // Mode A's engines first, then the fallback list: a pointwise op on a side input (the
+    // backward's sqrt) may have no engine under A alone.
+    const std::string why = build_cudnn_plan(*g, handle->get(), plan.workspace,
+                                             {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
     if (!why.empty()) {
       spdlog::warn("cuDNN matmul + relu2 {}: {}; using cuBLASLt and the relu2 kernel for it",
                    describe(s), why);
