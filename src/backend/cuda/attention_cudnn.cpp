@@ -107,10 +107,7 @@ bool causal_only(const AttentionShape& s) { return s.window >= s.T - 1; }
 }  // namespace
 
 struct CudnnAttention::Impl {
-  struct Plan {
-    std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN cannot run this shape
-    int64_t workspace = 0;
-  };
+  using Plan = CudnnPlan;
   // B, T, H, Hkv, D, window, pitches, backward
   using Key = std::tuple<int, int, int, int, int, int, AttentionPitches, bool>;
 
@@ -130,14 +127,10 @@ struct CudnnAttention::Impl {
   Plan build(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s, bool backward) {
     Plan plan;
     // Heuristics mode A alone: a shape it has no engine for runs on the own kernel.
-    const std::string why =
-        build_cudnn_plan(*g, handle->get(), plan.workspace, {fe::HeurMode_t::A});
-    if (!why.empty()) {
+    const std::string why = build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A}, plan);
+    if (!why.empty())
       spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it{}",
                    describe(s, backward), why, hint(backward));
-      return Plan{};
-    }
-    plan.graph = g;
     return plan;
   }
 
@@ -224,14 +217,13 @@ struct CudnnAttention::Impl {
 
   bool run(const AttentionShape& s, bool backward, std::unordered_map<int64_t, void*>& pack,
            const Workspace& workspace) {
-    for (auto& [uid, p] : pack)
-      if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-        if (!warned_misaligned)
-          spdlog::warn("cuDNN attention {}: a tensor is not 16-byte aligned; using the own kernel",
-                       describe(s, backward));
-        warned_misaligned = true;
-        return false;
-      }
+    if (!aligned_16(pack)) {
+      if (!warned_misaligned)
+        spdlog::warn("cuDNN attention {}: a tensor is not 16-byte aligned; using the own kernel",
+                     describe(s, backward));
+      warned_misaligned = true;
+      return false;
+    }
     const Plan& p = plan(s, backward);
     if (!p.graph) return false;
     void* ws = p.workspace > 0 ? workspace(size_t(p.workspace)) : nullptr;

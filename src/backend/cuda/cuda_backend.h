@@ -146,7 +146,7 @@ class CudaBackend final : public Backend {
             float beta);
 
   // The matmul with its relu2 as one cuDNN graph where that was chosen for the shape (see
-  // matmul_relu2 in layers.cpp), else `unfused`: the matmul, then the relu2 kernel.
+  // matmul_relu2.cpp), else `unfused`: the matmul, then the relu2 kernel.
   void matmul_relu2(const cuda::MatmulRelu2Shape& s, bool shapes_fit, Tensor out, Tensor a,
                     Tensor w, Tensor hidden, const std::function<void()>& unfused);
   bool choose_fused_relu2(const cuda::MatmulRelu2Shape& s, const std::function<bool()>& fused,

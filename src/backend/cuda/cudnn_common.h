@@ -14,7 +14,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/error.h"
@@ -60,26 +62,41 @@ class CudnnHandle {
   size_t version_ = 0;
 };
 
+// A graph ready to execute and the workspace bytes it needs; no graph: cuDNN cannot run it.
+struct CudnnPlan {
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t workspace = 0;
+};
+
 // validate -> operation graph -> heuristics (`modes`, in order) -> support check -> plan build,
-// then the plan's workspace size. Returns "" when the graph is ready to execute, else the first
-// failing step and cuDNN's message (frontend exceptions included).
-inline std::string build_cudnn_plan(fe::graph::Graph& g, cudnnHandle_t handle, int64_t& workspace,
-                                    const std::vector<fe::HeurMode_t>& modes) {
+// then the plan's workspace size. Returns "" and sets `plan` when the graph is ready to execute,
+// else the first failing step and cuDNN's message (frontend exceptions included).
+inline std::string build_cudnn_plan(std::shared_ptr<fe::graph::Graph> g, cudnnHandle_t handle,
+                                    const std::vector<fe::HeurMode_t>& modes, CudnnPlan& plan) {
   try {
     auto failed = [](const char* what, fe::error_t status) {
       return status.is_good() ? std::string()
                               : fmt::format("{} failed ({})", what, status.get_message());
     };
-    std::string why = failed("validate", g.validate());
-    if (why.empty()) why = failed("build_operation_graph", g.build_operation_graph(handle));
-    if (why.empty()) why = failed("create_execution_plans", g.create_execution_plans(modes));
-    if (why.empty()) why = failed("check_support", g.check_support(handle));
-    if (why.empty()) why = failed("build_plans", g.build_plans(handle));
-    if (why.empty()) why = failed("get_workspace_size", g.get_workspace_size(workspace));
+    int64_t workspace = 0;
+    std::string why = failed("validate", g->validate());
+    if (why.empty()) why = failed("build_operation_graph", g->build_operation_graph(handle));
+    if (why.empty()) why = failed("create_execution_plans", g->create_execution_plans(modes));
+    if (why.empty()) why = failed("check_support", g->check_support(handle));
+    if (why.empty()) why = failed("build_plans", g->build_plans(handle));
+    if (why.empty()) why = failed("get_workspace_size", g->get_workspace_size(workspace));
+    if (why.empty()) plan = {std::move(g), workspace};
     return why;
   } catch (const std::exception& e) {
     return e.what();
   }
+}
+
+// Whether every pointer of a variant pack is 16-byte aligned, as cuDNN's engines need.
+inline bool aligned_16(const std::unordered_map<int64_t, void*>& pack) {
+  for (const auto& [uid, p] : pack)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 }  // namespace lmtrain::cuda

@@ -68,10 +68,7 @@ std::string describe(const MatmulRelu2Shape& s) {
 }  // namespace
 
 struct CudnnMatmulRelu2::Impl {
-  struct Plan {
-    std::shared_ptr<fe::graph::Graph> graph;  // null: cuDNN cannot run this shape
-    int64_t workspace = 0;
-  };
+  using Plan = CudnnPlan;
 
   // Declared before the plans: destroyed after them, whose cuDNN descriptors it made.
   std::unique_ptr<CudnnHandle> handle;
@@ -110,16 +107,14 @@ struct CudnnMatmulRelu2::Impl {
     Plan plan;
     // Mode A's engines first, then the fallback list: a pointwise op on a side input (the
     // backward's sqrt) may have no engine under A alone.
-    const std::string why = build_cudnn_plan(*g, handle->get(), plan.workspace,
-                                             {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK});
-    if (!why.empty()) {
+    const std::string why =
+        build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}, plan);
+    if (!why.empty())
       spdlog::warn("cuDNN matmul + relu2 {}: {}; using cuBLASLt and the relu2 kernel for it",
                    describe(s), why);
-      return Plan{};
-    }
-    spdlog::debug("cuDNN matmul + relu2 {}: graph built, workspace {} bytes", describe(s),
-                  plan.workspace);
-    plan.graph = g;
+    else
+      spdlog::debug("cuDNN matmul + relu2 {}: graph built, workspace {} bytes", describe(s),
+                    plan.workspace);
     return plan;
   }
 
@@ -151,14 +146,13 @@ bool CudnnMatmulRelu2::run(const MatmulRelu2Shape& s, void* out, const void* a, 
   std::unordered_map<int64_t, void*> pack{
       {kOut, out}, {kA, const_cast<void*>(a)}, {kW, const_cast<void*>(w)}};
   if (s.backward) pack.emplace(kHidden, const_cast<void*>(hidden));
-  for (auto& [uid, p] : pack)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-      if (!impl_->warned_misaligned)
-        spdlog::warn("cuDNN matmul + relu2 {}: a tensor is not 16-byte aligned; using cuBLASLt",
-                     describe(s));
-      impl_->warned_misaligned = true;
-      return false;
-    }
+  if (!aligned_16(pack)) {
+    if (!impl_->warned_misaligned)
+      spdlog::warn("cuDNN matmul + relu2 {}: a tensor is not 16-byte aligned; using cuBLASLt",
+                   describe(s));
+    impl_->warned_misaligned = true;
+    return false;
+  }
   const Impl::Plan& p = impl_->plan(s);
   if (!p.graph) return false;
   if (size_t(p.workspace) > workspace_bytes) {
