@@ -2,6 +2,8 @@
 #   make train    build, prepare the default corpus once, train configs/tiny.json
 #   make test     the whole CPU test suite through ctest (what CI runs)
 #   make test-gpu the CUDA backend against the CPU on a GPU, then a memcheck of one training step
+#   make bundle   build/ and data/tiny/ with the libraries they need, for a GPU machine that cannot
+#                 install packages (unpack in a checkout of the same commit; scripts/gpu_check.sh)
 #   make bench    lmtrain vs the PyTorch reference on a GPU (ARGS=--quick: d12 only); uses the
 #                 lmtrain already built in $(BUILD), installs and builds nothing
 
@@ -24,7 +26,7 @@ TARGET_FLOPS ?= 1e18
 RUN ?= d$(DEPTH)
 DDP_CONFIG := $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/pretrain.json)
 
-.PHONY: setup cudnn-frontend build data train test test-gpu golden info format clean bench ddp-train
+.PHONY: setup cudnn-frontend build data train test test-gpu golden info format clean bench bundle ddp-train
 
 # cuDNN's frontend (header-only C++ API over the cuDNN library that ships with the CUDA toolkit):
 # not a Debian package; the PyPI wheel nvidia-cudnn-frontend carries the headers, unpacked into
@@ -89,16 +91,16 @@ test: build data
 
 # The CUDA backend against the CPU reference, on a machine with a GPU (docs/CUDA.md): every op,
 # the whole model and 10 training steps per optimizer preset, then compute-sanitizer's memcheck
-# over one training step of $(CONFIG) when compute-sanitizer is installed.
-SANITIZER ?= $(shell command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+# over one training step of configs/tiny.json when compute-sanitizer is installed. ARGS: a Catch2
+# test spec for the first part, e.g. ARGS='[attention]'. scripts/gpu_check.sh has more steps.
 test-gpu: build data
-	$(BUILD)/tests/lmtrain_gpu_tests $(ARGS)
-	$(BUILD)/tests/lmtrain_gpu_tests "[nccl-watchdog]"
-	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer not found: memcheck skipped"; else \
-	  echo "memcheck: one training step of $(CONFIG) on the cuda backend"; \
-	  $(SANITIZER) --tool memcheck --error-exitcode 1 $(LMTRAIN) train --config $(CONFIG) --overwrite \
-	    --set run.backend=cuda --set schedule.num_iterations=1 --set eval.every=-1 \
-	    --set checkpoint.save_final=false --set run.out_dir=$(BUILD)/memcheck-runs; fi
+	scripts/gpu_check.sh --build $(BUILD) $(if $(ARGS),--filter '$(ARGS)') tests memcheck
+
+# build/'s programs, the libraries they need that are neither the C/C++ runtime nor CUDA's, and
+# data/tiny/, in one tarball for a GPU machine that cannot install packages (scripts/bundle.sh).
+BUNDLE ?= dist/lmtrain-bundle.tar.xz
+bundle: build data
+	scripts/bundle.sh $(BUILD) $(BUNDLE)
 
 # Regenerates the PyTorch golden tensors (needs torch, installed here on demand).
 golden:

@@ -30,13 +30,9 @@ namespace lmtrain::e2e {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-inline std::string repo_path(const std::string& relative) {
-  return (fs::path(LMTRAIN_SOURCE_DIR) / relative).string();
-}
-
 // The default corpus every e2e test trains on; missing data is a failure, not a skip.
 inline std::string data_dir() {
-  const std::string dir = repo_path("data/tiny");
+  const std::string dir = test_support::source_path("data/tiny");
   for (const char* file : {"tokenizer.json", "train_000000.bin", "val_000000.bin"}) {
     if (!fs::exists(fs::path(dir) / file)) {
       FAIL(dir << "/" << file

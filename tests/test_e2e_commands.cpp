@@ -126,7 +126,8 @@ TEST_CASE("e2e: info prints a parameter table that adds up and the FLOPs per tok
   CHECK(by_group["resid"] + by_group["x0"] == totals["scalars"]);
 
   // One attention window per layer.
-  const json tiny = json::parse(read_text(repo_path("configs/tiny.json")), nullptr, true, true);
+  const json tiny = json::parse(read_text(lmtrain::test_support::source_path("configs/tiny.json")),
+                                nullptr, true, true);
   REQUIRE(windows.size() == tiny["model"]["depth"].get<size_t>());
   REQUIRE(width > 0);
   double window_sum = 0;

@@ -698,7 +698,7 @@ TEST_CASE("e2e: values out of a float's or a machine's range are refused naming 
   expect_refused({}, {"--set", "model.softcap=1e-300"}, {"model.softcap", "1e-300"});
   expect_refused({{"run", {{"threads", 100000}}}}, {}, {"run.threads", "1024"});
   TempDir tmp;
-  const std::string config = repo_path("configs/tiny.json");
+  const std::string config = lmtrain::test_support::source_path("configs/tiny.json");
   require_one_error_line(
       run_lmtrain({"info", "--config", config, "--set", "model.depth=16777215"}, tmp),
       {"model.depth", "at most 1024"});

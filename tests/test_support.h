@@ -18,8 +18,12 @@
 
 namespace lmtrain::test_support {
 
+// A path in the source tree the tests were built from, or, where that tree is not (a bundle on
+// another machine), under the working directory, a checkout of the same commit.
 inline std::string source_path(const std::string& relative) {
-  return std::string(LMTRAIN_SOURCE_DIR) + "/" + relative;
+  std::error_code error;
+  const bool built_here = std::filesystem::is_directory(LMTRAIN_SOURCE_DIR, error);
+  return (built_here ? std::string(LMTRAIN_SOURCE_DIR) + "/" : std::string()) + relative;
 }
 
 // The tiny config the PyTorch goldens were made with.

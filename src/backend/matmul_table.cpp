@@ -223,7 +223,11 @@ MatmulTable MatmulTable::load(const std::string& path) {
 }
 
 std::string MatmulTable::builtin_dir() {
-  return (fs::path(LMTRAIN_CONFIG_DIR) / "matmul").string();
+  // A prebuilt binary on another machine (make bundle) runs in a checkout of its commit, at
+  // another path than the one it was built in.
+  std::error_code error;
+  const fs::path built_in = fs::path(LMTRAIN_CONFIG_DIR);
+  return ((fs::is_directory(built_in, error) ? built_in : fs::path("configs")) / "matmul").string();
 }
 
 std::optional<MatmulTable> MatmulTable::find_for(const MatmulDevice& device,

@@ -69,7 +69,8 @@ class MatmulTable {
   // configs/matmul/), and a warning says so when there are tables for this GPU but another
   // cuBLASLt.
   static std::optional<MatmulTable> find_for(const MatmulDevice& device, const std::string& dir);
-  // configs/matmul/ of the source tree this binary was built from.
+  // configs/matmul/ of the source tree this binary was built from, or, where that tree is not
+  // (a bundle on another machine), under the working directory.
   static std::string builtin_dir();
 
   std::string dump() const;  // JSON, rows sorted by shape so that a table diffs cleanly
