@@ -40,26 +40,27 @@ done
 [ -f configs/tiny.json ] || { echo "gpu_check.sh: run it from the repository root" >&2; exit 2; }
 mkdir -p "$out"
 
-# Library path: the bundle's own libraries first (build/lib, from `make bundle`), then the CUDA
-# toolkit's, then those of NVIDIA's Python wheels (a machine whose CUDA libraries came with
-# PyTorch: NCCL, cuDNN and NVRTC are often only there). cuDNN and NVRTC are opened at run time,
-# so `ldd` cannot vouch for them: they are looked up below.
+# Library path of lmtrain's programs (not of the PyTorch reference, which keeps its own): the
+# bundle's libraries first (build/lib, from `make bundle`), then the CUDA toolkit's, then those of
+# NVIDIA's Python wheels (a machine whose CUDA libraries came with PyTorch: NCCL, cuDNN and NVRTC
+# are often only there). cuDNN and NVRTC are opened at run time, so `ldd` cannot vouch for them:
+# they are looked up below.
 library_dirs=()
 [ -d "$build/lib" ] && library_dirs+=("$(cd "$build/lib" && pwd)")
 for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" "${CUDA_HOME:-/usr/local/cuda}/lib"; do
   [ -d "$d" ] && library_dirs+=("$d")
 done
-wheels=$(python3 -c 'import nvidia, os; print(*[p for p in nvidia.__path__], sep="\n")' 2>/dev/null)
+wheels=$(python3 -c 'import nvidia; print(*nvidia.__path__, sep="\n")' 2>/dev/null)
 for w in $wheels; do
   for d in "$w"/*/lib; do [ -d "$d" ] && library_dirs+=("$d"); done
 done
-LD_LIBRARY_PATH=$(IFS=:; echo "${library_dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export LD_LIBRARY_PATH
+library_path=$(IFS=:; echo "${library_dirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+with_libraries=(env LD_LIBRARY_PATH="$library_path")
 
 # Where the loader would find a library opened by name: the library path, then ld.so's cache.
 find_library() {
   local dir
-  for dir in ${LD_LIBRARY_PATH//:/ }; do
+  for dir in ${library_path//:/ }; do
     [ -e "$dir/$1" ] && { echo "$dir/$1"; return 0; }
   done
   ldconfig -p 2>/dev/null | awk -v lib="$1" '$1 == lib { print $NF; exit }' | grep . || return 1
@@ -76,7 +77,7 @@ gpu_tests="$build/tests/lmtrain_gpu_tests"
   fi
   for bin in "$lmtrain" "$gpu_tests"; do
     [ -x "$bin" ] || { echo "missing: $bin (make build, or unpack a bundle)"; continue; }
-    ldd "$bin" | grep "not found" | sed "s|^|$bin needs |"
+    "${with_libraries[@]}" ldd "$bin" | grep "not found" | sed "s|^|$bin needs |"
   done
   for lib in libcudart.so.13 libcublasLt.so.13 libnccl.so.2 libcudnn.so.9 libnvrtc.so.13; do
     echo "$lib: $(find_library $lib || echo 'not found')"
@@ -88,11 +89,19 @@ if grep -q "^no GPU\|^missing: \| needs .*not found\|^libcu[a-z]*.so.13: not fou
   exit 1
 fi
 
+# The bench runs lmtrain through this, so that only lmtrain gets the library path.
+out=$(realpath "$out")
+mkdir -p "$out/bin"
+printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$library_path" "$(realpath "$lmtrain")" \
+  >"$out/bin/lmtrain"
+chmod +x "$out/bin/lmtrain"
+
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 table="configs/matmul/$(echo "$gpu_name" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//').json"
 
 step_tests() {
-  "$gpu_tests" "${filter[@]}" && "$gpu_tests" "[nccl-watchdog]"
+  "${with_libraries[@]}" "$gpu_tests" "${filter[@]}" &&
+    "${with_libraries[@]}" "$gpu_tests" "[nccl-watchdog]"
 }
 
 step_memcheck() {
@@ -100,7 +109,7 @@ step_memcheck() {
   sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null) ||
     { echo "compute-sanitizer not found: memcheck skipped"; return 0; }
   echo "memcheck: one training step of configs/tiny.json on the cuda backend"
-  "$sanitizer" --tool memcheck --error-exitcode 1 "$lmtrain" train --config configs/tiny.json \
+  "${with_libraries[@]}" "$sanitizer" --tool memcheck --error-exitcode 1 "$lmtrain" train --config configs/tiny.json \
     --overwrite --set run.backend=cuda --set schedule.num_iterations=1 --set eval.every=-1 \
     --set checkpoint.save_final=false --set run.out_dir="$out/memcheck-runs"
 }
@@ -114,7 +123,7 @@ step_table() {
     config=${group%%:*} batches=${group#*:}
     dir="$out/table-runs/$config-${batches//,/-}"
     LMTRAIN_MATMUL_TUNING=measure LMTRAIN_MATMUL_TABLE="$table" \
-      python3 scripts/bench/run.py --lmtrain "$lmtrain" --configs "$config" --batches "$batches" \
+      python3 scripts/bench/run.py --lmtrain "$out/bin/lmtrain" --configs "$config" --batches "$batches" \
       --steps 3 --warmup-steps 1 --skip-torch --no-profile --budget-s 200 --out "$dir"
     status=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["rows"][0]["lmtrain"]["status"])' \
       "$dir/results.json" 2>/dev/null)
@@ -129,7 +138,7 @@ step_table() {
 }
 
 step_bench() {
-  python3 scripts/bench/run.py --lmtrain "$lmtrain" --out "$out/bench" "${bench_args[@]}"
+  python3 scripts/bench/run.py --lmtrain "$out/bin/lmtrain" --out "$out/bench" "${bench_args[@]}"
 }
 
 summary=()
