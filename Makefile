@@ -91,10 +91,10 @@ test: build data
 
 # The CUDA backend against the CPU reference, on a machine with a GPU (docs/CUDA.md): every op,
 # the whole model and 10 training steps per optimizer preset, then compute-sanitizer's memcheck
-# over one training step of configs/tiny.json when compute-sanitizer is installed. ARGS: a Catch2
-# test spec for the first part, e.g. ARGS='[attention]'. scripts/gpu_check.sh has more steps.
+# over one training step of configs/tiny.json when compute-sanitizer is installed. ARGS: Catch2's
+# arguments for the first part, e.g. ARGS='[attention] -s'. scripts/gpu_check.sh has more steps.
 test-gpu: build data
-	scripts/gpu_check.sh --build $(BUILD) $(if $(ARGS),--filter '$(ARGS)') tests memcheck
+	scripts/gpu_check.sh --build $(BUILD) tests memcheck --test-args $(ARGS)
 
 # build/'s programs, the libraries they need that are neither the C/C++ runtime nor CUDA's, and
 # data/tiny/, in one tarball for a GPU machine that cannot install packages (scripts/bundle.sh).

@@ -2,11 +2,11 @@
 # Every check of lmtrain that needs a GPU, in one command, each step's output kept under one
 # folder. Runs from the root of a checkout with a built (or unpacked, `make bundle`) build folder.
 #
-#   scripts/gpu_check.sh [--build DIR] [--out DIR] [--filter TESTS] [STEP ...] [-- BENCH_ARGS ...]
+#   scripts/gpu_check.sh [--build DIR] [--out DIR] [STEP ...] [--test-args ARG ...] [-- BENCH_ARGS ...]
 #
 # Steps, in the order given (default: tests memcheck):
-#   tests     the CUDA backend against the CPU (lmtrain_gpu_tests; --filter: Catch2's test spec,
-#             e.g. "[attention]"), then its NCCL watchdog case
+#   tests     the CUDA backend against the CPU (lmtrain_gpu_tests with the arguments after
+#             --test-args, e.g. a Catch2 test spec "[attention]"), then its NCCL watchdog case
 #   memcheck  compute-sanitizer's memcheck over one training step of configs/tiny.json
 #   table     times cuBLASLt's algorithms for the bench's shapes (d12 at the larger of batches
 #             128 and 96 that fits, and at 64; d20 at 32, 24 and 16, where they fit) into this
@@ -22,14 +22,16 @@ usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 build=build
 out=gpu-check
-filter=()
+test_args=()
 steps=()
 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?--build needs a folder}; shift 2 ;;
     --out) out=${2:?--out needs a folder}; shift 2 ;;
-    --filter) filter=("${2:?--filter needs a test spec}"); shift 2 ;;
+    --test-args)
+      shift
+      while [ $# -gt 0 ] && [ "$1" != -- ]; do test_args+=("$1"); shift; done ;;
     -h | --help) usage; exit 0 ;;
     --) shift; bench_args=("$@"); break ;;
     tests | memcheck | table | bench) steps+=("$1"); shift ;;
@@ -100,7 +102,7 @@ gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 table="configs/matmul/$(echo "$gpu_name" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//').json"
 
 step_tests() {
-  "${with_libraries[@]}" "$gpu_tests" "${filter[@]}" &&
+  "${with_libraries[@]}" "$gpu_tests" "${test_args[@]}" &&
     "${with_libraries[@]}" "$gpu_tests" "[nccl-watchdog]"
 }
 
