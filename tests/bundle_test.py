@@ -34,7 +34,7 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def main() -> int:
-    build = os.path.relpath(sys.argv[1])
+    build = sys.argv[1]
     with tempfile.TemporaryDirectory() as tmp:
         tarball = os.path.join(tmp, "bundle.tar.xz")
         r = run(["scripts/bundle.sh", build, tarball])
@@ -42,20 +42,20 @@ def main() -> int:
         unpacked = os.path.join(tmp, "checkout")
         os.makedirs(unpacked)
         expect(run(["tar", "-xJf", tarball, "-C", unpacked]).returncode == 0, "the tarball unpacks")
-        lmtrain = os.path.join(unpacked, build, "lmtrain")
-        lib = os.path.join(unpacked, build, "lib")
+        lmtrain = os.path.join(unpacked, "build", "lmtrain")  # build/, whatever BUILD_DIR is
+        lib = os.path.join(unpacked, "build", "lib")
         expect(os.access(lmtrain, os.X_OK), "the bundle holds lmtrain")
         expect(not os.path.exists(os.path.join(build, "lib")), "the build folder is left as it was")
         for f in ("meta.json", "tokenizer.json", "train_000000.bin", "val_000000.bin"):
             expect(os.path.isfile(os.path.join(unpacked, "data", "tiny", f)), f"data/tiny/{f}")
         head = run(["git", "rev-parse", "HEAD"]).stdout.strip()
-        with open(os.path.join(unpacked, build, "bundle-commit")) as f:
+        with open(os.path.join(unpacked, "build", "bundle-commit")) as f:
             expect(f.readline().strip() == head, "bundle-commit names the commit built from")
 
         env = {**os.environ, "LD_LIBRARY_PATH": lib}
         programs = [lmtrain]
         if os.path.exists(os.path.join(build, "tests", "lmtrain_gpu_tests")):
-            programs.append(os.path.join(unpacked, build, "tests", "lmtrain_gpu_tests"))
+            programs.append(os.path.join(unpacked, "build", "tests", "lmtrain_gpu_tests"))
         expect(len(programs) == 1 or os.access(programs[1], os.X_OK), "the GPU tests came along")
         bundled = set(os.listdir(lib))
         for program in programs:

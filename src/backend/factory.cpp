@@ -45,7 +45,7 @@ std::unique_ptr<Backend> make_backend(const std::string& name, const std::string
   (void)device;
   if (name == "auto") return std::make_unique<CpuBackend>();
   if (name == "cuda") fail("cuda requested but this build has no CUDA support");
-  fail("\"{}\" is not available in this build (available: cpu, auto)", name);
+  fail("unknown backend \"{}\" (available: cpu, auto; this build has no CUDA)", name);
 #endif
 }
 
