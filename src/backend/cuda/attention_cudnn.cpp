@@ -19,8 +19,6 @@
 #include <spdlog/spdlog.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "backend/cuda/cudnn_common.h"
@@ -51,16 +49,12 @@ enum class Mode { off, deterministic, nondeterministic };
 // "nondeterministic": on, cuDNN's default backward (dq accumulated with fp32 atomics);
 // "0" or "off": never (our own kernel only).
 Mode mode_from_env() {
-  const char* e = std::getenv("LMTRAIN_CUDNN_ATTENTION");
-  if (!e || !*e || !std::strcmp(e, "1") || !std::strcmp(e, "deterministic"))
-    return Mode::deterministic;
-  if (!std::strcmp(e, "nondeterministic")) return Mode::nondeterministic;
-  if (!std::strcmp(e, "0") || !std::strcmp(e, "off")) return Mode::off;
-  spdlog::warn(
-      "LMTRAIN_CUDNN_ATTENTION={} is not one of 0, off, 1, deterministic, "
-      "nondeterministic: using deterministic",
-      e);
-  return Mode::deterministic;
+  return env_mode("LMTRAIN_CUDNN_ATTENTION", Mode::deterministic,
+                  {{"1", Mode::deterministic},
+                   {"deterministic", Mode::deterministic},
+                   {"nondeterministic", Mode::nondeterministic},
+                   {"0", Mode::off},
+                   {"off", Mode::off}});
 }
 
 // Tensor uids of the variant packs.

@@ -11,12 +11,15 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -24,6 +27,22 @@
 namespace lmtrain::cuda {
 
 namespace fe = cudnn_frontend;
+
+// The mode an environment variable picks (LMTRAIN_CUDNN_ATTENTION, LMTRAIN_CUDNN_MLP): unset or
+// empty gives `fallback`, as does any value not among `choices`, with a warning listing them.
+template <class Mode>
+Mode env_mode(const char* variable, Mode fallback,
+              std::initializer_list<std::pair<const char*, Mode>> choices) {
+  const char* value = std::getenv(variable);
+  if (!value || !*value) return fallback;
+  std::string names;
+  for (const auto& [name, mode] : choices) {
+    if (std::string(value) == name) return mode;
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  spdlog::warn("{}={} is not one of {}: using the default", variable, value, names);
+  return fallback;
+}
 
 // A cuDNN handle whose work goes onto one stream. The first one loads libcudnn.so.9, from which
 // the frontend's shim resolves every cuDNN symbol (fe::cudnn_dlhandle, defined in

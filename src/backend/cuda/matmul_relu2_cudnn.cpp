@@ -12,8 +12,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "backend/cuda/cudnn_common.h"
@@ -34,12 +32,12 @@ enum class Mode { off, automatic, always };
 // LMTRAIN_CUDNN_MLP: unset, "0" or "off": never; "1" or "on": wherever cuDNN has a graph;
 // "auto": timed against the unfused path per shape.
 Mode mode_from_env() {
-  const char* e = std::getenv("LMTRAIN_CUDNN_MLP");
-  if (!e || !*e || !std::strcmp(e, "0") || !std::strcmp(e, "off")) return Mode::off;
-  if (!std::strcmp(e, "1") || !std::strcmp(e, "on")) return Mode::always;
-  if (!std::strcmp(e, "auto")) return Mode::automatic;
-  spdlog::warn("LMTRAIN_CUDNN_MLP={} is not one of 0, off, 1, on, auto: off", e);
-  return Mode::off;
+  return env_mode("LMTRAIN_CUDNN_MLP", Mode::off,
+                  {{"0", Mode::off},
+                   {"off", Mode::off},
+                   {"1", Mode::always},
+                   {"on", Mode::always},
+                   {"auto", Mode::automatic}});
 }
 
 // Tensor uids of the variant pack.
