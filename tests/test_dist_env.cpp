@@ -54,6 +54,18 @@ TEST_CASE("rank info: torchrun variables", "[dist]") {
   CHECK(info.local_world_size == 2);
   CHECK(info.master_addr == "127.0.0.1");
   CHECK(info.master_port == 29500);
+  CHECK(info.store_fd == -1);
+}
+
+TEST_CASE("rank info: the store socket lmtrain launch hands to rank 0", "[dist]") {
+  CHECK(read_rank_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LMTRAIN_STORE_FD", "7"}}))
+            .store_fd == 7);
+  // Only rank 0 serves the store: another rank ignores the variable.
+  CHECK(read_rank_info(env_of({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"LMTRAIN_STORE_FD", "7"}}))
+            .store_fd == -1);
+  CHECK_THROWS_WITH(
+      read_rank_info(env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LMTRAIN_STORE_FD", "3x"}})),
+      Catch::Matchers::Contains("LMTRAIN_STORE_FD='3x' is not an integer"));
 }
 
 TEST_CASE("rank info: OpenMPI variables", "[dist]") {

@@ -17,6 +17,7 @@ using namespace lmtrain;
 using namespace lmtrain::dist;
 using lmtrain::test_support::normal_data;
 using lmtrain::test_support::rank_info;
+using lmtrain::test_support::StoreSocket;
 using namespace std::chrono_literals;
 
 namespace {
@@ -38,10 +39,11 @@ struct Results {
   std::vector<std::vector<int32_t>> sum_i32;
 };
 
-void run_rank(int rank, int world, int port, Results& out) {
+void run_rank(int rank, int world, StoreSocket& socket, Results& out) {
   const int64_t rows = 6 * world, cols = 5;  // dim 0 splits into world chunks of 6 rows
   try {
-    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, socket.port), 20s,
+                                                     socket.listener_for(rank)));
     check(comm.rank() == rank && comm.world_size() == world, "wrong rank or world");
 
     std::vector<float> sum = normal_data(100 + rank, rows * cols);
@@ -86,9 +88,10 @@ TEST_CASE("gloo communicator matches the serial computation", "[dist]") {
     v->resize(world);
   results.sum_i32.resize(world);
 
-  const int port = free_port("127.0.0.1");
+  StoreSocket socket;
   std::vector<std::thread> threads;
-  for (int r = 0; r < world; ++r) threads.emplace_back(run_rank, r, world, port, std::ref(results));
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back(run_rank, r, world, std::ref(socket), std::ref(results));
   for (auto& t : threads) t.join();
   INFO((results.errors.empty() ? "" : results.errors[0]));
   REQUIRE(results.errors.empty());
@@ -140,15 +143,21 @@ TEST_CASE("rendezvous with a missing rank times out with a clear error", "[dist]
     if (name == "LMTRAIN_RENDEZVOUS_TIMEOUT") return "1";
     return std::nullopt;
   };
+  // Rank 0's store socket is handed over as `lmtrain launch` hands it (RankInfo::store_fd).
+  auto rank0 = [](StoreSocket& socket) {
+    RankInfo info = rank_info(0, 2, socket.port);
+    info.store_fd = socket.listener.release();
+    return info;
+  };
   CpuBackend backend;
   auto start = Clock::now();
-  CHECK_THROWS_WITH(
-      make_communicator(rank_info(0, 2, free_port("127.0.0.1")), backend, rendezvous_timeout(env)),
-      Catch::Matchers::Contains("rendezvous: rank 0 waited 1 s for key") &&
-          Catch::Matchers::Contains("are all WORLD_SIZE=2 ranks started"));
+  StoreSocket socket, slurm_socket;
+  CHECK_THROWS_WITH(make_communicator(rank0(socket), backend, rendezvous_timeout(env)),
+                    Catch::Matchers::Contains("rendezvous: rank 0 waited 1 s for key") &&
+                        Catch::Matchers::Contains("are all WORLD_SIZE=2 ranks started"));
   CHECK(std::chrono::duration<double>(Clock::now() - start).count() < 5.0);
   // Under srun the world size came from SLURM_NTASKS, which the hint names instead.
-  RankInfo slurm = rank_info(0, 2, free_port("127.0.0.1"));
+  RankInfo slurm = rank0(slurm_socket);
   slurm.source = "slurm";
   CHECK_THROWS_WITH(make_communicator(slurm, backend, rendezvous_timeout(env)),
                     Catch::Matchers::Contains("are all SLURM_NTASKS=2 ranks started"));
@@ -156,7 +165,7 @@ TEST_CASE("rendezvous with a missing rank times out with a clear error", "[dist]
 
 TEST_CASE("started collectives do not block the caller, run in order, and report errors at wait",
           "[dist]") {
-  const int port = free_port("127.0.0.1");
+  StoreSocket socket;
   // Rank 1 joins only after rank 0 has started all three collectives and computed something:
   // if starting blocked, rank 0 would never get there (a bounded wait turns that into a failure).
   std::promise<void> rank0_started;
@@ -165,7 +174,8 @@ TEST_CASE("started collectives do not block the caller, run in order, and report
   std::vector<float> reduced[2], scattered[2], gathered[2];
   auto rank_main = [&](int rank) {
     try {
-      GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, 2, port), 20s));
+      GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, 2, socket.port), 20s,
+                                                       socket.listener_for(rank)));
       std::vector<float> a = normal_data(10 + rank, 8), b = normal_data(20 + rank, 8);
       std::vector<float> chunk(4), c = normal_data(30 + rank, 4), whole(8);
       if (rank == 1) rank0_started.get_future().wait();
@@ -203,18 +213,19 @@ TEST_CASE("started collectives do not block the caller, run in order, and report
 }
 
 TEST_CASE("a collective whose peer is gone fails at wait, naming the collective", "[dist]") {
-  const int port = free_port("127.0.0.1");
+  StoreSocket socket;
   std::string error;
   std::promise<void> rank0_joined;
   std::thread peer([&, joined = rank0_joined.get_future()] {
     // Joins the job, then leaves without taking part in the collective; not before rank 0 has
     // joined too (a loaded machine could let it leave while rank 0 still connects, which fails
     // rank 0's set-up instead of its collective).
-    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(1, 2, port), 20s));
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(1, 2, socket.port), 20s));
     joined.wait_for(20s);
   });
   try {
-    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(0, 2, port), 5s));
+    GlooCommunicator comm(
+        std::make_shared<TcpStore>(rank_info(0, 2, socket.port), 5s, std::move(socket.listener)));
     rank0_joined.set_value();
     std::vector<float> a(1 << 16, 1.f);
     PendingPtr pending = comm.start_all_reduce_sum(tensor(a, {int64_t(a.size())}));
@@ -230,14 +241,15 @@ TEST_CASE("a collective whose peer is gone fails at wait, naming the collective"
 // loss finite, nobody stops.
 TEST_CASE("a non-finite loss on one rank stops every rank and names it", "[dist]") {
   constexpr int world = 3;
-  const int port = free_port("127.0.0.1");
+  StoreSocket socket;
   // Per call, each rank's loss and then its error ("" when it did not stop).
   const std::vector<std::vector<double>> losses = {
       {2.5, 2.5, 2.5}, {2.5, NAN, 2.5}, {INFINITY, 2.5, -INFINITY}};
   std::vector<std::vector<std::string>> errors(losses.size(), std::vector<std::string>(world));
   auto rank_main = [&](int rank) {
     CpuBackend backend;
-    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, port), 20s));
+    GlooCommunicator comm(std::make_shared<TcpStore>(rank_info(rank, world, socket.port), 20s,
+                                                     socket.listener_for(rank)));
     Buffer memory = backend.allocate(world * sizeof(float));
     const Tensor scratch = memory.tensor({world}, DType::f32);
     for (size_t call = 0; call < losses.size(); ++call) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "dist_support.h"
 
 using Catch::Matchers::Contains;
 using Clock = std::chrono::steady_clock;
@@ -103,6 +104,26 @@ TEST_CASE("launch: ranks get torchrun's environment and prefixed output", "[dist
                                    : out.substr(at + 9, out.find('\n', at) - at - 9);
   };
   CHECK(port_line(0) == port_line(1));
+}
+
+// The launcher binds rank 0's store socket before any rank starts and rank 0 inherits it, so no
+// other program can take the port in between.
+TEST_CASE("launch: rank 0 inherits the store socket listening on MASTER_PORT", "[dist]") {
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "echo \"fd $LMTRAIN_STORE_FD\"; if [ \"$RANK\" = 0 ]; then "
+                   "readlink /proc/self/fd/$LMTRAIN_STORE_FD; fi"});
+  REQUIRE(launch.finish() == 0);
+  CHECK_THAT(launch.output, Contains("[rank 0] socket:["));
+  CHECK_THAT(launch.output, Contains("[rank 1] fd -1\n"));
+  CHECK_THAT(launch.output, !Contains("[rank 0] fd -1\n"));
+
+  // A port that is taken fails in the launcher, before any rank starts.
+  lmtrain::test_support::StoreSocket taken;
+  Launcher busy({"--nproc-per-node", "2", "--master-port", std::to_string(taken.port), "--", "echo",
+                 "started"});
+  CHECK(busy.finish() != 0);
+  CHECK_THAT(busy.output, Contains(fmt::format("cannot listen on 127.0.0.1:{}", taken.port)));
+  CHECK_THAT(busy.output, !Contains("started"));
 }
 
 TEST_CASE("launch: 'lmtrain' as the command runs this executable", "[dist]") {

@@ -1,4 +1,5 @@
 // The rendezvous store across threads and processes, and its timeouts.
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +15,8 @@
 using namespace lmtrain;
 using namespace lmtrain::dist;
 using lmtrain::test_support::rank_info;
+using lmtrain::test_support::ReservedPort;
+using lmtrain::test_support::StoreSocket;
 using namespace std::chrono_literals;
 using Catch::Matchers::Contains;
 
@@ -29,9 +32,12 @@ double seconds_since(Clock::time_point start) {
 }  // namespace
 
 TEST_CASE("tcp store: set, get, add, wait and barrier across threads", "[dist]") {
-  const int world = 4, port = free_port("127.0.0.1");
+  const ReservedPort reserved;
+  const int world = 4, port = reserved.port;
+  REQUIRE(port > 0);
   std::vector<std::unique_ptr<TcpStore>> stores(world);
-  // Clients start before the server exists: they retry until rank 0 listens.
+  // Clients start before the server exists: they retry until rank 0 listens (rank 0 binds the
+  // port itself here, as it does when started without `lmtrain launch`).
   std::vector<std::thread> threads;
   for (int r = world - 1; r >= 0; --r)
     threads.emplace_back(
@@ -76,7 +82,8 @@ TEST_CASE("tcp store: set, get, add, wait and barrier across threads", "[dist]")
 }
 
 TEST_CASE("tcp store: ranks in separate processes", "[dist]") {
-  const int port = free_port("127.0.0.1");
+  StoreSocket socket;
+  const int port = socket.port;
   pid_t child = fork();
   REQUIRE(child >= 0);
   if (child == 0) {
@@ -92,7 +99,7 @@ TEST_CASE("tcp store: ranks in separate processes", "[dist]") {
     }
     _exit(code);
   }
-  TcpStore store(rank_info(0, 2, port), 10s);
+  TcpStore store(rank_info(0, 2, port), 10s, std::move(socket.listener));
   CHECK(text(store.get("from1")) == "hello");
   store.set("from0", bytes("world"));
   store.barrier("done");
@@ -103,8 +110,9 @@ TEST_CASE("tcp store: ranks in separate processes", "[dist]") {
 }
 
 TEST_CASE("tcp store: waits end with an error that names the rank and the key", "[dist]") {
-  const int port = free_port("127.0.0.1");
-  TcpStore store(rank_info(0, 4, port), 300ms);
+  StoreSocket socket, other_socket;
+  const int port = socket.port;
+  TcpStore store(rank_info(0, 4, port), 300ms, std::move(socket.listener));
   auto start = Clock::now();
   CHECK_THROWS_WITH(store.get("nccl_id"),
                     Contains("rendezvous: rank 0 waited 0.3 s for key 'nccl_id'") &&
@@ -113,7 +121,7 @@ TEST_CASE("tcp store: waits end with an error that names the rank and the key", 
   // After a timeout the connection is unusable, and says so.
   CHECK_THROWS_WITH(store.set("x", {}), Contains("closed after an earlier timeout"));
 
-  TcpStore other(rank_info(0, 2, free_port("127.0.0.1")), 10s);
+  TcpStore other(rank_info(0, 2, other_socket.port), 10s, std::move(other_socket.listener));
   start = Clock::now();
   CHECK_THROWS_WITH(other.wait({"a", "b"}, 200ms), Contains("waited 0.2 s for keys 'a', 'b'"));
   CHECK(seconds_since(start) < 2.0);
@@ -122,8 +130,9 @@ TEST_CASE("tcp store: waits end with an error that names the rank and the key", 
 // After a barrier every rank had started, so a later wait that times out asks about a rank that
 // failed, not about how the ranks were started.
 TEST_CASE("tcp store: a wait after every rank met suspects a failed rank", "[dist]") {
-  const int port = free_port("127.0.0.1");
-  TcpStore rank0(rank_info(0, 2, port), 10s);
+  StoreSocket socket;
+  const int port = socket.port;
+  TcpStore rank0(rank_info(0, 2, port), 10s, std::move(socket.listener));
   std::thread rank1([&] {
     TcpStore store(rank_info(1, 2, port), 10s);
     store.barrier("start");  // then leaves
@@ -137,10 +146,50 @@ TEST_CASE("tcp store: a wait after every rank met suspects a failed rank", "[dis
 }
 
 TEST_CASE("tcp store: a client without a server gives up at the timeout", "[dist]") {
-  const int port = free_port("127.0.0.1");
+  const ReservedPort reserved;  // connections to it are refused
+  const int port = reserved.port;
+  REQUIRE(port > 0);
   auto start = Clock::now();
   CHECK_THROWS_WITH(TcpStore(rank_info(1, 2, port), 300ms),
                     Contains("rank 1 could not reach the store of rank 0 at 127.0.0.1") &&
                         Contains("WORLD_SIZE=2"));
   CHECK(seconds_since(start) < 2.0);
+}
+
+// `lmtrain launch` binds rank 0's store socket and passes it on as LMTRAIN_STORE_FD; rank 0 takes
+// it only when it is what it claims to be.
+TEST_CASE("tcp store: rank 0 serves on the socket the launcher handed it", "[dist]") {
+  StoreSocket socket;
+  RankInfo info = rank_info(0, 2, socket.port);
+  CHECK_FALSE(inherited_store_listener(info));  // store_fd -1: none
+
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  Fd pipe_read(pipe_fds[0]), pipe_write(pipe_fds[1]);
+  info.store_fd = pipe_read.get();
+  CHECK_THROWS_WITH(
+      inherited_store_listener(info),
+      Contains(fmt::format("LMTRAIN_STORE_FD={}: is not a listening socket", pipe_read.get())) &&
+          Contains("unset it to let rank 0 listen on MASTER_PORT itself"));
+  StoreSocket elsewhere;
+  info.store_fd = elsewhere.listener.get();
+  CHECK_THROWS_WITH(
+      inherited_store_listener(info),
+      Contains(fmt::format("listens on port {}, not MASTER_PORT={}", elsewhere.port, socket.port)));
+  info.store_fd = Fd(::dup(pipe_write.get())).get();  // closed again at once
+  CHECK_THROWS_WITH(inherited_store_listener(info), Contains("is not an open file"));
+
+  // Another rank never takes it; rank 0 does, closes it on exec, and serves on it.
+  info.store_fd = socket.listener.get();
+  RankInfo rank1 = rank_info(1, 2, socket.port);
+  rank1.store_fd = info.store_fd;
+  CHECK_FALSE(inherited_store_listener(rank1));
+  REQUIRE(::fcntl(info.store_fd, F_SETFD, 0) == 0);  // as inherited across exec
+  Fd adopted = inherited_store_listener(info);
+  REQUIRE(adopted.get() == socket.listener.release());
+  CHECK(::fcntl(adopted.get(), F_GETFD) == FD_CLOEXEC);
+  TcpStore rank0(info, 10s, std::move(adopted));
+  std::thread other([&] { TcpStore(rank1, 10s).set("key", bytes("from 1")); });
+  CHECK(text(rank0.get("key")) == "from 1");
+  other.join();
 }

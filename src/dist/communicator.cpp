@@ -75,7 +75,7 @@ std::unique_ptr<Communicator> make_communicator(const RankInfo& info, Backend& b
         "(install libnccl-dev and rebuild; one GPU trains without it)",
         info.world_size);
 #endif
-  auto store = std::make_shared<TcpStore>(info, timeout);
+  auto store = std::make_shared<TcpStore>(info, timeout, inherited_store_listener(info));
   if (backend.name() == "cpu") return std::make_unique<GlooCommunicator>(std::move(store));
 #ifdef LMTRAIN_HAVE_NCCL
   if (backend.name() == "cuda") {

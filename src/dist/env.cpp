@@ -131,6 +131,7 @@ RankInfo read_rank_info(const EnvLookup& env) {
     check(*port <= 65535, "MASTER_PORT={} is not a TCP port", *port);
     info.master_port = *port;
   }
+  if (info.rank == 0) info.store_fd = read_int(env, "LMTRAIN_STORE_FD", -1).value_or(-1);
   return info;
 }
 

@@ -16,6 +16,9 @@ struct RankInfo {
   int master_port = 29500;
   // Which convention supplied the values: "torchrun", "openmpi", "slurm" or "none".
   std::string source = "none";
+  // Rank 0 only: a socket already listening on master_port that rank 0's store serves on,
+  // inherited from `lmtrain launch` as LMTRAIN_STORE_FD. -1: rank 0 binds the port itself.
+  int store_fd = -1;
 };
 
 // Looks up one environment variable; std::nullopt when unset. Tests pass a map instead.

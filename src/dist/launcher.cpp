@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -25,11 +26,11 @@ constexpr int kMaxRanksPerNode = 1024;
 constexpr int kMaxNodes = 65536;  // with 1024 ranks each, the world size still fits an int
 
 // ---- launcher signals: written to a self-pipe by the handler, read in the poll loop ----
-int g_signal_pipe = -1;
+std::atomic<int> g_signal_pipe{-1};  // lock-free, so safe to read in a handler
 
 void on_signal(int sig) {
   unsigned char byte = static_cast<unsigned char>(sig);
-  (void)!::write(g_signal_pipe, &byte, 1);
+  (void)!::write(g_signal_pipe.load(), &byte, 1);
 }
 
 // Installs the forwarding handlers for its lifetime; SIGPIPE is ignored so that a closed
@@ -180,7 +181,8 @@ class RankGroup {
 
   std::vector<Rank>& ranks() { return ranks_; }
 
-  void spawn(int rank, std::vector<std::string> argv, std::vector<std::string> env) {
+  // `inherited`: a descriptor the rank keeps open across exec (-1: none).
+  void spawn(int rank, std::vector<std::string> argv, std::vector<std::string> env, int inherited) {
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) fail_to_start(rank, "pipe for its output");
     Fd out_read(out[0]), out_write(out[1]);
@@ -204,6 +206,7 @@ class RankGroup {
       ::signal(SIGPIPE, SIG_DFL);  // ignored dispositions would survive exec
       ::dup2(out_write.get(), STDOUT_FILENO);
       ::dup2(err_write.get(), STDERR_FILENO);
+      if (inherited >= 0) ::fcntl(inherited, F_SETFD, 0);
       ::execvpe(argv_ptrs[0], argv_ptrs.data(), env_ptrs.data());
       const char* reason = std::strerror(errno);
       (void)!::write(STDERR_FILENO, exec_error.data(), exec_error.size());
@@ -255,7 +258,15 @@ int launch(const LaunchOptions& o) {
   check(o.master_port >= 0 && o.master_port <= 65535, "launch: --master-port {} is not a TCP port",
         o.master_port);
   const std::string addr = o.master_addr.empty() ? "127.0.0.1" : o.master_addr;
-  const int port = o.master_port ? o.master_port : o.nnodes == 1 ? free_port(addr) : 29500;
+  // On node 0 the store's socket is bound here, before any rank starts, and inherited by rank 0
+  // (LMTRAIN_STORE_FD): a port only picked here and bound by rank 0 later could be taken in
+  // between, e.g. as the local port of another program's connection. A port in use fails here.
+  Fd store_listener;
+  if (o.node_rank == 0)
+    store_listener = listen_tcp(addr, o.master_port ? o.master_port : o.nnodes == 1 ? 0 : 29500);
+  const int port = store_listener  ? bound_port(store_listener.get())
+                   : o.master_port ? o.master_port
+                                   : 29500;
   const int world = o.nnodes * o.nproc_per_node;
 
   std::vector<std::string> argv = o.command;
@@ -265,6 +276,7 @@ int launch(const LaunchOptions& o) {
   RankGroup group;
   for (int local = 0; local < o.nproc_per_node; ++local) {
     int rank = o.node_rank * o.nproc_per_node + local;
+    const int inherited = rank == 0 ? store_listener.get() : -1;
     group.spawn(rank, argv,
                 rank_environment({{"RANK", std::to_string(rank)},
                                   {"LOCAL_RANK", std::to_string(local)},
@@ -272,7 +284,10 @@ int launch(const LaunchOptions& o) {
                                   {"LOCAL_WORLD_SIZE", std::to_string(o.nproc_per_node)},
                                   {"GROUP_RANK", std::to_string(o.node_rank)},
                                   {"MASTER_ADDR", addr},
-                                  {"MASTER_PORT", std::to_string(port)}}));
+                                  {"MASTER_PORT", std::to_string(port)},
+                                  {"LMTRAIN_STORE_FD", std::to_string(inherited)}}),
+                inherited);
+    if (rank == 0) store_listener.reset();  // rank 0 holds it now
   }
 
   std::optional<std::pair<int, int>> first_failure;  // rank, wait status

@@ -69,8 +69,6 @@ int bound_port(int fd) {
   return ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
 }
 
-int free_port(const std::string& host) { return bound_port(listen_tcp(host, 0).get()); }
-
 Fd connect_tcp(const std::string& host, int port, Clock::time_point deadline) {
   AddrInfo info = resolve(host, port, SOCK_STREAM, false);
   while (true) {

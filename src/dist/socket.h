@@ -29,6 +29,8 @@ class Fd {
   int get() const { return fd_; }
   explicit operator bool() const { return fd_ >= 0; }
   void reset(int fd = -1);
+  // Gives up ownership: the caller closes it (or a process it is handed to does).
+  int release() { return std::exchange(fd_, -1); }
 
  private:
   int fd_ = -1;
@@ -38,8 +40,6 @@ class Fd {
 Fd listen_tcp(const std::string& host, int port);
 // The port a bound socket listens on.
 int bound_port(int fd);
-// A free TCP port on host at the time of the call (bound once and released).
-int free_port(const std::string& host);
 // Connects to host:port, retrying refused connections until `deadline` (the server may start
 // later than its clients). Returns an empty Fd when the deadline passes.
 Fd connect_tcp(const std::string& host, int port, Clock::time_point deadline);

@@ -1,5 +1,6 @@
 #include "dist/tcp_store.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -75,7 +76,7 @@ std::string describe_keys(const std::vector<std::string>& keys) {
 // ---- server: one thread polling the listening socket, the clients and a stop eventfd ----
 class TcpStore::Server {
  public:
-  Server(const std::string& host, int port) : listener_(listen_tcp(host, port)) {
+  explicit Server(Fd listener) : listener_(std::move(listener)) {
     stop_.reset(eventfd(0, EFD_CLOEXEC));
     check(bool(stop_), "rendezvous store: eventfd: {}", std::strerror(errno));
     thread_ = std::thread([this] { run(); });
@@ -185,10 +186,37 @@ class TcpStore::Server {
   std::thread thread_;
 };
 
+// ---- the listener `lmtrain launch` hands to rank 0 ----
+Fd inherited_store_listener(const RankInfo& info) {
+  if (info.rank != 0 || info.store_fd < 0) return Fd();
+  const int fd = info.store_fd;
+  auto problem = [&]() -> std::string {
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    if (::fcntl(fd, F_GETFD) < 0) return "is not an open file";
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening)
+      return "is not a listening socket";
+    if (int port = bound_port(fd); port != info.master_port)
+      return fmt::format("listens on port {}, not MASTER_PORT={}", port, info.master_port);
+    return "";
+  }();
+  check(problem.empty(),
+        "LMTRAIN_STORE_FD={}: {} (lmtrain launch sets it for rank 0 only; unset it to let rank 0 "
+        "listen on MASTER_PORT itself)",
+        fd, problem);
+  ::fcntl(fd, F_SETFD, FD_CLOEXEC);  // not passed on to programs this rank starts
+  return Fd(fd);
+}
+
 // ---- client ----
-TcpStore::TcpStore(const RankInfo& info, std::chrono::milliseconds timeout)
+TcpStore::TcpStore(const RankInfo& info, std::chrono::milliseconds timeout, Fd listener)
     : info_(info), timeout_(timeout) {
-  if (info.rank == 0) server_ = std::make_unique<Server>(info.master_addr, info.master_port);
+  check(info.rank == 0 || !listener, "rendezvous: only rank 0 serves the store, not rank {}",
+        info.rank);
+  if (info.rank == 0) {
+    if (!listener) listener = listen_tcp(info.master_addr, info.master_port);
+    server_ = std::make_unique<Server>(std::move(listener));
+  }
   socket_ = connect_tcp(info.master_addr, info.master_port, Clock::now() + timeout);
   check(bool(socket_),
         "rendezvous: rank {} could not reach the store of rank 0 at {}:{} within {:g} s; is rank 0 "
@@ -271,6 +299,7 @@ void TcpStore::barrier(const std::string& name) {
   std::string key = fmt::format("barrier/{}/{}", barriers_++, name);
   if (add(key, 1) == info_.world_size) set(key + "/done", {});
   wait({key + "/done"});
+  std::lock_guard lock(mutex_);  // request() reads it under the same lock
   all_met_ = true;
 }
 

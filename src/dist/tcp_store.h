@@ -23,11 +23,17 @@ namespace lmtrain::dist {
 
 using Bytes = std::vector<char>;
 
+// The listening socket `lmtrain launch` handed to rank 0 (RankInfo::store_fd), owned from here
+// on; empty when there is none. Throws naming LMTRAIN_STORE_FD when it is not a socket listening
+// on master_port.
+Fd inherited_store_listener(const RankInfo& info);
+
 class TcpStore {
  public:
-  // Rank 0 starts the server, then every rank connects (retrying until the timeout, as rank 0
-  // may start after the others).
-  TcpStore(const RankInfo& info, std::chrono::milliseconds timeout);
+  // Rank 0 starts the server, on `listener` when given (a socket already listening on
+  // master_port), else on a socket it binds to master_addr:master_port; then every rank connects
+  // (retrying until the timeout, as rank 0 may start after the others).
+  TcpStore(const RankInfo& info, std::chrono::milliseconds timeout, Fd listener = Fd());
   ~TcpStore();
   TcpStore(const TcpStore&) = delete;
   TcpStore& operator=(const TcpStore&) = delete;

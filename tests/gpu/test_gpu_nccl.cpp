@@ -31,8 +31,10 @@ namespace {
 // `timeout` bounds the store's waits and, through the watchdog, every collective.
 std::unique_ptr<NcclCommunicator> one_rank(lmtrain::CudaBackend& b,
                                            std::chrono::milliseconds timeout = 20s) {
-  const auto info = lmtrain::test_support::rank_info(0, 1, lmtrain::dist::free_port("127.0.0.1"));
-  return std::make_unique<NcclCommunicator>(std::make_shared<TcpStore>(info, timeout), b.stream());
+  lmtrain::test_support::StoreSocket socket;
+  const auto info = lmtrain::test_support::rank_info(0, 1, socket.port);
+  return std::make_unique<NcclCommunicator>(
+      std::make_shared<TcpStore>(info, timeout, std::move(socket.listener)), b.stream());
 }
 
 }  // namespace
