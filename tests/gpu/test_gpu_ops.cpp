@@ -30,6 +30,10 @@ using lmtrain::AdamWHyper;
 namespace {
 
 constexpr double kExact = 0, kElementwise = 1e-5, kReduction = 1e-4, kBf16 = 1e-2, kTf32 = 1e-2;
+// Losses from bf16 logits: the kernel takes the hardware tanh (relative error below 2^-10), so a
+// capped logit may be off by softcap * 2^-10 and a loss (log-sum-exp minus the target's logit)
+// by twice that, 0.03 at softcap 15, on the largest of losses of about 20 to 35 here.
+constexpr double kFastTanhLoss = 2e-3;
 constexpr DType kModes[] = {DType::f32, DType::bf16};
 
 std::vector<int32_t> random_ids(size_t n, int lo, int hi) {
@@ -971,9 +975,9 @@ TEST_CASE("gpu softcap_cross_entropy matches the CPU", "[gpu][ops]") {
                 b.softcap_cross_entropy(t["eval_logits"], t["eval_losses"], t["targets"], vocab,
                                         15.f, 0.f);
               },
-              {{"losses", kReduction, kReduction},
+              {{"losses", kReduction, kFastTanhLoss},
                {"logits", kReduction, kBf16},
-               {"eval_losses", kReduction, kReduction},
+               {"eval_losses", kReduction, kFastTanhLoss},
                {"eval_logits", kExact, kExact}});
     }
   }

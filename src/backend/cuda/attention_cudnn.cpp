@@ -111,9 +111,36 @@ struct CudnnAttention::Impl {
   std::map<Key, Plan> plans;
   bool warned_misaligned = false;
 
+  // The pitches of the tensors a direction uses, a dense one (heads * D) as 0: dense calls share
+  // the graphs attention_scratch_bytes builds for dense tensors, and the forward graph, which
+  // has no gradients, is not split by theirs.
+  static AttentionPitches bands(const AttentionShape& s, bool backward) {
+    AttentionPitches pitch = s.pitch;
+    auto dense_as_0 = [&](int64_t& one, int heads) {
+      if (one == int64_t(heads) * s.D) one = 0;
+    };
+    for (int64_t* q_like : {&pitch.q, &pitch.out, &pitch.dq, &pitch.dout}) dense_as_0(*q_like, s.H);
+    for (int64_t* kv_like : {&pitch.k, &pitch.v, &pitch.dk, &pitch.dv}) dense_as_0(*kv_like, s.Hkv);
+    if (!backward) pitch.dq = pitch.dk = pitch.dv = pitch.dout = 0;
+    return pitch;
+  }
+
+  // The shape, and the pitches of the tensors that are bands.
   static std::string describe(const AttentionShape& s, bool backward) {
-    return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}", backward ? "backward" : "forward",
-                       s.B, s.T, s.H, s.Hkv, s.D, s.window);
+    const AttentionPitches p = bands(s, backward);
+    std::string banded;
+    for (const auto& [name, pitch] : {std::pair{"q", p.q},
+                                      {"k", p.k},
+                                      {"v", p.v},
+                                      {"out", p.out},
+                                      {"dq", p.dq},
+                                      {"dk", p.dk},
+                                      {"dv", p.dv},
+                                      {"dout", p.dout}})
+      if (pitch) banded += fmt::format("{}{}={}", banded.empty() ? ", bands " : " ", name, pitch);
+    return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}{}",
+                       backward ? "backward" : "forward", s.B, s.T, s.H, s.Hkv, s.D, s.window,
+                       banded);
   }
 
   // The plan, or none (logged, the shape then runs on the own kernel) when a step of building
@@ -187,17 +214,7 @@ struct CudnnAttention::Impl {
   const Plan& plan(const AttentionShape& s, bool backward) {
     // Every window >= T - 1 is the same causal graph.
     const int window = causal_only(s) ? -1 : s.window;
-    // A pitch of heads * D is dense: one key for both, so that the graphs attention_scratch_bytes
-    // builds for dense tensors serve dense calls.
-    AttentionPitches pitch = s.pitch;
-    auto dense_as_0 = [&](int64_t& one, int heads) {
-      if (one == int64_t(heads) * s.D) one = 0;
-    };
-    for (int64_t* q_like : {&pitch.q, &pitch.out, &pitch.dq, &pitch.dout}) dense_as_0(*q_like, s.H);
-    for (int64_t* kv_like : {&pitch.k, &pitch.v, &pitch.dk, &pitch.dv}) dense_as_0(*kv_like, s.Hkv);
-    // The forward graph has no gradients: their pitches must not split its key.
-    if (!backward) pitch.dq = pitch.dk = pitch.dv = pitch.dout = 0;
-    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, pitch, backward};
+    const Key key{s.B, s.T, s.H, s.Hkv, s.D, window, bands(s, backward), backward};
     auto it = plans.find(key);
     if (it == plans.end()) {
       Plan p = backward ? build_backward(s) : build_forward(s);

@@ -109,6 +109,7 @@ void CudaBackend::copy(Tensor dst, Tensor src) {
         dst.shape.str(), src.shape.str());
   if (!dst.dense() || !src.dense()) {
     const RowCopy c = row_copy(dst, src);
+    if (c.rows == 0) return;  // an empty band
     const size_t size = dtype_size(dst.dtype);
     cuda_check(cudaMemcpy2DAsync(dst.data, size_t(c.dst_pitch) * size, src.data,
                                  size_t(c.src_pitch) * size, size_t(c.width) * size, size_t(c.rows),

@@ -253,24 +253,30 @@ void CudaBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dou
 }
 
 // What the two ops above will ask scratch() for: per direction cuDNN's graph workspace, or the
-// own kernel's (none forward) where cuDNN has no graph. Builds the cuDNN graphs, which the ops
-// then find cached.
+// own kernel's (none forward) where cuDNN has no graph; plus, where the own kernel runs the
+// model's layout, the dense copies of its bands (DenseStaging: v forward; v, dq, dk and dv
+// backward), which are not scratch but must fit beside it. Builds the cuDNN graphs, which the
+// ops then find cached.
 size_t CudaBackend::attention_scratch_bytes(int B, int T, int H, int Hkv, int D, int window) {
   size_t forward = 0, backward = cuda::attention_backward_workspace_bytes(B, T, H, Hkv, D);
+  bool own_forward = true, own_backward = true;  // for the model's layout
   if (cudnn_attention_ && activation_ == DType::bf16) {
     // Dense tensors, and the model's layout: v and the gradients as bands of the packed q|k|v
     // projection (docs/CUDA.md), whose graphs are then built and cached before the first step.
     const int64_t P = int64_t(H + 2 * Hkv) * D;
-    for (const cuda::AttentionPitches pitch :
-         {cuda::AttentionPitches{}, cuda::AttentionPitches{.v = P, .dq = P, .dk = P, .dv = P}}) {
+    const cuda::AttentionPitches model{.v = P, .dq = P, .dk = P, .dv = P};
+    for (const cuda::AttentionPitches pitch : {cuda::AttentionPitches{}, model}) {
       const cuda::AttentionShape s{B, T, H, Hkv, D, window, pitch};
-      if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, false); bytes >= 0)
-        forward = std::max(forward, size_t(bytes));
-      if (const int64_t bytes = cudnn_attention_->workspace_bytes(s, true); bytes >= 0)
-        backward = std::max(backward, size_t(bytes));
+      const int64_t fwd = cudnn_attention_->workspace_bytes(s, false);
+      const int64_t bwd = cudnn_attention_->workspace_bytes(s, true);
+      if (fwd >= 0) forward = std::max(forward, size_t(fwd));
+      if (bwd >= 0) backward = std::max(backward, size_t(bwd));
+      if (pitch == model) own_forward = fwd < 0, own_backward = bwd < 0;
     }
   }
-  return std::max(forward, backward);
+  const int64_t staged_heads = own_backward ? H + 3 * Hkv : own_forward ? Hkv : 0;
+  const size_t staging = size_t(B) * T * staged_heads * D * dtype_size(activation_);
+  return std::max(forward, backward) + staging;
 }
 
 void CudaBackend::relu2_forward(Tensor out, Tensor x) {
