@@ -136,6 +136,16 @@ TEST_CASE("norm_rope forward and backward on bands, the backward in place", "[op
                          f32(rstd, {B * T * H}), ct, st, 1);
   CHECK(g_band.dense() == dx);
   CHECK((x_band.gaps_intact() && y_band.gaps_intact() && g_band.gaps_intact()));
+  // In place means one tensor: the band's memory read as a dense tensor is refused.
+  const Tensor same_start{g_band.mem.data(), shape, DType::f32};
+  CHECK_THROWS_WITH(cpu.norm_rope_backward(same_start, g_band.band(shape), x_band.band(shape),
+                                           f32(rstd, {B * T * H}), ct, st, 1),
+                    Catch::Contains("norm_rope_backward: dx and dout start at the same element "
+                                    "with different row pitches (0 and 24)"));
+  CHECK_THROWS_WITH(
+      cpu.norm_rope_forward(x_band.band(shape), f32(rstd_band, {B * T * H}),
+                            Tensor{x_band.band(shape).data, shape, DType::f32}, ct, st, 1),
+      Catch::Contains("norm_rope_forward: out and x start at the same element"));
 }
 
 TEST_CASE("value_gate updates a band of values and reads a band of their gradients", "[ops]") {

@@ -23,6 +23,16 @@ inline void check_add_args(Tensor y, Tensor x) {
         x.shape.str());
 }
 
+// An op in place: `out` may be `in` itself, but not the same memory under another layout, whose
+// rows written first would be read afterwards as other rows.
+inline void check_in_place(const char* op, const char* out_name, Tensor out, const char* in_name,
+                           Tensor in) {
+  check(out.data != in.data || (out.row_stride == in.row_stride && out.row_dims == in.row_dims),
+        "{}: {} and {} start at the same element with different row pitches ({} and {}); in place "
+        "they must be one tensor",
+        op, out_name, in_name, out.row_stride, in.row_stride);
+}
+
 // x (B, T, H, D) in `act` with D even, y (out, dout or dx) like x, rstd f32 with one entry per
 // head row; cos/sin f32 (T_max, D/2) covering positions [pos0, pos0 + T).
 inline void check_norm_rope_args(const char* op, Tensor y, const char* y_name, Tensor x,

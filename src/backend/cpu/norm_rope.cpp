@@ -48,6 +48,7 @@ void CpuBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos
                                    int pos0) {
   cpu::require_dense("norm_rope_forward", {rstd, cos, sin});
   check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, DType::f32);
+  check_in_place("norm_rope_forward", "out", out, "x", x);
   const int64_t D = x.dim(3), d = D / 2;
   const HeadRows xs(x), outs(out);
   for_each_head(x, cos, sin, pos0, [&](int64_t row, const float* c, const float* s) {
@@ -72,6 +73,7 @@ void CpuBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rst
   cpu::require_dense("norm_rope_backward", {rstd, cos, sin});
   check_norm_rope_args("norm_rope_backward", dout, "dout", x, rstd, cos, sin, pos0, DType::f32);
   check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, DType::f32);
+  check_in_place("norm_rope_backward", "dx", dx, "dout", dout);
   const int64_t D = x.dim(3), d = D / 2;
   const HeadRows xs(x), douts(dout), dxs(dx);
   for_each_head(x, cos, sin, pos0, [&](int64_t row, const float* c, const float* s) {

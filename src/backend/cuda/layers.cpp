@@ -169,6 +169,7 @@ void CudaBackend::rmsnorm_backward(Tensor dx, Tensor dout, Tensor x, Tensor rstd
 void CudaBackend::norm_rope_forward(Tensor out, Tensor rstd, Tensor x, Tensor cos, Tensor sin,
                                     int pos0) {
   check_norm_rope_args("norm_rope_forward", out, "out", x, rstd, cos, sin, pos0, activation_);
+  check_in_place("norm_rope_forward", "out", out, "x", x);
   dispatch("norm_rope_forward", activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::norm_rope_forward(rows_ptr<T>(out), ptr<float>(rstd), rows_ptr<T>(x), ptr<float>(cos),
@@ -181,6 +182,7 @@ void CudaBackend::norm_rope_backward(Tensor dx, Tensor dout, Tensor x, Tensor rs
                                      Tensor sin, int pos0) {
   check_norm_rope_args("norm_rope_backward", dout, "dout", x, rstd, cos, sin, pos0, activation_);
   check_norm_rope_args("norm_rope_backward", dx, "dx", x, rstd, cos, sin, pos0, activation_);
+  check_in_place("norm_rope_backward", "dx", dx, "dout", dout);
   dispatch("norm_rope_backward", activation_, [&](auto tag) {
     using T = decltype(tag);
     cuda::norm_rope_backward(rows_ptr<T>(dx), rows_ptr<T>(dout), rows_ptr<T>(x), ptr<float>(rstd),
