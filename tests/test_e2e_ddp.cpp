@@ -5,6 +5,7 @@
 #include <random>
 
 #include "data/shard.h"
+#include "dist_support.h"
 #include "e2e_support.h"
 #include "io/safetensors.h"
 
@@ -110,6 +111,39 @@ TEST_CASE("2 and 4 ranks train like 1 rank with the same global batch", "[e2e][d
       }
     }
   }
+}
+
+// Two launchers on one machine stand in for two nodes: node 0's launcher hosts the rendezvous
+// (rank 0 serves it on the socket the launcher bound), node 1's ranks 2 and 3 reach it through
+// --master-addr/--master-port, and the four ranks train as four ranks of one launcher do.
+TEST_CASE("two launchers as two nodes train like one launcher", "[e2e][ddp]") {
+  TempDir tmp;
+  const std::string one = tmp / "one", two = tmp / "two";
+  REQUIRE(
+      launch(4, {"--config", write_config(tmp, ddp_config(one, "adamw"), "one.json")}, tmp).code ==
+      0);
+  const lmtrain::test_support::ReservedPort port;
+  REQUIRE(port.port > 0);
+  const std::string config = write_config(tmp, ddp_config(two, "adamw"), "two.json");
+  auto node = [&](int node_rank) {
+    std::vector<std::string> args = {"launch", "--nproc-per-node", "2", "--nnodes", "2"};
+    args.insert(args.end(), {"--node-rank", std::to_string(node_rank), "--master-addr", "127.0.0.1",
+                             "--master-port", std::to_string(port.port)});
+    args.insert(args.end(), {"--", LMTRAIN_BINARY, "train", "--config", config});
+    return args;
+  };
+  Background node0;
+  run_lmtrain_background(node(0), tmp, node0);
+  const Result node1 = run_lmtrain(node(1), tmp);
+  const Result node0_result = node0.wait();
+  INFO(node0_result.err << node1.err);
+  REQUIRE(node0_result.code == 0);
+  REQUIRE(node1.code == 0);
+  // The same ranks sum in the same order: the same losses, bit for bit.
+  CHECK(losses(RunPaths(two, "e2e").metrics) == losses(RunPaths(one, "e2e").metrics));
+  for (int k = 0; k < 4; ++k)  // node 1's ranks saved their shards too
+    CHECK(fs::exists(RunPaths(two, "e2e").ckpt / "step_000005" /
+                     fmt::format("optimizer.rank{:05d}.safetensors", k)));
 }
 
 TEST_CASE("a checkpoint from 2 ranks resumes with 1 and with 4 ranks and continues the curve",
