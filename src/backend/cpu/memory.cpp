@@ -34,9 +34,15 @@ Buffer CpuBackend::allocate(size_t bytes) {
   return track(ptr, bytes, [](void* p) { std::free(p); });
 }
 
-void CpuBackend::upload(Tensor dst, const void* host) { std::memcpy(dst.data, host, dst.bytes()); }
+// An empty tensor (a rank's share of rows it does not own) may come with a null host pointer,
+// which memcpy must not be given even for 0 bytes.
+void CpuBackend::upload(Tensor dst, const void* host) {
+  if (const size_t bytes = dst.bytes()) std::memcpy(dst.data, host, bytes);
+}
 
-void CpuBackend::download(void* host, Tensor src) { std::memcpy(host, src.data, src.bytes()); }
+void CpuBackend::download(void* host, Tensor src) {
+  if (const size_t bytes = src.bytes()) std::memcpy(host, src.data, bytes);
+}
 
 void CpuBackend::fill(Tensor x, float value) {
   cpu::require_dense("fill", {x});
