@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 
 #include "core/error.h"
@@ -258,19 +259,32 @@ int launch(const LaunchOptions& o) {
   check(o.master_port >= 0 && o.master_port <= 65535, "launch: --master-port {} is not a TCP port",
         o.master_port);
   const std::string addr = o.master_addr.empty() ? "127.0.0.1" : o.master_addr;
-  // On node 0 the store's socket is bound here, before any rank starts, and inherited by rank 0
-  // (LMTRAIN_STORE_FD): a port only picked here and bound by rank 0 later could be taken in
-  // between, e.g. as the local port of another program's connection. A port in use fails here.
-  Fd store_listener;
-  if (o.node_rank == 0)
-    store_listener = listen_tcp(addr, o.master_port ? o.master_port : o.nnodes == 1 ? 0 : 29500);
-  const int port = store_listener  ? bound_port(store_listener.get())
-                   : o.master_port ? o.master_port
-                                   : 29500;
   const int world = o.nnodes * o.nproc_per_node;
-
   std::vector<std::string> argv = o.command;
-  if (argv[0] == "lmtrain") argv[0] = self_executable();
+  const std::string self = self_executable();
+  if (argv[0] == "lmtrain") argv[0] = self;
+
+  // When rank 0 is this lmtrain and the job has a store (more than one rank), the store's socket
+  // is bound here, before any rank starts, and rank 0 inherits it (LMTRAIN_STORE_FD): a port only
+  // picked here and bound by rank 0 later could be taken in between, e.g. as the local port of
+  // another program's connection; and a port in use fails here. Another program (a PyTorch
+  // script) gets the port alone, as from torchrun, and binds it itself.
+  std::error_code same_error;
+  const bool runs_self =
+      argv[0] == self || (argv[0].find('/') != std::string::npos &&
+                          std::filesystem::equivalent(argv[0], self, same_error));
+  const int default_port = o.nnodes == 1 ? 0 : 29500;  // 0: a free one
+  Fd store_listener;
+  if (o.node_rank == 0 && world > 1 && runs_self) {
+    try {
+      store_listener = listen_tcp(addr, o.master_port ? o.master_port : default_port);
+    } catch (const Error& e) {
+      fail("launch: {}; does another job use that port? --master-port picks another", e.what());
+    }
+  }
+  int port = o.master_port ? o.master_port : default_port;
+  if (store_listener) port = bound_port(store_listener.get());
+  if (port == 0) port = bound_port(listen_tcp(addr, 0).get());  // free when picked
 
   SignalCatcher signals;
   RankGroup group;
