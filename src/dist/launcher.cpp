@@ -241,6 +241,35 @@ class RankGroup {
   std::vector<Rank> ranks_;
 };
 
+// Whether `program` (a command's argv[0]) is the executable at `self`.
+bool same_program(const std::string& program, const std::string& self) {
+  std::error_code error;  // a name looked up in PATH, or a missing file: not this one
+  return program == self || (program.find('/') != std::string::npos &&
+                             std::filesystem::equivalent(program, self, error));
+}
+
+// The rendezvous port, and with `bind` the store's socket already listening on it, for rank 0 to
+// inherit (LMTRAIN_STORE_FD). Bound here, before any rank starts: a port only picked here and
+// bound by rank 0 later could be taken in between, e.g. as the local port of another program's
+// connection, and a port in use fails here. Without `bind` (another program than lmtrain, a
+// PyTorch script, binds the port itself, as under torchrun; or a job with no store) a free port
+// is picked and released.
+struct RendezvousPort {
+  Fd listener;
+  int port;
+};
+RendezvousPort rendezvous_port(const LaunchOptions& o, const std::string& addr, bool bind) {
+  const int port = o.master_port ? o.master_port : o.nnodes == 1 ? 0 : 29500;  // 0: a free one
+  if (!bind) return {Fd(), port ? port : bound_port(listen_tcp(addr, 0).get())};
+  try {
+    Fd listener = listen_tcp(addr, port);
+    const int bound = bound_port(listener.get());
+    return {std::move(listener), bound};
+  } catch (const Error& e) {
+    fail("launch: {}; does another job use that port? --master-port picks another", e.what());
+  }
+}
+
 }  // namespace
 
 int launch(const LaunchOptions& o) {
@@ -264,27 +293,9 @@ int launch(const LaunchOptions& o) {
   const std::string self = self_executable();
   if (argv[0] == "lmtrain") argv[0] = self;
 
-  // When rank 0 is this lmtrain and the job has a store (more than one rank), the store's socket
-  // is bound here, before any rank starts, and rank 0 inherits it (LMTRAIN_STORE_FD): a port only
-  // picked here and bound by rank 0 later could be taken in between, e.g. as the local port of
-  // another program's connection; and a port in use fails here. Another program (a PyTorch
-  // script) gets the port alone, as from torchrun, and binds it itself.
-  std::error_code same_error;
-  const bool runs_self =
-      argv[0] == self || (argv[0].find('/') != std::string::npos &&
-                          std::filesystem::equivalent(argv[0], self, same_error));
-  const int default_port = o.nnodes == 1 ? 0 : 29500;  // 0: a free one
-  Fd store_listener;
-  if (o.node_rank == 0 && world > 1 && runs_self) {
-    try {
-      store_listener = listen_tcp(addr, o.master_port ? o.master_port : default_port);
-    } catch (const Error& e) {
-      fail("launch: {}; does another job use that port? --master-port picks another", e.what());
-    }
-  }
-  int port = o.master_port ? o.master_port : default_port;
-  if (store_listener) port = bound_port(store_listener.get());
-  if (port == 0) port = bound_port(listen_tcp(addr, 0).get());  // free when picked
+  // Only rank 0 running this lmtrain takes the store's socket, and only a job of ranks has one.
+  auto [store_listener, port] =
+      rendezvous_port(o, addr, o.node_rank == 0 && world > 1 && same_program(argv[0], self));
 
   SignalCatcher signals;
   RankGroup group;

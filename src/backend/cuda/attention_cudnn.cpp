@@ -111,17 +111,28 @@ struct CudnnAttention::Impl {
   std::map<Key, Plan> plans;
   bool warned_misaligned = false;
 
+  // The eight tensors' pitches: the name, whether it has a query's heads (else a key's), and
+  // whether it is a gradient (which the forward graph does not have).
+  struct PitchField {
+    const char* name;
+    int64_t AttentionPitches::*pitch;
+    bool query_heads, gradient;
+  };
+  static constexpr PitchField kPitchFields[] = {
+      {"q", &AttentionPitches::q, true, false},   {"k", &AttentionPitches::k, false, false},
+      {"v", &AttentionPitches::v, false, false},  {"out", &AttentionPitches::out, true, false},
+      {"dq", &AttentionPitches::dq, true, true},  {"dk", &AttentionPitches::dk, false, true},
+      {"dv", &AttentionPitches::dv, false, true}, {"dout", &AttentionPitches::dout, true, true}};
+
   // The pitches of the tensors a direction uses, a dense one (heads * D) as 0: dense calls share
   // the graphs attention_scratch_bytes builds for dense tensors, and the forward graph, which
   // has no gradients, is not split by theirs.
   static AttentionPitches bands(const AttentionShape& s, bool backward) {
     AttentionPitches pitch = s.pitch;
-    auto dense_as_0 = [&](int64_t& one, int heads) {
-      if (one == int64_t(heads) * s.D) one = 0;
-    };
-    for (int64_t* q_like : {&pitch.q, &pitch.out, &pitch.dq, &pitch.dout}) dense_as_0(*q_like, s.H);
-    for (int64_t* kv_like : {&pitch.k, &pitch.v, &pitch.dk, &pitch.dv}) dense_as_0(*kv_like, s.Hkv);
-    if (!backward) pitch.dq = pitch.dk = pitch.dv = pitch.dout = 0;
+    for (const PitchField& f : kPitchFields) {
+      int64_t& one = pitch.*f.pitch;
+      if ((f.gradient && !backward) || one == int64_t(f.query_heads ? s.H : s.Hkv) * s.D) one = 0;
+    }
     return pitch;
   }
 
@@ -129,15 +140,9 @@ struct CudnnAttention::Impl {
   static std::string describe(const AttentionShape& s, bool backward) {
     const AttentionPitches p = bands(s, backward);
     std::string banded;
-    for (const auto& [name, pitch] : {std::pair{"q", p.q},
-                                      {"k", p.k},
-                                      {"v", p.v},
-                                      {"out", p.out},
-                                      {"dq", p.dq},
-                                      {"dk", p.dk},
-                                      {"dv", p.dv},
-                                      {"dout", p.dout}})
-      if (pitch) banded += fmt::format("{}{}={}", banded.empty() ? ", bands " : " ", name, pitch);
+    for (const PitchField& f : kPitchFields)
+      if (const int64_t pitch = p.*f.pitch)
+        banded += fmt::format("{}{}={}", banded.empty() ? ", bands " : " ", f.name, pitch);
     return fmt::format("{} B={} T={} H={} Hkv={} D={} window={}{}",
                        backward ? "backward" : "forward", s.B, s.T, s.H, s.Hkv, s.D, s.window,
                        banded);
