@@ -47,8 +47,12 @@ TOKENIZER_CASES = [
     "a\n \n  b   ",
     "odd spaces:\x0b\x0c\x85\u200b\u2028\ufeff|e\u0301 ǅ ½ ٣ Ⅻ 👍🏻 \x00\x7f",
 ]
+# Byte sequences that are not UTF-8, as a model may emit them (the Unicode standard's examples of
+# "maximal subparts", section 3.9): tokenizer_decode_cases.jsonl holds the text Python makes of them.
+DECODE_BYTES = ["e0 80 af", "ed a0 80", "f4 90 80 80", "f0 9f 99", "c3 28",
+                "61 f1 80 80 e1 80 c2 62 80 63 80 bf 64"]
 # Bump when a change to this script changes its outputs, so existing outputs are rebuilt.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def sha256_file(path: str) -> str:
@@ -221,6 +225,29 @@ def make_recipe(args) -> dict:
     return recipe
 
 
+def byte_token_ids(tok) -> list:
+    """The id of each byte's own token. Byte-level BPE writes byte b as a printable character:
+    itself where b is printable in Latin-1, else the next unused code point from 256 on."""
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, unused = [], 256
+    for b in range(256):
+        chars.append(chr(b) if b in printable else chr(unused))
+        unused += b not in printable
+    return [tok.token_to_id(c) for c in chars]
+
+
+def decode_cases(tok, bos) -> list:
+    """Token sequences whose bytes are not all UTF-8 (a text cut inside characters, reversed,
+    DECODE_BYTES, the BOS beside a stray byte), with the text `tokenizers` decodes them to."""
+    byte_ids = byte_token_ids(tok)
+    ids = tok.encode("naïve café 東京 🙂", add_special_tokens=False).ids
+    cases = [ids[:n] for n in range(1, len(ids) + 1)] + [ids[::-1]]
+    cases += [[byte_ids[int(h, 16)] for h in seq.split()] for seq in DECODE_BYTES]
+    bos_id = tok.token_to_id(bos)
+    cases += [[bos_id, byte_ids[0xE2]], [byte_ids[0xE2], bos_id, byte_ids[0x82], byte_ids[0xAC]]]
+    return [{"ids": c, "text": tok.decode(c, skip_special_tokens=False)} for c in cases]
+
+
 def write_outputs(out, tok, bos, train, val, args, recipe, sources):
     """Writes tokenizer.json, the shards, the tokenizer test files and, last, meta.json."""
     bos_id = tok.token_to_id(bos)
@@ -244,7 +271,8 @@ def write_outputs(out, tok, bos, train, val, args, recipe, sources):
                          "characters": sum(len(t) for _, t in members)}
 
     # The C++ tokenizer test checks its ids against these: the val documents in shard order, and
-    # a few edge cases with the ids Python gives them.
+    # a few edge cases with the ids Python gives them; and its decoding of ids that do not make
+    # UTF-8 against Python's text.
     with open(os.path.join(out, "val_text.jsonl"), "w", encoding="utf-8") as f:
         for _, text in val:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
@@ -253,7 +281,10 @@ def write_outputs(out, tok, bos, train, val, args, recipe, sources):
             text = case.replace("{bos}", bos)
             ids = tok.encode(text, add_special_tokens=False).ids
             f.write(json.dumps({"text": text, "ids": ids}, ensure_ascii=False) + "\n")
-    files += ["val_text.jsonl", "tokenizer_cases.jsonl"]
+    with open(os.path.join(out, "tokenizer_decode_cases.jsonl"), "w", encoding="utf-8") as f:
+        for case in decode_cases(tok, bos):
+            f.write(json.dumps(case, ensure_ascii=False) + "\n")
+    files += ["val_text.jsonl", "tokenizer_cases.jsonl", "tokenizer_decode_cases.jsonl"]
 
     meta = {
         "tokenizer": args.tokenizer,

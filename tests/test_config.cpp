@@ -311,20 +311,3 @@ TEST_CASE("config strings that are not UTF-8 are refused naming the key", "[conf
             " with --set batch.device_batch=\\xff: batch.device_batch: expected an integer, "
             "got the string \"\xef\xbf\xbd\"");
 }
-
-TEST_CASE("is_utf8 accepts well-formed UTF-8 only", "[config]") {
-  using config::is_utf8;
-  CHECK(is_utf8(""));
-  CHECK(is_utf8("plain ASCII\n"));
-  CHECK(is_utf8("\xc2\x80 \xdf\xbf \xe0\xa0\x80 \xef\xbf\xbf \xf0\x90\x80\x80 \xf4\x8f\xbf\xbf"));
-  CHECK_FALSE(is_utf8("\x80"));              // a continuation byte alone
-  CHECK_FALSE(is_utf8("\xc3"));              // cut after the lead
-  CHECK_FALSE(is_utf8("\xe2\x82"));          // cut inside
-  CHECK_FALSE(is_utf8("\xc3\x28"));          // a lead without its continuation
-  CHECK_FALSE(is_utf8("\xc0\xaf"));          // overlong '/'
-  CHECK_FALSE(is_utf8("\xe0\x80\xaf"));      // overlong '/' in three bytes
-  CHECK_FALSE(is_utf8("\xed\xa0\x80"));      // a surrogate
-  CHECK_FALSE(is_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
-  CHECK_FALSE(is_utf8("\xf8\x88\x80\x80\x80"));
-  CHECK_FALSE(is_utf8("\xff"));
-}

@@ -40,31 +40,6 @@ std::string describe(const json& value) {
   return "null";
 }
 
-bool is_utf8(std::string_view text) {
-  for (size_t i = 0; i < text.size();) {
-    const auto lead = uint8_t(text[i]);
-    // The bytes that follow the lead; a continuation byte or 0xF8 and up cannot lead.
-    const int extra = lead < 0x80   ? 0
-                      : lead < 0xC0 ? -1
-                      : lead < 0xE0 ? 1
-                      : lead < 0xF0 ? 2
-                      : lead < 0xF8 ? 3
-                                    : -1;
-    if (extra < 0 || text.size() - i <= size_t(extra)) return false;
-    char32_t cp = extra == 0 ? lead : lead & (0x3F >> extra);
-    for (int k = 1; k <= extra; ++k) {
-      const auto next = uint8_t(text[i + size_t(k)]);
-      if ((next & 0xC0) != 0x80) return false;
-      cp = cp << 6 | (next & 0x3F);
-    }
-    // The smallest code point that needs this many bytes: fewer would have done (overlong).
-    constexpr char32_t kMin[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[extra] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-    i += size_t(extra) + 1;
-  }
-  return true;
-}
-
 const std::string* Source::set_of(std::span<const std::string_view> paths) const {
   for (auto it = sets.rbegin(); it != sets.rend(); ++it) {
     const std::string key = it->substr(0, it->find('='));

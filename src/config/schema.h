@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/utf8.h"
 
 namespace lmtrain::config {
 
@@ -34,10 +35,6 @@ std::string closest_key(const std::string& key, const std::vector<std::string>& 
 
 // Human-readable type of a JSON value for error messages ("a string", "an integer", ...).
 std::string describe(const json& value);
-
-// Whether `text` is well-formed UTF-8: no stray or missing continuation bytes, overlong forms,
-// surrogates or code points past U+10FFFF.
-bool is_utf8(std::string_view text);
 
 // Where a config's values came from: its file and the --set assignments applied over it, so
 // that an error about a key a --set wrote names that --set rather than the file alone.

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/utf8.h"
 #include "io/json_reason.h"
 
 namespace lmtrain {
@@ -390,12 +391,13 @@ void Tokenizer::check_id(int32_t id) const {
 }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids) const {
-  std::string text;
+  std::string bytes;
   for (int32_t id : ids) {
     check_id(id);
-    text += bytes_[size_t(id)];
+    bytes += bytes_[size_t(id)];
   }
-  return text;
+  // A model may emit a character's bytes in the wrong order or stop inside one.
+  return utf8_lossy(bytes);
 }
 
 int Tokenizer::token_byte_length(int32_t id) const {

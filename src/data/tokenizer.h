@@ -22,7 +22,8 @@ class Tokenizer {
   // Added tokens (e.g. <|bos|>) written in the text map to their ids. Caches words, so one
   // Tokenizer must not encode on two threads at once (copies may).
   std::vector<int32_t> encode(std::string_view text) const;
-  // Added tokens decode to their text, so decode(encode(x)) == x.
+  // Added tokens decode to their text, so decode(encode(x)) == x. Bytes that do not form UTF-8
+  // become U+FFFD, as in Hugging Face's decoder, so the text is always valid UTF-8.
   std::string decode(std::span<const int32_t> ids) const;
 
   int vocab_size() const { return static_cast<int>(bytes_.size()); }
