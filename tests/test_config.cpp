@@ -59,6 +59,13 @@ TEST_CASE("config errors name the key and what was expected", "[config]") {
         "cfg.json: eval.every: expected an integer, got the boolean true");
   CHECK(error_of({{"optim", {{"muon", {{"param_overrides", {{{"patern", "x"}}}}}}}}})
             .find("optim.muon.param_overrides[0].patern") != std::string::npos);
+  CHECK(error_of({{"optim", {{"weight_decay", {{"x0", -0.1}}}}}}) ==
+        "cfg.json: optim.weight_decay.x0: expected a number >= 0");
+  const json rules = {{{"pattern", "a"}}, {{"pattern", "b"}, {"wd_mul", -1}}};
+  CHECK(error_of({{"optim", {{"muon", {{"param_overrides", rules}}}}}}) ==
+        "cfg.json: optim.muon.param_overrides[1].wd_mul: expected a number >= 0");
+  CHECK(error_of({{"optim", {{"muon", {{"param_overrides", {{{"pattern", ""}}}}}}}}}) ==
+        "cfg.json: optim.muon.param_overrides[0].pattern: expected a non-empty pattern");
 }
 
 TEST_CASE("set overrides parse JSON values and create nested keys", "[config]") {

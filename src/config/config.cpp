@@ -34,7 +34,7 @@ constexpr const char* kBelowOne = "a number in [0, 1) (at most 0.99999994, the l
 
 // Cross-field and range checks; each error names the key path and what was expected.
 void validate(const Config& c, const config::Source& src) {
-  auto require = [&](bool ok, const char* key, const std::string& expected) {
+  auto require = [&](bool ok, std::string_view key, const std::string& expected) {
     if (!ok) fail("{}: {}: expected {}", src.at(key), key, expected);
   };
   auto choice = [&](const std::string& value, const char* key,
@@ -121,8 +121,11 @@ void validate(const Config& c, const config::Source& src) {
   require(mu.weight_decay_reference_depth > 0, "optim.muon.weight_decay_reference_depth",
           "a positive depth");
   for (size_t i = 0; i < mu.param_overrides.size(); ++i) {
-    require(!mu.param_overrides[i].pattern.empty(), "optim.muon.param_overrides",
-            "a non-empty pattern");
+    const auto& rule = mu.param_overrides[i];
+    const std::string at = fmt::format("optim.muon.param_overrides[{}]", i);
+    require(!rule.pattern.empty(), at + ".pattern", "a non-empty pattern");
+    require(rule.lr_mul >= 0, at + ".lr_mul", "a number >= 0");
+    require(rule.wd_mul >= 0, at + ".wd_mul", "a number >= 0");
   }
   for (auto [value, key] : {std::pair{o.embedding_lr, "optim.embedding_lr"},
                             {o.unembedding_lr, "optim.unembedding_lr"},
@@ -133,6 +136,15 @@ void validate(const Config& c, const config::Source& src) {
   require(below_one(o.adam_beta1), "optim.adam_beta1", kBelowOne);
   require(below_one(o.adam_beta2), "optim.adam_beta2", kBelowOne);
   require(o.adam_eps > 0, "optim.adam_eps", "a positive number");
+  // A negative decay would grow the weights away from zero, which no optimizer means.
+  for (auto [value, key] : {std::pair{o.weight_decay.embedding, "optim.weight_decay.embedding"},
+                            {o.weight_decay.value_embeds, "optim.weight_decay.value_embeds"},
+                            {o.weight_decay.unembedding, "optim.weight_decay.unembedding"},
+                            {o.weight_decay.resid, "optim.weight_decay.resid"},
+                            {o.weight_decay.x0, "optim.weight_decay.x0"},
+                            {o.weight_decay.matrix, "optim.weight_decay.matrix"}}) {
+    require(value >= 0, key, "a number >= 0");
+  }
   require(o.lr_reference_width > 0, "optim.lr_reference_width", "a positive number");
   require(o.lr_reference_batch > 0, "optim.lr_reference_batch", "a positive number");
   require(o.grad_clip >= 0, "optim.grad_clip", "0 (off) or a positive norm");
