@@ -11,7 +11,6 @@
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 #include <dlfcn.h>
-#include <spdlog/spdlog.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -29,7 +28,8 @@ namespace lmtrain::cuda {
 namespace fe = cudnn_frontend;
 
 // The mode an environment variable picks (LMTRAIN_CUDNN_ATTENTION, LMTRAIN_CUDNN_MLP): unset or
-// empty gives `fallback`, as does any value not among `choices`, with a warning listing them.
+// empty gives `fallback`; a value not among `choices` is an error listing them (a misspelt
+// setting must not run a benchmark with the default unnoticed).
 template <class Mode>
 Mode env_mode(const char* variable, Mode fallback,
               std::initializer_list<std::pair<const char*, Mode>> choices) {
@@ -40,8 +40,7 @@ Mode env_mode(const char* variable, Mode fallback,
     if (std::string(value) == name) return mode;
     names += (names.empty() ? "" : ", ") + std::string(name);
   }
-  spdlog::warn("{}={} is not one of {}: using the default", variable, value, names);
-  return fallback;
+  fail("{}={} is not one of {}", variable, value, names);
 }
 
 // A cuDNN handle whose work goes onto one stream. The first one loads libcudnn.so.9, from which
