@@ -84,8 +84,9 @@ train: build data
 # Iterations follow from the FLOPs budget: round(TARGET_FLOPS / (flops_per_token * batch)).
 ddp-train: build data
 	$(LMTRAIN) launch --nproc-per-node $(NGPUS) -- $(abspath $(LMTRAIN)) train --config $(DDP_CONFIG) \
-	  --set model.depth=$(DEPTH) --set schedule.target_param_data_ratio=-1 \
-	  --set schedule.target_flops=$(TARGET_FLOPS) --set run.name=$(RUN) \
+	  --set model.depth=$(DEPTH) --set schedule.num_iterations=-1 \
+	  --set schedule.target_param_data_ratio=-1 --set schedule.target_flops=$(TARGET_FLOPS) \
+	  --set run.name=$(RUN) \
 	  $(if $(TOTAL_BATCH),--set batch.total_batch_tokens=$(TOTAL_BATCH)) \
 	  $(if $(DEVICE_BATCH),--set batch.device_batch=$(DEVICE_BATCH)) $(ARGS)
 
