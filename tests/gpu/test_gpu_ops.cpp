@@ -529,6 +529,27 @@ TEST_CASE("gpu matmul tables give the measured algorithms back", "[gpu][ops][mat
   }
 }
 
+// A misspelt cuDNN switch is an error, as LMTRAIN_MATMUL_TUNING's is, not the default with a
+// warning. They are read in bf16 only (the fp32 mode uses neither graph).
+TEST_CASE("gpu backend refuses unknown values of the cuDNN switches", "[gpu][ops][cudnn]") {
+  require_gpu();
+#ifdef LMTRAIN_HAVE_CUDNN
+  {
+    const ScopedEnv attention("LMTRAIN_CUDNN_ATTENTION", "determinstic");
+    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
+                      "LMTRAIN_CUDNN_ATTENTION=determinstic is not one of 1, deterministic, "
+                      "nondeterministic, 0, off");
+  }
+  {
+    const ScopedEnv mlp("LMTRAIN_CUDNN_MLP", "yes");
+    CHECK_THROWS_WITH(lmtrain::CudaBackend(DType::bf16),
+                      "LMTRAIN_CUDNN_MLP=yes is not one of 0, off, 1, on, auto");
+  }
+#else
+  WARN("this build has no cuDNN (LMTRAIN_HAVE_CUDNN undefined): the switches are not read");
+#endif
+}
+
 // Weight gradients sum over every token of a batch: K in the tens of thousands, where cuBLASLt
 // may split K and use its workspace, accumulated in place (C == D) into an f32 gradient and an
 // activation-dtype output; with cuBLASLt's first suggestion and with measured algorithms.
