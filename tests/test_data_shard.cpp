@@ -323,6 +323,9 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
 
   write_meta(R"({"vocab_size": 8192, "bos_id": 0)");
   CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
+                    Catch::StartsWith(meta + ": not valid JSON: parse error at line 1, column 33"));
+  write_meta(R"([8192, 0])");
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
                     meta + ": not a JSON object, expected scripts/prepare_data.py's meta.json");
   write_meta(R"({"vocab_size": "8192", "bos_id": 0})");
   CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
@@ -351,5 +354,6 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
                         "the tokenizer " +
                         configured + " (the same vocab_size and bos_id, other contents)");
   write_text(beside, "{");
-  CHECK_THROWS_WITH(check_shard_meta(shard, configured, 8192, 0), beside + ": not valid JSON");
+  CHECK_THROWS_WITH(check_shard_meta(shard, configured, 8192, 0),
+                    Catch::StartsWith(beside + ": not valid JSON: parse error at line 1"));
 }

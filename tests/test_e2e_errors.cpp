@@ -202,7 +202,7 @@ TEST_CASE("e2e: shards made with another tokenizer are refused naming both files
   }
   SECTION("malformed") {
     write_text(meta, R"({"vocab_size": 8192, "bos_id": )");
-    expect_refused({{"data", {{"train", dir}}}}, {}, {meta, "not a JSON object"});
+    expect_refused({{"data", {{"train", dir}}}}, {}, {meta, "not valid JSON: parse error"});
     write_text(meta, R"({"vocab_size": 8192.5, "bos_id": 0})");
     expect_refused({{"data", {{"train", dir}}}}, {}, {meta, "'vocab_size'", "8192.5"});
   }
@@ -359,6 +359,15 @@ TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused
     rewrite_meta([](json& m) { m["extra"] = "x"; });
     require_one_error_line(run_lmtrain({"train", "--config", config, "--resume"}, tmp),
                            {(ckpt / "meta.json").string(), "'extra'"});
+  }
+  SECTION("meta.json cut short, or not an object") {
+    const std::string meta = (ckpt / "meta.json").string();
+    write_text(meta, read_text(meta).substr(0, 100));
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", ckpt.string()}, tmp),
+                           {meta, "not valid JSON: parse error at line"});
+    write_text(meta, "[]");
+    require_one_error_line(run_lmtrain({"sample", "--ckpt", ckpt.string()}, tmp),
+                           {meta, "expected a JSON object, got array"});
   }
 }
 

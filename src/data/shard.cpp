@@ -17,6 +17,7 @@
 
 #include "core/error.h"
 #include "io/atomic_dir.h"
+#include "io/json_reason.h"
 
 namespace lmtrain {
 
@@ -245,7 +246,7 @@ void check_shard_meta(const std::string& shard, const std::string& tokenizer_pat
   // Not following links: one that leads nowhere is reported by reading it.
   std::error_code ec;
   if (!fs::exists(fs::symlink_status(path, ec))) return;
-  const auto meta = nlohmann::json::parse(read_file(path), nullptr, /*allow_exceptions=*/false);
+  const auto meta = parse_json(read_file(path), path);
   check(meta.is_object(), "{}: not a JSON object, expected scripts/prepare_data.py's meta.json",
         path);
   auto integer = [&](const char* key) {
@@ -265,11 +266,7 @@ void check_shard_meta(const std::string& shard, const std::string& tokenizer_pat
   const fs::path beside = fs::path(path).parent_path() / "tokenizer.json";
   if (!fs::exists(fs::symlink_status(beside, ec)) || fs::equivalent(beside, tokenizer_path, ec))
     return;
-  auto parse = [](const std::string& file) {
-    auto json = nlohmann::json::parse(read_file(file), nullptr, /*allow_exceptions=*/false);
-    check(!json.is_discarded(), "{}: not valid JSON", file);
-    return json;
-  };
+  auto parse = [](const std::string& file) { return parse_json(read_file(file), file); };
   check(parse(beside.string()) == parse(tokenizer_path),
         "{}: the tokenizer the shards beside it were made with differs from the tokenizer {} "
         "(the same vocab_size and bos_id, other contents)",

@@ -16,4 +16,14 @@ inline std::string json_reason(const nlohmann::json::exception& e) {
   return escape_unprintable(end == std::string::npos ? what : what.substr(end + 2));
 }
 
+// The JSON document `text`, read from the file `path`: a parse error names the file and where
+// the parse stopped.
+inline nlohmann::json parse_json(const std::string& text, const std::string& path) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: not valid JSON: {}", path, json_reason(e));
+  }
+}
+
 }  // namespace lmtrain

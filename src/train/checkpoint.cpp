@@ -9,6 +9,7 @@
 
 #include "data/loader.h"
 #include "io/atomic_dir.h"
+#include "io/json_reason.h"
 #include "io/safetensors.h"
 
 namespace lmtrain {
@@ -168,8 +169,8 @@ std::string resolve_checkpoint(const std::string& path) {
 
 nlohmann::json read_checkpoint_meta(const std::string& dir) {
   const std::string path = (fs::path(dir) / "meta.json").string();
-  auto meta = nlohmann::json::parse(read_file(path), nullptr, /*allow_exceptions=*/false);
-  check(meta.is_object(), "{}: not valid JSON", path);
+  auto meta = parse_json(read_file(path), path);
+  check(meta.is_object(), "{}: expected a JSON object, got {}", path, meta.type_name());
   for (const char* key : {"format_version", "config", "step", "loader"}) {
     check(meta.contains(key), "{}: missing key '{}'", path, key);
   }
@@ -212,8 +213,7 @@ nlohmann::json checkpoint_loader_state(const std::string& dir, int rank, int wor
       return meta["loader"];
     }
     const std::string path = (fs::path(dir) / loader_name(rank)).string();
-    auto state = nlohmann::json::parse(read_file(path), nullptr, false);
-    check(!state.is_discarded(), "{}: not valid JSON", path);
+    auto state = parse_json(read_file(path), path);
     well_formed(state, path);
     return state;
   }
