@@ -1,13 +1,29 @@
 // lmtrain: trains GPT language models end to end. Errors reach here as exceptions and are
 // printed as one line; the exit code is non-zero.
+#include <fcntl.h>
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <string>
 
 #include "cli/commands.h"
 
+namespace {
+
+// A standard descriptor the caller closed (`lmtrain ... >&-`) would be the next file or socket
+// opened: log lines would land in a checkpoint, and the launcher would hand its ranks the store
+// socket as their stdout. /dev/null takes each closed one's place first; it stays open for the
+// whole process, as the standard streams do.
+void fill_closed_standard_streams() {
+  for (int fd = 0; fd <= 2; ++fd)
+    if (::fcntl(fd, F_GETFD) == -1 && errno == EBADF) ::open("/dev/null", O_RDWR);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  fill_closed_standard_streams();
   CLI::App app{"lmtrain: train, evaluate and sample GPT language models"};
   app.require_subcommand(1);
   lmtrain::Action action;
