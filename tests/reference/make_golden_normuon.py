@@ -4,8 +4,10 @@
 Writes, under tests/golden/:
   normuon_stacks.json / .safetensors   3 Muon steps on three synthetic stacks,
                                        for every variant of the muon block
-  normuon_gpt.json / .safetensors      3 training steps of the gpt_tiny model
+  normuon_gpt.json / .safetensors      4 training steps of the gpt_tiny model
                                        with each optim preset of configs/optim
+                                       (the params after the last step; with
+                                       cautious decay after every step)
 
 Before writing anything it checks the reference itself:
   * Polar Express / Newton-Schulz singular values land in their design band,
@@ -153,10 +155,11 @@ def gpt_overrides(tiny_optim: dict) -> dict:
 def train_gpt(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tensor,
               targets: torch.Tensor, optim: dict, total_batch_tokens: int, sched: dict,
               dtype: torch.dtype):
-    """num_iterations steps on one batch. Returns (losses, final params, decisions)."""
+    """num_iterations steps on one batch. Returns (losses, the params after each step,
+    decisions)."""
     params = {k: v.to(dtype).clone().requires_grad_(True) for k, v in init.items()}
     opt = GPTOptimizer(cfg, params, optim, total_batch_tokens, sched)
-    losses, decisions = [], []
+    losses, snapshots, decisions = [], [], []
     cautious = opt.stacks and opt.muon["weight_decay_mode"] == "cautious"
     for step in range(sched["num_iterations"]):
         opt.zero_grad()
@@ -164,10 +167,10 @@ def train_gpt(cfg: GPTConfig, init: dict[str, torch.Tensor], tokens: torch.Tenso
         loss.backward()
         losses.append(loss.detach().clone())
         opt.step(step)
+        snapshots.append({k: v.detach().clone() for k, v in params.items()})
         if cautious:
             decisions += [{"step": step, "names": st.names, **st.last} for st in opt.stacks]
-    final = {k: v.detach().clone() for k, v in params.items()}
-    return losses, final, decisions
+    return losses, snapshots, decisions
 
 
 # --------------------------------------------------------------------------
@@ -345,8 +348,9 @@ def make_gpt_golden() -> None:
     for preset in GPT_PRESETS:
         section = {"preset": preset, **overrides}
         optim = resolve_optim(section)
-        losses32, final32, dec32 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float32)
-        losses64, final64, dec64 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float64)
+        losses32, steps32, dec32 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float32)
+        losses64, steps64, dec64 = train_gpt(cfg, init, tokens, targets, optim, tbt, sched, torch.float64)
+        final32, final64 = steps32[-1], steps64[-1]
         loss_diff = max(abs(a.item() - b.item()) / abs(b.item()) for a, b in zip(losses32, losses64))
         margin, at_risk = sign_margin(dec32, dec64) if dec32 else (math.inf, [])
         # Outside the at-risk cautious decisions the fp32 run must track fp64
@@ -370,8 +374,13 @@ def make_gpt_golden() -> None:
         assert loss_diff < 1e-5 and param_diff < 2e-5, (preset, loss_diff, param_diff)
         for k, loss in enumerate(losses32, start=1):
             tensors[f"{preset}.step{k}.loss"] = loss.reshape(1)
-        for name, t in final32.items():
-            tensors[f"{preset}.step{len(losses32)}.{name}"] = t
+        # With cautious decay, the params after every step: the C++ test restarts each step from
+        # them, so that a decision rounding flips moves its own element at its own step only
+        # (a flip's knock-on through later gradients and orthogonalizations has no bound).
+        for k, snapshot in enumerate(steps32, start=1):
+            if k == len(steps32) or dec32:
+                for name, t in snapshot.items():
+                    tensors[f"{preset}.step{k}.{name}"] = t
         presets_doc[preset] = {
             "optim": section,
             "resolved_optim": optim,
