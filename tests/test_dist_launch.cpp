@@ -1,8 +1,10 @@
 // `lmtrain launch`: rank environment, output prefixes, failure propagation, signal forwarding.
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <string>
@@ -10,6 +12,7 @@
 
 #include "core/error.h"
 #include "dist_support.h"
+#include "test_support.h"
 
 using Catch::Matchers::Contains;
 using Clock = std::chrono::steady_clock;
@@ -123,6 +126,29 @@ TEST_CASE("launch: the store socket is bound for lmtrain only", "[dist]") {
   REQUIRE(other.finish() == 0);
   CHECK_THAT(other.output, Contains("[rank 0] fd -1 port " + port + "\n") &&
                                Contains("[rank 1] fd -1 port " + port + "\n"));
+}
+
+// Several ranks each running OpenMP threads on every core would oversubscribe the node, so each
+// gets its share of the cores in OMP_NUM_THREADS, unless the user set it; one rank keeps them all.
+TEST_CASE("launch: each rank gets its share of the cores unless OMP_NUM_THREADS is set", "[dist]") {
+  cpu_set_t allowed;
+  REQUIRE(sched_getaffinity(0, sizeof allowed, &allowed) == 0);
+  const std::string share = std::to_string(std::max(1, CPU_COUNT(&allowed) / 2));
+  const std::string script = "echo \"threads [$OMP_NUM_THREADS]\"";
+  {
+    const lmtrain::test_support::ScopedEnv unset("OMP_NUM_THREADS", nullptr);
+    Launcher two({"--nproc-per-node", "2", "--", "sh", "-c", script});
+    REQUIRE(two.finish() == 0);
+    CHECK_THAT(two.output, Contains("[rank 0] threads [" + share + "]\n") &&
+                               Contains("[rank 1] threads [" + share + "]\n"));
+    Launcher one({"--nproc-per-node", "1", "--", "sh", "-c", script});
+    REQUIRE(one.finish() == 0);
+    CHECK_THAT(one.output, Contains("[rank 0] threads []\n"));
+  }
+  const lmtrain::test_support::ScopedEnv chosen("OMP_NUM_THREADS", "7");
+  Launcher two({"--nproc-per-node", "2", "--", "sh", "-c", script});
+  REQUIRE(two.finish() == 0);
+  CHECK_THAT(two.output, Contains("[rank 0] threads [7]\n") && Contains("[rank 1] threads [7]\n"));
 }
 
 TEST_CASE("launch: 'lmtrain' as the command runs this executable", "[dist]") {

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -83,6 +85,24 @@ class TempDir {
 
  private:
   std::filesystem::path path_;
+};
+
+// Sets (or with nullptr unsets) an environment variable for one scope, then restores it. For
+// the test's own thread only: nothing else may read the environment meanwhile.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    if ((value ? ::setenv(name, value, 1) : ::unsetenv(name)) != 0)
+      throw std::runtime_error(std::string("cannot set ") + name);
+  }
+  ~ScopedEnv() { old_ ? ::setenv(name_, old_->c_str(), 1) : ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
 };
 
 }  // namespace lmtrain::test_support

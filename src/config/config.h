@@ -31,7 +31,9 @@ struct RunConfig {
     v("dtype", dtype,
       "activation and matmul dtype on the GPU: bf16 | fp32 (the CPU backend always computes in "
       "fp32)");
-    v("threads", threads, "CPU threads, up to 1024 (0: all cores)");
+    v("threads", threads,
+      "CPU threads, up to 1024 (0: OMP_NUM_THREADS if set, else all cores; lmtrain launch sets "
+      "each rank's share of the cores)");
     v("recompute_activations", recompute_activations,
       "keep only each block's output through the forward and recompute the block's activations "
       "in the backward: one block's activations in memory instead of depth blocks', for about "

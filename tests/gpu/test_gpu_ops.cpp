@@ -26,6 +26,7 @@
 
 using namespace gpu_test;
 using lmtrain::AdamWHyper;
+using lmtrain::test_support::ScopedEnv;
 
 namespace {
 
@@ -390,22 +391,6 @@ const std::vector<Expect> kMatmulFormsExpect = {
     {"out", kReduction, kBf16}, {"acc", kReduction, kBf16},       {"sum", kReduction, kBf16},
     {"addend", kExact, kExact}, {"grad", kReduction, kReduction}, {"poly", kReduction, kBf16},
     {"y", kReduction, kBf16},   {"gram", kExact, kExact}};
-
-// Sets (or with nullptr unsets) an environment variable for one scope, then restores it.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    REQUIRE((value ? setenv(name, value, 1) : unsetenv(name)) == 0);
-  }
-  ~ScopedEnv() { old_ ? setenv(name_, old_->c_str(), 1) : unsetenv(name_); }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 // A real cuBLASLt descriptor made for other data types than any matmul of `act` mode uses:
 // cublasLtMatmulAlgoCheck refuses a descriptor that does not match the layouts.
