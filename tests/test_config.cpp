@@ -287,7 +287,8 @@ TEST_CASE("float-valued keys stay in range as floats", "[config]") {
 // run.threads 100000 spun OpenBLAS; depth 16777215 spent 5 GB before failing.
 TEST_CASE("run.threads and model.depth have upper bounds", "[config]") {
   CHECK(error_of({{"run", {{"threads", 1025}}}}) ==
-        "cfg.json: run.threads: expected 0 (all cores) or a count up to 1024, got 1025");
+        "cfg.json: run.threads: expected 0 (OMP_NUM_THREADS, else all cores) or a count up to "
+        "1024, got 1025");
   CHECK(error_of({{"run", {{"threads", 1024}}}}).empty());
   CHECK(error_of({{"model", {{"depth", 16777215}, {"aspect_ratio", 32}}}}) ==
         "cfg.json: model.depth: expected at most 1024 layers, got 16777215");

@@ -324,6 +324,9 @@ TEST_CASE("check_shard_meta compares meta.json with the tokenizer", "[data][shar
   write_meta(R"({"vocab_size": 8192, "bos_id": 0)");
   CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
                     Catch::StartsWith(meta + ": not valid JSON: parse error at line 1, column 33"));
+  write_meta(R"({"vocab_size": 1e999, "bos_id": 0})");  // beyond a double: nlohmann's other error
+  CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
+                    Catch::StartsWith(meta + ": not valid JSON: number overflow"));
   write_meta(R"([8192, 0])");
   CHECK_THROWS_WITH(check_shard_meta(shard, "tok.json", 8192, 0),
                     meta + ": not a JSON object, expected scripts/prepare_data.py's meta.json");

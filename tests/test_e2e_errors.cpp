@@ -367,7 +367,7 @@ TEST_CASE("e2e: a checkpoint with NaN values or a malformed meta.json is refused
                            {meta, "not valid JSON: parse error at line"});
     write_text(meta, "[]");
     require_one_error_line(run_lmtrain({"sample", "--ckpt", ckpt.string()}, tmp),
-                           {meta, "expected a JSON object, got array"});
+                           {meta, "expected a JSON object, got an array"});
   }
 }
 

@@ -47,7 +47,8 @@ void validate(const Config& c, const config::Source& src) {
   choice(c.run.dtype, "run.dtype", {"bf16", "fp32"});
   // More threads than any machine has cores only spins (OpenBLAS under an address-space limit).
   require(c.run.threads >= 0 && c.run.threads <= kMaxThreads, "run.threads",
-          fmt::format("0 (all cores) or a count up to {}, got {}", kMaxThreads, c.run.threads));
+          fmt::format("0 (OMP_NUM_THREADS, else all cores) or a count up to {}, got {}",
+                      kMaxThreads, c.run.threads));
   require(!c.run.name.empty(), "run.name", "a non-empty name");
   // An empty path would reach the error of whatever opens it as ": no such file".
   for (auto [value, key] : {std::pair{&c.run.out_dir, "run.out_dir"},

@@ -221,13 +221,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
         path);
   std::ifstream file(path);
   check(file.good(), "{}: cannot open tokenizer", path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(file);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON: {}", path, json_reason(e));
-  }
-  return from_json(j, path);
+  return from_json(parse_json(file, path), path);
 }
 
 Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& path) {

@@ -164,10 +164,11 @@ std::vector<std::string> rank_environment(
 }
 
 // Each rank's share of the cores this launcher may run on, for its OpenMP (and OpenBLAS) threads,
-// unless OMP_NUM_THREADS is set already: several ranks each running threads on every core would
-// oversubscribe them (2 CPU ranks on 2 cores trained 1.6x slower so). torchrun sets 1.
+// unless OMP_NUM_THREADS is set (and not empty): several ranks each running threads on every core
+// would oversubscribe them (2 CPU ranks on 2 cores trained 1.6x slower so). torchrun sets 1.
 std::vector<std::pair<std::string, std::string>> thread_share(int ranks_per_node) {
-  if (ranks_per_node == 1 || std::getenv("OMP_NUM_THREADS")) return {};
+  const char* chosen = std::getenv("OMP_NUM_THREADS");
+  if (ranks_per_node == 1 || (chosen && *chosen)) return {};
   cpu_set_t allowed;
   const int cores = ::sched_getaffinity(0, sizeof allowed, &allowed) == 0
                         ? CPU_COUNT(&allowed)
@@ -311,6 +312,7 @@ int launch(const LaunchOptions& o) {
   auto [store_listener, port] =
       rendezvous_port(o, addr, o.node_rank == 0 && world > 1 && same_program(argv[0], self));
 
+  const auto threads = thread_share(o.nproc_per_node);
   SignalCatcher signals;
   RankGroup group;
   for (int local = 0; local < o.nproc_per_node; ++local) {
@@ -325,7 +327,7 @@ int launch(const LaunchOptions& o) {
         {"MASTER_ADDR", addr},
         {"MASTER_PORT", std::to_string(port)},
         {"LMTRAIN_STORE_FD", std::to_string(inherited)}};
-    for (auto& share : thread_share(o.nproc_per_node)) vars.push_back(std::move(share));
+    vars.insert(vars.end(), threads.begin(), threads.end());
     group.spawn(rank, argv, rank_environment(vars), inherited);
     if (rank == 0) store_listener.reset();  // rank 0 holds it now
   }

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "core/error.h"
 
@@ -16,12 +17,13 @@ inline std::string json_reason(const nlohmann::json::exception& e) {
   return escape_unprintable(end == std::string::npos ? what : what.substr(end + 2));
 }
 
-// The JSON document `text`, read from the file `path`: a parse error names the file and where
-// the parse stopped.
-inline nlohmann::json parse_json(const std::string& text, const std::string& path) {
+// The JSON document `text` (or stream), read from the file `path`: a parse error names the file
+// and where the parse stopped; a number beyond a double (1e999) names the file too.
+template <class Input>
+nlohmann::json parse_json(Input&& text, const std::string& path) {
   try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+    return nlohmann::json::parse(std::forward<Input>(text));
+  } catch (const nlohmann::json::exception& e) {
     fail("{}: not valid JSON: {}", path, json_reason(e));
   }
 }

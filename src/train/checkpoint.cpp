@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "config/schema.h"
 #include "data/loader.h"
 #include "io/atomic_dir.h"
 #include "io/json_reason.h"
@@ -170,7 +171,7 @@ std::string resolve_checkpoint(const std::string& path) {
 nlohmann::json read_checkpoint_meta(const std::string& dir) {
   const std::string path = (fs::path(dir) / "meta.json").string();
   auto meta = parse_json(read_file(path), path);
-  check(meta.is_object(), "{}: expected a JSON object, got {}", path, meta.type_name());
+  check(meta.is_object(), "{}: expected a JSON object, got {}", path, config::describe(meta));
   for (const char* key : {"format_version", "config", "step", "loader"}) {
     check(meta.contains(key), "{}: missing key '{}'", path, key);
   }
