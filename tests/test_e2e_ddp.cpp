@@ -176,6 +176,19 @@ TEST_CASE("a checkpoint from 2 ranks resumes with 1 and with 4 ranks and continu
     // The same global batches in a different split over ranks: the curve continues.
     for (size_t i = 0; i < got.size(); ++i) CHECK(std::abs(got[i] - reference[4 + i]) < 1e-4);
   }
+  // With the same world size each rank reads its own loader position: one cut short is named.
+  const std::string out = tmp / "cut";
+  json c = config;
+  c["run"]["out_dir"] = out;
+  const fs::path step = RunPaths(out, "e2e").ckpt / "step_000004";
+  fs::create_directories(step.parent_path());
+  fs::copy(RunPaths(base, "e2e").ckpt / "step_000004", step, fs::copy_options::recursive);
+  write_text(RunPaths(out, "e2e").ckpt / "latest", "step_000004");
+  const std::string loader = (step / "loader.rank00001.json").string();
+  write_text(loader, read_text(loader).substr(0, 10));
+  const Result r = launch(2, {"--config", write_config(tmp, c, "cut.json"), "--resume"}, tmp);
+  CHECK(r.code != 0);
+  CHECK_THAT(r.err, Catch::Contains(loader + ": not valid JSON: parse error"));
 }
 
 TEST_CASE("a rank that dies stops the others with a message naming it", "[e2e][ddp]") {
