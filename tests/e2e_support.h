@@ -87,16 +87,17 @@ inline int decode_status(int status) {
 
 // Runs `lmtrain args...` in the repository root (as ctest does) and waits; stdout and stderr
 // are captured separately into files under `tmp`. `shell_setup` runs first in the same shell
-// ("ulimit -n 64;").
+// ("ulimit -n 64;"). With `close_stdout` lmtrain starts with its stdout closed (`>&-`).
 inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& tmp,
-                          const std::string& shell_setup = "") {
+                          const std::string& shell_setup = "", bool close_stdout = false) {
   static int counter = 0;
   const std::string tag = std::to_string(++counter);
   const fs::path out = tmp.path() / (".stdout" + tag), err = tmp.path() / (".stderr" + tag);
   std::string command = "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " + shell_setup + " " +
                         shell_quote(LMTRAIN_BINARY);
   for (const auto& a : args) command += " " + shell_quote(a);
-  command += " >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string()) + " </dev/null";
+  command += (close_stdout ? " >&-" : " >" + shell_quote(out.string())) + " 2>" +
+             shell_quote(err.string()) + " </dev/null";
   Result r;
   r.code = decode_status(std::system(command.c_str()));
   r.out = read_text(out);

@@ -207,22 +207,19 @@ TEST_CASE("a rank that dies stops the others with a message naming it", "[e2e][d
   CHECK(r.err.find("rank 1") != std::string::npos);
 }
 
-// Started with stdout closed (`>&-`), the launcher's store socket used
-// to become descriptor 1, which rank 0 then found replaced by its standard output
-// ("LMTRAIN_STORE_FD=1: is not a listening socket"); lmtrain now opens /dev/null in the place of a
-// closed standard descriptor before anything else.
+// Started with stdout closed (`>&-`), the launcher's store socket used to become descriptor 1,
+// which rank 0 then found replaced by its standard output ("LMTRAIN_STORE_FD=1: is not a
+// listening socket"); lmtrain now opens /dev/null in the place of a closed standard descriptor
+// before anything else.
 TEST_CASE("a launch with stdout closed trains", "[e2e][ddp]") {
   TempDir tmp;
   const std::string out = tmp / "closed";
   const std::string config = write_config(tmp, ddp_config(out, "adamw"));
-  const std::string err = tmp / "stderr";
-  const std::string command = "cd " + shell_quote(LMTRAIN_SOURCE_DIR) + " && " +
-                              shell_quote(LMTRAIN_BINARY) + " launch --nproc-per-node 2 -- " +
-                              shell_quote(LMTRAIN_BINARY) + " train --config " +
-                              shell_quote(config) + " >&- </dev/null 2>" + shell_quote(err);
-  const int code = decode_status(std::system(command.c_str()));
-  INFO(read_text(err));
-  CHECK(code == 0);
+  const Result r = run_lmtrain(
+      {"launch", "--nproc-per-node", "2", "--", LMTRAIN_BINARY, "train", "--config", config}, tmp,
+      "", /*close_stdout=*/true);
+  INFO(r.err);
+  CHECK(r.code == 0);
   CHECK(losses(fs::path(out) / "e2e" / "metrics.jsonl").size() == 5);
 }
 
