@@ -107,11 +107,17 @@ inline Result run_lmtrain(const std::vector<std::string>& args, const TempDir& t
   return r;
 }
 
-// A process started in the background with its output in files; see run_lmtrain_background.
-// The destructor kills it if a failed check left it running.
+// A process started in the background with its output in files (or its stdout in a pipe); see
+// run_lmtrain_background. The destructor kills it if a failed check left it running.
 struct Background {
   pid_t pid = -1;
   fs::path out, err;
+  int stdout_reader = -1;  // the pipe's read end, with BackgroundOptions::stdout_to_pipe
+  // Closes the read end of the stdout pipe, as a pager that quits does.
+  void close_stdout_reader() {
+    if (stdout_reader >= 0) ::close(stdout_reader);
+    stdout_reader = -1;
+  }
   // Waits for the process to end and collects its output.
   Result wait() {
     int status = 0;
@@ -124,13 +130,18 @@ struct Background {
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);
     }
+    close_stdout_reader();
   }
 };
 
-// Starts `lmtrain args...` in the repository root without waiting; `ignore_hangup` starts it
-// with SIGHUP ignored, as nohup does.
+struct BackgroundOptions {
+  bool ignore_hangup = false;   // start with SIGHUP ignored, as nohup does
+  bool stdout_to_pipe = false;  // stdout into a pipe whose read end is Background::stdout_reader
+};
+
+// Starts `lmtrain args...` in the repository root without waiting.
 inline void run_lmtrain_background(const std::vector<std::string>& args, const TempDir& tmp,
-                                   Background& bg, bool ignore_hangup = false) {
+                                   Background& bg, BackgroundOptions options = {}) {
   bg.out = tmp.path() / ".bg_stdout";
   bg.err = tmp.path() / ".bg_stderr";
   std::vector<std::string> argv_storage = {LMTRAIN_BINARY};
@@ -138,14 +149,17 @@ inline void run_lmtrain_background(const std::vector<std::string>& args, const T
   std::vector<char*> argv;
   for (auto& a : argv_storage) argv.push_back(a.data());
   argv.push_back(nullptr);
+  int pipe_fds[2] = {-1, -1};
+  if (options.stdout_to_pipe) REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
   const pid_t pid = ::fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
     int in = ::open("/dev/null", O_RDONLY);
-    int o = ::open(bg.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    int o = options.stdout_to_pipe ? pipe_fds[1]
+                                   : ::open(bg.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     int e = ::open(bg.err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (in < 0 || o < 0 || e < 0 || ::chdir(LMTRAIN_SOURCE_DIR) != 0) ::_exit(126);
-    if (ignore_hangup) ::signal(SIGHUP, SIG_IGN);
+    if (options.ignore_hangup) ::signal(SIGHUP, SIG_IGN);
     ::dup2(in, 0);
     ::dup2(o, 1);
     ::dup2(e, 2);
@@ -153,6 +167,10 @@ inline void run_lmtrain_background(const std::vector<std::string>& args, const T
     ::_exit(127);
   }
   bg.pid = pid;
+  if (options.stdout_to_pipe) {
+    ::close(pipe_fds[1]);
+    bg.stdout_reader = pipe_fds[0];
+  }
 }
 
 // Polls `done` every 5 ms for up to 60 s; returns whether it came true.

@@ -1,4 +1,6 @@
 // GlooCommunicator with 2 and 4 ranks as threads on 127.0.0.1, against the serial computation.
+#include <signal.h>
+
 #include <catch2/catch.hpp>
 #include <future>
 #include <mutex>
@@ -212,7 +214,10 @@ TEST_CASE("started collectives do not block the caller, run in order, and report
   }
 }
 
+// A rank process starts with SIGPIPE's default action (the launcher restores it); a write that
+// races the peer's exit would end the process silently unless the communicator ignores it.
 TEST_CASE("a collective whose peer is gone fails at wait, naming the collective", "[dist]") {
+  ::signal(SIGPIPE, SIG_DFL);
   StoreSocket socket;
   std::string error;
   std::promise<void> rank0_joined;
@@ -237,6 +242,9 @@ TEST_CASE("a collective whose peer is gone fails at wait, naming the collective"
   }
   peer.join();
   CHECK_THAT(error, Catch::Matchers::Contains("gloo all_reduce_sum (rank 0 of 2)"));
+  struct sigaction after {};
+  sigaction(SIGPIPE, nullptr, &after);
+  CHECK(after.sa_handler == SIG_IGN);
 }
 
 // Every rank stops at the same micro-step, naming the ranks whose loss was not finite; with every

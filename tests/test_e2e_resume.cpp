@@ -6,6 +6,11 @@ using namespace lmtrain::e2e;
 
 namespace {
 
+// A tiny config with far more steps than can run before the test stops it by a signal.
+std::string endless_config(const TempDir& tmp, const std::string& out_dir) {
+  return write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}}}));
+}
+
 // The step records (those with train_loss) of a metrics file, by step.
 std::map<int, json> train_records(const fs::path& metrics) {
   std::map<int, json> by_step;
@@ -84,9 +89,7 @@ TEST_CASE("e2e: resume is bit-exact with the adamw preset", "[e2e]") {
 TEST_CASE("e2e: SIGTERM saves a checkpoint that --resume continues from", "[e2e]") {
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
-  // Far more steps than can run before the signal arrives.
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}}}));
+  const std::string config = endless_config(tmp, out_dir);
   const RunPaths run(out_dir, "e2e");
 
   Background bg;
@@ -205,8 +208,7 @@ TEST_CASE("e2e: a run resumed from its final checkpoint does not repeat the last
 TEST_CASE("e2e: SIGHUP saves a checkpoint unless it is ignored", "[e2e]") {
   TempDir tmp;
   const std::string out_dir = tmp / "runs";
-  const std::string config =
-      write_config(tmp, tiny_config(out_dir, {{"schedule", {{"num_iterations", 100000}}}}));
+  const std::string config = endless_config(tmp, out_dir);
   {
     Background bg;
     run_lmtrain_background({"train", "--config", config}, tmp, bg);
@@ -218,7 +220,8 @@ TEST_CASE("e2e: SIGHUP saves a checkpoint unless it is ignored", "[e2e]") {
     CHECK(stopped.out.find("stopped by signal 1") != std::string::npos);
   }
   Background bg;
-  run_lmtrain_background({"train", "--config", config, "--set", "run.name=nohup"}, tmp, bg, true);
+  run_lmtrain_background({"train", "--config", config, "--set", "run.name=nohup"}, tmp, bg,
+                         {.ignore_hangup = true});
   const fs::path metrics = RunPaths(out_dir, "nohup").metrics;
   REQUIRE(wait_for_step(metrics, 1));
   REQUIRE(::kill(bg.pid, SIGHUP) == 0);
@@ -228,4 +231,26 @@ TEST_CASE("e2e: SIGHUP saves a checkpoint unless it is ignored", "[e2e]") {
   const Result stopped = bg.wait();
   INFO(stopped.all());
   CHECK(stopped.code == 143);
+}
+
+// A reader of the output that goes away (a pager quit) does not end the run: it trains on, and
+// SIGTERM then stops it with a checkpoint as usual.
+TEST_CASE("e2e: a run whose stdout reader has gone trains on and saves when stopped", "[e2e]") {
+  TempDir tmp;
+  const std::string out_dir = tmp / "runs";
+  const std::string config = endless_config(tmp, out_dir);
+  const RunPaths run(out_dir, "e2e");
+  Background bg;
+  run_lmtrain_background({"train", "--config", config}, tmp, bg, {.stdout_to_pipe = true});
+  REQUIRE(wait_for_step(run.metrics, 1));
+  bg.close_stdout_reader();
+  // Each step logs a line: the writes after the close fail (with SIGPIPE's default action, the
+  // first of them would have ended the process).
+  const int before = train_records(run.metrics).rbegin()->first;
+  CHECK(wait_for_step(run.metrics, before + 3));
+  REQUIRE(::kill(bg.pid, SIGTERM) == 0);
+  const Result stopped = bg.wait();
+  INFO(stopped.all());
+  CHECK(stopped.code == 143);
+  CHECK(fs::exists(run.ckpt / "latest"));
 }

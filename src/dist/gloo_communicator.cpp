@@ -8,6 +8,7 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <signal.h>
 
 #include <cstring>
 
@@ -40,14 +41,27 @@ class GlooStore final : public gloo::rendezvous::Store {
   TcpStore& store_;
 };
 
-// Gloo reports failures (a peer gone, a timeout) as gloo::Exception; say which collective.
+// Gloo reports failures (a peer gone, a timeout) as gloo::Exception, and a broken invariant of
+// its own (GLOO_ENFORCE) as gloo::EnforceNotMet, which is not one; say which collective.
 template <typename F>
 void gloo_call(const char* op, int rank, int world, F&& call) {
   try {
     call();
   } catch (const gloo::Exception& e) {
     fail("gloo {} (rank {} of {}): {}", op, rank, world, e.what());
+  } catch (const gloo::EnforceNotMet& e) {
+    fail("gloo {} (rank {} of {}): {}", op, rank, world, e.what());
   }
+}
+
+// Gloo's TCP transport writes to its sockets without MSG_NOSIGNAL, so a write that races a
+// peer's exit raises SIGPIPE, whose default action ends the process without a word. Ignored,
+// the write fails with EPIPE and Gloo reports the peer gone, which gloo_call names. A handler
+// someone installed is left alone.
+void ignore_default_sigpipe() {
+  struct sigaction current {};
+  sigaction(SIGPIPE, nullptr, &current);
+  if (current.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
 }
 
 using ReduceFn = void (*)(void*, const void*, const void*, size_t);
@@ -61,6 +75,7 @@ void divide(Tensor x, int world) {
 
 GlooCommunicator::GlooCommunicator(std::shared_ptr<TcpStore> store)
     : store_(std::move(store)), rank_(store_->info().rank), world_size_(store_->info().world_size) {
+  ignore_default_sigpipe();
   gloo::transport::tcp::attr attr;
   if (auto iface = process_env("GLOO_SOCKET_IFNAME")) {
     attr.iface = *iface;

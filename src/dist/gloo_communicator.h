@@ -2,7 +2,9 @@
 // rendezvous store (a gloo::rendezvous::Store adapter over TcpStore) and then talk directly:
 // each rank listens on the local address that routes to MASTER_ADDR (127.0.0.1 for a
 // single-machine job), or on the interface named by GLOO_SOCKET_IFNAME. Collectives run on a
-// communication thread, in the order they were started.
+// communication thread, in the order they were started. Constructing one makes the process
+// ignore SIGPIPE (unless it has a handler for it): a peer that leaves is then an error naming
+// the collective, not a silent death.
 #pragma once
 
 #include <memory>

@@ -380,6 +380,10 @@ int train(const TrainOptions& options) {
   std::signal(SIGTERM, on_stop_signal);
   // A hangup (the terminal went away) stops the run too, unless it was ignored (nohup).
   if (std::signal(SIGHUP, on_stop_signal) == SIG_IGN) std::signal(SIGHUP, SIG_IGN);
+  // A reader of the output that went away (a pager quit, a tee killed) fails the log's writes
+  // instead of ending the run unsaved; training goes on, and SIGINT still stops it with a
+  // checkpoint.
+  std::signal(SIGPIPE, SIG_IGN);
 
   // A signal that arrives during an evaluation, a sample or a save (long, and outside the step's
   // agreement) is agreed on right after it, so the run stops there instead of a step later.
