@@ -536,6 +536,19 @@ TEST_CASE("cudnn attention (bf16) matches the CPU reference", "[gpu][attention][
     CHECK(check_cudnn_forward(c, seed++));
     CHECK(check_cudnn_backward(c, seed++));
   }
+  // d12's and d20's shapes as the model trains them (B 64 and 16 at T 2048, as many kv heads as
+  // query heads): v and the gradients are bands of the q|k|v projection and its gradient, q, k,
+  // out and dout dense. cuDNN must build their graphs, or training falls back to our kernel on
+  // dense copies (test_gpu_bands.cpp checks the values at one sequence of d12).
+  for (const auto [B, H] : {std::pair{64, 6}, {16, 10}})
+    for (int window : {1024, 2048}) {
+      const int64_t band = 3 * int64_t(H) * 128;
+      const cuda::AttentionPitches pitch{.v = band, .dq = band, .dk = band, .dv = band};
+      const cuda::AttentionShape s{B, 2048, H, H, 128, window, pitch};
+      INFO("B " << B << " H " << H << " window " << window);
+      CHECK(cudnn_attention()->workspace_bytes(s, false) >= 0);
+      CHECK(cudnn_attention()->workspace_bytes(s, true) >= 0);
+    }
   std::printf("cuDNN attention: %d graphs accepted, %d rejected\n", cudnn_accepted, cudnn_rejected);
   worst_seen.print("cudnn attention");
 }

@@ -100,42 +100,58 @@ TEST_CASE("gpu norm_rope and value_gate on bands match the CPU", "[gpu][ops][ban
   }
 }
 
+namespace {
+
+// Attention forward and backward with q, k and v read from bands of a packed (B*T, q|k|v) array
+// and the gradients written into bands of its gradient, against the CPU. `model_mix`: q and k
+// dense (the normalised copies), as the model has them.
+void check_attention_on_bands(DType act, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                              int window, bool model_mix) {
+  const int64_t Htot = H + 2 * Hkv, N = B * T;
+  OpCase c(act);
+  c.add("qkv", {N, Htot * D}, Kind::act, randn(size_t(N * Htot * D)))
+      .add("dqkv", {N, Htot * D}, Kind::act, randn(size_t(N * Htot * D)))
+      .add("q", {B, T, H, D}, Kind::act, randn(size_t(N * H * D)))
+      .add("k", {B, T, Hkv, D}, Kind::act, randn(size_t(N * Hkv * D)))
+      .add("out", {B, T, H, D}, Kind::act, poison(size_t(N * H * D)))
+      .add("lse", {B, H, T}, Kind::f32, poison(size_t(B * H * T)))
+      .add("dout", {B, T, H, D}, Kind::act, randn(size_t(N * H * D)));
+  c.check(fmt::format("attention B={} T={} H={} Hkv={} D={} window={} ({})", B, T, H, Hkv, D,
+                      window, model_mix ? "the model's layout" : "all bands"),
+          [&](Backend& b, const Args& t) {
+            const Tensor q = model_mix ? t["q"] : heads(t["qkv"], B, T, 0, H, D);
+            const Tensor k = model_mix ? t["k"] : heads(t["qkv"], B, T, H, Hkv, D);
+            const Tensor v = heads(t["qkv"], B, T, H + Hkv, Hkv, D);
+            b.attention_forward(t["out"], t["lse"], q, k, v, window, 0);
+            b.attention_backward(heads(t["dqkv"], B, T, 0, H, D), heads(t["dqkv"], B, T, H, Hkv, D),
+                                 heads(t["dqkv"], B, T, H + Hkv, Hkv, D), t["dout"], q, k, v,
+                                 t["out"], t["lse"], window);
+          },
+          {{"out", kReduction, kBf16},
+           {"lse", kReduction, kReduction},
+           {"dqkv", kReduction, kBf16},
+           {"qkv", 0, 0}});
+}
+
+}  // namespace
+
 // In bf16 at D = 64 and 128 cuDNN reads and writes the bands through its strides; elsewhere (fp32,
 // D = 32) our kernel runs on dense copies of them. Two layouts: every tensor a band, and the
 // model's mix (q and k dense, normalised copies; v and every gradient bands), where a gradient's
 // strides differ from its tensor's.
 TEST_CASE("gpu attention on bands of packed q/k/v matches the CPU", "[gpu][ops][bands]") {
-  for (DType act : kModes) {
-    for (int64_t D : {32, 64, 128}) {
-      for (int window : {16, 1000}) {
-        for (bool model_mix : {false, true}) {
-          const int64_t B = 2, T = 64, H = 4, Hkv = 2, Htot = H + 2 * Hkv, N = B * T;
-          OpCase c(act);
-          c.add("qkv", {N, Htot * D}, Kind::act, randn(size_t(N * Htot * D)))
-              .add("dqkv", {N, Htot * D}, Kind::act, randn(size_t(N * Htot * D)))
-              .add("q", {B, T, H, D}, Kind::act, randn(size_t(N * H * D)))
-              .add("k", {B, T, Hkv, D}, Kind::act, randn(size_t(N * Hkv * D)))
-              .add("out", {B, T, H, D}, Kind::act, poison(size_t(N * H * D)))
-              .add("lse", {B, H, T}, Kind::f32, poison(size_t(B * H * T)))
-              .add("dout", {B, T, H, D}, Kind::act, randn(size_t(N * H * D)));
-          c.check("attention D=" + std::to_string(D) + " window=" + std::to_string(window) +
-                      (model_mix ? " (the model's layout)" : " (all bands)"),
-                  [&](Backend& b, const Args& t) {
-                    const Tensor q = model_mix ? t["q"] : heads(t["qkv"], B, T, 0, H, D);
-                    const Tensor k = model_mix ? t["k"] : heads(t["qkv"], B, T, H, Hkv, D);
-                    const Tensor v = heads(t["qkv"], B, T, H + Hkv, Hkv, D);
-                    b.attention_forward(t["out"], t["lse"], q, k, v, window, 0);
-                    b.attention_backward(heads(t["dqkv"], B, T, 0, H, D),
-                                         heads(t["dqkv"], B, T, H, Hkv, D),
-                                         heads(t["dqkv"], B, T, H + Hkv, Hkv, D), t["dout"], q, k,
-                                         v, t["out"], t["lse"], window);
-                  },
-                  {{"out", kReduction, kBf16},
-                   {"lse", kReduction, kReduction},
-                   {"dqkv", kReduction, kBf16},
-                   {"qkv", 0, 0}});
-        }
-      }
-    }
-  }
+  for (DType act : kModes)
+    for (int64_t D : {32, 64, 128})
+      for (int window : {16, 1000})
+        for (bool model_mix : {false, true})
+          check_attention_on_bands(act, 2, 64, 4, 2, D, window, model_mix);
+}
+
+// d12's attention as it trains (one sequence of it): T 2048, 6 heads of 128 with as many kv heads,
+// so that q, k and v are bands of one q|k|v product; the sliding window (1024) and the full one.
+// bf16, the path cuDNN takes (test_gpu_attention.cpp checks that it builds these graphs).
+TEST_CASE("gpu attention at d12's shape on the model's bands matches the CPU",
+          "[gpu][ops][bands]") {
+  for (int window : {1024, 2048})
+    check_attention_on_bands(DType::bf16, 1, 2048, 6, 6, 128, window, true);
 }

@@ -296,17 +296,19 @@ TEST_CASE("gpu GPT with a chunked loss and recomputed activations matches the CP
 
 // The model at the head sizes of the benchmarked configs (128 in d12 and d20; 64, the other
 // size the attention takes), which the golden model's 16 never reaches: in bf16 mode cuDNN's
-// attention (GQA, a short and a full window) and the packed norm_rope run at those sizes inside
-// the model. The weights are the model's initialisation plus noise (so that no zero-initialised
-// projection hides a gradient), the same on both backends; the tokens are random, with ignored
-// targets. The tolerances are the golden model's.
+// attention (a short and a full window) and the packed norm_rope run at those sizes inside the
+// model, with one kv head (GQA: q, k and v from three matmuls) and with as many kv heads as
+// query heads, as d12 and d20 have (one q|k|v matmul, the attention reading bands of its output).
+// The weights are the model's initialisation plus noise (so that no zero-initialised projection
+// hides a gradient), the same on both backends; the tokens are random, with ignored targets. The
+// tolerances are the golden model's.
 TEST_CASE("gpu GPT at head_dim 64 and 128 matches the CPU", "[gpu][model]") {
-  for (int head_dim : {64, 128}) {
+  for (const auto [head_dim, n_kv_head] : {std::pair{64, 1}, {128, 1}, {64, 0}, {128, 0}}) {
     Config config = test_support::golden_config();
     config.model.depth = 2;
     config.model.head_dim = head_dim;
-    config.model.aspect_ratio = 128;  // width 256: 4 or 2 query heads
-    config.model.n_kv_head = 1;
+    config.model.aspect_ratio = 128;     // width 256: 4 or 2 query heads
+    config.model.n_kv_head = n_kv_head;  // 0: one per query head
     config.model.sequence_len = 128;
     config.model.window_pattern = "SL";
     const int vocab = 300, B = 2;
@@ -330,15 +332,20 @@ TEST_CASE("gpu GPT at head_dim 64 and 128 matches the CPU", "[gpu][model]") {
     cpu_model.refresh_weights();
     const Pass cpu_pass = forward_backward(cpu_model, tokens, targets);
 
-    for (DType act : kModes) {
-      Backend& gpu = backend(act);
+    auto check_on = [&](Backend& gpu, DType act, const std::string& what) {
       Gpt model(gpu, shape, B);
       for (size_t i = 0; i < weights.size(); ++i)
         gpu.upload(model.param(model.table().specs[i]), weights[i].data());
       model.refresh_weights();
-      compare_pass(prefix(act) + "head_dim " + std::to_string(head_dim) + " ", model, cpu_model,
-                   cpu_pass, tokens, targets, tolerances(act));
-    }
+      compare_pass(
+          prefix(act) + what + fmt::format("head_dim {} kv heads {} ", head_dim, shape.n_kv_head),
+          model, cpu_model, cpu_pass, tokens, targets, tolerances(act));
+    };
+    for (DType act : kModes) check_on(backend(act), act, "");
+    // The MLP's matmul + ReLU² as cuDNN graphs where the build has cuDNN (LMTRAIN_CUDNN_MLP=1).
+    const test_support::ScopedEnv mlp("LMTRAIN_CUDNN_MLP", "1");
+    CudaBackend fused_mlp(DType::bf16);
+    check_on(fused_mlp, DType::bf16, "cuDNN MLP ");
   }
 }
 

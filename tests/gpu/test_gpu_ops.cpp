@@ -626,11 +626,12 @@ const std::vector<Expect> kNormOutputs = {
 // kernels). Packed rows up to some packs per lane are kept in registers (common.cuh, RowPacks;
 // 256 elements a round in bf16, 128 in fp32): in bf16, 448 keeps 2 packs a lane, 704 3, 1536 6
 // (forward) and 2000 8 (forward), the last round partial but for 1536; in fp32, 448 keeps 4 and
-// 704 6 (forward). The rest read the row twice, with a partial last round at 704 and 2000.
+// 704 6 (forward). The rest read the row twice, with a partial last round at 704 and 2000. And
+// the widths of d12 (768), d20 (1280) and 1024 (4 packs a lane in bf16), whatever path they take.
 
 TEST_CASE("gpu rmsnorm matches the CPU", "[gpu][ops]") {
   for (DType act : kModes) {
-    for (int64_t C : {16, 96, 333, 448, 704, 1536, 2000}) {
+    for (int64_t C : {16, 96, 333, 448, 704, 768, 1024, 1280, 1536, 2000}) {
       const int64_t N = 67;
       OpCase c(act);
       c.add("x", {N, C}, Kind::act, randn(size_t(N * C), 2.f))
@@ -791,10 +792,14 @@ TEST_CASE("gpu relu2 matches the CPU", "[gpu][ops]") {
 // cuDNN graph ("1"), whichever was faster ("auto"), and cuBLASLt with the relu2 kernel ("0", and
 // unset). Each must give the CPU's result and repeat bit for bit; where the backend loaded cuDNN,
 // "auto" must have chosen, and "1" not taking the graph (no engine for the shape: the log says
-// why) is reported. M is not a multiple of any tile; the second shape is d12's (one sequence).
+// why) is reported. M is not a multiple of any tile; then d12's MLP for one sequence and for
+// four, and d20's for one.
 TEST_CASE("gpu matmul + relu2 matches the CPU on every path", "[gpu][ops][matmul][cudnn]") {
   require_gpu();
-  for (const auto [M, K, N] : {std::array<int64_t, 3>{300, 64, 256}, {2048, 768, 3072}}) {
+  for (const auto [M, K, N] : {std::array<int64_t, 3>{300, 64, 256},
+                               {2048, 768, 3072},
+                               {8192, 768, 3072},
+                               {2048, 1280, 5120}}) {
     OpCase c(DType::bf16);
     // The backward reads the forward's output: squares of random values, some zero.
     std::vector<float> hidden = randn(size_t(M * N));
@@ -847,13 +852,17 @@ TEST_CASE("gpu residual_mix_norm matches the CPU", "[gpu][ops]") {
     // C = 96, 448, 704 and 2000 take the packed kernels, 73 the element ones; N = 2000 gives
     // many row blocks. Rows kept in registers (RowPacks): 96 in both dtypes and directions; 448
     // in bf16 (2 packs a lane, partial) and in the fp32 forward (4); 704 in the bf16 forward (3).
-    // The rest read their rows twice, 704 and 2000 with a partial last round.
+    // The rest read their rows twice, 704 and 2000 with a partial last round. And the widths of
+    // d12 (768), d20 (1280) and 1024, whatever path they take.
     for (auto [N, C] : {std::pair<int64_t, int64_t>{41, 73},
                         {2000, 73},
                         {41, 96},
                         {2000, 96},
                         {41, 448},
                         {41, 704},
+                        {41, 768},
+                        {41, 1024},
+                        {41, 1280},
                         {41, 2000}}) {
       const int64_t n = N * C, L = 3;
       OpCase c(act);

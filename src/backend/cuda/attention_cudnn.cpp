@@ -153,7 +153,8 @@ struct CudnnAttention::Impl {
   Plan build(const std::shared_ptr<fe::graph::Graph>& g, const AttentionShape& s, bool backward) {
     Plan plan;
     // Heuristics mode A alone: a shape it has no engine for runs on the own kernel.
-    const std::string why = build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A}, plan);
+    const std::string why = build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A},
+                                             /*deterministic_only=*/false, plan);
     if (!why.empty())
       spdlog::warn("cuDNN attention {}: {}; using the own attention kernel for it{}",
                    describe(s, backward), why, hint(backward));

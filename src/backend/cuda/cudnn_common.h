@@ -87,10 +87,13 @@ struct CudnnPlan {
 };
 
 // validate -> operation graph -> heuristics (`modes`, in order) -> support check -> plan build,
-// then the plan's workspace size. Returns "" and sets `plan` when the graph is ready to execute,
-// else the first failing step and cuDNN's message (frontend exceptions included).
+// then the plan's workspace size. With `deterministic_only`, engines cuDNN notes as
+// nondeterministic (a split reduction through atomics) are left out, so that repeats of a run
+// stay bit-identical. Returns "" and sets `plan` when the graph is ready to execute, else the
+// first failing step and cuDNN's message (frontend exceptions included).
 inline std::string build_cudnn_plan(std::shared_ptr<fe::graph::Graph> g, cudnnHandle_t handle,
-                                    const std::vector<fe::HeurMode_t>& modes, CudnnPlan& plan) {
+                                    const std::vector<fe::HeurMode_t>& modes,
+                                    bool deterministic_only, CudnnPlan& plan) {
   try {
     auto failed = [](const char* what, fe::error_t status) {
       return status.is_good() ? std::string()
@@ -100,6 +103,8 @@ inline std::string build_cudnn_plan(std::shared_ptr<fe::graph::Graph> g, cudnnHa
     std::string why = failed("validate", g->validate());
     if (why.empty()) why = failed("build_operation_graph", g->build_operation_graph(handle));
     if (why.empty()) why = failed("create_execution_plans", g->create_execution_plans(modes));
+    if (why.empty() && deterministic_only)
+      g->deselect_numeric_notes({fe::NumericalNote_t::NONDETERMINISTIC});
     if (why.empty()) why = failed("check_support", g->check_support(handle));
     if (why.empty()) why = failed("build_plans", g->build_plans(handle));
     if (why.empty()) why = failed("get_workspace_size", g->get_workspace_size(workspace));

@@ -10,6 +10,8 @@
 // in fp32; the graph rounds to bf16 once, the unfused path also rounds the matmul's output.
 #include <spdlog/spdlog.h>
 
+#include <cstdint>
+
 #include "backend/cuda/cuda_backend.h"
 
 namespace lmtrain {
@@ -18,9 +20,12 @@ namespace {
 
 constexpr int kRuns = 5;
 
-bool dense_bf16(std::initializer_list<Tensor> tensors) {
+// What the graph takes: dense bf16 tensors at 16-byte aligned addresses. Checked per call and
+// not remembered with the shape, so that one misaligned call does not keep the shape unfused.
+bool graph_operands(std::initializer_list<Tensor> tensors) {
   for (const Tensor& t : tensors)
-    if (t.dtype != DType::bf16 || !t.dense()) return false;
+    if (t.dtype != DType::bf16 || !t.dense() || reinterpret_cast<uintptr_t>(t.data) % 16 != 0)
+      return false;
   return true;
 }
 
@@ -52,7 +57,7 @@ void CudaBackend::matmul_relu2(const cuda::MatmulRelu2Shape& s, bool shapes_fit,
                                const std::function<void()>& unfused) {
   // Shapes or dtypes that do not fit go the unfused way, whose ops report what is wrong.
   const bool eligible = cudnn_matmul_relu2_ && activation_ == DType::bf16 && shapes_fit &&
-                        dense_bf16({out, a, w}) && (!s.backward || dense_bf16({hidden}));
+                        graph_operands({out, a, w}) && (!s.backward || graph_operands({hidden}));
   if (!eligible) return unfused();
   auto fused = [&] {
     return cudnn_matmul_relu2_->run(s, out.data, a.data, w.data, hidden.data, lt_workspace_.data(),

@@ -72,7 +72,6 @@ struct CudnnMatmulRelu2::Impl {
   std::unique_ptr<CudnnHandle> handle;
   bool always = false;
   std::map<MatmulRelu2Shape, Plan> plans;
-  bool warned_misaligned = false;
 
   Plan build(const MatmulRelu2Shape& s) {
     const int64_t M = s.M, K = s.K, N = s.N;
@@ -104,9 +103,11 @@ struct CudnnMatmulRelu2::Impl {
         .set_stride({M * N, N, 1});
     Plan plan;
     // Mode A's engines first, then the fallback list: a pointwise op on a side input (the
-    // backward's sqrt) may have no engine under A alone.
+    // backward's sqrt) may have no engine under A alone. A split-K engine adding its partial
+    // products with atomics would make repeats differ: deterministic engines only.
     const std::string why =
-        build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}, plan);
+        build_cudnn_plan(g, handle->get(), {fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK},
+                         /*deterministic_only=*/true, plan);
     if (!why.empty())
       spdlog::warn("cuDNN matmul + relu2 {}: {}; using cuBLASLt and the relu2 kernel for it",
                    describe(s), why);
@@ -144,13 +145,7 @@ bool CudnnMatmulRelu2::run(const MatmulRelu2Shape& s, void* out, const void* a, 
   std::unordered_map<int64_t, void*> pack{
       {kOut, out}, {kA, const_cast<void*>(a)}, {kW, const_cast<void*>(w)}};
   if (s.backward) pack.emplace(kHidden, const_cast<void*>(hidden));
-  if (!aligned_16(pack)) {
-    if (!impl_->warned_misaligned)
-      spdlog::warn("cuDNN matmul + relu2 {}: a tensor is not 16-byte aligned; using cuBLASLt",
-                   describe(s));
-    impl_->warned_misaligned = true;
-    return false;
-  }
+  check(aligned_16(pack), "cuDNN matmul + relu2 {}: a tensor is not 16-byte aligned", describe(s));
   const Impl::Plan& p = impl_->plan(s);
   if (!p.graph) return false;
   if (size_t(p.workspace) > workspace_bytes) {

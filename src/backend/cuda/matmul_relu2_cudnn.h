@@ -33,9 +33,9 @@ class CudnnMatmulRelu2 {
   CudnnMatmulRelu2& operator=(const CudnnMatmulRelu2&) = delete;
 
   // out = the forward's or dx = the backward's result (see above); `hidden` is the forward's out,
-  // read by the backward only. Returns false, doing nothing, when cuDNN has no graph for the
-  // shape, the graph needs more than `workspace_bytes` of workspace, or a pointer is not 16-byte
-  // aligned; the caller then runs the matmul and the relu2 kernel.
+  // read by the backward only. Every pointer must be 16-byte aligned (an Error if not). Returns
+  // false, doing nothing, when cuDNN has no graph for the shape or the graph needs more than
+  // `workspace_bytes` of workspace; the caller then runs the matmul and the relu2 kernel.
   bool run(const MatmulRelu2Shape& s, void* out, const void* a, const void* w, const void* hidden,
            void* workspace, size_t workspace_bytes);
 
