@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
@@ -190,6 +192,25 @@ TEST_CASE("launch: SIGTERM to the launcher reaches every rank", "[dist]") {
   CHECK(launch.finish() == 0);
   CHECK(launch.seconds < 5.0);
   CHECK_THAT(launch.output, Contains("[rank 0] got TERM") && Contains("[rank 1] got TERM"));
+}
+
+// A launcher killed outright forwards nothing; its ranks get SIGTERM from the kernel instead
+// (a training saves and stops on it) rather than running on without it.
+TEST_CASE("launch: ranks of a launcher killed by SIGKILL get SIGTERM", "[dist]") {
+  const lmtrain::test_support::TempDir tmp;
+  const std::string marks = tmp / "term";
+  Launcher launch({"--nproc-per-node", "2", "--", "sh", "-c",
+                   "trap 'touch " + marks + ".$RANK; exit 0' TERM; echo ready; sleep 60 & wait"});
+  launch.read_until_ready(2);
+  REQUIRE(kill(launch.pid(), SIGKILL) == 0);
+  CHECK(launch.finish() == 128 + SIGKILL);
+  const auto deadline = Clock::now() + std::chrono::seconds(20);
+  auto marked = [&] {
+    return std::filesystem::exists(marks + ".0") && std::filesystem::exists(marks + ".1");
+  };
+  while (!marked() && Clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(marked());
 }
 
 // SIGHUP is forwarded like SIGTERM; under nohup it stays ignored by the launcher and its ranks.

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -214,12 +215,18 @@ class RankGroup {
     // Everything the child needs is prepared before fork: only async-signal-safe calls after.
     std::vector<char*> argv_ptrs = pointers(argv), env_ptrs = pointers(env);
     std::string exec_error = fmt::format("launch: rank {} cannot run '{}': ", rank, argv[0]);
+    const pid_t launcher = ::getpid();
 
     pid_t pid = ::fork();
     if (pid < 0) fail_to_start(rank, "fork");
     if (pid == 0) {
       ::setpgid(0, 0);
-      ::signal(SIGPIPE, SIG_DFL);  // ignored dispositions would survive exec
+      // A launcher killed outright (SIGKILL, the OOM killer) forwards nothing: the kernel then
+      // sends each rank SIGTERM, on which a training saves and stops, instead of leaving it to
+      // train on unwatched. Kept across exec; the launcher forks from its main thread only.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != launcher) ::_exit(1);  // it died before the call
+      ::signal(SIGPIPE, SIG_DFL);               // ignored dispositions would survive exec
       ::dup2(out_write.get(), STDOUT_FILENO);
       ::dup2(err_write.get(), STDERR_FILENO);
       if (inherited >= 0) ::fcntl(inherited, F_SETFD, 0);
