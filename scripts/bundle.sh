@@ -6,10 +6,11 @@
 #
 #   scripts/bundle.sh BUILD_DIR OUT.tar.xz
 #
-# Left out, so that the target's own are used: the C and C++ runtimes (a program built against
-# an older libstdc++ runs on a newer one, not the reverse, and cuDNN, opened at run time, may
-# need the newer), and CUDA's libraries (the driver's libcuda, the runtime, cuBLAS, NCCL, cuDNN,
-# NVRTC), which must match the target's driver and are there wherever CUDA programs run.
+# Left out, so that the target's own are used: the C and C++ runtimes (glibc, with its vector
+# math libmvec, is the system's; a program built against an older libstdc++ runs on a newer one,
+# not the reverse, and cuDNN, opened at run time, may need the newer), and CUDA's libraries (the
+# driver's libcuda, the runtime, cuBLAS, NCCL, cuDNN, NVRTC), which must match the target's
+# driver and are there wherever CUDA programs run.
 # scripts/gpu_check.sh puts build/lib on the library path.
 set -euo pipefail
 
@@ -28,7 +29,7 @@ trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/build/lib" "$stage/build/tests"
 for p in "${programs[@]}"; do cp "$build/$p" "$stage/build/$p"; done
 
-left_out='^(linux-vdso|ld-linux-x86-64|libc|libm|libdl|libpthread|librt|libresolv|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvrtc)\.so'
+left_out='^(linux-vdso|ld-linux-x86-64|libc|libm|libmvec|libdl|libpthread|librt|libresolv|libstdc\+\+|libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvrtc)\.so'
 libraries=$(cd "$build" && ldd "${programs[@]}")
 if grep "not found" <<<"$libraries"; then
   echo "bundle.sh: the programs need libraries this machine lacks (above)" >&2

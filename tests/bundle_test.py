@@ -19,7 +19,7 @@ import tempfile
 
 # What a GPU machine brings itself (scripts/bundle.sh says why).
 SYSTEM_LIBRARIES = re.compile(
-    r"^(linux-vdso|ld-linux-x86-64|libc|libm|libdl|libpthread|librt|libresolv|libstdc\+\+|"
+    r"^(linux-vdso|ld-linux-x86-64|libc|libm|libmvec|libdl|libpthread|librt|libresolv|libstdc\+\+|"
     r"libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvrtc)\.so")
 
 
