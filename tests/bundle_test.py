@@ -17,16 +17,19 @@ import subprocess
 import sys
 import tempfile
 
-# What a GPU machine brings itself (scripts/bundle.sh says why).
-SYSTEM_LIBRARIES = re.compile(
-    r"^(linux-vdso|ld-linux-x86-64|libc|libm|libmvec|libdl|libpthread|librt|libresolv|libstdc\+\+|"
-    r"libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libnccl|libcudnn|libnvrtc)\.so")
-
 
 def expect(condition: bool, what: str) -> None:
     if not condition:
         print(f"FAILED: {what}", file=sys.stderr)
         sys.exit(1)
+
+
+def system_libraries() -> re.Pattern:
+    """What a GPU machine brings itself: the pattern scripts/bundle.sh leaves out (it says why)."""
+    with open("scripts/bundle.sh") as script:
+        found = re.search(r"^left_out='([^']+)'$", script.read(), re.MULTILINE)
+    expect(found is not None, "scripts/bundle.sh has no left_out='...' line")
+    return re.compile(found.group(1))
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -58,11 +61,12 @@ def main() -> int:
             programs.append(os.path.join(unpacked, "build", "tests", "lmtrain_gpu_tests"))
         expect(len(programs) == 1 or os.access(programs[1], os.X_OK), "the GPU tests came along")
         bundled = set(os.listdir(lib))
+        system = system_libraries()
         for program in programs:
             for line in run(["ldd", program], env=env).stdout.splitlines():
                 parts = line.split()
                 expect("not found" not in line, f"{program}: {line.strip()}")
-                if len(parts) < 3 or parts[1] != "=>" or SYSTEM_LIBRARIES.match(parts[0]):
+                if len(parts) < 3 or parts[1] != "=>" or system.match(parts[0]):
                     continue
                 expect(parts[0] in bundled and os.path.dirname(parts[2]) == lib,
                        f"{program} loads {parts[0]} from {parts[2]}, not from the bundle")
